@@ -1,0 +1,338 @@
+"""Coding jobs: plan, write, test in a sandbox, revise with the test report, until the tests
+pass, the rounds run out or the budget does.
+
+Input: a task, the repository's files (path -> text) and the command that runs its tests. Steps:
+`plan` (the model outlines the change), then per round `write-N` (the model returns whole files
+in a strict format, validated; an answer that does not parse is asked of a larger model where
+the catalogue has one) and `test-N` (the test command in a sandbox: its own process, workspace,
+limits, no network, no secrets). A failing `test-N` adds the next round. The result holds the
+final files, a unified diff against the input, the last test report and `passed`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import io
+import re
+import tarfile
+import zipfile
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from agents.base import JobKind, StepContext, StepSpec
+from agents.registry import register
+from agents.sandbox import Sandbox, SandboxLimits
+from core.settings import get_settings
+
+MAX_FILES = 200
+MAX_FILE_BYTES = 200_000
+MAX_TOTAL_BYTES = 1_000_000
+REPORT_CHARS = 4000
+
+FILE_BLOCK = re.compile(r"^=== FILE: (?P<path>[^\n=]+?) ===\n(?P<body>.*?)^=== END FILE ===$",
+                        re.MULTILINE | re.DOTALL)
+
+
+def check_path(path: str) -> str:
+    """A workspace-relative path: no absolute paths, no `..`, no empty parts."""
+    p = path.strip()
+    parts = p.split("/")
+    if not p or p.startswith("/") or "\\" in p or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"{path!r} is not a relative path inside the repository")
+    return p
+
+
+class CodingInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "task": "Make add() return the sum of its arguments.",
+        "files": {"calc.py": "def add(a, b):\n    return a - b\n",
+                  "test_calc.py": "from calc import add\n\ndef test_add():\n"
+                                  "    assert add(2, 3) == 5\n"},
+        "test_command": "python -m pytest -q", "max_rounds": 3}]})
+
+    task: str = Field(min_length=1, max_length=20_000)
+    files: dict[str, str] = Field(default_factory=dict, max_length=MAX_FILES,
+                                  description="The repository: path -> file content (text).")
+    test_command: str = Field(default="python -m pytest -q", min_length=1, max_length=500)
+    max_rounds: int = Field(default=3, ge=1, le=10,
+                            description="Write-and-test rounds at most (the budget may stop "
+                                        "the job earlier).")
+    archive: str | None = Field(
+        default=None, max_length=1_400_000,
+        description="A small repository as a base64-encoded .zip or .tar.gz; its text files "
+                    "join `files` (which win on the same path). A single top folder is "
+                    "dropped from the paths; binary files are left out.")
+
+    @model_validator(mode="after")
+    def _unpack(self) -> CodingInput:
+        if self.archive is None:
+            return self
+        unpacked = unpack_archive(self.archive)
+        merged = {**unpacked, **self.files}
+        if len(merged) > MAX_FILES:
+            raise ValueError(f"more than {MAX_FILES} files")
+        if sum(len(v.encode("utf-8")) for v in merged.values()) > MAX_TOTAL_BYTES:
+            raise ValueError(f"the files add up to more than {MAX_TOTAL_BYTES} bytes")
+        self.files, self.archive = merged, None
+        return self
+
+    @field_validator("files")
+    @classmethod
+    def _check_files(cls, files: dict[str, str]) -> dict[str, str]:
+        total = 0
+        out = {}
+        for path, content in files.items():
+            size = len(content.encode("utf-8"))
+            if size > MAX_FILE_BYTES:
+                raise ValueError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+            total += size
+            out[check_path(path)] = content
+        if total > MAX_TOTAL_BYTES:
+            raise ValueError(f"the files add up to more than {MAX_TOTAL_BYTES} bytes")
+        return out
+
+
+def unpack_archive(encoded: str) -> dict[str, str]:
+    """The text files of a base64 .zip or .tar.gz, read in memory (nothing is extracted to
+    disk, so member names cannot reach outside); every path is checked as input paths are."""
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("archive: not valid base64") from exc
+    members: dict[str, bytes] = {}
+    total = 0
+
+    def add(name: str, read: Callable[[], bytes], size: int) -> None:
+        nonlocal total
+        if size > MAX_FILE_BYTES:
+            raise ValueError(f"archive: {name} is larger than {MAX_FILE_BYTES} bytes")
+        total += size
+        if total > MAX_TOTAL_BYTES or len(members) >= MAX_FILES:
+            raise ValueError(f"archive: more than {MAX_FILES} files or {MAX_TOTAL_BYTES} bytes")
+        members[name] = read()
+
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            for info in zf.infolist():
+                if not info.is_dir():
+                    add(info.filename, partial(zf.read, info), info.file_size)
+    else:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
+                for member in tf.getmembers():
+                    if member.isfile():
+                        handle = tf.extractfile(member)
+                        if handle is not None:
+                            add(member.name, handle.read, member.size)
+        except tarfile.TarError as exc:
+            raise ValueError("archive: neither a .zip nor a .tar.gz archive") from exc
+    names = [check_path(n.removeprefix("./")) for n in members]
+    tops = {n.split("/", 1)[0] for n in names}
+    strip = len(tops) == 1 and all("/" in n for n in names)
+    out: dict[str, str] = {}
+    for raw, name in zip(members, names, strict=True):
+        path = check_path(name.split("/", 1)[1] if strip else name)
+        try:
+            out[path] = members[raw].decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # binary files stay out of a text repository
+    if not out:
+        raise ValueError("archive: no text file in it")
+    return out
+
+
+def parse_files(text: str) -> dict[str, str] | None:
+    """Whole files in the strict format; None when the answer holds none or a bad path."""
+    found: dict[str, str] = {}
+    for m in FILE_BLOCK.finditer(text):
+        try:
+            path = check_path(m.group("path"))
+        except ValueError:
+            return None
+        found[path] = m.group("body")
+    if not found or len(found) > MAX_FILES:
+        return None
+    if sum(len(b.encode("utf-8")) for b in found.values()) > MAX_TOTAL_BYTES:
+        return None
+    return found
+
+
+def render_files(files: Mapping[str, str]) -> str:
+    return "".join(f"=== FILE: {path} ===\n{body}{'' if body.endswith(chr(10)) else chr(10)}"
+                   "=== END FILE ===\n" for path, body in sorted(files.items()))
+
+
+INSTRUCTIONS = (
+    "You are a careful software engineer. Change the repository so that the task is done and "
+    "its tests pass. Answer with every file you change, each complete, in exactly this format "
+    "and nothing else:\n=== FILE: path/to/file ===\n<the whole file>\n=== END FILE ===\n\n")
+
+
+def write_prompt(task: str, plan: str, files: Mapping[str, str], report: str | None) -> str:
+    # Shared part first (instructions, task, plan), so a job's rounds share a cached prefix.
+    parts = [INSTRUCTIONS, f"Task: {task}\n\n"]
+    if plan:
+        parts.append(f"Plan: {plan}\n\n")
+    parts.append(f"Repository:\n{render_files(files)}\n")
+    if report:
+        parts.append(f"The tests failed with this report:\n{report[-REPORT_CHARS:]}\n\n")
+    parts.append("Changed files:\n")
+    return "".join(parts)
+
+
+def plan_prompt(task: str, files: Mapping[str, str]) -> str:
+    listing = "\n".join(sorted(files)) or "(empty)"
+    return (f"{INSTRUCTIONS}Task: {task}\n\nFiles:\n{listing}\n\n"
+            "In two or three sentences, the plan of the change:\n")
+
+
+def unified_diff(before: Mapping[str, str], after: Mapping[str, str]) -> str:
+    out: list[str] = []
+    for path in sorted(set(before) | set(after)):
+        old, new = before.get(path), after.get(path)
+        if old == new:
+            continue
+        out.extend(difflib.unified_diff(
+            (old or "").splitlines(keepends=True), (new or "").splitlines(keepends=True),
+            fromfile=f"a/{path}" if old is not None else "/dev/null",
+            tofile=f"b/{path}" if new is not None else "/dev/null"))
+    return "".join(line if line.endswith("\n") else line + "\n" for line in out)
+
+
+class CodingResult(BaseModel):
+    passed: bool
+    rounds: int
+    files: dict[str, str]
+    diff: str = Field(description="Unified diff of the final files against the input.")
+    test_report: str | None
+    exit_code: int | None
+    plan: str
+
+
+@register
+class Coding(JobKind):
+    name = "coding"
+    input_model = CodingInput
+    result_model = CodingResult
+    phases = {"planner": "planning", "coder": "writing", "tester": "testing"}
+
+    def initial_steps(self, job_input: BaseModel) -> list[StepSpec]:
+        settings = get_settings()
+        return [StepSpec(key="plan", role="planner", max_tokens=settings.planner_max_tokens),
+                *self._round(1, ("plan",))]
+
+    @staticmethod
+    def _round(n: int, after: tuple[str, ...]) -> list[StepSpec]:
+        settings = get_settings()
+        return [
+            StepSpec(key=f"write-{n}", role="coder", max_tokens=settings.coder_max_tokens,
+                     depends_on=after, input={"round": n}),
+            # The tester makes no model call; its budget is unused.
+            StepSpec(key=f"test-{n}", role="tester", max_tokens=1,
+                     depends_on=(f"write-{n}",), input={"round": n}),
+        ]
+
+    def expand(
+        self, job_input: BaseModel, step_key: str, output: Mapping[str, Any]
+    ) -> list[StepSpec]:
+        assert isinstance(job_input, CodingInput)
+        if not step_key.startswith("test-") or output.get("passed"):
+            return []
+        n = int(step_key.removeprefix("test-"))
+        if n >= job_input.max_rounds:
+            return []
+        return self._round(n + 1, (step_key,))
+
+    def run_step(
+        self,
+        ctx: StepContext,
+        job_input: BaseModel,
+        role: str,
+        step_input: Mapping[str, Any],
+        deps: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, Any]:
+        assert isinstance(job_input, CodingInput)
+        if role == "planner":
+            reply = ctx.complete(plan_prompt(job_input.task, job_input.files), stop=["\n\n"])
+            return {"plan": reply.text.strip()}
+        if role == "coder":
+            return self._write(ctx, job_input, int(step_input["round"]), deps)
+        if role == "tester":
+            return self._test(job_input, deps)
+        raise ValueError(f"coding jobs have no role {role!r}")
+
+    @staticmethod
+    def _previous(job_input: CodingInput, deps: Mapping[str, Mapping[str, Any]]
+                  ) -> tuple[dict[str, str], str, str | None]:
+        """The files, plan and last test report this round starts from."""
+        files, plan, report = dict(job_input.files), "", None
+        for out in deps.values():
+            if "files" in out:
+                files = dict(out["files"])
+            plan = str(out.get("plan") or plan)
+            if "report" in out:
+                report = str(out["report"])
+        return files, plan, report
+
+    def _write(self, ctx: StepContext, job_input: CodingInput, n: int,
+               deps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        files, plan, report = self._previous(job_input, deps)
+        prompt = write_prompt(job_input.task, plan, files, report)
+        reply = ctx.complete(prompt, validate=lambda text: parse_files(text) is not None)
+        changed = parse_files(reply.text)
+        if changed is None:
+            return {"round": n, "files": files, "plan": plan, "changed": [],
+                    "format_error": "the answer held no file in the required format",
+                    "answer": reply.text[-2000:]}
+        return {"round": n, "files": {**files, **changed}, "plan": plan,
+                "changed": sorted(changed)}
+
+    def _test(self, job_input: CodingInput, deps: Mapping[str, Mapping[str, Any]]
+              ) -> dict[str, Any]:
+        files, plan, _ = self._previous(job_input, deps)
+        settings = get_settings()
+        limits = SandboxLimits(cpu_seconds=settings.sandbox_cpu_seconds,
+                               wall_seconds=settings.sandbox_wall_seconds)
+        with Sandbox(files, limits) as box:
+            result = box.run(job_input.test_command)
+        return {"files": files, "plan": plan, "passed": result.exit_code == 0,
+                "exit_code": result.exit_code, "timed_out": result.timed_out,
+                "report": result.output[-REPORT_CHARS * 4:],
+                "output_truncated": result.output_truncated,
+                "duration_s": round(result.duration_s, 3),
+                "network_isolated": result.network_isolated}
+
+    def result(
+        self, job_input: BaseModel, outputs: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        assert isinstance(job_input, CodingInput)
+        tests = sorted((k for k in outputs if k.startswith("test-")),
+                       key=lambda k: int(k.removeprefix("test-")))
+        writes = sorted((k for k in outputs if k.startswith("write-")),
+                        key=lambda k: int(k.removeprefix("write-")))
+        last_test = dict(outputs[tests[-1]]) if tests else {}
+        latest: Mapping[str, str] = job_input.files
+        if last_test.get("files"):
+            latest = last_test["files"]
+        elif writes and outputs[writes[-1]].get("files"):
+            latest = outputs[writes[-1]]["files"]
+        files = dict(latest)
+        return {
+            "passed": bool(last_test.get("passed", False)),
+            "rounds": len(tests),
+            "files": files,
+            "diff": unified_diff(job_input.files, files),
+            "test_report": last_test.get("report"),
+            "exit_code": last_test.get("exit_code"),
+            "plan": (outputs.get("plan") or {}).get("plan", ""),
+        }
+
+    def partial_result(
+        self, job_input: BaseModel, outputs: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        return {"partial": True, **self.result(job_input, outputs)}

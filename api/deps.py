@@ -1,0 +1,58 @@
+"""Typed FastAPI dependencies: database sessions and the authenticated principal."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from api.limits import rate_limiter
+from core.db import read_session_factory
+from core.errors import Forbidden, Unauthorized
+from core.keys import Principal, authenticate
+
+_bearer = HTTPBearer(auto_error=False, description="An agentq API key: `Bearer aq_...`")
+
+
+def _read_session() -> Iterator[Session]:
+    """A session for reads; writes go through the orchestrator's unit of work."""
+    session = read_session_factory()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+DbSession = Annotated[Session, Depends(_read_session)]
+
+
+def _principal(
+    session: DbSession,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> Principal:
+    if creds is None or not creds.credentials:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    principal = authenticate(session, creds.credentials)
+    if principal is None:
+        raise Unauthorized("unknown or revoked API key")
+    rate_limiter.check(principal.tenant_id)
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(_principal)]
+
+
+def _admin(principal: CurrentPrincipal) -> Principal:
+    if not principal.is_admin:
+        raise Forbidden("this route needs an admin key")
+    return principal
+
+
+AdminPrincipal = Annotated[Principal, Depends(_admin)]

@@ -1,0 +1,98 @@
+"""A job's event log: paged (`/events`) and streamed as Server-Sent Events (`/events/stream`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query
+from fastapi.concurrency import run_in_threadpool
+from sse_starlette.sse import EventSourceResponse
+
+from api.deps import CurrentPrincipal, DbSession
+from api.events.hub import hub
+from api.events.schemas import EventList, EventOut
+from api.responses import ERRORS
+from core.db import read_session_factory
+from core.errors import InvalidInput
+from core.settings import get_settings
+from orchestrator import events as event_service
+from orchestrator import jobs as job_service
+
+router = APIRouter(prefix="/v1/jobs", tags=["events"], responses=ERRORS)
+
+PAGE_MAX = 500
+
+
+def _out(e: Any) -> EventOut:
+    return EventOut(cursor=e.seq, type=e.type, data=dict(e.data or {}), created_at=e.created_at)
+
+
+@router.get("/{job_id}/events", response_model=EventList)
+def list_events(
+    job_id: str,
+    session: DbSession,
+    principal: CurrentPrincipal,
+    after: Annotated[int, Query(ge=0, description="Return events after this cursor.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 100,
+) -> EventList:
+    """The job's events in order, after a cursor."""
+    job = job_service.get_job(session, principal.tenant_id, job_id)
+    rows = event_service.list_events(session, job.id, after, limit + 1)
+    page = [_out(e) for e in rows[:limit]]
+    return EventList(data=page, next_cursor=page[-1].cursor if page else after,
+                     has_more=len(rows) > limit)
+
+
+def _load(job_id: str, after: int) -> list[EventOut]:
+    with read_session_factory()() as session:
+        return [_out(e) for e in event_service.list_events(session, job_id, after, PAGE_MAX)]
+
+
+async def _stream(job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
+    settings = get_settings()
+    woken = hub.watch(job_id)
+    try:
+        while True:
+            woken.clear()
+            batch = await run_in_threadpool(_load, job_id, after)
+            for event in batch:
+                after = event.cursor
+                yield {"id": str(event.cursor), "event": event.type,
+                       "data": json.dumps({"cursor": event.cursor, "type": event.type,
+                                           "data": event.data,
+                                           "created_at": event.created_at.isoformat()})}
+                if event.type in event_service.TERMINAL_EVENTS:
+                    return
+            if len(batch) == PAGE_MAX:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), timeout=settings.sse_poll_fallback_s)
+    finally:
+        hub.unwatch(job_id, woken)
+
+
+@router.get("/{job_id}/events/stream", response_class=EventSourceResponse, responses={200: {
+    "content": {"text/event-stream": {}},
+    "description": "Server-Sent Events: each event's `id` is its cursor; heartbeats are "
+                   "comment lines; the stream ends after the job's terminal event."}})
+def stream_events(
+    job_id: str,
+    session: DbSession,
+    principal: CurrentPrincipal,
+    after: Annotated[int, Query(ge=0, description="Start after this cursor.")] = 0,
+    last_event_id: Annotated[str | None, Header(max_length=20)] = None,
+) -> EventSourceResponse:
+    """Stream the job's events. Reconnect with `Last-Event-ID` (or `after`) to get exactly the
+    events after the last one you saw."""
+    job = job_service.get_job(session, principal.tenant_id, job_id)
+    if last_event_id is not None:
+        if not last_event_id.isdigit():
+            raise InvalidInput("Last-Event-ID: must be an event cursor (a whole number)")
+        after = int(last_event_id)
+    return EventSourceResponse(_stream(job.id, after), ping=get_settings().sse_heartbeat_s,
+                               headers={"Cache-Control": "no-cache",
+                                        "X-Accel-Buffering": "no"})

@@ -1,0 +1,128 @@
+"""`/v1/jobs`: submit, read, list, inspect steps, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+
+from api.deps import CurrentPrincipal, DbSession
+from api.jobs.schemas import (
+    ErrorResponse,
+    JobCreate,
+    JobList,
+    JobOut,
+    JobStatus,
+    StepList,
+    StepOut,
+    UsageOut,
+)
+from api.jobs.serialize import job_out
+from api.responses import ERRORS
+from core.errors import InvalidInput
+from core.settings import get_settings
+from core.webhook_http import check_url
+from orchestrator import idempotency
+from orchestrator import jobs as job_service
+from orchestrator.uow import unit_of_work
+from orchestrator.webhooks import new_secret
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
+
+
+@router.post("", status_code=202, response_model=JobOut,
+             responses={202: {"headers": {"Location": {"description": "The job's URL"}}},
+                        409: {"model": ErrorResponse,
+                              "description": "The first request with this Idempotency-Key "
+                                             "is still in flight"}})
+def submit_job(
+    body: JobCreate,
+    principal: CurrentPrincipal,
+    idempotency_key: Annotated[str | None, Header(
+        max_length=idempotency.MAX_KEY_LENGTH,
+        description="Makes the submission safe to retry: the same key and body return the "
+                    "first response (same job); another body is 422; kept 24 hours.")] = None,
+) -> JSONResponse:
+    """Submit a job. Answers at once with the queued job; poll its `Location`."""
+    key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None
+    if key is not None:
+        stored = idempotency.begin(principal.tenant_id, key,
+                                   idempotency.fingerprint(body.model_dump(mode="json")))
+        if stored is not None:
+            return JSONResponse(stored.body, status_code=stored.status_code, headers={
+                "Location": f"/v1/jobs/{stored.body['id']}", "Idempotent-Replayed": "true"})
+    budget = body.budget.model_dump(exclude_none=True)
+    try:
+        webhook = None
+        if body.webhook is not None:
+            check_url(body.webhook.url,
+                      allow_private=get_settings().webhooks_allow_private_networks)
+            webhook = {"url": body.webhook.url, "events": list(body.webhook.events),
+                       "secret": new_secret()}
+        with unit_of_work() as session:
+            job = job_service.create_job(
+                session, tenant_id=principal.tenant_id, kind_name=body.kind,
+                raw_input=body.input, budget=budget, metadata=body.metadata,
+                idempotency_key=key, webhook=webhook)
+            out = jsonable_encoder(job_out(job, show_secret=True))
+            if key is not None:
+                idempotency.complete(session, principal.tenant_id, key, 202, out, job.id)
+    except BaseException:
+        if key is not None:
+            idempotency.abandon(principal.tenant_id, key)
+        raise
+    return JSONResponse(out, status_code=202, headers={"Location": f"/v1/jobs/{out['id']}"})
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: DbSession,
+    principal: CurrentPrincipal,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    status: Annotated[JobStatus | None, Query()] = None,
+) -> JobList:
+    """The tenant's jobs, newest first."""
+    try:
+        rows, next_cursor = job_service.list_jobs(session, principal.tenant_id, limit=limit,
+                                                  cursor=cursor, status=status)
+    except ValueError as exc:
+        raise InvalidInput(f"cursor: {exc}") from exc
+    return JobList(data=[job_out(j) for j in rows], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, session: DbSession, principal: CurrentPrincipal) -> JobOut:
+    return job_out(job_service.get_job(session, principal.tenant_id, job_id))
+
+
+@router.get("/{job_id}/steps", response_model=StepList)
+def list_steps(job_id: str, session: DbSession, principal: CurrentPrincipal) -> StepList:
+    job = job_service.get_job(session, principal.tenant_id, job_id)
+    data = []
+    for s in job_service.list_steps(session, job.id):
+        duration = ((s.finished_at - s.started_at).total_seconds() * 1000
+                    if s.started_at and s.finished_at else None)
+        data.append(StepOut(
+            id=s.id, key=s.key, role=s.role, status=s.status,
+            depends_on=list(s.depends_on), attempt=s.attempt, model=s.model,
+            max_tokens=s.max_tokens,
+            usage=UsageOut(prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
+                           total_tokens=s.prompt_tokens + s.completion_tokens,
+                           model_calls=s.model_calls),
+            created_at=s.created_at, started_at=s.started_at, finished_at=s.finished_at,
+            duration_ms=duration, error=s.error))
+    return StepList(data=data)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
+def cancel_job(job_id: str, principal: CurrentPrincipal, response: Response) -> JobOut:
+    """Cancel a job. Steps that have not started never run; running steps stop at their next
+    model call. The job ends `cancelled` (a job already finished is returned as it is)."""
+    with unit_of_work() as session:
+        job = job_service.cancel_job(session, principal.tenant_id, job_id)
+        out = job_out(job)
+    response.headers["Location"] = f"/v1/jobs/{out.id}"
+    return out

@@ -1,0 +1,188 @@
+"""Prometheus metrics at `/metrics`, read at scrape time from the database and Redis.
+
+Counts come from the job and step tables and the ledger, so every API replica reports the same
+numbers and they agree with the admin page; pool in-flight counts are what each worker process
+last published to Redis (every second, expiring when the process dies); each endpoint's running
+and waiting requests and prefix-cache hit rate are read from its own `/metrics`. Set
+`AGENTQ_METRICS_TOKEN` to require `Authorization: Bearer <token>` on scrapes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Iterator
+from typing import Any, cast
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from core.db import read_session_factory
+from core.errors import Unauthorized
+from core.models import Job, ModelCall, Step
+from core.queue import QUEUE
+from core.redis import get_redis
+from core.settings import get_settings
+from inference.pool import INFLIGHT_KEY_PREFIX
+
+log = logging.getLogger(__name__)
+
+JOB_STATUSES = ("queued", "running", "cancelling", "completed", "failed", "cancelled",
+                "budget_exhausted")
+STEP_STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled")
+
+
+class AgentqCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        yield from self._database()
+        yield from self._redis()
+        yield from self._endpoints()
+
+    def _endpoints(self) -> Iterator[Metric]:
+        """Each pool endpoint's own counters (vLLM's /metrics): requests running and waiting,
+        and its prefix-cache hit rate since it started."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from core.catalogue import get_catalogue
+
+        up = GaugeMetricFamily("agentq_endpoint_up", "The endpoint's /metrics answered",
+                               labels=["endpoint"])
+        running = GaugeMetricFamily("agentq_endpoint_requests_running",
+                                    "Requests the endpoint is running", labels=["endpoint"])
+        waiting = GaugeMetricFamily("agentq_endpoint_requests_waiting",
+                                    "Requests waiting inside the endpoint", labels=["endpoint"])
+        hit_rate = GaugeMetricFamily("agentq_endpoint_prefix_cache_hit_rate",
+                                     "Prompt tokens served from the endpoint's prefix cache, "
+                                     "over prompt tokens it was asked for", labels=["endpoint"])
+        wanted = {"vllm:num_requests_running", "vllm:num_requests_waiting",
+                  "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
+                  "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"}
+        for url in get_catalogue().endpoints:
+            try:
+                body = httpx.get(f"{url}/metrics", timeout=1.0).text
+                sums: dict[str, float] = {}
+                for family in text_string_to_metric_families(body):
+                    for sample in family.samples:
+                        if sample.name in wanted:
+                            name = sample.name.removesuffix("_total")
+                            sums[name] = sums.get(name, 0.0) + sample.value
+            except (httpx.HTTPError, ValueError) as exc:
+                log.debug("metrics: endpoint %s: %s", url, exc)
+                up.add_metric([url], 0)
+                continue
+            up.add_metric([url], 1)
+            running.add_metric([url], sums.get("vllm:num_requests_running", 0.0))
+            waiting.add_metric([url], sums.get("vllm:num_requests_waiting", 0.0))
+            queries = sums.get("vllm:prefix_cache_queries", 0.0)
+            if queries:
+                hit_rate.add_metric([url], sums.get("vllm:prefix_cache_hits", 0.0) / queries)
+        yield from (up, running, waiting, hit_rate)
+
+    def _database(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily("agentq_jobs", "Jobs by status", labels=["status"])
+        steps = GaugeMetricFamily("agentq_steps", "Steps by status", labels=["status"])
+        calls = CounterMetricFamily("agentq_model_calls", "Model calls in the ledger",
+                                    labels=["model"])
+        tokens = CounterMetricFamily("agentq_tokens", "Tokens in the ledger",
+                                     labels=["model", "type"])
+        cost = CounterMetricFamily("agentq_cost_usd", "Dollars charged in the ledger",
+                                   labels=["model"])
+        energy = CounterMetricFamily("agentq_energy_wh", "Watt-hours attributed to model calls",
+                                     labels=["model"])
+        up = GaugeMetricFamily("agentq_database_up", "The database answered this scrape")
+        session = read_session_factory()()
+        try:
+            by_status = dict.fromkeys(JOB_STATUSES, 0)
+            for status, n in session.execute(select(Job.status, func.count())
+                                             .group_by(Job.status)):
+                by_status[str(status)] = int(n)
+            for status, n in by_status.items():
+                jobs.add_metric([status], n)
+            step_status = dict.fromkeys(STEP_STATUSES, 0)
+            for status, n in session.execute(select(Step.status, func.count())
+                                             .group_by(Step.status)):
+                step_status[str(status)] = int(n)
+            for status, n in step_status.items():
+                steps.add_metric([status], n)
+            for model, n, p, c, cached, usd, wh in session.execute(select(
+                    ModelCall.model, func.count(),
+                    func.coalesce(func.sum(ModelCall.prompt_tokens), 0),
+                    func.coalesce(func.sum(ModelCall.completion_tokens), 0),
+                    func.coalesce(func.sum(ModelCall.cached_tokens), 0),
+                    func.coalesce(func.sum(ModelCall.cost_usd), 0),
+                    func.coalesce(func.sum(ModelCall.energy_wh), 0.0))
+                    .group_by(ModelCall.model)):
+                calls.add_metric([model], int(n))
+                tokens.add_metric([model, "prompt"], int(p))
+                tokens.add_metric([model, "completion"], int(c))
+                tokens.add_metric([model, "cached_prompt"], int(cached or 0))
+                cost.add_metric([model], float(usd or 0))
+                energy.add_metric([model], float(wh or 0))
+            up.add_metric([], 1)
+        except Exception as exc:  # noqa: BLE001 - a scrape reports the outage, not a 500
+            log.warning("metrics: database unavailable: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        finally:
+            session.close()
+        yield from (jobs, steps, calls, tokens, cost, energy, up)
+
+    def _redis(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("agentq_queue_depth", "Step and delivery messages waiting",
+                                  labels=["queue"])
+        unacked = GaugeMetricFamily("agentq_queue_unacked",
+                                    "Messages taken by workers and not yet acknowledged")
+        in_flight = GaugeMetricFamily("agentq_pool_in_flight",
+                                      "Model calls in flight, by endpoint, over all workers",
+                                      labels=["endpoint"])
+        processes = GaugeMetricFamily("agentq_pool_processes",
+                                      "Worker processes reporting pool counts")
+        up = GaugeMetricFamily("agentq_redis_up", "Redis answered this scrape")
+        try:
+            r = get_redis()
+            depth.add_metric([QUEUE], int(cast(int, r.llen(QUEUE))))
+            unacked.add_metric([], int(cast(int, r.hlen("unacked"))))
+            totals: dict[str, int] = {}
+            keys = list(r.scan_iter(match=INFLIGHT_KEY_PREFIX + "*", count=500))
+            for key in keys:
+                for endpoint, n in cast(dict[Any, Any], r.hgetall(key)).items():
+                    name = endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+                    totals[name] = totals.get(name, 0) + int(n)
+            for url in get_settings().pool_endpoints:
+                totals.setdefault(url.rstrip("/"), 0)
+            for endpoint, n in sorted(totals.items()):
+                in_flight.add_metric([endpoint], n)
+            processes.add_metric([], len(keys))
+            up.add_metric([], 1)
+        except Exception as exc:  # noqa: BLE001 - a scrape reports the outage, not a 500
+            log.warning("metrics: Redis unavailable: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        yield from (depth, unacked, in_flight, processes, up)
+
+
+registry = CollectorRegistry(auto_describe=False)
+registry.register(AgentqCollector())
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}},
+                             "description": "Prometheus text exposition format"}})
+def metrics(request: Request) -> Response:
+    """Jobs and steps by status, model calls, tokens, cost and energy by model, queue depth and
+    pool in-flight counts, in Prometheus' text format."""
+    token = get_settings().metrics_token
+    if token:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise Unauthorized("this /metrics needs 'Authorization: Bearer <metrics token>'")
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,95 @@
+"""Webhook endpoints (`/v1/webhook-endpoints`) and a job's deliveries."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from api.deps import CurrentPrincipal, DbSession
+from api.responses import ERRORS
+from api.webhooks.schemas import (
+    AttemptOut,
+    DeliveryList,
+    DeliveryOut,
+    EndpointCreate,
+    EndpointList,
+    EndpointOut,
+)
+from core.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from core.settings import get_settings
+from core.webhook_http import check_url
+from orchestrator import jobs as job_service
+from orchestrator import webhooks as webhook_service
+from orchestrator.uow import unit_of_work
+
+router = APIRouter(tags=["webhooks"], responses=ERRORS)
+
+
+def _endpoint_out(ep: WebhookEndpoint, show_secret: bool = False) -> EndpointOut:
+    return EndpointOut(id=ep.id, url=ep.url, events=list(ep.events),
+                       description=ep.description, created_at=ep.created_at,
+                       disabled_at=ep.disabled_at, disabled_reason=ep.disabled_reason,
+                       secret=ep.secret if show_secret else None)
+
+
+@router.post("/v1/webhook-endpoints", status_code=201, response_model=EndpointOut)
+def create_endpoint(body: EndpointCreate, principal: CurrentPrincipal) -> EndpointOut:
+    """Register a receiver for all of the tenant's jobs' chosen events. The signing secret
+    (`whsec_...`) is in this response only."""
+    check_url(body.url, allow_private=get_settings().webhooks_allow_private_networks)
+    with unit_of_work() as s:
+        ep = webhook_service.create_endpoint(s, principal.tenant_id, body.url,
+                                             list(body.events), body.description)
+        return _endpoint_out(ep, show_secret=True)
+
+
+@router.get("/v1/webhook-endpoints", response_model=EndpointList)
+def list_endpoints(session: DbSession, principal: CurrentPrincipal) -> EndpointList:
+    return EndpointList(data=[_endpoint_out(e) for e in
+                              webhook_service.list_endpoints(session, principal.tenant_id)])
+
+
+@router.post("/v1/webhook-endpoints/{endpoint_id}/rotate-secret", response_model=EndpointOut)
+def rotate_secret(endpoint_id: str, principal: CurrentPrincipal) -> EndpointOut:
+    """A new signing secret, shown once. For a grace period
+    (`AGENTQ_WEBHOOK_SECRET_GRACE_HOURS`) deliveries carry signatures with both secrets."""
+    with unit_of_work() as s:
+        return _endpoint_out(webhook_service.rotate_secret(s, principal.tenant_id, endpoint_id),
+                             show_secret=True)
+
+
+@router.delete("/v1/webhook-endpoints/{endpoint_id}", status_code=204)
+def delete_endpoint(endpoint_id: str, principal: CurrentPrincipal) -> Response:
+    with unit_of_work() as s:
+        webhook_service.delete_endpoint(s, principal.tenant_id, endpoint_id)
+    return Response(status_code=204)
+
+
+def _delivery_out(d: WebhookDelivery, attempts: list[WebhookAttempt]) -> DeliveryOut:
+    return DeliveryOut(
+        id=d.id, webhook_id=d.message_id, endpoint_id=d.endpoint_id, url=d.url,
+        event_type=d.event_type, event_cursor=d.event_seq, status=d.status,
+        attempts=[AttemptOut(attempt=a.attempt, started_at=a.started_at,
+                             duration_ms=a.duration_ms, status_code=a.status_code,
+                             error=a.error, response_excerpt=a.response_excerpt)
+                  for a in attempts],
+        next_attempt_at=d.next_attempt_at, created_at=d.created_at,
+        delivered_at=d.delivered_at)
+
+
+@router.get("/v1/jobs/{job_id}/webhook-deliveries", response_model=DeliveryList)
+def list_deliveries(job_id: str, session: DbSession, principal: CurrentPrincipal
+                    ) -> DeliveryList:
+    """Every webhook delivery of the job, with each attempt."""
+    job = job_service.get_job(session, principal.tenant_id, job_id)
+    return DeliveryList(data=[_delivery_out(d, a) for d, a in
+                              webhook_service.list_deliveries(session, job.id)])
+
+
+@router.post("/v1/jobs/{job_id}/webhook-deliveries/{delivery_id}/redeliver", status_code=202,
+             response_model=DeliveryOut)
+def redeliver(job_id: str, delivery_id: str, principal: CurrentPrincipal) -> DeliveryOut:
+    """Send a delivery again now (same `webhook-id`)."""
+    with unit_of_work() as s:
+        job = job_service.get_job(s, principal.tenant_id, job_id)
+        d = webhook_service.redeliver(s, principal.tenant_id, job.id, delivery_id)
+        return _delivery_out(d, [])

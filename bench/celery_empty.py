@@ -1,0 +1,53 @@
+"""A Celery app with empty tasks, the baseline for the platform's orchestration overhead:
+`celery -A bench.celery_empty worker -P threads -c 64`.
+
+Broker settings follow `core.queue` (late acknowledgement, prefetch of one per slot, the threads
+pool, no result backend); the broker is `AGENTQ_REDIS_URL`. A task's only work is one Redis
+INCR, so that the benchmark can count completions without a result backend.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from celery import Celery
+
+QUEUE = "bench_empty"
+DONE_KEY = "bench:empty:done"
+FINISHED_AT_KEY = "bench:empty:finished_at"
+HOPS_KEY = "bench:empty:hops"
+
+BROKER_URL = os.environ.get("AGENTQ_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+app = Celery("bench_empty", broker=BROKER_URL, set_as_current=True)
+app.conf.update(
+    task_default_queue=QUEUE,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_ignore_result=True,
+    task_serializer="json",
+    accept_content=["json"],
+    worker_prefetch_multiplier=1,
+    worker_pool="threads",
+    worker_concurrency=int(os.environ.get("AGENTQ_WORKER_CONCURRENCY", "64")),
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={"visibility_timeout": 7200},
+)
+
+_redis = redis.Redis.from_url(BROKER_URL)
+
+
+@app.task(name="bench.empty", acks_late=True, reject_on_worker_lost=True)
+def empty(total: int) -> None:
+    """Count one completion; the one that completes the batch notes the time."""
+    if _redis.incr(DONE_KEY) == total:
+        _redis.set(FINISHED_AT_KEY, repr(time.time()))
+
+
+@app.task(name="bench.hop", acks_late=True, reject_on_worker_lost=True)
+def hop(sent_at: float) -> None:
+    """Note how long the message took from `send_task` to a worker slot running it."""
+    _redis.rpush(HOPS_KEY, repr(time.time() - sent_at))

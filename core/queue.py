@@ -1,0 +1,46 @@
+"""The Celery application shared by producers (outbox relay) and consumers (workers).
+
+Reliability settings follow Celery's own advice for Redis: late acknowledgement, re-delivery when a
+worker dies, prefetch of one per execution slot, and a visibility timeout longer than any step.
+Celery's result backend is not used; the database holds all state.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from celery import Celery
+
+from core.settings import get_settings
+
+QUEUE = "agentq"
+
+_app: Celery | None = None
+_lock = threading.Lock()
+
+
+def get_celery() -> Celery:
+    global _app
+    with _lock:
+        if _app is None:
+            settings = get_settings()
+            app = Celery("agentq", broker=settings.redis_url, set_as_current=True)
+            app.conf.update(
+                task_default_queue=QUEUE,
+                task_acks_late=True,
+                task_reject_on_worker_lost=True,
+                task_ignore_result=True,
+                task_serializer="json",
+                accept_content=["json"],
+                worker_prefetch_multiplier=1,
+                worker_pool="threads",
+                worker_concurrency=settings.worker_concurrency,
+                worker_hijack_root_logger=False,
+                broker_connection_retry_on_startup=True,
+                broker_transport_options={"visibility_timeout": 7200},
+                task_publish_retry=True,
+                task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2,
+                                           "interval_step": 0.5, "interval_max": 1.0},
+            )
+            _app = app
+        return _app

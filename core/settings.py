@@ -1,0 +1,131 @@
+"""Settings for every agentq process, read once from `AGENTQ_*` environment variables.
+
+The defaults are the embedded set-up: an SQLite file under the user's data folder, Redis on
+localhost and one local vLLM server on port 8100.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from platformdirs import user_cache_dir, user_data_dir
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_database_url() -> str:
+    path = Path(user_data_dir("agentq")) / "agentq.db"
+    return f"sqlite:///{path}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGENTQ_", extra="ignore")
+
+    database_url: str = Field(
+        default_factory=_default_database_url,
+        description="SQLAlchemy URL: an SQLite file by default, or postgresql+psycopg://...",
+    )
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    pool_endpoints: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8100"],
+        description="Comma-separated base URLs of OpenAI-compatible servers.",
+    )
+    # The model catalogue (see core/catalogue.py): a JSON list, or a file holding one.
+    models: list[dict[str, Any]] | None = None
+    models_file: Path | None = None
+    # Admission control: calls in flight per endpoint, over every worker process (Redis); more
+    # wait, served fairly across tenants and jobs, at most this long.
+    pool_admission: bool = True
+    # How calls pick an endpoint: "affinity" (a job's calls stay on one endpoint while it is not
+    # much busier than the idlest), "least_loaded", or "round_robin" (for comparison).
+    pool_routing: Literal["affinity", "least_loaded", "round_robin"] = "affinity"
+    endpoint_max_in_flight: int = 64
+    admission_timeout_s: float = 600.0
+    # Circuit breaker: after this many transient failures in a row an endpoint is skipped, then
+    # probed with one call after a pause that doubles each time a probe fails (up to 60 s).
+    breaker_fail_max: int = 3
+    breaker_reset_s: float = 2.0
+    model_cache_dir: Path = Field(default_factory=lambda: Path(user_cache_dir("agentq")) / "models")
+
+    # Worker concurrency: steps (and so model calls) one worker process keeps in flight.
+    worker_concurrency: int = 64
+    # Model calls.
+    request_timeout_s: float = 120.0
+    connect_timeout_s: float = 5.0
+    retry_max_attempts: int = 4
+    retry_max_seconds: float = 60.0
+    # Step budgets (max_tokens per model call) by role.
+    planner_max_tokens: int = 160
+    investigator_max_tokens: int = 128
+    synthesiser_max_tokens: int = 256
+    coder_max_tokens: int = 1024
+    # The sandbox that runs a coding job's tests: CPU seconds and wall-clock seconds per run.
+    sandbox_cpu_seconds: int = 60
+    sandbox_wall_seconds: float = 120.0
+    max_subquestions: int = 4
+    default_job_max_total_tokens: int = 20_000
+    # Dollars per million tokens by model ("*" for any other), e.g.
+    # {"gemma-3-270m": {"input": 0.02, "cached_input": 0.01, "output": 0.04}}.
+    model_prices: dict[str, dict[str, float]] = Field(default_factory=lambda: {
+        "*": {"input": 0.05, "cached_input": 0.025, "output": 0.10}})
+    # Power draw of each pool endpoint in watts, by base URL ("*" for any other), e.g.
+    # {"http://10.0.0.5:8000": 700}; a call's energy is its share of the endpoint's busy time
+    # at that power. Where none is declared and NVML answers (NVIDIA GPUs on the machine of a
+    # local endpoint), the measured board power is used.
+    endpoint_watts: dict[str, float] = Field(default_factory=dict)
+    energy_nvml: bool = True
+    # When set, scrapes of /metrics must send `Authorization: Bearer <token>`.
+    metrics_token: str | None = None
+    # Spend fractions of a budget that append a `budget.threshold` event when crossed.
+    budget_thresholds: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [0.5, 0.8])
+    # Limits: requests per tenant (limits' notation: "600/minute", "20/second"), jobs queued or
+    # running per tenant, and request body size.
+    rate_limit: str = "600/minute"
+    max_jobs_in_flight: int = 1000
+    max_body_bytes: int = 1_048_576
+    # Event streams (SSE): heartbeat comment interval, and the slow fallback poll used only when
+    # no notification arrives (Redis away).
+    sse_heartbeat_s: float = 15.0
+    sse_poll_fallback_s: float = 30.0
+    # Webhooks.
+    webhooks_allow_private_networks: bool = False
+    webhook_timeout_s: float = 15.0
+    # Seconds to wait before each retry (Standard Webhooks: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h,
+    # 14 h, 20 h, 24 h), with jitter.
+    webhook_retry_schedule_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0,
+                                 72000.0, 86400.0])
+    webhook_secret_grace_hours: float = 24.0
+    # Idempotency keys are kept at least this long.
+    idempotency_ttl_hours: float = 24.0
+    # A running step's lease; the worker running it renews it every quarter of this. A step whose
+    # lease ran out (its worker died) is queued again by the sweeper.
+    step_lease_seconds: float = 60.0
+    # A step queued this long ago without being claimed is published again (its message may
+    # have been lost, for example in a Redis restart); duplicates are harmless.
+    step_requeue_after_s: float = 120.0
+    # The outbox sweeper republishes rows left unsent for this long.
+    outbox_sweep_after_s: float = 10.0
+    outbox_sweep_interval_s: float = 5.0
+
+    @field_validator("pool_endpoints", mode="before")
+    @classmethod
+    def _split_endpoints(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_retry_schedule_s", "budget_thresholds", mode="before")
+    @classmethod
+    def _split_schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [float(part) for part in value.split(",") if part.strip()]
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,230 @@
+"""Admission control for pool endpoints, shared by every worker process through Redis.
+
+Each endpoint has a cap on calls in flight (its best batch size). A call takes a slot before it
+is sent and gives it back when it ends; beyond the cap, calls wait in Redis instead of piling up
+inside the server. When a slot frees, it goes to the waiting call whose tenant has the fewest
+calls in flight at that endpoint, then whose job has the fewest, ties broken round-robin, and
+oldest first within a job: one job with 500 parallel steps cannot starve a tenant with one
+small job.
+
+Crash safety: a slot is a lease (it expires if its holder dies without giving it back) and a
+waiting call must keep polling or it is dropped. All state changes run as Lua scripts, so they
+are atomic across processes. If Redis does not answer, calls go ahead without admission (the
+per-process connection limit still bounds them) and a warning is logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+import redis
+
+log = logging.getLogger(__name__)
+
+PREFIX = "agentq:adm:"
+
+_COMMON = """
+local base = KEYS[1]
+local now = tonumber(ARGV[1])
+local H, HO, TIN, JIN = base .. 'h', base .. 'ho', base .. 'tin', base .. 'jin'
+local WD, WO, WT = base .. 'wd', base .. 'wo', base .. 'wt'
+local TLAST, JLAST, SEQ = base .. 'tlast', base .. 'jlast', base .. 'seq'
+
+local function owner(s)
+  local i = string.find(s, '\\n', 1, true)
+  return string.sub(s, 1, i - 1), string.sub(s, i + 1)
+end
+
+local function decr(key, field)
+  if redis.call('HINCRBY', key, field, -1) <= 0 then redis.call('HDEL', key, field) end
+end
+
+local function remove_waiter(t)
+  local o = redis.call('HGET', WO, t)
+  if not o then return end
+  local tenant, job = owner(o)
+  redis.call('HDEL', WO, t)
+  redis.call('ZREM', WD, t)
+  redis.call('ZREM', base .. 'wq:' .. job, t)
+  decr(base .. 'wj:' .. tenant, job)
+  decr(WT, tenant)
+end
+
+local function remove_holder(t)
+  local o = redis.call('HGET', HO, t)
+  if not o then return end
+  local tenant, job = owner(o)
+  redis.call('HDEL', HO, t)
+  redis.call('ZREM', H, t)
+  decr(TIN, tenant)
+  decr(JIN, job)
+end
+
+local function cleanup()
+  for _, t in ipairs(redis.call('ZRANGEBYSCORE', H, '-inf', now)) do remove_holder(t) end
+  for _, t in ipairs(redis.call('ZRANGEBYSCORE', WD, '-inf', now)) do remove_waiter(t) end
+end
+
+local function pick(candidates, inflight, last)
+  local best, best_n, best_last = nil, nil, nil
+  for _, c in ipairs(candidates) do
+    local n = tonumber(redis.call('HGET', inflight, c) or '0')
+    local l = tonumber(redis.call('HGET', last, c) or '0')
+    if best == nil or n < best_n or (n == best_n and l < best_last) then
+      best, best_n, best_last = c, n, l
+    end
+  end
+  return best
+end
+
+local function grant_next(lease)
+  local tenant = pick(redis.call('HKEYS', WT), TIN, TLAST)
+  if not tenant then return nil end
+  local job = pick(redis.call('HKEYS', base .. 'wj:' .. tenant), JIN, JLAST)
+  if not job then return nil end
+  local head = redis.call('ZRANGE', base .. 'wq:' .. job, 0, 0)[1]
+  if not head then return nil end
+  remove_waiter(head)
+  local seq = redis.call('INCR', SEQ)
+  redis.call('ZADD', H, now + lease, head)
+  redis.call('HSET', HO, head, tenant .. '\\n' .. job)
+  redis.call('HINCRBY', TIN, tenant, 1)
+  redis.call('HINCRBY', JIN, job, 1)
+  redis.call('HSET', TLAST, tenant, seq)
+  redis.call('HSET', JLAST, job, seq)
+  local g = 'agentq:adm:grant:' .. head
+  redis.call('RPUSH', g, '1')
+  redis.call('EXPIRE', g, 120)
+  return head
+end
+
+local function fill(cap, lease)
+  while redis.call('ZCARD', H) < cap do
+    if not grant_next(lease) then break end
+  end
+end
+"""
+
+# KEYS[1] base; ARGV: now_ms, ticket, tenant, job, cap, lease_ms, waiter_ttl_ms
+ACQUIRE = _COMMON + """
+local ticket, tenant, job = ARGV[2], ARGV[3], ARGV[4]
+local cap, lease, wttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+cleanup()
+if redis.call('ZSCORE', H, ticket) then return 1 end
+if redis.call('HEXISTS', WO, ticket) == 0 then
+  local seq = redis.call('INCR', SEQ)
+  redis.call('HSET', WO, ticket, tenant .. '\\n' .. job)
+  redis.call('ZADD', base .. 'wq:' .. job, seq, ticket)
+  redis.call('HINCRBY', base .. 'wj:' .. tenant, job, 1)
+  redis.call('HINCRBY', WT, tenant, 1)
+end
+redis.call('ZADD', WD, now + wttl, ticket)
+fill(cap, lease)
+if redis.call('ZSCORE', H, ticket) then return 1 end
+return 0
+"""
+
+# KEYS[1] base; ARGV: now_ms, ticket, cap, lease_ms
+RELEASE = _COMMON + """
+local ticket, cap, lease = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+cleanup()
+remove_holder(ticket)
+remove_waiter(ticket)
+redis.call('DEL', 'agentq:adm:grant:' .. ticket)
+fill(cap, lease)
+return 1
+"""
+
+# KEYS[1] base; ARGV: now_ms. Returns {in flight, waiting}.
+LOAD = _COMMON + """
+cleanup()
+return {redis.call('ZCARD', H), redis.call('HLEN', WO)}
+"""
+
+
+class AdmissionTimeout(Exception):
+    """No slot came free in time."""
+
+
+class AdmissionCancelled(Exception):
+    """The caller gave up while waiting (its job was cancelled)."""
+
+
+def endpoint_key(url: str) -> str:
+    return PREFIX + hashlib.sha1(url.encode()).hexdigest()[:16] + ":"
+
+
+class Admission:
+    def __init__(self, client: redis.Redis, lease_s: float, waiter_ttl_s: float = 5.0,
+                 poll_s: float = 0.5) -> None:
+        self._redis = client
+        self._lease_ms = int(lease_s * 1000)
+        self._waiter_ttl_ms = int(waiter_ttl_s * 1000)
+        self._poll_s = poll_s
+        self._acquire = client.register_script(ACQUIRE)
+        self._release = client.register_script(RELEASE)
+        self._load = client.register_script(LOAD)
+
+    @staticmethod
+    def _now_ms() -> int:
+        return int(time.time() * 1000)
+
+    def loads(self, urls: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """Calls in flight and waiting at each endpoint, over every process."""
+        pipe = self._redis.pipeline(transaction=False)
+        for url in urls:
+            self._load(keys=[endpoint_key(url)], args=[self._now_ms()], client=pipe)
+        return {url: (int(r[0]), int(r[1]))
+                for url, r in zip(urls, cast(list[Any], pipe.execute()), strict=True)}
+
+    @contextmanager
+    def slot(self, url: str, cap: int, tenant: str, job: str, timeout_s: float,
+             cancelled: Callable[[], bool] | None = None) -> Iterator[bool]:
+        """Hold one of the endpoint's `cap` slots for the duration of the block. Yields whether
+        admission applied (False when Redis did not answer and the call goes ahead anyway)."""
+        ticket = uuid.uuid4().hex
+        base = endpoint_key(url)
+        try:
+            admitted = self._wait(base, ticket, cap, tenant or "-", job or "-", timeout_s,
+                                  cancelled)
+        except redis.RedisError as exc:
+            log.warning("admission control unavailable, sending without it: %s", exc)
+            self._give_back(base, ticket, cap)
+            yield False
+            return
+        except BaseException:
+            self._give_back(base, ticket, cap)
+            raise
+        try:
+            yield admitted
+        finally:
+            self._give_back(base, ticket, cap)
+
+    def _wait(self, base: str, ticket: str, cap: int, tenant: str, job: str, timeout_s: float,
+              cancelled: Callable[[], bool] | None) -> bool:
+        deadline = time.monotonic() + timeout_s
+        grant_key = PREFIX + "grant:" + ticket
+        while True:
+            got = self._acquire(keys=[base], args=[self._now_ms(), ticket, tenant, job, cap,
+                                                   self._lease_ms, self._waiter_ttl_ms])
+            if int(cast(int, got)) == 1:
+                return True
+            if cancelled is not None and cancelled():
+                raise AdmissionCancelled()
+            if time.monotonic() > deadline:
+                raise AdmissionTimeout(f"no slot at the endpoint within {timeout_s:.0f} s")
+            if self._redis.blpop([grant_key], timeout=self._poll_s):
+                return True
+
+    def _give_back(self, base: str, ticket: str, cap: int) -> None:
+        try:
+            self._release(keys=[base], args=[self._now_ms(), ticket, cap, self._lease_ms])
+        except redis.RedisError as exc:
+            log.warning("could not give back an admission slot (its lease will expire): %s",
+                        exc)

@@ -1,0 +1,643 @@
+"""The model pool: OpenAI-compatible `/v1/completions` endpoints behind one call.
+
+Agents never build HTTP requests; they hand the pool a prompt, a `max_tokens` taken from the step
+budget, optional structured-output constraints and accounting ids, and get back text and usage.
+
+- Every request sets `max_tokens` (vLLM's completions default is 16 tokens).
+- Usage is required: a response without it is an error, never zero spend.
+- Only transient failures are retried (connection errors, timeouts, 429, 5xx), with tenacity's
+  exponential backoff and jitter, bounded in attempts and time, on another endpoint if any.
+- The endpoint is the least loaded one by this process's own in-flight counters, with the job's
+  previous endpoint preferred while it is not busier than the idlest (prefix-cache affinity).
+- Responses are streamed, so time to first token is measured, and a call given up on (a
+  cancelled job, a timeout) closes its connection, which makes vLLM abort the request.
+- Energy: a call's share of its endpoint's busy time (each in-flight second divided among the
+  calls in flight) times the endpoint's power, declared in `AGENTQ_ENDPOINT_WATTS` or read from
+  NVML on a machine with NVIDIA GPUs (`AGENTQ_ENERGY_NVML`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from core.catalogue import Catalogue, ModelSpec, load_catalogue
+from core.errors import AgentqError
+from core.settings import Settings, get_settings
+from inference.admission import Admission, AdmissionCancelled, AdmissionTimeout
+
+log = logging.getLogger(__name__)
+
+
+class InferenceError(AgentqError):
+    status_code = 502
+    code = "inference_error"
+
+
+class TransientInferenceError(InferenceError):
+    """A failure worth retrying: the server may answer next time."""
+
+    code = "inference_unavailable"
+
+
+class PoolUnavailable(InferenceError):
+    code = "pool_unavailable"
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompt: str
+    max_tokens: int
+    request_id: str
+    temperature: float = 0.0
+    stop: Sequence[str] | None = None
+    regex: str | None = None
+    json_schema: dict[str, Any] | None = None
+    choice: Sequence[str] | None = None
+    # A model by name, or a size class from the catalogue ("small", "large", ...); neither:
+    # the smallest class there is.
+    model: str | None = None
+    size: str | None = None
+    # Accounting ids: admission shares slots fairly across tenants and jobs; calls with the
+    # same affinity key prefer the same endpoint (prefix cache).
+    tenant_id: str | None = None
+    job_id: str | None = None
+    affinity_key: str | None = None
+    # Polled while the call waits and while it streams; True aborts it.
+    cancelled: Callable[[], bool] | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    usage: Usage
+    finish_reason: str | None
+    model: str
+    endpoint: str
+    latency_ms: float
+    attempts: int
+    ttft_ms: float | None = None
+    energy_wh: float | None = None
+    energy_method: str | None = None
+    queued_ms: float = 0.0
+
+
+class CallCancelled(InferenceError):
+    """The caller gave up (its job was cancelled): the request was closed, and vLLM aborts a
+    request whose connection closes. `usage` is what the server had counted until then."""
+
+    status_code = 409
+    code = "cancelled"
+
+    def __init__(self, message: str, usage: Usage | None = None, model: str | None = None,
+                 endpoint: str | None = None, latency_ms: float = 0.0) -> None:
+        super().__init__(message)
+        self.usage, self.model, self.endpoint, self.latency_ms = usage, model, endpoint, latency_ms
+
+
+@dataclass
+class Endpoint:
+    base_url: str
+    cap: int = 64
+    models: list[str] = field(default_factory=list)
+    # Calls of this process routed here (waiting for a slot or running), and those running.
+    in_flight: int = 0
+    running: int = 0
+    # Circuit breaker: consecutive transient failures; "closed", "open" or "half_open" (one
+    # probe call in flight); until when it stays open, and the current pause.
+    failures: int = 0
+    state: str = "closed"
+    open_until: float = 0.0
+    pause_s: float = 0.0
+    # Declared power draw; None when unknown.
+    watts: float | None = None
+    # Busy time shared out among the calls running: the integral of 1/running over time.
+    busy_share_s: float = 0.0
+    share_clock: float = field(default_factory=time.monotonic)
+
+    def available(self, now: float) -> bool:
+        if self.state == "closed":
+            return True
+        return self.state == "open" and now >= self.open_until
+
+    def advance(self, now: float) -> float:
+        """Bring the busy-share integral up to `now` (call before `running` changes)."""
+        if self.running > 0:
+            self.busy_share_s += (now - self.share_clock) / self.running
+        self.share_clock = now
+        return self.busy_share_s
+
+
+class NvmlPower:
+    """Board power of this machine's NVIDIA GPUs, summed, through NVML (nvidia-ml-py)."""
+
+    def __init__(self) -> None:
+        import pynvml  # type: ignore[import-not-found, unused-ignore]
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i)
+                         for i in range(pynvml.nvmlDeviceGetCount())]
+        if not self._handles:
+            raise RuntimeError("NVML found no GPU")
+
+    def watts(self) -> float:
+        return sum(self._nvml.nvmlDeviceGetPowerUsage(h) for h in self._handles) / 1000.0
+
+
+def _local(url: str) -> bool:
+    host = httpx.URL(url).host
+    return host in {"127.0.0.1", "localhost", "::1"}
+
+
+def endpoint_watts(url: str, declared: dict[str, float]) -> float | None:
+    return declared.get(url.rstrip("/"), declared.get("*"))
+
+
+# Each process publishes its in-flight calls per endpoint to Redis, so `/metrics` can show the
+# whole pool: one hash per process, refreshed every second and expiring if the process dies.
+INFLIGHT_KEY_PREFIX = "agentq:pool:inflight:"
+INFLIGHT_REPORT_S = 1.0
+INFLIGHT_TTL_S = 5
+
+BREAKER_MAX_PAUSE_S = 60.0
+AFFINITY_MAX = 10_000
+# A job's calls stay on their endpoint while it has at most this many more calls (running and
+# waiting, over all processes) than the idlest endpoint, or half as many again, whichever is
+# more: under steady load the endpoints' counts wander by more than a fixed few.
+AFFINITY_MARGIN = 8
+AFFINITY_RELATIVE_MARGIN = 0.5
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TransientInferenceError)
+
+
+class Pool:
+    def __init__(self, endpoints: Sequence[str] | None = None, settings: Settings | None = None,
+                 admission: Admission | None = None):
+        self.settings = settings or get_settings()
+        if endpoints is not None and not self.settings.models \
+                and self.settings.models_file is None:
+            self.catalogue = Catalogue([ModelSpec(endpoints=list(endpoints))],
+                                       self.settings.endpoint_max_in_flight)
+        else:
+            self.catalogue = load_catalogue(self.settings)
+        urls = self.catalogue.endpoints
+        if not urls:
+            raise PoolUnavailable("no pool endpoints are configured (AGENTQ_POOL_ENDPOINTS)")
+        declared = {k.rstrip("/"): v for k, v in self.settings.endpoint_watts.items()}
+        self.endpoints = [Endpoint(u, cap=self.catalogue.cap(u), watts=endpoint_watts(u, declared))
+                          for u in urls]
+        self._by_url = {e.base_url: e for e in self.endpoints}
+        self._nvml: NvmlPower | None = None
+        if self.settings.energy_nvml and any(_local(e.base_url) and e.watts is None
+                                             for e in self.endpoints):
+            try:
+                self._nvml = NvmlPower()
+            except ImportError:
+                log.info("nvidia-ml-py is not installed: energy is known only where declared")
+            except Exception as exc:  # noqa: BLE001 - no driver, no GPU: energy stays unknown
+                log.info("NVML power readings unavailable: %s", exc)
+        self._admission = admission
+        if admission is None and self.settings.pool_admission:
+            from core.redis import get_redis
+
+            self._admission = Admission(get_redis(),
+                                        lease_s=self.settings.request_timeout_s + 60)
+        self._lock = threading.Lock()
+        self._affinity: OrderedDict[str, str] = OrderedDict()
+        self._turn = 0
+        timeout = httpx.Timeout(self.settings.request_timeout_s,
+                                connect=self.settings.connect_timeout_s)
+        limits = httpx.Limits(max_connections=512, max_keepalive_connections=256)
+        self._http = httpx.Client(timeout=timeout, limits=limits, follow_redirects=False)
+        self._reporter: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._http.close()
+
+    def in_flight(self) -> dict[str, int]:
+        with self._lock:
+            return {e.base_url: e.in_flight for e in self.endpoints}
+
+    def breaker_states(self) -> dict[str, str]:
+        with self._lock:
+            return {e.base_url: e.state for e in self.endpoints}
+
+    def _start_reporter(self) -> None:
+        if self._reporter is not None:
+            return
+        with self._lock:
+            if self._reporter is None:
+                self._reporter = threading.Thread(target=self._report, name="agentq-pool-report",
+                                                  daemon=True)
+                self._reporter.start()
+
+    def _report(self) -> None:
+        from core.redis import get_redis
+
+        key = f"{INFLIGHT_KEY_PREFIX}{socket.gethostname()}:{os.getpid()}"
+        while not self._closed.wait(INFLIGHT_REPORT_S):
+            try:
+                pipe = get_redis().pipeline(transaction=False)
+                pipe.hset(key, mapping=self.in_flight())
+                pipe.expire(key, INFLIGHT_TTL_S)
+                pipe.execute()
+            except Exception as exc:  # noqa: BLE001 - metrics must never break model calls
+                log.debug("could not publish in-flight counts: %s", exc)
+
+    # -- discovery --------------------------------------------------------------------------
+
+    def _models_of(self, ep: Endpoint) -> list[str]:
+        if not ep.models:
+            resp = self._http.get(f"{ep.base_url}/v1/models",
+                                  timeout=self.settings.connect_timeout_s)
+            resp.raise_for_status()
+            try:
+                ep.models = [str(m["id"]) for m in resp.json()["data"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"unexpected /v1/models answer: {exc!r}") from exc
+        return ep.models
+
+    def check(self) -> list[dict[str, Any]]:
+        """Ask every endpoint which models it serves; used by readiness checks."""
+        out = []
+        for ep in self.endpoints:
+            try:
+                ep.models = []
+                out.append({"endpoint": ep.base_url, "ok": True, "models": self._models_of(ep),
+                            "breaker": ep.state})
+            except (httpx.HTTPError, ValueError) as exc:
+                out.append({"endpoint": ep.base_url, "ok": False, "error": str(exc),
+                            "breaker": ep.state})
+        return out
+
+    # -- routing ----------------------------------------------------------------------------
+
+    def _candidates(self, req: CompletionRequest) -> list[tuple[Endpoint, str | None]]:
+        """Endpoints that can serve the request, each with the model name to ask for."""
+        if req.model is not None:
+            spec = self.catalogue.spec(req.model)
+            if spec is not None:
+                return [(self._by_url[u], req.model) for u in spec.endpoints]
+            serving = [e for e in self.endpoints if not e.models or req.model in e.models]
+            return [(e, req.model) for e in serving or self.endpoints]
+        out: dict[str, tuple[Endpoint, str | None]] = {}
+        for spec in self.catalogue.for_size(req.size):
+            for u in spec.endpoints:
+                out.setdefault(u, (self._by_url[u], spec.name))
+        return list(out.values())
+
+    def _loads(self, urls: list[str]) -> dict[str, int]:
+        """Calls running and waiting at each endpoint: over every process when admission is
+        shared through Redis, else this process's own count."""
+        if self.settings.pool_routing == "round_robin":
+            return {}
+        if self._admission is not None and len(urls) > 1:
+            try:
+                return {u: r + w for u, (r, w) in self._admission.loads(urls).items()}
+            except Exception as exc:  # noqa: BLE001 - fall back to this process's counters
+                log.debug("could not read endpoint loads: %s", exc)
+        with self._lock:
+            return {u: self._by_url[u].in_flight for u in urls}
+
+    def _pick(self, req: CompletionRequest, avoid: set[str]) -> tuple[Endpoint, str | None]:
+        options = self._candidates(req)
+        fresh = [o for o in options if o[0].base_url not in avoid] or options
+        loads = self._loads([e.base_url for e, _ in fresh])
+        now = time.monotonic()
+        with self._lock:
+            usable = [o for o in fresh if o[0].available(now)]
+            if not usable:
+                usable = [o for o in options if o[0].available(now)]
+            if not usable:
+                wait = min(e.open_until for e, _ in options) - now
+                raise TransientInferenceError(
+                    f"no pool endpoint is available: all {len(options)} are failing (circuit "
+                    f"open; next probe in {max(wait, 0):.0f} s)", code="pool_unavailable")
+            idlest = min(usable, key=lambda o: loads.get(o[0].base_url, 0))
+            chosen = idlest
+            routing = self.settings.pool_routing
+            if routing == "round_robin":
+                self._turn += 1
+                chosen = usable[self._turn % len(usable)]
+            elif routing == "affinity" and req.affinity_key is not None:
+                preferred = self._affinity.get(req.affinity_key)
+                least = loads.get(idlest[0].base_url, 0)
+                margin = max(AFFINITY_MARGIN, least * AFFINITY_RELATIVE_MARGIN)
+                home = next((o for o in usable if o[0].base_url == preferred), None)
+                if home is not None and loads.get(home[0].base_url, 0) <= least + margin:
+                    chosen = home
+                # A call that spills over leaves the job's home as it is (its prefix is cached
+                # there); a job whose home is gone moves.
+                if home is None:
+                    self._affinity[req.affinity_key] = chosen[0].base_url
+                self._affinity.move_to_end(req.affinity_key)
+                while len(self._affinity) > AFFINITY_MAX:
+                    self._affinity.popitem(last=False)
+            ep = chosen[0]
+            if ep.state == "open":
+                ep.state = "half_open"  # this call is the probe
+            ep.in_flight += 1
+            return chosen
+
+    def _start(self, ep: Endpoint) -> tuple[float, float]:
+        with self._lock:
+            now = time.monotonic()
+            share = ep.advance(now)
+            ep.running += 1
+            return share, now
+
+    def _finish(self, ep: Endpoint) -> tuple[float, float]:
+        """The endpoint's busy-share integral and the clock reading it was brought up to."""
+        with self._lock:
+            now = time.monotonic()
+            share = ep.advance(now)
+            ep.running -= 1
+            return share, now
+
+    def _energy(self, ep: Endpoint, share_s: float) -> tuple[float | None, str | None]:
+        if ep.watts is not None:
+            return ep.watts * share_s / 3600.0, "declared_watts"
+        if self._nvml is not None and _local(ep.base_url):
+            try:
+                return self._nvml.watts() * share_s / 3600.0, "nvml"
+            except Exception as exc:  # noqa: BLE001 - a failed reading leaves energy unknown
+                log.warning("NVML power reading failed: %s", exc)
+        return None, None
+
+    def _release(self, ep: Endpoint, outcome: str) -> None:
+        """`outcome`: "ok" (the endpoint answered, even if it refused the request), "failed"
+        (a transient failure: the endpoint's fault), "down" (nothing accepted the connection)
+        or "neutral" (the caller gave up)."""
+        with self._lock:
+            ep.in_flight -= 1
+            if outcome in ("failed", "down"):
+                ep.failures += 1
+                if ep.state == "half_open" or outcome == "down" \
+                        or ep.failures >= self.settings.breaker_fail_max:
+                    was_probe = ep.state == "half_open"
+                    base = self.settings.breaker_reset_s
+                    ep.pause_s = min(ep.pause_s * 2, BREAKER_MAX_PAUSE_S) if was_probe \
+                        and ep.pause_s else base
+                    ep.state = "open"
+                    ep.open_until = time.monotonic() + ep.pause_s
+                    log.warning("endpoint %s: circuit open for %.0f s after %d failure(s)",
+                                ep.base_url, ep.pause_s, ep.failures)
+            elif outcome == "ok":
+                if ep.state != "closed":
+                    log.info("endpoint %s: circuit closed", ep.base_url)
+                ep.failures, ep.state, ep.pause_s = 0, "closed", 0.0
+            elif ep.state == "half_open":
+                ep.state = "open"  # the probe told nothing; probe again at once
+
+    @contextmanager
+    def _admitted(self, ep: Endpoint, req: CompletionRequest) -> Iterator[None]:
+        if self._admission is None:
+            yield
+            return
+        try:
+            with self._admission.slot(ep.base_url, ep.cap, req.tenant_id or "",
+                                      req.job_id or req.affinity_key or "",
+                                      self.settings.admission_timeout_s, req.cancelled):
+                yield
+        except AdmissionTimeout as exc:
+            raise TransientInferenceError(f"{ep.base_url}: {exc}",
+                                          code="admission_timeout") from exc
+        except AdmissionCancelled as exc:
+            raise CallCancelled("cancelled while waiting for a slot", endpoint=ep.base_url
+                                ) from exc
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def _body(self, req: CompletionRequest, model: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": model,
+            "prompt": req.prompt,
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "stream": True,
+            # Usage on every chunk: a call aborted half-way is still counted exactly.
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }
+        if req.stop:
+            body["stop"] = list(req.stop)
+        structured: dict[str, Any] = {}
+        if req.regex is not None:
+            structured["regex"] = req.regex
+        if req.json_schema is not None:
+            structured["json"] = req.json_schema
+        if req.choice is not None:
+            structured["choice"] = list(req.choice)
+        if structured:
+            body["structured_outputs"] = structured
+        return body
+
+    def _attempt(self, req: CompletionRequest, avoid: set[str]) -> Completion:
+        ep, spec_model = self._pick(req, avoid)
+        outcome = "ok"
+        try:
+            try:
+                models = self._models_of(ep)
+            except httpx.HTTPStatusError as exc:
+                transient = exc.response.status_code == 429 or exc.response.status_code >= 500
+                outcome = "failed" if transient else "ok"
+                cls = TransientInferenceError if transient else InferenceError
+                raise cls(f"endpoint {ep.base_url} did not list its models: {exc}") from exc
+            except httpx.ConnectError as exc:
+                outcome = "down"  # nothing listens there: open the circuit at once
+                raise TransientInferenceError(
+                    f"endpoint {ep.base_url} did not list its models: {exc}") from exc
+            except (httpx.HTTPError, ValueError) as exc:
+                outcome = "failed"
+                raise TransientInferenceError(
+                    f"endpoint {ep.base_url} did not list its models: {exc}") from exc
+            model = req.model or spec_model or (models[0] if models else None)
+            if model is None:
+                raise InferenceError(f"endpoint {ep.base_url} serves no model")
+            queued = time.monotonic()
+            with self._admitted(ep, req):
+                share_start, started = self._start(ep)
+                try:
+                    result = self._send(req, ep, model, started)
+                finally:
+                    # Latency and energy cover the same interval, read under the same lock.
+                    share_end, ended = self._finish(ep)
+            energy_wh, method = self._energy(ep, share_end - share_start)
+            return Completion(**{**result.__dict__, "latency_ms": (ended - started) * 1000,
+                                 "energy_wh": energy_wh, "energy_method": method,
+                                 "queued_ms": (started - queued) * 1000})
+        except CallCancelled:
+            outcome = "neutral"
+            raise
+        except TransientInferenceError as exc:
+            if outcome == "ok":
+                outcome = "down" if isinstance(exc.__cause__, httpx.ConnectError) else "failed"
+            raise
+        finally:
+            avoid.add(ep.base_url)
+            self._release(ep, outcome)
+
+    def _send(self, req: CompletionRequest, ep: Endpoint, model: str,
+              started: float) -> Completion:
+        try:
+            with self._http.stream(
+                "POST",
+                f"{ep.base_url}/v1/completions",
+                json=self._body(req, model),
+                headers={"X-Request-Id": req.request_id},
+            ) as resp:
+                if resp.status_code == 429 or resp.status_code >= 500:
+                    raise TransientInferenceError(
+                        f"{ep.base_url} answered {resp.status_code}: {resp.read()[:300]!r}")
+                if resp.status_code >= 400:
+                    raise InferenceError(f"{ep.base_url} refused the request "
+                                         f"({resp.status_code}): {resp.read()[:300]!r}")
+                # Leaving this block closes the connection: a cancelled call is aborted.
+                return self._read_stream(resp, ep.base_url, model, started, req.cancelled)
+        except httpx.TimeoutException as exc:
+            raise TransientInferenceError(f"{ep.base_url} timed out: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise TransientInferenceError(f"{ep.base_url} unreachable: {exc}") from exc
+
+    @staticmethod
+    def _usage(raw: Any) -> Usage | None:
+        if not isinstance(raw, dict) or "prompt_tokens" not in raw \
+                or "completion_tokens" not in raw:
+            return None
+        details = raw.get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        return Usage(int(raw["prompt_tokens"]), int(raw["completion_tokens"]),
+                     int(cached) if cached is not None else None)
+
+    @classmethod
+    def _read_stream(cls, resp: httpx.Response, endpoint: str, model: str, started: float,
+                     cancelled: Callable[[], bool] | None = None) -> Completion:
+        """Read an OpenAI-style completion stream: text chunks (each with the usage so far),
+        then a usage chunk."""
+        parts: list[str] = []
+        finish_reason: str | None = None
+        usage: Usage | None = None
+        served_model = model
+        ttft_ms: float | None = None
+        done = False
+        for line in resp.iter_lines():
+            if cancelled is not None and cancelled():
+                raise CallCancelled("the call was cancelled while generating", usage=usage,
+                                    model=served_model, endpoint=endpoint,
+                                    latency_ms=(time.monotonic() - started) * 1000)
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                done = True
+                break
+            try:
+                chunk = json.loads(payload)
+            except ValueError as exc:
+                raise InferenceError(f"{endpoint} sent a malformed stream chunk: {exc}") from exc
+            if not isinstance(chunk, dict):
+                raise InferenceError(f"{endpoint} sent a malformed stream chunk")
+            if "error" in chunk:
+                raise TransientInferenceError(f"{endpoint} failed mid-stream: "
+                                              f"{str(chunk['error'])[:300]}")
+            served_model = str(chunk.get("model") or served_model)
+            for choice in chunk.get("choices") or []:
+                text = choice.get("text") or ""
+                if text and ttft_ms is None:
+                    ttft_ms = (time.monotonic() - started) * 1000
+                parts.append(text)
+                finish_reason = choice.get("finish_reason") or finish_reason
+            usage = cls._usage(chunk.get("usage")) or usage
+        latency_ms = (time.monotonic() - started) * 1000
+        if not done:
+            raise TransientInferenceError(f"{endpoint} closed the stream before its end")
+        if usage is None:
+            raise InferenceError(f"{endpoint} sent a completion without usage; refusing to "
+                                 "count it as zero", code="usage_missing")
+        return Completion(
+            text="".join(parts),
+            usage=usage,
+            finish_reason=finish_reason,
+            model=served_model,
+            endpoint=endpoint,
+            latency_ms=latency_ms,
+            attempts=1,
+            ttft_ms=ttft_ms if ttft_ms is not None else latency_ms,
+        )
+
+    def complete(self, req: CompletionRequest) -> Completion:
+        if req.max_tokens < 1:
+            raise InferenceError("max_tokens must be at least 1", code="invalid_max_tokens")
+        self._start_reporter()
+        avoid: set[str] = set()
+        attempts = 0
+
+        def _log_retry(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning("model call %s failed (attempt %d), retrying: %s",
+                        req.request_id, state.attempt_number, exc)
+
+        retrying = Retrying(
+            retry=retry_if_exception(_is_transient),
+            stop=stop_after_attempt(self.settings.retry_max_attempts)
+            | stop_after_delay(self.settings.retry_max_seconds),
+            wait=wait_exponential_jitter(multiplier=0.5, max=8.0, jitter=0.5),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                attempts += 1
+                if len(avoid) >= len(self.endpoints):
+                    avoid.clear()
+                result = self._attempt(req, avoid)
+        if attempts > 1:
+            result = Completion(**{**result.__dict__, "attempts": attempts})
+        return result
+
+
+_pool: Pool | None = None
+_pool_lock = threading.Lock()
+
+
+def get_pool() -> Pool:
+    """The process-wide pool (one HTTP connection pool shared by every worker thread)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = Pool()
+        return _pool

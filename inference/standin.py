@@ -1,0 +1,263 @@
+"""A fast stand-in for an OpenAI-compatible model server, for tests and benchmarks.
+
+It speaks the subset of vLLM's API that agentq uses (`/v1/models`, `/v1/completions`, streamed
+or not, `/metrics` with vLLM's counter names), answers deterministically, counts "tokens" as
+whitespace-separated words, reports prompt words it has seen before as cached (in blocks of
+four, like a prefix cache), and can be told to be slow, to fail, or to omit usage
+(`POST /_control`). `python -m inference.standin --port 8199` runs one on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+DEFAULT_PLAN = ["What is the first part of it?", "What is the second part of it?",
+                "What is the third part of it?"]
+
+
+@dataclass
+class StandinState:
+    model: str = "standin-model"
+    delay_s: float = 0.0
+    # Pause between streamed tokens (a slow generation that a cancel can interrupt).
+    token_delay_s: float = 0.0
+    fail_next: int = 0
+    fail_status: int = 503
+    omit_usage: bool = False
+    plan_text: str = json.dumps(DEFAULT_PLAN)
+    # Scripted answers: the first whose marker occurs in the prompt is the answer.
+    replies: dict[str, str] = field(default_factory=dict)
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    requests_total: int = 0
+    running: int = 0
+    max_running: int = 0
+    request_ids: list[str] = field(default_factory=list)
+    aborted_total: int = 0
+    prefix_cache: set[int] = field(default_factory=set)
+    prefix_queries_total: int = 0
+    prefix_hits_total: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def cached_tokens(self, prompt: str) -> int:
+        """Leading prompt words already seen, in whole blocks of four (call with the lock)."""
+        words = prompt.split()
+        cached, hit = 0, True
+        for end in range(4, len(words) + 1, 4):
+            key = hash(tuple(words[:end]))
+            if hit and key in self.prefix_cache:
+                cached = end
+            else:
+                hit = False
+                self.prefix_cache.add(key)
+        self.prefix_queries_total += count_tokens(prompt)
+        self.prefix_hits_total += cached
+        return cached
+
+
+def count_tokens(text: str) -> int:
+    return len(text.split()) + 1  # a <bos> token, as a real tokenizer adds
+
+
+def make_app(state: StandinState) -> FastAPI:
+    app = FastAPI(title="agentq stand-in model server")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": state.model, "object": "model"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await request.json()
+        with state.lock:
+            state.requests_total += 1
+            state.request_ids.append(request.headers.get("x-request-id", ""))
+            if state.fail_next > 0:
+                state.fail_next -= 1
+                return JSONResponse({"error": {"message": "injected failure"}},
+                                    status_code=state.fail_status)
+            state.running += 1
+            state.max_running = max(state.max_running, state.running)
+        prompt = str(body.get("prompt", ""))
+        max_tokens = int(body.get("max_tokens") or 16)
+        structured = body.get("structured_outputs") or {}
+        scripted = next((reply for marker, reply in state.replies.items() if marker in prompt),
+                        None)
+        if scripted is not None:
+            text = scripted
+        elif structured.get("regex") and "Sub-questions:" in prompt:
+            text = state.plan_text
+        else:
+            words = [f"w{i}" for i in range(max(1, min(max_tokens, 12)))]
+            text = " Stand-in answer: " + " ".join(words)
+        # "Tokens" are words with the whitespace before them, so text comes back as written.
+        pieces = re.findall(r"\s*\S+", text)[:max_tokens]
+        text = "".join(pieces)
+        finish = "length" if len(pieces) >= max_tokens else "stop"
+        prompt_tokens = count_tokens(prompt)
+        completion_tokens = len(pieces)
+        with state.lock:
+            cached = state.cached_tokens(prompt)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": cached}}
+        created = int(time.time())
+        cmpl_id = f"cmpl-{state.requests_total}"
+
+        def finish_request(generated: int = completion_tokens) -> None:
+            with state.lock:
+                state.running -= 1
+                state.prompt_tokens_total += prompt_tokens
+                state.generation_tokens_total += generated
+
+        if not body.get("stream"):
+            try:
+                if state.delay_s:
+                    await asyncio.sleep(state.delay_s)
+            finally:
+                finish_request()
+            out: dict[str, Any] = {
+                "id": cmpl_id, "object": "text_completion", "created": created,
+                "model": state.model,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish}],
+            }
+            if not state.omit_usage:
+                out["usage"] = usage
+            return JSONResponse(out)
+
+        options = body.get("stream_options") or {}
+        include_usage = bool(options.get("include_usage"))
+        continuous = include_usage and bool(options.get("continuous_usage_stats"))
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            return "data: " + json.dumps({"id": cmpl_id, "object": "text_completion",
+                                          "created": created, "model": state.model,
+                                          "choices": choices, **extra}) + "\n\n"
+
+        async def events() -> Any:
+            completed = False
+            generated = 0
+            try:
+                if state.delay_s:
+                    await asyncio.sleep(state.delay_s)
+                for i, piece in enumerate(pieces):
+                    last = i == len(pieces) - 1
+                    extra: dict[str, Any] = {}
+                    if continuous and not state.omit_usage:
+                        extra["usage"] = {**usage, "completion_tokens": i + 1,
+                                          "total_tokens": prompt_tokens + i + 1}
+                    generated += 1
+                    yield chunk([{"index": 0, "text": piece,
+                                  "finish_reason": finish if last else None}], **extra)
+                    if state.token_delay_s:
+                        await asyncio.sleep(state.token_delay_s)
+                if include_usage and not state.omit_usage:
+                    yield chunk([], usage=usage)
+                yield "data: [DONE]\n\n"
+                completed = True
+            finally:
+                if not completed:
+                    with state.lock:
+                        state.aborted_total += 1
+                finish_request(generated)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        lines = [
+            f'vllm:prompt_tokens_total{{model_name="{state.model}"}} {state.prompt_tokens_total}',
+            f'vllm:generation_tokens_total{{model_name="{state.model}"}} '
+            f"{state.generation_tokens_total}",
+            f'vllm:num_requests_running{{model_name="{state.model}"}} {state.running}',
+            f'vllm:prefix_cache_queries_total{{model_name="{state.model}"}} '
+            f"{state.prefix_queries_total}",
+            f'vllm:prefix_cache_hits_total{{model_name="{state.model}"}} '
+            f"{state.prefix_hits_total}",
+            f"standin:requests_total {state.requests_total}",
+            f"standin:aborted_total {state.aborted_total}",
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    @app.post("/_control")
+    async def control(request: Request) -> dict[str, Any]:
+        changes = await request.json()
+        with state.lock:
+            for key, value in changes.items():
+                if key in {"delay_s", "token_delay_s", "fail_next", "fail_status", "omit_usage",
+                           "plan_text", "replies"}:
+                    setattr(state, key, value)
+        return {"ok": True}
+
+    @app.get("/_stats")
+    async def stats() -> dict[str, Any]:
+        with state.lock:
+            return {"requests_total": state.requests_total,
+                    "prompt_tokens_total": state.prompt_tokens_total,
+                    "generation_tokens_total": state.generation_tokens_total,
+                    "max_running": state.max_running,
+                    "aborted_total": state.aborted_total,
+                    "request_ids": list(state.request_ids)}
+
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class StandinServer:
+    """A stand-in server on a thread of this process."""
+
+    def __init__(self, port: int | None = None, **state: Any) -> None:
+        self.state = StandinState(**state)
+        self.port = port or free_port()
+        config = uvicorn.Config(make_app(self.state), host="127.0.0.1", port=self.port,
+                                log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> StandinServer:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("stand-in server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m inference.standin")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8199)
+    parser.add_argument("--delay", type=float, default=0.0)
+    args = parser.parse_args()
+    uvicorn.run(make_app(StandinState(delay_s=args.delay)), host=args.host, port=args.port,
+                log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

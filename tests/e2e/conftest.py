@@ -1,0 +1,89 @@
+"""Real vLLM servers with the embedded model (two, started side by side), and the platform
+around them: the API under uvicorn, a Celery worker process, Redis and the SQLite default."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from inference.standin import free_port
+from tests.conftest import REDIS_URL, migrate
+from tests.helpers import Proc, start_worker, wait_until
+
+E2E_REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + "/10"
+
+
+class VllmServer:
+    def __init__(self, proc: Proc, url: str) -> None:
+        self.proc, self.url = proc, url
+
+    def kill(self) -> None:
+        import signal
+
+        os.killpg(self.proc.popen.pid, signal.SIGKILL)
+        self.proc.popen.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def vllm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[VllmServer]]:
+    logs = tmp_path_factory.mktemp("vllm")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    servers = []
+    for i in range(2):
+        port = free_port()
+        proc = Proc([sys.executable, "-m", "inference.serve", "--port", str(port)], env,
+                    logs / f"vllm{i}.log")
+        servers.append(VllmServer(proc, f"http://127.0.0.1:{port}"))
+
+    def up(server: VllmServer) -> bool:
+        if server.proc.popen.poll() is not None:
+            raise AssertionError(f"vLLM exited:\n{server.proc.output()[-4000:]}")
+        try:
+            return httpx.get(f"{server.url}/v1/models", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        for server in servers:
+            wait_until(lambda s=server: up(s), timeout=1200, interval=1,  # type: ignore[misc]
+                       what="a vLLM server")
+        yield servers
+    finally:
+        for server in servers:
+            server.proc.stop(timeout=30)
+
+
+class Platform:
+    def __init__(self, api: str, key: str, db_url: str, worker: Proc) -> None:
+        self.api, self.key, self.db_url, self.worker = api, key, db_url, worker
+
+
+@pytest.fixture(scope="module")
+def platform(vllm_servers: list[VllmServer], tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[Platform]:
+    tmp: Path = tmp_path_factory.mktemp("embedded")
+    db_url = f"sqlite:///{tmp / 'agentq.db'}"
+    migrate(db_url)
+    redis.Redis.from_url(E2E_REDIS_URL).flushdb()
+    env = {**os.environ, "AGENTQ_DATABASE_URL": db_url, "AGENTQ_REDIS_URL": E2E_REDIS_URL,
+           "AGENTQ_POOL_ENDPOINTS": ",".join(s.url for s in vllm_servers),
+           "AGENTQ_STEP_LEASE_SECONDS": "10", "AGENTQ_RETRY_MAX_SECONDS": "120"}
+    key = subprocess.run([sys.executable, "-m", "api.cli", "keys", "create", "--tenant", "e2e"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    worker = start_worker(env, tmp / "worker.log")
+    port = free_port()
+    api = Proc([sys.executable, "-m", "uvicorn", "api.app:app", "--port", str(port)], env,
+               tmp / "api.log")
+    api.wait_for_output("Application startup complete", timeout=60)
+    try:
+        yield Platform(f"http://127.0.0.1:{port}", key, db_url, worker)
+    finally:
+        api.stop()
+        worker.stop()

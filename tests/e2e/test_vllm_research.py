@@ -1,0 +1,97 @@
+"""End to end through every real component: vLLM servers with the embedded model, the API under
+uvicorn, a Celery worker process, Redis, and the embedded SQLite database."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.e2e.conftest import Platform, VllmServer
+from tests.helpers import TERMINAL, auth, metric
+
+pytestmark = pytest.mark.e2e
+
+
+def _counted(servers: list[VllmServer], name: str) -> float:
+    return sum(metric(s.url, name) for s in servers)
+
+
+def test_research_job_on_a_real_vllm_server(vllm_servers: list[VllmServer],
+                                            platform: Platform) -> None:
+    api, key, db_url = platform.api, platform.key, platform.db_url
+    prompt_before = _counted(vllm_servers, "vllm:prompt_tokens_total")
+    gen_before = _counted(vllm_servers, "vllm:generation_tokens_total")
+    with httpx.Client(base_url=api, headers=auth(key), timeout=30) as http:
+        assert http.get("/readyz").status_code == 200
+        resp = http.post("/v1/jobs", json={
+            "kind": "research", "input": {"query": "How do honey bees make honey?",
+                                          "max_subquestions": 3},
+            "budget": {"max_total_tokens": 20000}})
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["id"]
+        seen_running_usage = False
+        deadline = time.monotonic() + 600
+        while True:
+            job = http.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] == "running" and job["usage"]["model_calls"] > 0:
+                seen_running_usage = True
+            if job["status"] in TERMINAL:
+                break
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+        assert job["status"] == "completed", job
+        assert job["result"]["answer"]
+        assert 2 <= len(job["result"]["sections"]) <= 3
+        steps = http.get(f"/v1/jobs/{job_id}/steps").json()["data"]
+    assert {s["status"] for s in steps} == {"completed"}
+    assert all(s["model"] == "gemma-3-270m" for s in steps)
+    assert seen_running_usage or job["usage"]["model_calls"] > 0
+
+    # The tokens agentq recorded equal what the server counted.
+    prompt_delta = _counted(vllm_servers, "vllm:prompt_tokens_total") - prompt_before
+    gen_delta = _counted(vllm_servers, "vllm:generation_tokens_total") - gen_before
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        prompt, completion, calls = conn.execute(text(
+            "SELECT SUM(prompt_tokens), SUM(completion_tokens), COUNT(*) FROM model_calls "
+            "WHERE job_id = :j"), {"j": job_id}).one()
+    engine.dispose()
+    assert calls == job["usage"]["model_calls"] >= len(steps)
+    assert prompt == job["usage"]["prompt_tokens"] == prompt_delta
+    assert completion == job["usage"]["completion_tokens"] == gen_delta
+    assert Path(db_url.removeprefix("sqlite:///")).exists()
+
+
+def test_coding_job_mechanics_on_a_real_vllm_server(platform: Platform) -> None:
+    """The small model rarely writes passing code; what is checked here is the loop: the model
+    was asked, its answer handled, the tests ran in the sandbox and the report was kept."""
+    files = {"calc.py": "def add(a, b):\n    return a - b\n",
+             "test_calc.py": "from calc import add\n\n\ndef test_add():\n"
+                             "    assert add(2, 3) == 5\n"}
+    with httpx.Client(base_url=platform.api, headers=auth(platform.key), timeout=30) as http:
+        resp = http.post("/v1/jobs", json={
+            "kind": "coding", "input": {"task": "Make add() return the sum of a and b.",
+                                        "files": files, "max_rounds": 1},
+            "budget": {"step_max_tokens": {"planner": 48, "coder": 160}}})
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["id"]
+        deadline = time.monotonic() + 600
+        while True:
+            job = http.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] in TERMINAL:
+                break
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+        steps = http.get(f"/v1/jobs/{job_id}/steps").json()["data"]
+    assert job["status"] == "completed", job
+    result = job["result"]
+    assert [s["key"] for s in steps] == ["plan", "write-1", "test-1"]
+    assert all(s["status"] == "completed" for s in steps)
+    assert result["rounds"] == 1
+    assert "passed" in result["test_report"] or "failed" in result["test_report"]
+    assert result["passed"] is (result["exit_code"] == 0)
+    assert job["usage"]["model_calls"] >= 2  # the planner and the coder asked the model

@@ -1,0 +1,264 @@
+"""Research jobs through real Celery worker processes against the stand-in model server."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from core.db import session_scope
+from core.models import Job, JobEvent, ModelCall, Step
+from tests.helpers import auth, wait_for_job, wait_until
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+def submit(client: TestClient, key: str, query: str = "How do honey bees make honey?",
+           **extra: Any) -> str:
+    body = {"kind": "research", "input": {"query": query, **extra.pop("input", {})}, **extra}
+    resp = client.post("/v1/jobs", json=body, headers=auth(key))
+    assert resp.status_code == 202, resp.text
+    return str(resp.json()["id"])
+
+
+def ledger(job_id: str) -> dict[str, int]:
+    with session_scope() as s:
+        prompt, completion, calls = s.execute(
+            select(func.coalesce(func.sum(ModelCall.prompt_tokens), 0),
+                   func.coalesce(func.sum(ModelCall.completion_tokens), 0),
+                   func.count()).where(ModelCall.job_id == job_id)).one()
+    return {"prompt": int(prompt), "completion": int(completion), "calls": int(calls)}
+
+
+def test_research_job_runs_to_completed(client: TestClient, tenant_key: str,
+                                        standin: Any) -> None:
+    before = dict(standin.state.__dict__)
+    job_id = submit(client, tenant_key, budget={"max_total_tokens": 20000})
+    job = wait_for_job(client, tenant_key, job_id, timeout=60)
+    assert job["status"] == "completed", job
+    # plan + 3 investigators (the stand-in's plan) + synthesise
+    assert job["progress"] == {"steps_total": 5, "steps_done": 5, "phase": "completed"}
+    result = job["result"]
+    assert [s["question"] for s in result["sections"]] == json.loads(standin.state.plan_text)
+    assert all(s["answer"].startswith("Stand-in answer") for s in result["sections"])
+    assert result["answer"].startswith("Stand-in answer")
+    assert result["plan_fallback"] is False
+
+    # usage in the status equals the ledger, which equals what the server counted
+    usage = job["usage"]
+    led = ledger(job_id)
+    assert usage["model_calls"] == led["calls"] == 5
+    assert usage["prompt_tokens"] == led["prompt"]
+    assert usage["completion_tokens"] == led["completion"]
+    assert usage["total_tokens"] == led["prompt"] + led["completion"]
+    st = standin.state
+    assert st.prompt_tokens_total - before["prompt_tokens_total"] >= led["prompt"]
+    assert st.requests_total - before["requests_total"] >= 5
+
+    steps = client.get(f"/v1/jobs/{job_id}/steps", headers=auth(tenant_key)).json()["data"]
+    assert [s["role"] for s in steps].count("investigator") == 3
+    assert {s["status"] for s in steps} == {"completed"}
+    assert all(s["model"] == "standin-model" and s["usage"]["model_calls"] == 1 for s in steps)
+    assert all(s["duration_ms"] is not None and s["duration_ms"] >= 0 for s in steps)
+    synth = next(s for s in steps if s["role"] == "synthesiser")
+    assert len(synth["depends_on"]) == 3
+    # the synthesiser started only after every investigator had finished (fan-in)
+    inv_end = max(s["finished_at"] for s in steps if s["role"] == "investigator")
+    assert synth["started_at"] >= inv_end
+
+    with session_scope() as s:
+        types = list(s.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id)
+                               .order_by(JobEvent.seq)))
+        seqs = list(s.scalars(select(JobEvent.seq).where(JobEvent.job_id == job_id)
+                              .order_by(JobEvent.seq)))
+    assert types[0] == "job.created"
+    assert types[1] == "job.started"
+    assert types[-1] == "job.completed"
+    assert types.count("step.completed") == 5
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
+def test_invalid_plan_falls_back_to_a_deterministic_one(
+        client: TestClient, tenant_key: str, standin: Any) -> None:
+    standin.state.plan_text = '["Only one question?"]'
+    job_id = submit(client, tenant_key, input={"max_subquestions": 2})
+    job = wait_for_job(client, tenant_key, job_id)
+    assert job["status"] == "completed", job
+    assert job["result"]["plan_fallback"] is True
+    assert len(job["result"]["sections"]) == 2
+
+
+def test_cancel_stops_steps_that_had_not_started(
+        client: TestClient, tenant_key: str, standin: Any) -> None:
+    standin.state.delay_s = 1.0
+    h = auth(tenant_key)
+    job_id = submit(client, tenant_key)
+    wait_for_job(client, tenant_key, job_id, statuses={"running"}, timeout=30)
+    wait_until(lambda: client.get(f"/v1/jobs/{job_id}", headers=h).json()["progress"]["phase"]
+               == "investigating", 30, what="investigators to start")
+    resp = client.post(f"/v1/jobs/{job_id}/cancel", headers=h)
+    assert resp.status_code == 202
+    assert resp.json()["status"] in {"cancelling", "cancelled"}
+    job = wait_for_job(client, tenant_key, job_id, timeout=30)
+    assert job["status"] == "cancelled"
+    steps = {s["key"]: s for s in
+             client.get(f"/v1/jobs/{job_id}/steps", headers=h).json()["data"]}
+    assert steps["synthesise"]["status"] == "cancelled"
+    assert steps["synthesise"]["started_at"] is None
+    with session_scope() as s:
+        synth_calls = s.scalar(select(func.count()).select_from(ModelCall)
+                               .where(ModelCall.step_id == steps["synthesise"]["id"]))
+        open_steps = s.scalar(select(func.count()).select_from(Step).where(
+            Step.job_id == job_id, Step.status.in_(("pending", "queued", "running"))))
+    assert synth_calls == 0
+    assert open_steps == 0
+    time.sleep(1.5)  # nothing runs after the job ended
+    assert ledger(job_id)["calls"] == job["usage"]["model_calls"]
+
+
+def test_budget_is_never_exceeded(client: TestClient, tenant_key: str, standin: Any) -> None:
+    job_id = submit(client, tenant_key, budget={"max_total_tokens": 800},
+                    input={"max_subquestions": 3})
+    job = wait_for_job(client, tenant_key, job_id)
+    assert job["status"] == "budget_exhausted", job
+    assert job["error"]["code"] == "budget_exhausted"
+    assert job["result"]["partial"] is True
+    assert job["usage"]["total_tokens"] <= 800
+    led = ledger(job_id)
+    assert led["prompt"] + led["completion"] <= 800
+
+    def settled() -> bool:
+        with session_scope() as s:
+            job_row = s.get(Job, job_id)
+            assert job_row is not None
+            return job_row.reserved_tokens == 0
+
+    # calls still in flight when the budget ran out settle or release their reservations
+    wait_until(settled, 30, what="every reservation to be settled or released")
+    led = ledger(job_id)
+    assert led["prompt"] + led["completion"] <= 800
+
+
+def test_model_server_failure_fails_the_job_with_a_clear_error(
+        client: TestClient, tenant_key: str, standin: Any) -> None:
+    standin.state.fail_status = 400
+    standin.state.fail_next = 1
+    job_id = submit(client, tenant_key)
+    job = wait_for_job(client, tenant_key, job_id)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "inference_error"
+    assert "planner" in job["error"]["message"]
+    assert "400" in job["error"]["message"]
+    steps = client.get(f"/v1/jobs/{job_id}/steps", headers=auth(tenant_key)).json()["data"]
+    assert steps[0]["status"] == "failed"
+
+
+def test_transient_failures_are_retried(client: TestClient, tenant_key: str,
+                                        standin: Any) -> None:
+    standin.state.fail_status = 503
+    standin.state.fail_next = 2
+    job_id = submit(client, tenant_key)
+    job = wait_for_job(client, tenant_key, job_id, timeout=60)
+    assert job["status"] == "completed", job
+    with session_scope() as s:
+        attempts = max(s.scalars(select(ModelCall.attempts).where(ModelCall.job_id == job_id)))
+    assert attempts >= 2
+
+
+def test_duplicate_messages_run_a_step_once(client: TestClient, tenant_key: str,
+                                            standin: Any) -> None:
+    from core.queue import get_celery
+
+    job_id = submit(client, tenant_key)
+    job = wait_for_job(client, tenant_key, job_id)
+    assert job["status"] == "completed"
+    calls_before = ledger(job_id)["calls"]
+    requests_before = standin.state.requests_total
+    with session_scope() as s:
+        step_ids = list(s.scalars(select(Step.id).where(Step.job_id == job_id)))
+    app = get_celery()
+    for step_id in step_ids:
+        for _ in range(3):
+            app.send_task("steps.run", kwargs={"step_id": step_id})
+    # a marker job behind the duplicates shows they have been consumed
+    marker = submit(client, tenant_key)
+    assert wait_for_job(client, tenant_key, marker)["status"] == "completed"
+    assert ledger(job_id)["calls"] == calls_before
+    assert standin.state.requests_total - requests_before == ledger(marker)["calls"]
+
+
+def test_one_worker_keeps_many_model_calls_in_flight(
+        client: TestClient, tenant_key: str, standin: Any) -> None:
+    """The worker's threads pool keeps at least 32 steps (so model calls) in flight at once,
+    so that the model server can batch them."""
+    standin.state.delay_s = 1.5
+    with standin.state.lock:
+        standin.state.max_running = 0
+    ids = [client.post("/v1/jobs", json={"kind": "completion", "input": {
+        "prompt": f"Prompt number {i}", "max_tokens": 8}}, headers=auth(tenant_key)).json()["id"]
+        for i in range(48)]
+    for job_id in ids:
+        job = wait_for_job(client, tenant_key, job_id, timeout=60)
+        assert job["status"] == "completed"
+        assert job["result"]["text"].startswith(" Stand-in answer")
+    assert standin.state.max_running >= 32
+
+
+def test_a_step_whose_run_vanished_is_requeued_without_rebilling(
+        client: TestClient, tenant_key: str, standin: Any) -> None:
+    """A run that died after its model call (but before saving the step) leaves the step
+    `running` with tokens reserved; once its lease expires the worker's sweeper queues it
+    again, the reservation is released, and the finished call is replayed from the ledger."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from core.keys import authenticate
+    from core.models import utcnow
+    from inference.pool import Pool
+    from orchestrator.jobs import create_job
+    from orchestrator.steps import MeteredContext, _claim
+
+    # Create the job without publishing its first step (a plain session, not the unit of
+    # work), and claim that step here, as a worker would, before the sweeper publishes it.
+    with session_scope() as s:
+        principal = authenticate(s, tenant_key)
+        assert principal is not None
+        job = create_job(s, tenant_id=principal.tenant_id, kind_name="research",
+                         raw_input={"query": "Why is the sky blue?", "max_subquestions": 2},
+                         budget={}, metadata={})
+        job_id = job.id
+        plan_id = s.scalars(select(Step.id).where(Step.job_id == job_id)).one()
+    claimed = _claim(plan_id)
+    assert claimed is not None
+    claim, kind, payload, budget = claimed
+    ctx = MeteredContext(claim, Pool([standin.url]), budget)
+    # The model call is made and billed; then the run "dies" before saving the step.
+    kind.run_step(ctx, kind.parse_input(payload["input"]), claim.role, payload["step_input"],
+                  payload["deps"])
+    requests_after_crash = standin.state.requests_total
+    with session_scope() as s:
+        s.execute(update(Step).where(Step.id == plan_id)
+                  .values(reserved_tokens=Step.reserved_tokens + 500,
+                          lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.execute(update(Job).where(Job.id == job_id)
+                  .values(reserved_tokens=Job.reserved_tokens + 500))
+    done = wait_for_job(client, tenant_key, job_id, timeout=60)
+    assert done["status"] == "completed", done
+    with session_scope() as s:
+        plan_calls = s.scalar(select(func.count()).select_from(ModelCall)
+                              .where(ModelCall.step_id == plan_id))
+        row = s.get(Job, job_id)
+        assert row is not None
+        assert row.reserved_tokens == 0
+        step = s.get(Step, plan_id)
+        assert step is not None
+        assert step.attempt == 2
+        assert step.reserved_tokens == 0
+    assert plan_calls == 1  # the plan's call was replayed from the ledger, not made again
+    # the re-run made only the investigators' and the synthesiser's calls
+    assert standin.state.requests_total - requests_after_crash == done["usage"]["model_calls"] - 1

@@ -1,0 +1,17 @@
+"""The Celery worker application: `celery -A workers.app worker`.
+
+Steps run in Celery's threads pool (64 execution slots by default, AGENTQ_WORKER_CONCURRENCY), so
+one worker process keeps many steps, and so many model calls, in flight for the servers to batch.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from core.queue import get_celery
+
+app: Celery = get_celery()
+app.conf.include = ["workers.tasks"]
+
+# Import the task modules so that `celery -A workers.app` registers them.
+from workers import tasks  # noqa: E402,F401

@@ -1,0 +1,89 @@
+"""Task entry points: thin wrappers that take ids and call the orchestrator."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
+from core.queue import get_celery
+from core.settings import get_settings
+from orchestrator import idempotency, jobs, outbox, steps, webhooks
+
+log = logging.getLogger(__name__)
+app = get_celery()
+
+
+# Database or broker hiccups outside a model call are retried with backoff (a new message; the
+# task is idempotent). Failures inside a step are recorded on the step by the orchestrator.
+@app.task(name="steps.run", acks_late=True, reject_on_worker_lost=True,
+          autoretry_for=(SQLAlchemyError, RedisError), retry_backoff=1, retry_backoff_max=60,
+          retry_jitter=True, max_retries=12)
+def run_step(step_id: str) -> None:
+    steps.run_step(step_id)
+
+
+@app.task(name="webhooks.deliver", acks_late=True, reject_on_worker_lost=True,
+          autoretry_for=(SQLAlchemyError, RedisError), retry_backoff=1, retry_backoff_max=60,
+          retry_jitter=True, max_retries=12)
+def deliver_webhook(delivery_id: str) -> None:
+    webhooks.deliver(delivery_id)
+
+
+_stop = threading.Event()
+
+
+def _sweeper() -> None:
+    settings = get_settings()
+    while not _stop.wait(settings.outbox_sweep_interval_s):
+        try:
+            steps.requeue_expired()
+            steps.republish_stale_queued()
+            jobs.expire_deadlines()
+            outbox.sweep(settings.outbox_sweep_after_s)
+            webhooks.sweep_due()
+            idempotency.sweep_expired()
+        except Exception as exc:  # the database or broker may be briefly away
+            log.warning("sweep failed: %s", exc)
+
+
+# A consumer that has not been running this long (its broker connection lost and never
+# re-established) makes the worker exit, so that its supervisor starts a fresh one.
+CONSUMER_STALL_S = 120.0
+
+
+def _watchdog(consumer: Any) -> None:
+    from celery import bootsteps
+
+    stalled_since: float | None = None
+    while not _stop.wait(5.0):
+        blueprint = getattr(consumer, "blueprint", None)
+        running = getattr(blueprint, "state", None) == bootsteps.RUN \
+            and getattr(consumer, "connection", None) is not None
+        if running:
+            stalled_since = None
+            continue
+        stalled_since = stalled_since or time.monotonic()
+        if time.monotonic() - stalled_since > CONSUMER_STALL_S:
+            log.critical("the Celery consumer has not run for %.0f s; exiting so that a fresh "
+                         "worker takes over", CONSUMER_STALL_S)
+            os._exit(70)
+
+
+@worker_ready.connect
+def _start_sweeper(sender: Any = None, **_: Any) -> None:
+    threading.Thread(target=_sweeper, name="agentq-outbox-sweeper", daemon=True).start()
+    if sender is not None:
+        threading.Thread(target=_watchdog, args=(sender,), name="agentq-watchdog",
+                         daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_sweeper(**_: Any) -> None:
+    _stop.set()
