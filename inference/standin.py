@@ -33,6 +33,10 @@ class StandinState:
     delay_s: float = 0.0
     # Pause between streamed tokens (a slow generation that a cancel can interrupt).
     token_delay_s: float = 0.0
+    # Hold every answer until this many requests have been running at once (or the timeout
+    # passes): shows how many calls a client keeps in flight, however slowly they arrive.
+    hold_until_running: int = 0
+    hold_timeout_s: float = 60.0
     fail_next: int = 0
     fail_status: int = 503
     omit_usage: bool = False
@@ -73,6 +77,15 @@ def count_tokens(text: str) -> int:
 
 def make_app(state: StandinState) -> FastAPI:
     app = FastAPI(title="agentq stand-in model server")
+
+    async def pause() -> None:
+        if state.hold_until_running:
+            deadline = time.monotonic() + state.hold_timeout_s
+            while (state.max_running < state.hold_until_running
+                   and time.monotonic() < deadline):
+                await asyncio.sleep(0.02)
+        if state.delay_s:
+            await asyncio.sleep(state.delay_s)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -124,8 +137,7 @@ def make_app(state: StandinState) -> FastAPI:
 
         if not body.get("stream"):
             try:
-                if state.delay_s:
-                    await asyncio.sleep(state.delay_s)
+                await pause()
             finally:
                 finish_request()
             out: dict[str, Any] = {
@@ -150,8 +162,7 @@ def make_app(state: StandinState) -> FastAPI:
             completed = False
             generated = 0
             try:
-                if state.delay_s:
-                    await asyncio.sleep(state.delay_s)
+                await pause()
                 for i, piece in enumerate(pieces):
                     last = i == len(pieces) - 1
                     extra: dict[str, Any] = {}
@@ -196,7 +207,7 @@ def make_app(state: StandinState) -> FastAPI:
         changes = await request.json()
         with state.lock:
             for key, value in changes.items():
-                if key in {"delay_s", "token_delay_s", "fail_next", "fail_status", "omit_usage",
+                if key in {"delay_s", "token_delay_s", "hold_until_running", "hold_timeout_s", "fail_next", "fail_status", "omit_usage",
                            "plan_text", "replies"}:
                     setattr(state, key, value)
         return {"ok": True}

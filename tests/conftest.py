@@ -108,6 +108,7 @@ def standin(standin_server: Any, agentq_env: dict[str, str]) -> Iterator[Any]:
     with st.lock:
         st.delay_s, st.fail_next, st.fail_status = defaults.delay_s, 0, defaults.fail_status
         st.omit_usage, st.token_delay_s = False, defaults.token_delay_s
+        st.hold_until_running, st.hold_timeout_s = 0, defaults.hold_timeout_s
         st.plan_text, st.replies = defaults.plan_text, {}
     assert DEFAULT_PLAN
 

@@ -194,10 +194,12 @@ def test_duplicate_messages_run_a_step_once(client: TestClient, tenant_key: str,
 def test_one_worker_keeps_many_model_calls_in_flight(
         client: TestClient, tenant_key: str, standin: Any) -> None:
     """The worker's threads pool keeps at least 32 steps (so model calls) in flight at once,
-    so that the model server can batch them."""
-    standin.state.delay_s = 1.5
+    so that the model server can batch them. The stand-in holds every answer until 32 calls
+    are running together (or 60 s pass), so how fast the jobs arrive does not matter."""
     with standin.state.lock:
         standin.state.max_running = 0
+        standin.state.hold_timeout_s = 60
+        standin.state.hold_until_running = 32
     ids = [client.post("/v1/jobs", json={"kind": "completion", "input": {
         "prompt": f"Prompt number {i}", "max_tokens": 8}}, headers=auth(tenant_key)).json()["id"]
         for i in range(48)]

@@ -236,7 +236,7 @@ def test_fork_bomb_is_contained(bomb: str) -> None:
         assert processes_with(marker) == []
     started = time.monotonic()
     assert os.system("true") == 0
-    assert time.monotonic() - started < 2.0, "the machine stays responsive"
+    assert time.monotonic() - started < 5.0, "the machine stays responsive"
     assert processes_with(marker) == []
 
 
