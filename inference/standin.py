@@ -207,8 +207,8 @@ def make_app(state: StandinState) -> FastAPI:
         changes = await request.json()
         with state.lock:
             for key, value in changes.items():
-                if key in {"delay_s", "token_delay_s", "hold_until_running", "hold_timeout_s", "fail_next", "fail_status", "omit_usage",
-                           "plan_text", "replies"}:
+                if key in {"delay_s", "token_delay_s", "hold_until_running", "hold_timeout_s",
+                           "fail_next", "fail_status", "omit_usage", "plan_text", "replies"}:
                     setattr(state, key, value)
         return {"ok": True}
 

@@ -285,12 +285,15 @@ def test_metrics_show_calls_in_flight_across_worker_processes(
     """The worker process publishes its in-flight calls; the API's /metrics adds them up."""
     from tests.helpers import wait_until
 
-    standin.state.delay_s = 3
+    # Every answer is held (up to 60 s) until the test lets them go below.
+    with standin.state.lock:
+        standin.state.hold_timeout_s = 60
+        standin.state.hold_until_running = 10**6
     prompts = [f"q{i}" for i in range(8)]
     job = client.post("/v1/jobs", headers=auth(tenant_key), json={
         "kind": "batch", "input": {"prompts": prompts, "max_tokens": 4}}).json()
     try:
-        wait_until(lambda: total(scrape(client), "agentq_pool_in_flight") >= 4, 20,
+        wait_until(lambda: total(scrape(client), "agentq_pool_in_flight") >= 4, 45,
                    what="in-flight calls to show in /metrics")
     except AssertionError as exc:
         job_now = client.get(f"/v1/jobs/{job['id']}", headers=auth(tenant_key)).json()
@@ -298,7 +301,8 @@ def test_metrics_show_calls_in_flight_across_worker_processes(
         raise AssertionError(f"{exc}: {samples}; job {job_now['status']} "
                              f"{job_now['progress']}; stand-in running "
                              f"{standin.state.running}") from None
-    standin.state.delay_s = 0
+    finally:
+        standin.state.hold_until_running = 0
     assert wait_for_job(client, tenant_key, job["id"])["status"] == "completed"
     wait_until(lambda: total(scrape(client), "agentq_pool_in_flight") == 0, 20,
                what="in-flight calls to drain")
