@@ -28,59 +28,34 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
 from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
 import bm25s
 import numpy as np
 import Stemmer
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from core.errors import AgentqError, Conflict, InvalidInput, NotFound
+from core.errors import (
+    AgentqError,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from core.ids import new_id
 from core.models import Corpus, CorpusChunk, CorpusDocument, utcnow
+from core.settings import get_settings
 
 # bm25s sets its own logger to DEBUG; its progress notes are of no use here.
 logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
-# --- Settings and errors ---------------------------------------------------------------------
-
-
-class CorpusSettings(BaseSettings):
-    """`AGENTQ_CORPUS_*` environment variables."""
-
-    model_config = SettingsConfigDict(env_prefix="AGENTQ_", extra="ignore")
-
-    # The largest document accepted, in bytes as uploaded. Upload requests are held to this
-    # (plus multipart framing) instead of AGENTQ_MAX_BODY_BYTES, which holds every other route.
-    corpus_max_document_bytes: int = 10 * 1024 * 1024
-    # The most text one document may yield (a small PDF can hold a lot of compressed text).
-    corpus_max_document_chars: int = 10_000_000
-    # Corpora whose search index is kept in memory by one process (least recently used go).
-    corpus_index_cache_size: int = 32
-
-
-@lru_cache(maxsize=1)
-def get_corpus_settings() -> CorpusSettings:
-    return CorpusSettings()
-
-
 def max_document_bytes() -> int:
-    return get_corpus_settings().corpus_max_document_bytes
-
-
-class PayloadTooLarge(AgentqError):
-    status_code = 413
-    code = "payload_too_large"
-
-
-class UnsupportedMediaType(AgentqError):
-    status_code = 415
-    code = "unsupported_media_type"
+    """The largest document accepted (`AGENTQ_CORPUS_MAX_DOCUMENT_BYTES`)."""
+    return get_settings().corpus_max_document_bytes
 
 
 # --- Document types ----------------------------------------------------------------------------
@@ -384,7 +359,7 @@ def _heading_line(text: str) -> str | None:
 
 def extract_text(data: bytes, content_type: str, charset: str | None = None) -> Extracted:
     """The text of a document of an accepted type (see `detect_type`), normalized."""
-    max_chars = get_corpus_settings().corpus_max_document_chars
+    max_chars = get_settings().corpus_max_document_chars
     if content_type == PDF:
         title, text = pdf_to_text(data, max_chars)
     elif content_type == HTML:
@@ -792,7 +767,7 @@ def _get_index(session: Session, corpus_id: str) -> _Index | None:
     with _cache_lock:
         _cache[corpus_id] = index
         _cache.move_to_end(corpus_id)
-        while len(_cache) > max(1, get_corpus_settings().corpus_index_cache_size):
+        while len(_cache) > max(1, get_settings().corpus_index_cache_size):
             _cache.popitem(last=False)
     return index
 

@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.limits import rate_limiter
-from core.db import read_session_factory
+from core.db import session_scope
 from core.errors import Forbidden, Unauthorized
 from core.keys import Principal, authenticate
 
@@ -19,15 +19,8 @@ _bearer = HTTPBearer(auto_error=False, description="An agentq API key: `Bearer a
 
 def _read_session() -> Iterator[Session]:
     """A session for reads; writes go through the orchestrator's unit of work."""
-    session = read_session_factory()()
-    try:
+    with session_scope(read_only=True) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 DbSession = Annotated[Session, Depends(_read_session)]

@@ -1,8 +1,8 @@
 """A Celery app with empty tasks, the baseline for the platform's orchestration overhead:
 `celery -A bench.celery_empty worker -P threads -c 64`.
 
-Broker settings follow `core.queue` (late acknowledgement, prefetch of one per slot, the threads
-pool, no result backend); the broker is `AGENTQ_REDIS_URL`. A task's only work is one Redis
+Broker settings are agentq's own (`core.queue.celery_config`); the broker is
+`AGENTQ_REDIS_URL`. A task's only work is one Redis
 INCR, so that the benchmark can count completions without a result backend.
 """
 
@@ -14,6 +14,8 @@ import time
 import redis
 from celery import Celery
 
+from core.queue import celery_config
+
 QUEUE = "bench_empty"
 DONE_KEY = "bench:empty:done"
 FINISHED_AT_KEY = "bench:empty:finished_at"
@@ -22,20 +24,7 @@ HOPS_KEY = "bench:empty:hops"
 BROKER_URL = os.environ.get("AGENTQ_REDIS_URL", "redis://127.0.0.1:6379/13")
 
 app = Celery("bench_empty", broker=BROKER_URL, set_as_current=True)
-app.conf.update(
-    task_default_queue=QUEUE,
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    task_ignore_result=True,
-    task_serializer="json",
-    accept_content=["json"],
-    worker_prefetch_multiplier=1,
-    worker_pool="threads",
-    worker_concurrency=int(os.environ.get("AGENTQ_WORKER_CONCURRENCY", "64")),
-    worker_hijack_root_logger=False,
-    broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": 7200},
-)
+app.conf.update(**celery_config(QUEUE, int(os.environ.get("AGENTQ_WORKER_CONCURRENCY", "64"))))
 
 _redis = redis.Redis.from_url(BROKER_URL)
 

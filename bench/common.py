@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmarks: child processes, a fresh migrated database, the API under
-uvicorn, Celery workers, a tenant key and percentiles."""
+"""Helpers shared by the benchmarks and the test suite: child processes, a fresh migrated
+database, the API under uvicorn, Celery workers, a tenant key and percentiles."""
 
 from __future__ import annotations
 
@@ -23,14 +23,16 @@ TERMINAL = ("completed", "failed", "cancelled", "budget_exhausted")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
-               what: str = "condition") -> Any:
+               what: str = "condition", error: type[Exception] = TimeoutError) -> Any:
+    """Poll `predicate` until it returns something true (returned) or `timeout` passes
+    (`error` is raised)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+            raise error(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
 
 

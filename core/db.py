@@ -88,9 +88,10 @@ def read_session_factory(url: str | None = None) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
-    """A unit of work: commits on success, rolls back on error. Only outer boundaries use it."""
-    session = session_factory()()
+def session_scope(*, read_only: bool = False) -> Iterator[Session]:
+    """A unit of work: commits on success, rolls back on error. Only outer boundaries use it.
+    `read_only`: a session that never takes SQLite's write lock (for reads)."""
+    session = (read_session_factory() if read_only else session_factory())()
     try:
         yield session
         session.commit()

@@ -35,6 +35,16 @@ class Conflict(AgentqError):
     code = "conflict"
 
 
+class PayloadTooLarge(AgentqError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(AgentqError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class InvalidInput(AgentqError):
     status_code = 422
     code = "invalid_input"

@@ -8,6 +8,7 @@ Celery's result backend is not used; the database holds all state.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from celery import Celery
 
@@ -19,6 +20,26 @@ _app: Celery | None = None
 _lock = threading.Lock()
 
 
+def celery_config(queue: str, concurrency: int) -> dict[str, Any]:
+    """How agentq runs Celery: late acknowledgement (a task whose worker dies is delivered
+    again), one prefetched message per slot, the threads pool (steps wait on model calls, not
+    on the CPU), JSON only, no result backend."""
+    return {
+        "task_default_queue": queue,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_prefetch_multiplier": 1,
+        "worker_pool": "threads",
+        "worker_concurrency": concurrency,
+        "worker_hijack_root_logger": False,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": 7200},
+    }
+
+
 def get_celery() -> Celery:
     global _app
     with _lock:
@@ -26,18 +47,7 @@ def get_celery() -> Celery:
             settings = get_settings()
             app = Celery("agentq", broker=settings.redis_url, set_as_current=True)
             app.conf.update(
-                task_default_queue=QUEUE,
-                task_acks_late=True,
-                task_reject_on_worker_lost=True,
-                task_ignore_result=True,
-                task_serializer="json",
-                accept_content=["json"],
-                worker_prefetch_multiplier=1,
-                worker_pool="threads",
-                worker_concurrency=settings.worker_concurrency,
-                worker_hijack_root_logger=False,
-                broker_connection_retry_on_startup=True,
-                broker_transport_options={"visibility_timeout": 7200},
+                **celery_config(QUEUE, settings.worker_concurrency),
                 task_publish_retry=True,
                 task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2,
                                            "interval_step": 0.5, "interval_max": 1.0},

@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     rate_limit: str = "600/minute"
     max_jobs_in_flight: int = 1000
     max_body_bytes: int = 1_048_576
+    # Corpora. The largest document accepted, in bytes as uploaded: upload requests are held to
+    # this (plus multipart framing) instead of max_body_bytes. The most text one document may
+    # yield (a small PDF can hold a lot of compressed text). How many corpora's search indexes
+    # one process keeps in memory (least recently used go first).
+    corpus_max_document_bytes: int = 10 * 1024 * 1024
+    corpus_max_document_chars: int = 10_000_000
+    corpus_index_cache_size: int = 32
     # Event streams (SSE): heartbeat comment interval, and the slow fallback poll used only when
     # no notification arrives (Redis away).
     sse_heartbeat_s: float = 15.0

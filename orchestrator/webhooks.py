@@ -49,16 +49,35 @@ def _wants(events: list[str] | None, type_: str) -> bool:
     return type_ in (events or TERMINAL_EVENTS)
 
 
+_ENDPOINTS = "agentq.webhooks.endpoints"
+
+
+def _tenant_endpoints(session: Session, tenant_id: str
+                      ) -> list[tuple[str, str, list[str] | None]]:
+    """The tenant's enabled endpoints, read once per transaction: a step appends several
+    events in one transaction, and each would otherwise query them again."""
+    txn = session.get_transaction()
+    cached = session.info.get(_ENDPOINTS)
+    if cached is None or cached[0] is not txn:
+        cached = (txn, {})
+        session.info[_ENDPOINTS] = cached
+    by_tenant: dict[str, list[tuple[str, str, list[str] | None]]] = cached[1]
+    if tenant_id not in by_tenant:
+        by_tenant[tenant_id] = [
+            (ep.id, ep.url, ep.events) for ep in session.scalars(select(WebhookEndpoint).where(
+                WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.disabled_at.is_(None)))]
+    return by_tenant[tenant_id]
+
+
 def fan_out(session: Session, *, job_id: str, tenant_id: str, job_webhook: dict[str, Any] | None,
             seq: int, type_: str, data: dict[str, Any]) -> None:
     """Write the deliveries an event causes (in the event's own transaction)."""
     targets: list[tuple[str | None, str]] = []
     if job_webhook and _wants(job_webhook.get("events"), type_):
         targets.append((None, str(job_webhook["url"])))
-    for ep in session.scalars(select(WebhookEndpoint).where(
-            WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.disabled_at.is_(None))):
-        if _wants(ep.events, type_):
-            targets.append((ep.id, ep.url))
+    for ep_id, url, events in _tenant_endpoints(session, tenant_id):
+        if _wants(events, type_):
+            targets.append((ep_id, url))
     if not targets:
         return
     now = utcnow()

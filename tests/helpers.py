@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-TERMINAL = {"completed", "failed", "cancelled", "budget_exhausted"}
+import bench.common
+from bench.common import ROOT, TERMINAL, Proc
+
+__all__ = ["ROOT", "TERMINAL", "Proc", "auth", "metric", "start_worker", "wait_for_job",
+           "wait_until"]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
                what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    """`bench.common.wait_until`, failing the test (AssertionError) on timeout."""
+    return bench.common.wait_until(predicate, timeout, interval, what, error=AssertionError)
 
 
 def wait_for_job(client: Any, key: str, job_id: str, timeout: float = 60,
@@ -44,49 +36,9 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-class Proc:
-    """A child process with its output in a log file, stopped at the end."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._fh = log.open("wb")
-        self.popen = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._fh,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for_output(self, marker: str, timeout: float) -> None:
-        def seen() -> bool:
-            if self.popen.poll() is not None:
-                raise AssertionError(f"process exited early:\n{self.output()[-4000:]}")
-            return marker in self.output()
-
-        wait_until(seen, timeout, interval=0.2, what=f"{marker!r} in {self.log.name}")
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGTERM)
-                self.popen.wait(timeout=timeout)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                try:
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.popen.wait(timeout=10)
-        self._fh.close()
-
-
 def start_worker(env: dict[str, str], log: Path, concurrency: int | None = None) -> Proc:
     """A Celery worker process, started as an operator would (`celery -A workers.app worker`)."""
-    args = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--loglevel", "INFO",
-            "--without-gossip", "--without-mingle", "--without-heartbeat"]
-    if concurrency is not None:
-        args += ["-c", str(concurrency)]
-    proc = Proc(args, env, log)
-    proc.wait_for_output("ready.", timeout=60)
-    return proc
+    return bench.common.start_worker(env, log, concurrency)
 
 
 def metric(base_url: str, name: str) -> float:

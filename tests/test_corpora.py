@@ -114,12 +114,12 @@ def chunk_texts(document_id: str) -> list[str]:
 @pytest.fixture
 def corpus_limits(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     """Lets a test change AGENTQ_CORPUS_* settings; they are read again after it."""
-    from agents.corpus import get_corpus_settings
+    from core.settings import get_settings
 
-    get_corpus_settings.cache_clear()
+    get_settings.cache_clear()
     yield monkeypatch
     monkeypatch.undo()
-    get_corpus_settings.cache_clear()
+    get_settings.cache_clear()
 
 
 # --- Corpora -----------------------------------------------------------------------------------
@@ -316,9 +316,9 @@ def test_refuses_other_types_and_broken_documents(client: TestClient, tenant_key
 
     # Larger than the document limit: refused, as a form or as a raw body.
     corpus_limits.setenv("AGENTQ_CORPUS_MAX_DOCUMENT_BYTES", "2000")
-    from agents.corpus import get_corpus_settings
+    from core.settings import get_settings
 
-    get_corpus_settings.cache_clear()
+    get_settings.cache_clear()
     big = (FIXTURES / "honey_bees.txt").read_bytes() * 2
     assert len(big) > 2000
     for resp in (upload(client, tenant_key, cid, "big.txt", big, "text/plain"),
@@ -339,13 +339,13 @@ def test_refuses_other_types_and_broken_documents(client: TestClient, tenant_key
 
 def test_upload_body_limit(corpus_limits: pytest.MonkeyPatch) -> None:
     """What the API's body-size limit may allow a document upload (document plus framing)."""
-    from agents.corpus import get_corpus_settings
     from api.corpora import MULTIPART_OVERHEAD, upload_body_limit
+    from core.settings import get_settings
 
     assert upload_body_limit("POST", "/v1/corpora/cor_1/documents") == (
         10 * 1024 * 1024 + MULTIPART_OVERHEAD)
     corpus_limits.setenv("AGENTQ_CORPUS_MAX_DOCUMENT_BYTES", "5000")
-    get_corpus_settings.cache_clear()
+    get_settings.cache_clear()
     assert upload_body_limit("POST", "/v1/corpora/cor_1/documents") == 5000 + MULTIPART_OVERHEAD
     for method, path in [("GET", "/v1/corpora/cor_1/documents"), ("POST", "/v1/corpora"),
                          ("POST", "/v1/jobs"), ("POST", "/v1/corpora/a/b/documents")]:

@@ -16,7 +16,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agents import corpus as corpus_service
-from agents.corpus import PayloadTooLarge, UnsupportedMediaType, parse_content_type
+from agents.corpus import parse_content_type
 from api.corpora import MULTIPART_OVERHEAD
 from api.corpora.schemas import (
     CorpusCreate,
@@ -31,7 +31,7 @@ from api.deps import CurrentPrincipal, DbSession
 from api.jobs.schemas import ErrorResponse
 from api.responses import ERRORS
 from core.db import read_session_factory, session_scope
-from core.errors import Conflict, InvalidInput, NotFound
+from core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, UnsupportedMediaType
 from core.models import Corpus, CorpusDocument
 
 router = APIRouter(prefix="/v1/corpora", tags=["corpora"], responses=ERRORS)
