@@ -9,8 +9,10 @@ small job.
 
 Crash safety: a slot is a lease (it expires if its holder dies without giving it back) and a
 waiting call must keep polling or it is dropped. All state changes run as Lua scripts, so they
-are atomic across processes. If Redis does not answer, calls go ahead without admission (the
-per-process connection limit still bounds them) and a warning is logged.
+are atomic across processes. The same scripts share each endpoint's busy time out among the
+slots held at each moment, over every process, for the energy figures. If Redis does not
+answer, calls go ahead without admission (the per-process connection limit still bounds them)
+and a warning is logged.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
@@ -35,6 +38,24 @@ local now = tonumber(ARGV[1])
 local H, HO, TIN, JIN = base .. 'h', base .. 'ho', base .. 'tin', base .. 'jin'
 local WD, WO, WT = base .. 'wd', base .. 'wo', base .. 'wt'
 local TLAST, JLAST, SEQ = base .. 'tlast', base .. 'jlast', base .. 'seq'
+local SH, HS = base .. 'sh', base .. 'hs'
+
+-- The endpoint's busy time shared out among its slot holders: S is the integral over time of
+-- 1/holders (in ms), kept in SH with the clock it was brought up to. Every script brings it up
+-- to `now` before the holders change; a holder notes S when granted (HS) and its share is the
+-- difference at release. Clients' clocks may disagree by a little: the clock never goes back.
+local S = 0
+local function advance()
+  local c = tonumber(redis.call('HGET', SH, 'c') or '')
+  S = tonumber(redis.call('HGET', SH, 's') or '0')
+  if c == nil then
+    redis.call('HSET', SH, 'c', ARGV[1], 's', '0')
+  elseif now > c then
+    local n = redis.call('ZCARD', H)
+    if n > 0 then S = S + (now - c) / n end
+    redis.call('HSET', SH, 'c', ARGV[1], 's', string.format('%.17g', S))
+  end
+end
 
 local function owner(s)
   local i = string.find(s, '\\n', 1, true)
@@ -61,6 +82,7 @@ local function remove_holder(t)
   if not o then return end
   local tenant, job = owner(o)
   redis.call('HDEL', HO, t)
+  redis.call('HDEL', HS, t)
   redis.call('ZREM', H, t)
   decr(TIN, tenant)
   decr(JIN, job)
@@ -93,6 +115,7 @@ local function grant_next(lease)
   remove_waiter(head)
   local seq = redis.call('INCR', SEQ)
   redis.call('ZADD', H, now + lease, head)
+  redis.call('HSET', HS, head, string.format('%.17g', S))
   redis.call('HSET', HO, head, tenant .. '\\n' .. job)
   redis.call('HINCRBY', TIN, tenant, 1)
   redis.call('HINCRBY', JIN, job, 1)
@@ -115,6 +138,7 @@ end
 ACQUIRE = _COMMON + """
 local ticket, tenant, job = ARGV[2], ARGV[3], ARGV[4]
 local cap, lease, wttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+advance()
 cleanup()
 if redis.call('ZSCORE', H, ticket) then return 1 end
 if redis.call('HEXISTS', WO, ticket) == 0 then
@@ -130,22 +154,38 @@ if redis.call('ZSCORE', H, ticket) then return 1 end
 return 0
 """
 
-# KEYS[1] base; ARGV: now_ms, ticket, cap, lease_ms
+# KEYS[1] base; ARGV: now_ms, ticket, cap, lease_ms. Returns the holder's share of the
+# endpoint's busy time in ms (a string), or nil when it held no slot.
 RELEASE = _COMMON + """
 local ticket, cap, lease = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+advance()
 cleanup()
+local since = redis.call('HGET', HS, ticket)
 remove_holder(ticket)
 remove_waiter(ticket)
 redis.call('DEL', 'agentq:adm:grant:' .. ticket)
 fill(cap, lease)
-return 1
+if since then return string.format('%.17g', S - tonumber(since)) end
+return false
 """
 
 # KEYS[1] base; ARGV: now_ms. Returns {in flight, waiting}.
 LOAD = _COMMON + """
+advance()
 cleanup()
 return {redis.call('ZCARD', H), redis.call('HLEN', WO)}
 """
+
+
+@dataclass
+class Slot:
+    """What `Admission.slot` yields. `admitted`: admission applied (False when Redis did not
+    answer and the call went ahead anyway). `busy_share_s`, set when the block ends: the
+    holder's share of the endpoint's busy time over every process (each moment divided among
+    the slots held then), or None when it could not be counted."""
+
+    admitted: bool = False
+    busy_share_s: float | None = None
 
 
 class AdmissionTimeout(Exception):
@@ -185,26 +225,26 @@ class Admission:
 
     @contextmanager
     def slot(self, url: str, cap: int, tenant: str, job: str, timeout_s: float,
-             cancelled: Callable[[], bool] | None = None) -> Iterator[bool]:
-        """Hold one of the endpoint's `cap` slots for the duration of the block. Yields whether
-        admission applied (False when Redis did not answer and the call goes ahead anyway)."""
+             cancelled: Callable[[], bool] | None = None) -> Iterator[Slot]:
+        """Hold one of the endpoint's `cap` slots for the duration of the block."""
         ticket = uuid.uuid4().hex
         base = endpoint_key(url)
+        slot = Slot()
         try:
-            admitted = self._wait(base, ticket, cap, tenant or "-", job or "-", timeout_s,
-                                  cancelled)
+            slot.admitted = self._wait(base, ticket, cap, tenant or "-", job or "-", timeout_s,
+                                       cancelled)
         except redis.RedisError as exc:
             log.warning("admission control unavailable, sending without it: %s", exc)
             self._give_back(base, ticket, cap)
-            yield False
+            yield slot
             return
         except BaseException:
             self._give_back(base, ticket, cap)
             raise
         try:
-            yield admitted
+            yield slot
         finally:
-            self._give_back(base, ticket, cap)
+            slot.busy_share_s = self._give_back(base, ticket, cap)
 
     def _wait(self, base: str, ticket: str, cap: int, tenant: str, job: str, timeout_s: float,
               cancelled: Callable[[], bool] | None) -> bool:
@@ -222,9 +262,13 @@ class Admission:
             if self._redis.blpop([grant_key], timeout=self._poll_s):
                 return True
 
-    def _give_back(self, base: str, ticket: str, cap: int) -> None:
+    def _give_back(self, base: str, ticket: str, cap: int) -> float | None:
+        """Give the slot back; returns its share of the endpoint's busy time in seconds."""
         try:
-            self._release(keys=[base], args=[self._now_ms(), ticket, cap, self._lease_ms])
+            share_ms = self._release(keys=[base], args=[self._now_ms(), ticket, cap,
+                                                        self._lease_ms])
         except redis.RedisError as exc:
             log.warning("could not give back an admission slot (its lease will expire): %s",
                         exc)
+            return None
+        return None if share_ms is None else max(0.0, float(share_ms) / 1000.0)

@@ -12,8 +12,10 @@ budget, optional structured-output constraints and accounting ids, and get back 
 - Responses are streamed, so time to first token is measured, and a call given up on (a
   cancelled job, a timeout) closes its connection, which makes vLLM abort the request.
 - Energy: a call's share of its endpoint's busy time (each in-flight second divided among the
-  calls in flight) times the endpoint's power, declared in `AGENTQ_ENDPOINT_WATTS` or read from
-  NVML on a machine with NVIDIA GPUs (`AGENTQ_ENERGY_NVML`).
+  calls in flight, over every worker process through admission's Redis scripts, or over this
+  process's calls when admission is off or Redis is away) times the endpoint's power, declared
+  in `AGENTQ_ENDPOINT_WATTS` or read from NVML on a machine with NVIDIA GPUs
+  (`AGENTQ_ENERGY_NVML`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from tenacity import (
 from core.catalogue import Catalogue, ModelSpec, load_catalogue
 from core.errors import AgentqError
 from core.settings import Settings, get_settings
-from inference.admission import Admission, AdmissionCancelled, AdmissionTimeout
+from inference.admission import Admission, AdmissionCancelled, AdmissionTimeout, Slot
 
 log = logging.getLogger(__name__)
 
@@ -425,15 +427,16 @@ class Pool:
                 ep.state = "open"  # the probe told nothing; probe again at once
 
     @contextmanager
-    def _admitted(self, ep: Endpoint, req: CompletionRequest) -> Iterator[None]:
+    def _admitted(self, ep: Endpoint, req: CompletionRequest) -> Iterator[Slot | None]:
         if self._admission is None:
-            yield
+            yield None
             return
         try:
             with self._admission.slot(ep.base_url, ep.cap, req.tenant_id or "",
                                       req.job_id or req.affinity_key or "",
-                                      self.settings.admission_timeout_s, req.cancelled):
-                yield
+                                      self.settings.admission_timeout_s, req.cancelled
+                                      ) as slot:
+                yield slot
         except AdmissionTimeout as exc:
             raise TransientInferenceError(f"{ep.base_url}: {exc}",
                                           code="admission_timeout") from exc
@@ -489,14 +492,18 @@ class Pool:
             if model is None:
                 raise InferenceError(f"endpoint {ep.base_url} serves no model")
             queued = time.monotonic()
-            with self._admitted(ep, req):
+            with self._admitted(ep, req) as slot:
                 share_start, started = self._start(ep)
                 try:
                     result = self._send(req, ep, model, started)
                 finally:
                     # Latency and energy cover the same interval, read under the same lock.
                     share_end, ended = self._finish(ep)
-            energy_wh, method = self._energy(ep, share_end - share_start)
+            # The busy-time share counted over every process (admission's), else over this
+            # process's own calls (admission off, or Redis away).
+            share = slot.busy_share_s if slot is not None else None
+            energy_wh, method = self._energy(
+                ep, share if share is not None else share_end - share_start)
             return Completion(**{**result.__dict__, "latency_ms": (ended - started) * 1000,
                                  "energy_wh": energy_wh, "energy_method": method,
                                  "queued_ms": (started - queued) * 1000})

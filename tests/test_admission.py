@@ -121,6 +121,48 @@ def test_a_waiter_gives_up_after_its_timeout(admission: Admission) -> None:
     assert admission.loads(["http://e3"]) == {"http://e3": (0, 0)}
 
 
+def test_energy_shares_an_endpoints_busy_time_over_every_process(
+        admission: Admission) -> None:
+    """Two pools (two worker processes, as far as the endpoint can tell) send two calls each to
+    one endpoint at once. Admission shares each busy second out among the slots held over both,
+    so the four calls' energy adds up to the endpoint's busy time at its power; each process
+    counting only its own calls would bill every second twice."""
+    from core.settings import Settings
+    from inference.pool import CompletionRequest, Pool
+    from inference.standin import StandinServer
+
+    server = StandinServer().start()
+    try:
+        server.state.delay_s = 1.0
+        cfg = Settings(pool_admission=False, endpoint_watts={"*": 3600.0},
+                       retry_max_attempts=1, request_timeout_s=30)
+        pools = [Pool([server.url], cfg, admission=admission) for _ in range(2)]
+        results: list[Any] = []
+        gate = threading.Barrier(4)
+
+        def call(i: int) -> None:
+            gate.wait()
+            results.append(pools[i % 2].complete(CompletionRequest(
+                prompt="one two three", max_tokens=4, request_id=f"en-{i}", tenant_id="t",
+                job_id=f"j{i % 2}")))
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall_s = time.monotonic() - started
+    finally:
+        server.stop()
+    assert len(results) == 4
+    # At 3600 W a busy second is 1 Wh. The endpoint was busy at least the server's 1 s and at
+    # most the wall time seen here, however the calls overlapped.
+    total = sum(r.energy_wh for r in results)
+    assert 0.95 <= total <= wall_s * 1.05, (total, wall_s)
+    assert all(r.energy_method == "declared_watts" for r in results)
+
+
 def test_a_dead_holders_slot_comes_back(admission: Admission) -> None:
     """A process that dies holding a slot never gives it back; its lease runs out."""
     short = Admission(redis.Redis.from_url(REDIS_URL.rsplit("/", 1)[0] + "/12"), lease_s=1,

@@ -106,7 +106,8 @@ def _energy_note() -> str:
     declared = ", ".join(f"{url} = {watts:g} W"
                          for url, watts in sorted(settings.endpoint_watts.items()))
     return ("A call's energy is its share of its endpoint's busy time (each second with calls "
-            "in flight is divided equally among them) multiplied by the endpoint's power: "
+            "in flight is divided equally among them, over every worker process) multiplied by "
+            "the endpoint's power: "
             + (f"declared watts ({declared})" if declared else "no power declared")
             + ("; NVML board power where a local endpoint runs on NVIDIA GPUs"
                if settings.energy_nvml else "")
