@@ -499,11 +499,13 @@ class Pool:
                 finally:
                     # Latency and energy cover the same interval, read under the same lock.
                     share_end, ended = self._finish(ep)
-            # The busy-time share counted over every process (admission's), else over this
-            # process's own calls (admission off, or Redis away).
+            # The busy-time share counted over every process (admission's, over the time the
+            # slot was held, in whole milliseconds), else over this process's own calls
+            # (admission off, or Redis away); never more than the call's own duration.
             share = slot.busy_share_s if slot is not None else None
-            energy_wh, method = self._energy(
-                ep, share if share is not None else share_end - share_start)
+            if share is None:
+                share = share_end - share_start
+            energy_wh, method = self._energy(ep, min(share, ended - started))
             return Completion(**{**result.__dict__, "latency_ms": (ended - started) * 1000,
                                  "energy_wh": energy_wh, "energy_method": method,
                                  "queued_ms": (started - queued) * 1000})
