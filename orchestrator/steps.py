@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from agents.base import ModelReply
+from core.db import session_scope
 from core.errors import AgentqError
 from core.models import Job, ModelCall, Step, utcnow
 from core.pricing import highest_price, price_for
@@ -150,7 +151,7 @@ def _unlead(job_id: str, key: str, request_id: str, answered: bool) -> None:
 def _still_running(request_id: str) -> bool:
     """Whether the step that made `request_id` is running under a live lease."""
     step_id = request_id.rsplit(":", 1)[0]
-    with unit_of_work() as s:
+    with session_scope(read_only=True) as s:
         row = s.execute(select(Step.status, Step.lease_expires_at)
                         .where(Step.id == step_id)).first()
     return row is not None and row[0] == "running" and row[1] is not None \
@@ -250,10 +251,13 @@ class MeteredContext:
         request_id = f"{c.step_id}:{self._index}"
         self._index += 1
         limit = min(max_tokens or c.max_tokens, c.max_tokens)
-        with unit_of_work() as s:
-            done = s.get(ModelCall, request_id)
-            if done is not None:
-                return _reply(done, replayed=True)
+        if c.attempt > 1:
+            # A run of this step before this one may have made this call: replay its answer
+            # from the ledger instead of making (and billing) it again. A first run has none.
+            with session_scope(read_only=True) as s:
+                done = s.get(ModelCall, request_id)
+                if done is not None:
+                    return _reply(done, replayed=True)
         key = call_key(prompt, limit, size, regex, choice, json_schema, stop)
         state, other = _lead(c.job_id, key, request_id)
         if state == "unknown":
@@ -281,7 +285,7 @@ class MeteredContext:
                 _unlead(c.job_id, key, request_id, answered)
 
     def _earlier_answer(self, key: str) -> ModelCall | None:
-        with unit_of_work() as s:
+        with session_scope(read_only=True) as s:
             return s.scalars(select(ModelCall).where(
                 ModelCall.job_id == self._claim.job_id, ModelCall.call_key == key,
                 ModelCall.cached_from.is_(None),
@@ -292,7 +296,7 @@ class MeteredContext:
     def _answer_row(request_id: str | None) -> ModelCall | None:
         if not request_id:
             return None
-        with unit_of_work() as s:
+        with session_scope(read_only=True) as s:
             row = s.get(ModelCall, request_id)
         if row is None or row.finish_reason == "cancelled":
             return None
@@ -465,7 +469,7 @@ class MeteredContext:
                     self._reserve(s, hold)
                 return
             except BudgetExhausted:
-                with unit_of_work() as s:
+                with session_scope(read_only=True) as s:
                     in_flight = s.scalar(select(Job.reserved_tokens)
                                          .where(Job.id == self._claim.job_id))
                 if not in_flight or time.monotonic() > deadline:
