@@ -12,12 +12,16 @@ from celery.signals import worker_ready, worker_shutdown
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
+from agents.registry import kind_names
 from core.queue import get_celery
 from core.settings import get_settings
 from orchestrator import idempotency, jobs, outbox, steps, webhooks
 
 log = logging.getLogger(__name__)
 app = get_celery()
+
+# Load every job kind (and the libraries they use) when the worker starts, not in its first step.
+kind_names()
 
 
 # Database or broker hiccups outside a model call are retried with backoff (a new message; the
