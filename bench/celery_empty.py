@@ -2,8 +2,8 @@
 `celery -A bench.celery_empty worker -P threads -c 64`.
 
 Broker settings are agentq's own (`core.queue.celery_config`); the broker is
-`AGENTQ_REDIS_URL`. A task's only work is one Redis
-INCR, so that the benchmark can count completions without a result backend.
+`AGENTQ_REDIS_URL`. A task's only work is one Redis INCR, so that the benchmark can count
+completions without a result backend.
 """
 
 from __future__ import annotations

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 import bench.common
-from bench.common import ROOT, TERMINAL, Proc
+from bench.common import ROOT, TERMINAL, Proc, start_worker
 
 __all__ = ["ROOT", "TERMINAL", "Proc", "auth", "metric", "start_worker", "wait_for_job",
            "wait_until"]
@@ -34,11 +33,6 @@ def wait_for_job(client: Any, key: str, job_id: str, timeout: float = 60,
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-def start_worker(env: dict[str, str], log: Path, concurrency: int | None = None) -> Proc:
-    """A Celery worker process, started as an operator would (`celery -A workers.app worker`)."""
-    return bench.common.start_worker(env, log, concurrency)
 
 
 def metric(base_url: str, name: str) -> float:
