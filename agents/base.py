@@ -1,27 +1,67 @@
-"""What every job kind declares, and the interface a step uses to call models.
+"""The typed contract between job kinds and the orchestrator.
 
-A job kind is a module in `agents/` that defines a `JobKind` subclass and registers it. It declares
-its input schema, the steps it starts with, how a finished step expands the plan (new steps and
-their dependencies), what each role does, and how step outputs become the result. The API,
-orchestrator and workers find kinds through the registry and need no edits for a new one.
+A job kind is a `JobKind[InputT, ResultT]`: it parses its input, declares its roles (each a
+`Role[OutputT]` with a pydantic output model), the steps it starts with, how a finished step
+expands the plan, what each role does and how the finished steps become its `ResultT`.
+
+A step reads its parents' outputs as their models, never as dictionaries looked up by string:
+
+    plan = ctx.parents.one(PLANNER)            # a PlanOutput
+    sections = ctx.parents.all(INVESTIGATOR)   # list[InvestigationOutput], in step order
+
+Renaming a field of an output model is then a type error at every reader, not a failure at run
+time. Agents never open database sessions: model calls, corpus search and passage reading all go
+through the `StepContext`.
+
+Kinds are found through the `agentq.kinds` entry-point group (see `agents.registry`), so a
+package of one's own adds a kind without editing agentq.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from pydantic import BaseModel
-from sqlalchemy.orm import Session
+from pydantic import BaseModel, ValidationError
+
+from inference.calls import CallSpec
+
+__all__ = ["AgentError", "AnyKind", "CallSpec", "JobKind", "ModelReply", "Passage", "Role",
+           "StepContext", "StepOutputs", "StepSpec", "SubmissionContext"]
+
+InputT = TypeVar("InputT", bound=BaseModel)
+ResultT = TypeVar("ResultT", bound=BaseModel)
+OutputT = TypeVar("OutputT", bound=BaseModel)
+
+
+class AgentError(Exception):
+    """A step failed for a reason the agent can name (bad model output it cannot use, a tool
+    that cannot run); the job fails with this message."""
+
+    code = "agent_error"
+
+
+@dataclass(frozen=True)
+class Role(Generic[OutputT]):
+    """A kind of step: its name (as stored on the step), the model of its output, and the
+    phase a job shows while steps of this role run."""
+
+    name: str
+    output: type[OutputT]
+    phase: str
+
+    def parse(self, raw: Mapping[str, Any] | None) -> OutputT:
+        return self.output.model_validate(raw or {})
 
 
 @dataclass(frozen=True)
 class StepSpec:
-    """A step to add to a job's DAG."""
+    """A step to add to a job's DAG. `input` is the step's own JSON input (small: an index, a
+    question); what it needs of other steps it reads from their outputs."""
 
     key: str
-    role: str
+    role: Role[Any]
     max_tokens: int
     depends_on: Sequence[str] = ()
     input: Mapping[str, Any] = field(default_factory=dict)
@@ -44,73 +84,165 @@ class ModelReply:
     escalated_from: str | None = None
 
 
+@dataclass(frozen=True)
+class Passage:
+    """A retrieved chunk of a corpus. `chunk_id` is the id an answer cites."""
+
+    chunk_id: str
+    document_id: str
+    document_title: str
+    text: str
+    score: float
+
+
+class StepOutputs:
+    """Finished steps' outputs, read as their roles' models. Built by the orchestrator from
+    the stored outputs: `{key: (role name, output JSON)}` in step order."""
+
+    def __init__(self, stored: Mapping[str, tuple[str, Mapping[str, Any] | None]]) -> None:
+        self._stored = dict(stored)
+        self._parsed: dict[str, BaseModel] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._stored
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    def keys(self) -> list[str]:
+        return list(self._stored)
+
+    def role_of(self, key: str) -> str:
+        return self._stored[key][0]
+
+    def get(self, role: Role[OutputT], key: str) -> OutputT | None:
+        """The output of step `key`, which must be of `role`; None when it has not finished."""
+        found = self._stored.get(key)
+        if found is None:
+            return None
+        if found[0] != role.name:
+            raise KeyError(f"step {key!r} is a {found[0]}, not a {role.name}")
+        parsed = self._parsed.get(key)
+        if parsed is None:
+            try:
+                parsed = self._parsed[key] = role.parse(found[1])
+            except ValidationError as exc:
+                raise AgentError(f"the stored output of step {key!r} does not fit "
+                                 f"{role.output.__name__}: {exc}") from exc
+        assert isinstance(parsed, role.output)
+        return parsed
+
+    def one(self, role: Role[OutputT], key: str | None = None) -> OutputT:
+        """The output of step `key` (by default, the only finished step of `role`)."""
+        if key is None:
+            keys = [k for k, (r, _) in self._stored.items() if r == role.name]
+            if len(keys) != 1:
+                raise KeyError(f"{len(keys)} finished steps of role {role.name}, not one")
+            key = keys[0]
+        out = self.get(role, key)
+        if out is None:
+            raise KeyError(f"step {key!r} has not finished")
+        return out
+
+    def all(self, role: Role[OutputT]) -> list[OutputT]:
+        """The outputs of every finished step of `role`, in step order."""
+        return [out for _, out in self.items(role)]
+
+    def items(self, role: Role[OutputT]) -> Iterator[tuple[str, OutputT]]:
+        for key, (r, _) in self._stored.items():
+            if r == role.name:
+                out = self.get(role, key)
+                assert out is not None
+                yield key, out
+
+    def raw(self) -> dict[str, Mapping[str, Any] | None]:
+        """The stored JSON by step key (for generic partial results)."""
+        return {k: v for k, (_, v) in self._stored.items()}
+
+
 class StepContext(Protocol):
-    """What an agent may do while running a step: call models, metered against the job."""
+    """What an agent may do while running a step. Every model call is reserved against the
+    job's budget, metered, cached, recorded in the ledger and cancelled with the job."""
 
-    step_max_tokens: int
+    @property
+    def step_key(self) -> str: ...
 
-    def complete(
-        self,
-        prompt: str,
-        *,
-        max_tokens: int | None = None,
-        regex: str | None = None,
-        choice: Sequence[str] | None = None,
-        json_schema: dict[str, Any] | None = None,
-        stop: Sequence[str] | None = None,
-        size: str | None = None,
-        validate: Callable[[str], bool] | None = None,
-    ) -> ModelReply:
-        """`size`: the catalogue's size class to run on ("small", "large", ...); None: the
-        smallest there is. `validate`: when the answer fails it, the call is made again on the
-        next larger size class (a cascade), as long as there is one; every escalation is
-        recorded on its call."""
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def step_input(self) -> Mapping[str, Any]: ...
+
+    @property
+    def step_max_tokens(self) -> int: ...
+
+    @property
+    def parents(self) -> StepOutputs:
+        """The outputs of the steps this step depends on."""
+        ...
+
+    def complete(self, call: CallSpec) -> ModelReply: ...
+
+    def search_corpus(self, corpus_id: str, query: str, k: int) -> list[Passage]:
+        """The `k` passages of the corpus that best answer the query (BM25), best first."""
+        ...
+
+    def read_passages(self, corpus_id: str, chunk_ids: Sequence[str]) -> dict[str, str]:
+        """The text of these chunks of the corpus, by chunk id (unknown ids are left out)."""
         ...
 
 
-class JobKind:
-    """Base class of job kinds."""
+class SubmissionContext(Protocol):
+    """What a kind may check at submission, for the submitting tenant."""
+
+    def corpus_exists(self, corpus_id: str) -> bool: ...
+
+
+class JobKind(Generic[InputT, ResultT]):
+    """Base class of job kinds. Subclasses set the class attributes and implement
+    `initial_steps`, `run_step` and `result`."""
 
     name: ClassVar[str]
-    input_model: ClassVar[type[BaseModel]]
-    # The shape of `result(...)`, published at `GET /v1/kinds` (None: not declared).
-    result_model: ClassVar[type[BaseModel] | None] = None
-    # Phase shown in a job's progress while steps of each role run.
-    phases: ClassVar[Mapping[str, str]] = {}
+    input_model: type[InputT]
+    # The shape of `result(...)`, published at `GET /v1/kinds`.
+    result_model: type[ResultT]
+    roles: ClassVar[Sequence[Role[Any]]]
 
-    def initial_steps(self, job_input: BaseModel) -> list[StepSpec]:
-        raise NotImplementedError
+    def role(self, name: str) -> Role[Any]:
+        for r in self.roles:
+            if r.name == name:
+                return r
+        raise KeyError(f"{self.name} jobs have no role {name!r}")
 
-    def expand(
-        self, job_input: BaseModel, step_key: str, output: Mapping[str, Any]
-    ) -> list[StepSpec]:
-        """Steps that become known once `step_key` has finished (none by default)."""
-        return []
+    @property
+    def phases(self) -> dict[str, str]:
+        return {r.name: r.phase for r in self.roles}
 
-    def run_step(
-        self,
-        ctx: StepContext,
-        job_input: BaseModel,
-        role: str,
-        step_input: Mapping[str, Any],
-        deps: Mapping[str, Mapping[str, Any]],
-    ) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def result(
-        self, job_input: BaseModel, outputs: Mapping[str, Mapping[str, Any]]
-    ) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def partial_result(
-        self, job_input: BaseModel, outputs: Mapping[str, Mapping[str, Any]]
-    ) -> dict[str, Any]:
-        """What to return when a job stops early (budget): by default, the finished steps."""
-        return {"partial": True, "steps": {k: dict(v) for k, v in outputs.items()}}
-
-    def parse_input(self, raw: Mapping[str, Any]) -> BaseModel:
+    def parse_input(self, raw: Mapping[str, Any]) -> InputT:
         return self.input_model.model_validate(raw)
 
-    def check(self, session: Session, tenant_id: str, job_input: BaseModel) -> None:
-        """Checks that need the database, at submission (for example that a corpus the input
+    def check(self, ctx: SubmissionContext, job_input: InputT) -> None:
+        """Checks that need stored state, at submission (for example that a corpus the input
         names is the tenant's); raise `core.errors.InvalidInput` to refuse with a 422."""
+
+    def initial_steps(self, job_input: InputT) -> list[StepSpec]:
+        raise NotImplementedError
+
+    def expand(self, job_input: InputT, step_key: str, role: Role[Any],
+               output: BaseModel) -> list[StepSpec]:
+        """Steps that become known once `step_key` (of `role`) has finished; none by default."""
+        return []
+
+    def run_step(self, ctx: StepContext, job_input: InputT) -> BaseModel:
+        """Run one step of role `ctx.role`; return an instance of that role's output model."""
+        raise NotImplementedError
+
+    def result(self, job_input: InputT, outputs: StepOutputs) -> ResultT:
+        raise NotImplementedError
+
+    def partial_result(self, job_input: InputT, outputs: StepOutputs) -> dict[str, Any]:
+        """What to return when a job stops early (budget): by default, the finished steps."""
+        return {"partial": True, "steps": {k: dict(v or {}) for k, v in outputs.raw().items()}}
+
+
+AnyKind = JobKind[Any, Any]

@@ -6,13 +6,11 @@ slot and the model servers batch its calls.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agents.base import JobKind, StepContext, StepSpec
-from agents.registry import register
+from agents.base import CallSpec, JobKind, Role, StepContext, StepOutputs, StepSpec
 
 
 class BatchInput(BaseModel):
@@ -23,41 +21,40 @@ class BatchInput(BaseModel):
     max_tokens: int = Field(default=64, ge=1, le=2048, description="Per prompt.")
 
 
+class GenerationOutput(BaseModel):
+    index: int = Field(description="The prompt's position in `prompts`, from 0.")
+    text: str
+    finish_reason: str | None
+
+
+class BatchResult(BaseModel):
+    completions: list[GenerationOutput] = Field(description="In the order of the prompts.")
+
+
+GENERATOR = Role("generator", GenerationOutput, "generating")
+
+
 def _key(i: int) -> str:
     return f"generate-{i + 1}"
 
 
-@register
-class Batch(JobKind):
+class Batch(JobKind[BatchInput, BatchResult]):
     name = "batch"
     input_model = BatchInput
-    phases = {"generator": "generating"}
+    result_model = BatchResult
+    roles = (GENERATOR,)
 
-    def initial_steps(self, job_input: BaseModel) -> list[StepSpec]:
-        assert isinstance(job_input, BatchInput)
-        return [StepSpec(key=_key(i), role="generator", max_tokens=job_input.max_tokens,
+    def initial_steps(self, job_input: BatchInput) -> list[StepSpec]:
+        return [StepSpec(key=_key(i), role=GENERATOR, max_tokens=job_input.max_tokens,
                          input={"index": i}) for i in range(len(job_input.prompts))]
 
-    def run_step(
-        self,
-        ctx: StepContext,
-        job_input: BaseModel,
-        role: str,
-        step_input: Mapping[str, Any],
-        deps: Mapping[str, Mapping[str, Any]],
-    ) -> dict[str, Any]:
-        assert isinstance(job_input, BatchInput)
-        index = int(step_input["index"])
-        reply = ctx.complete(job_input.prompts[index])
-        return {"index": index, "text": reply.text, "finish_reason": reply.finish_reason}
+    def run_step(self, ctx: StepContext, job_input: BatchInput) -> GenerationOutput:
+        index = int(ctx.step_input["index"])
+        reply = ctx.complete(CallSpec(prompt=job_input.prompts[index]))
+        return GenerationOutput(index=index, text=reply.text, finish_reason=reply.finish_reason)
 
-    def result(
-        self, job_input: BaseModel, outputs: Mapping[str, Mapping[str, Any]]
-    ) -> dict[str, Any]:
-        done = sorted((dict(o) for o in outputs.values()), key=lambda o: o["index"])
-        return {"completions": done}
+    def result(self, job_input: BatchInput, outputs: StepOutputs) -> BatchResult:
+        return BatchResult(completions=sorted(outputs.all(GENERATOR), key=lambda o: o.index))
 
-    def partial_result(
-        self, job_input: BaseModel, outputs: Mapping[str, Mapping[str, Any]]
-    ) -> dict[str, Any]:
-        return {"partial": True, **self.result(job_input, outputs)}
+    def partial_result(self, job_input: BatchInput, outputs: StepOutputs) -> dict[str, Any]:
+        return {"partial": True, **self.result(job_input, outputs).model_dump(mode="json")}

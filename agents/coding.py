@@ -24,8 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agents.base import JobKind, StepContext, StepSpec
-from agents.registry import register
+from agents.base import AgentError, CallSpec, JobKind, Role, StepContext, StepOutputs, StepSpec
 from agents.sandbox import Sandbox, SandboxLimits
 from core.settings import get_settings
 
@@ -214,125 +213,133 @@ class CodingResult(BaseModel):
     plan: str
 
 
-@register
-class Coding(JobKind):
+class PlanNote(BaseModel):
+    plan: str
+
+
+class CoderOutput(BaseModel):
+    round: int
+    files: dict[str, str] = Field(description="The whole repository after this round.")
+    plan: str
+    changed: list[str]
+    format_error: str | None = None
+    answer: str | None = Field(default=None, description="The end of an unusable answer.")
+
+
+class TestOutput(BaseModel):
+    __test__ = False  # not a test class, whatever pytest thinks of its name
+
+    round: int
+    files: dict[str, str]
+    plan: str
+    passed: bool
+    exit_code: int | None
+    timed_out: bool
+    report: str
+    output_truncated: bool
+    duration_s: float
+    network_isolated: bool
+
+
+PLANNER = Role("planner", PlanNote, "planning")
+CODER = Role("coder", CoderOutput, "writing")
+TESTER = Role("tester", TestOutput, "testing")
+
+
+class Coding(JobKind[CodingInput, CodingResult]):
     name = "coding"
     input_model = CodingInput
     result_model = CodingResult
-    phases = {"planner": "planning", "coder": "writing", "tester": "testing"}
+    roles = (PLANNER, CODER, TESTER)
 
-    def initial_steps(self, job_input: BaseModel) -> list[StepSpec]:
+    def initial_steps(self, job_input: CodingInput) -> list[StepSpec]:
         settings = get_settings()
-        return [StepSpec(key="plan", role="planner", max_tokens=settings.planner_max_tokens),
+        return [StepSpec(key="plan", role=PLANNER, max_tokens=settings.planner_max_tokens),
                 *self._round(1, ("plan",))]
 
     @staticmethod
     def _round(n: int, after: tuple[str, ...]) -> list[StepSpec]:
         settings = get_settings()
         return [
-            StepSpec(key=f"write-{n}", role="coder", max_tokens=settings.coder_max_tokens,
+            StepSpec(key=f"write-{n}", role=CODER, max_tokens=settings.coder_max_tokens,
                      depends_on=after, input={"round": n}),
             # The tester makes no model call; its budget is unused.
-            StepSpec(key=f"test-{n}", role="tester", max_tokens=1,
+            StepSpec(key=f"test-{n}", role=TESTER, max_tokens=1,
                      depends_on=(f"write-{n}",), input={"round": n}),
         ]
 
-    def expand(
-        self, job_input: BaseModel, step_key: str, output: Mapping[str, Any]
-    ) -> list[StepSpec]:
-        assert isinstance(job_input, CodingInput)
-        if not step_key.startswith("test-") or output.get("passed"):
+    def expand(self, job_input: CodingInput, step_key: str, role: Role[Any],
+               output: BaseModel) -> list[StepSpec]:
+        if not isinstance(output, TestOutput) or output.passed:
             return []
-        n = int(step_key.removeprefix("test-"))
-        if n >= job_input.max_rounds:
+        if output.round >= job_input.max_rounds:
             return []
-        return self._round(n + 1, (step_key,))
+        return self._round(output.round + 1, (step_key,))
 
-    def run_step(
-        self,
-        ctx: StepContext,
-        job_input: BaseModel,
-        role: str,
-        step_input: Mapping[str, Any],
-        deps: Mapping[str, Mapping[str, Any]],
-    ) -> dict[str, Any]:
-        assert isinstance(job_input, CodingInput)
-        if role == "planner":
-            reply = ctx.complete(plan_prompt(job_input.task, job_input.files), stop=["\n\n"])
-            return {"plan": reply.text.strip()}
-        if role == "coder":
-            return self._write(ctx, job_input, int(step_input["round"]), deps)
-        if role == "tester":
-            return self._test(job_input, deps)
-        raise ValueError(f"coding jobs have no role {role!r}")
+    def run_step(self, ctx: StepContext, job_input: CodingInput) -> BaseModel:
+        if ctx.role == PLANNER.name:
+            reply = ctx.complete(CallSpec(prompt=plan_prompt(job_input.task, job_input.files),
+                                          stop=["\n\n"]))
+            return PlanNote(plan=reply.text.strip())
+        if ctx.role == CODER.name:
+            return self._write(ctx, job_input, int(ctx.step_input["round"]))
+        if ctx.role == TESTER.name:
+            return self._test(ctx, job_input, int(ctx.step_input["round"]))
+        raise AgentError(f"coding jobs have no role {ctx.role!r}")
 
     @staticmethod
-    def _previous(job_input: CodingInput, deps: Mapping[str, Mapping[str, Any]]
+    def _previous(job_input: CodingInput, parents: StepOutputs
                   ) -> tuple[dict[str, str], str, str | None]:
-        """The files, plan and last test report this round starts from."""
-        files, plan, report = dict(job_input.files), "", None
-        for out in deps.values():
-            if "files" in out:
-                files = dict(out["files"])
-            plan = str(out.get("plan") or plan)
-            if "report" in out:
-                report = str(out["report"])
-        return files, plan, report
+        """The files, plan and test report a round starts from: the plan's, or the last
+        round's test."""
+        tested = parents.all(TESTER)
+        if tested:
+            return dict(tested[-1].files), tested[-1].plan, tested[-1].report
+        return dict(job_input.files), parents.one(PLANNER).plan, None
 
-    def _write(self, ctx: StepContext, job_input: CodingInput, n: int,
-               deps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        files, plan, report = self._previous(job_input, deps)
+    def _write(self, ctx: StepContext, job_input: CodingInput, n: int) -> CoderOutput:
+        files, plan, report = self._previous(job_input, ctx.parents)
         prompt = write_prompt(job_input.task, plan, files, report)
-        reply = ctx.complete(prompt, validate=lambda text: parse_files(text) is not None)
+        reply = ctx.complete(CallSpec(prompt=prompt,
+                                      validate=lambda text: parse_files(text) is not None))
         changed = parse_files(reply.text)
         if changed is None:
-            return {"round": n, "files": files, "plan": plan, "changed": [],
-                    "format_error": "the answer held no file in the required format",
-                    "answer": reply.text[-2000:]}
-        return {"round": n, "files": {**files, **changed}, "plan": plan,
-                "changed": sorted(changed)}
+            return CoderOutput(round=n, files=files, plan=plan, changed=[],
+                               format_error="the answer held no file in the required format",
+                               answer=reply.text[-2000:])
+        return CoderOutput(round=n, files={**files, **changed}, plan=plan,
+                           changed=sorted(changed))
 
-    def _test(self, job_input: CodingInput, deps: Mapping[str, Mapping[str, Any]]
-              ) -> dict[str, Any]:
-        files, plan, _ = self._previous(job_input, deps)
+    def _test(self, ctx: StepContext, job_input: CodingInput, n: int) -> TestOutput:
+        written = ctx.parents.one(CODER)
         settings = get_settings()
         limits = SandboxLimits(cpu_seconds=settings.sandbox_cpu_seconds,
                                wall_seconds=settings.sandbox_wall_seconds)
-        with Sandbox(files, limits) as box:
+        with Sandbox(written.files, limits) as box:
             result = box.run(job_input.test_command)
-        return {"files": files, "plan": plan, "passed": result.exit_code == 0,
-                "exit_code": result.exit_code, "timed_out": result.timed_out,
-                "report": result.output[-REPORT_CHARS * 4:],
-                "output_truncated": result.output_truncated,
-                "duration_s": round(result.duration_s, 3),
-                "network_isolated": result.network_isolated}
+        return TestOutput(round=n, files=written.files, plan=written.plan,
+                          passed=result.exit_code == 0, exit_code=result.exit_code,
+                          timed_out=result.timed_out, report=result.output[-REPORT_CHARS * 4:],
+                          output_truncated=result.output_truncated,
+                          duration_s=round(result.duration_s, 3),
+                          network_isolated=result.network_isolated)
 
-    def result(
-        self, job_input: BaseModel, outputs: Mapping[str, Mapping[str, Any]]
-    ) -> dict[str, Any]:
-        assert isinstance(job_input, CodingInput)
-        tests = sorted((k for k in outputs if k.startswith("test-")),
-                       key=lambda k: int(k.removeprefix("test-")))
-        writes = sorted((k for k in outputs if k.startswith("write-")),
-                        key=lambda k: int(k.removeprefix("write-")))
-        last_test = dict(outputs[tests[-1]]) if tests else {}
-        latest: Mapping[str, str] = job_input.files
-        if last_test.get("files"):
-            latest = last_test["files"]
-        elif writes and outputs[writes[-1]].get("files"):
-            latest = outputs[writes[-1]]["files"]
-        files = dict(latest)
-        return {
-            "passed": bool(last_test.get("passed", False)),
-            "rounds": len(tests),
-            "files": files,
-            "diff": unified_diff(job_input.files, files),
-            "test_report": last_test.get("report"),
-            "exit_code": last_test.get("exit_code"),
-            "plan": (outputs.get("plan") or {}).get("plan", ""),
-        }
+    def result(self, job_input: CodingInput, outputs: StepOutputs) -> CodingResult:
+        tests = sorted(outputs.all(TESTER), key=lambda t: t.round)
+        writes = sorted(outputs.all(CODER), key=lambda w: w.round)
+        last_test = tests[-1] if tests else None
+        files = dict(job_input.files)
+        if last_test is not None and last_test.files:
+            files = dict(last_test.files)
+        elif writes and writes[-1].files:
+            files = dict(writes[-1].files)
+        plan = outputs.get(PLANNER, "plan")
+        return CodingResult(
+            passed=last_test.passed if last_test else False, rounds=len(tests), files=files,
+            diff=unified_diff(job_input.files, files),
+            test_report=last_test.report if last_test else None,
+            exit_code=last_test.exit_code if last_test else None,
+            plan=plan.plan if plan else "")
 
-    def partial_result(
-        self, job_input: BaseModel, outputs: Mapping[str, Mapping[str, Any]]
-    ) -> dict[str, Any]:
-        return {"partial": True, **self.result(job_input, outputs)}
+    def partial_result(self, job_input: CodingInput, outputs: StepOutputs) -> dict[str, Any]:
+        return {"partial": True, **self.result(job_input, outputs).model_dump(mode="json")}

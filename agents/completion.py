@@ -6,13 +6,9 @@ benchmark measures the platform with.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field
 
-from agents.base import JobKind, StepContext, StepSpec
-from agents.registry import register
+from agents.base import CallSpec, JobKind, Role, StepContext, StepOutputs, StepSpec
 
 
 class CompletionInput(BaseModel):
@@ -24,29 +20,31 @@ class CompletionInput(BaseModel):
     stop: list[str] | None = Field(default=None, max_length=4)
 
 
-@register
-class Completion(JobKind):
+class CompletionOutput(BaseModel):
+    text: str
+    finish_reason: str | None
+
+
+class CompletionResult(CompletionOutput):
+    """The generated text and why generation ended (`stop`, `length`)."""
+
+
+GENERATOR = Role("generator", CompletionOutput, "generating")
+
+
+class Completion(JobKind[CompletionInput, CompletionResult]):
     name = "completion"
     input_model = CompletionInput
-    phases = {"generator": "generating"}
+    result_model = CompletionResult
+    roles = (GENERATOR,)
 
-    def initial_steps(self, job_input: BaseModel) -> list[StepSpec]:
-        assert isinstance(job_input, CompletionInput)
-        return [StepSpec(key="generate", role="generator", max_tokens=job_input.max_tokens)]
+    def initial_steps(self, job_input: CompletionInput) -> list[StepSpec]:
+        return [StepSpec(key="generate", role=GENERATOR, max_tokens=job_input.max_tokens)]
 
-    def run_step(
-        self,
-        ctx: StepContext,
-        job_input: BaseModel,
-        role: str,
-        step_input: Mapping[str, Any],
-        deps: Mapping[str, Mapping[str, Any]],
-    ) -> dict[str, Any]:
-        assert isinstance(job_input, CompletionInput)
-        reply = ctx.complete(job_input.prompt, stop=job_input.stop)
-        return {"text": reply.text, "finish_reason": reply.finish_reason}
+    def run_step(self, ctx: StepContext, job_input: CompletionInput) -> CompletionOutput:
+        reply = ctx.complete(CallSpec(prompt=job_input.prompt, stop=job_input.stop))
+        return CompletionOutput(text=reply.text, finish_reason=reply.finish_reason)
 
-    def result(
-        self, job_input: BaseModel, outputs: Mapping[str, Mapping[str, Any]]
-    ) -> dict[str, Any]:
-        return dict(outputs["generate"])
+    def result(self, job_input: CompletionInput, outputs: StepOutputs) -> CompletionResult:
+        out = outputs.one(GENERATOR)
+        return CompletionResult(text=out.text, finish_reason=out.finish_reason)

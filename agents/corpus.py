@@ -3,50 +3,36 @@
 Ingestion takes plain text, Markdown, HTML (to text with Beautiful Soup over lxml, without
 scripts, styles, navigation and other page furniture) and PDF (text extraction with pypdf). The
 text is cut into chunks of about 150-250 words on paragraph and sentence boundaries, with a
-small overlap where a chunk ends inside a paragraph, and stored in the database.
+small overlap where a chunk ends inside a paragraph; `core.repositories.corpora` stores them.
 
 Retrieval is lexical: Okapi BM25 (`bm25s`) over the corpus's chunks, with English stop words
 removed and Snowball stemming (PyStemmer). The index of a corpus is built from its chunks on
 first use and kept in this process, keyed by the corpus's revision, which every change to its
-documents bumps; a query after a change rebuilds it.
-
-`retrieve` and `corpus_exists` are what agents call; the API's `/v1/corpora` routes use the
-rest.
+documents bumps; a query after a change rebuilds it. Search reads a corpus through a
+`CorpusStore` (revision, chunks, chunk texts), so nothing here opens a database session.
 """
 
 from __future__ import annotations
 
-import base64
 import codecs
 import hashlib
 import io
-import json
 import logging
 import re
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import bm25s
 import numpy as np
 import Stemmer
-from sqlalchemy import delete, insert, select, update
-from sqlalchemy.orm import Session
 
-from core.errors import (
-    AgentqError,
-    Conflict,
-    InvalidInput,
-    NotFound,
-    PayloadTooLarge,
-    UnsupportedMediaType,
-)
-from core.ids import new_id
-from core.models import Corpus, CorpusChunk, CorpusDocument, utcnow
+from agents.base import Passage
+from core.errors import AgentqError, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from core.settings import get_settings
 
 # bm25s sets its own logger to DEBUG; its progress notes are of no use here.
@@ -515,168 +501,7 @@ def prepare_document(data: bytes, *, declared_type: str | None, filename: str | 
         sha256=hashlib.sha256(data).hexdigest(), char_count=len(extracted.text), chunks=chunks)
 
 
-_ID = re.compile(r"[A-Za-z0-9_-]{1,40}")
-
-
-def create_corpus(session: Session, tenant_id: str, name: str,
-                  description: str | None = None) -> Corpus:
-    now = utcnow()
-    corpus = Corpus(id=new_id("cor"), tenant_id=tenant_id, name=name, description=description,
-                    document_count=0, chunk_count=0, revision=0, created_at=now, updated_at=now)
-    session.add(corpus)
-    session.flush()
-    return corpus
-
-
-def get_corpus(session: Session, tenant_id: str, corpus_id: str) -> Corpus:
-    """The tenant's corpus; 404 for a corpus of another tenant, as for one that does not exist."""
-    corpus = session.get(Corpus, corpus_id) if _ID.fullmatch(corpus_id) else None
-    if corpus is None or corpus.tenant_id != tenant_id:
-        raise NotFound(f"no corpus {corpus_id[:60]!r}")
-    return corpus
-
-
-def corpus_exists(session: Session, tenant_id: str, corpus_id: str) -> bool:
-    """Whether the tenant has a corpus with this id."""
-    if not _ID.fullmatch(corpus_id):
-        return False
-    return session.scalar(select(Corpus.id).where(
-        Corpus.id == corpus_id, Corpus.tenant_id == tenant_id)) is not None
-
-
-def _encode_cursor(corpus: Corpus) -> str:
-    raw = json.dumps([corpus.created_at.isoformat(), corpus.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, corpus_id = json.loads(raw)
-        if not isinstance(created, str) or not isinstance(corpus_id, str):
-            raise ValueError("bad cursor fields")
-        when = datetime.fromisoformat(created)
-        if when.tzinfo is None:
-            raise ValueError("cursor time has no zone")
-        return when, corpus_id
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput("cursor: not a cursor this API returned") from exc
-
-
-def list_corpora(session: Session, tenant_id: str, *, limit: int, cursor: str | None = None
-                 ) -> tuple[list[Corpus], str | None]:
-    """The tenant's corpora, newest first; keyset pagination with an opaque cursor."""
-    query = select(Corpus).where(Corpus.tenant_id == tenant_id)
-    if cursor:
-        created, corpus_id = _decode_cursor(cursor)
-        query = query.where((Corpus.created_at < created)
-                            | ((Corpus.created_at == created) & (Corpus.id < corpus_id)))
-    rows = list(session.scalars(query.order_by(Corpus.created_at.desc(), Corpus.id.desc())
-                                .limit(limit + 1)))
-    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
-
-
-def list_documents(session: Session, corpus_id: str) -> list[CorpusDocument]:
-    return list(session.scalars(
-        select(CorpusDocument).where(CorpusDocument.corpus_id == corpus_id)
-        .order_by(CorpusDocument.created_at, CorpusDocument.id)))
-
-
-def add_document(session: Session, tenant_id: str, corpus_id: str,
-                 prepared: PreparedDocument) -> CorpusDocument:
-    """Store a prepared document and its chunks; 409 if the corpus already holds the same
-    bytes."""
-    if not _ID.fullmatch(corpus_id):
-        raise NotFound(f"no corpus {corpus_id[:60]!r}")
-    # The update comes first: it locks the corpus's row, so that concurrent uploads of the same
-    # document to it cannot both pass the check below.
-    bumped = session.execute(
-        update(Corpus)
-        .where(Corpus.id == corpus_id, Corpus.tenant_id == tenant_id)
-        .values(document_count=Corpus.document_count + 1,
-                chunk_count=Corpus.chunk_count + len(prepared.chunks),
-                revision=Corpus.revision + 1, updated_at=utcnow())
-        .execution_options(synchronize_session=False))
-    if getattr(bumped, "rowcount", 0) != 1:
-        raise NotFound(f"no corpus {corpus_id[:60]!r}")
-    existing = session.scalar(select(CorpusDocument.id).where(
-        CorpusDocument.corpus_id == corpus_id, CorpusDocument.sha256 == prepared.sha256))
-    if existing is not None:
-        raise Conflict(f"the corpus already holds this document, as {existing}",
-                       code="duplicate_document")
-    doc = CorpusDocument(
-        id=new_id("doc"), corpus_id=corpus_id, title=prepared.title,
-        filename=prepared.filename, content_type=prepared.content_type,
-        size_bytes=prepared.size_bytes, sha256=prepared.sha256,
-        char_count=prepared.char_count, chunk_count=len(prepared.chunks), created_at=utcnow())
-    session.add(doc)
-    session.flush()
-    if prepared.chunks:
-        session.execute(insert(CorpusChunk), [
-            {"id": new_id("chk"), "corpus_id": corpus_id, "document_id": doc.id,
-             "ordinal": n, "text": c.text, "char_start": c.start, "char_end": c.end}
-            for n, c in enumerate(prepared.chunks)])
-    return doc
-
-
-def _lock_corpus(session: Session, tenant_id: str, corpus_id: str) -> None:
-    """Bump the corpus's revision, which also locks its row until the transaction ends (writes
-    to one corpus take turns); 404 when the tenant has no such corpus."""
-    if not _ID.fullmatch(corpus_id):
-        raise NotFound(f"no corpus {corpus_id[:60]!r}")
-    bumped = session.execute(
-        update(Corpus).where(Corpus.id == corpus_id, Corpus.tenant_id == tenant_id)
-        .values(revision=Corpus.revision + 1, updated_at=utcnow())
-        .execution_options(synchronize_session=False))
-    if getattr(bumped, "rowcount", 0) != 1:
-        raise NotFound(f"no corpus {corpus_id[:60]!r}")
-
-
-def delete_document(session: Session, tenant_id: str, corpus_id: str, document_id: str) -> None:
-    """Remove a document and its chunks from the tenant's corpus."""
-    _lock_corpus(session, tenant_id, corpus_id)
-    doc = session.execute(
-        select(CorpusDocument.id, CorpusDocument.chunk_count)
-        .where(CorpusDocument.id == document_id, CorpusDocument.corpus_id == corpus_id)
-    ).first() if _ID.fullmatch(document_id) else None
-    if doc is None:
-        raise NotFound(f"no document {document_id[:60]!r} in corpus {corpus_id}")
-    session.execute(delete(CorpusChunk).where(CorpusChunk.document_id == doc[0])
-                    .execution_options(synchronize_session=False))
-    session.execute(delete(CorpusDocument).where(CorpusDocument.id == doc[0])
-                    .execution_options(synchronize_session=False))
-    session.execute(
-        update(Corpus).where(Corpus.id == corpus_id)
-        .values(document_count=Corpus.document_count - 1,
-                chunk_count=Corpus.chunk_count - int(doc[1]))
-        .execution_options(synchronize_session=False))
-
-
-def delete_corpus(session: Session, tenant_id: str, corpus_id: str) -> None:
-    """Delete the tenant's corpus with all of its documents and chunks."""
-    _lock_corpus(session, tenant_id, corpus_id)
-    for table in (CorpusChunk, CorpusDocument):
-        session.execute(delete(table).where(table.corpus_id == corpus_id)
-                        .execution_options(synchronize_session=False))
-    session.execute(delete(Corpus).where(Corpus.id == corpus_id)
-                    .execution_options(synchronize_session=False))
-    with _cache_lock:
-        _cache.pop(corpus_id, None)
-
-
 # --- Retrieval ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Passage:
-    """A retrieved chunk. `chunk_id` is the chunk's primary key: the id an answer cites."""
-
-    chunk_id: str
-    document_id: str
-    document_title: str
-    text: str
-    score: float
-
 
 @dataclass(frozen=True)
 class SearchHit:
@@ -703,48 +528,73 @@ def tokenize(text: str) -> list[str]:
     return _stem([w for w in _TOKEN.findall(text.lower()) if w not in _STOPWORDS])
 
 
-@dataclass
-class _Index:
-    """A corpus's BM25 index and what locates each chunk; chunk texts stay in the database."""
+@dataclass(frozen=True)
+class CorpusRevision:
+    """What a corpus's index was built at; a change to either means it is rebuilt."""
 
     revision: int
     chunk_count: int
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """A chunk as the index is built from it."""
+
+    chunk_id: str
+    document_id: str
+    document_title: str
+    text: str
+    ordinal: int
+    char_start: int
+    char_end: int
+
+
+class CorpusStore(Protocol):
+    """Where search reads a corpus (`core.repositories.corpora.SessionCorpusStore`)."""
+
+    def revision(self, corpus_id: str) -> CorpusRevision | None:
+        """None when there is no such corpus (or none this store may read)."""
+        ...
+
+    def chunks(self, corpus_id: str) -> Iterable[StoredChunk]:
+        """Every chunk of the corpus, in document order."""
+        ...
+
+    def texts(self, corpus_id: str, chunk_ids: Sequence[str]) -> dict[str, str]:
+        """The text of these chunks of the corpus, by chunk id."""
+        ...
+
+
+@dataclass
+class _Index:
+    """A corpus's BM25 index and what locates each chunk; chunk texts stay in the store."""
+
+    state: CorpusRevision
     bm25: Any  # bm25s.BM25, or None for a corpus without chunks
-    chunk_ids: list[str]
-    document_ids: list[str]
-    ordinals: list[int]
-    starts: list[int]
-    ends: list[int]
-    titles: dict[str, str]  # by document id
+    chunk_ids: list[str] = field(default_factory=list)
+    document_ids: list[str] = field(default_factory=list)
+    ordinals: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    titles: dict[str, str] = field(default_factory=dict)  # by document id
 
 
 _cache: OrderedDict[str, _Index] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def _build_index(session: Session, corpus_id: str, revision: int, chunk_count: int) -> _Index:
-    titles = {doc_id: title for doc_id, title in session.execute(
-        select(CorpusDocument.id, CorpusDocument.title)
-        .where(CorpusDocument.corpus_id == corpus_id))}
-    index = _Index(revision, chunk_count, None, [], [], [], [], [], titles)
+def _build_index(store: CorpusStore, corpus_id: str, state: CorpusRevision) -> _Index:
+    index = _Index(state, None)
     tokens: list[list[str]] = []
-    rows = session.execute(
-        select(CorpusChunk.id, CorpusChunk.document_id, CorpusChunk.text, CorpusChunk.ordinal,
-               CorpusChunk.char_start, CorpusChunk.char_end)
-        .join(CorpusDocument, CorpusDocument.id == CorpusChunk.document_id)
-        .where(CorpusChunk.corpus_id == corpus_id)
-        .order_by(CorpusDocument.created_at, CorpusDocument.id, CorpusChunk.ordinal)
-        .execution_options(yield_per=2000))
-    for chunk_id, document_id, text, ordinal, start, end in rows:
-        if document_id not in titles:
-            continue  # a document added since the titles were read
-        index.chunk_ids.append(chunk_id)
-        index.document_ids.append(document_id)
-        index.ordinals.append(ordinal)
-        index.starts.append(start)
-        index.ends.append(end)
+    for chunk in store.chunks(corpus_id):
+        index.chunk_ids.append(chunk.chunk_id)
+        index.document_ids.append(chunk.document_id)
+        index.ordinals.append(chunk.ordinal)
+        index.starts.append(chunk.char_start)
+        index.ends.append(chunk.char_end)
+        index.titles[chunk.document_id] = chunk.document_title
         # The title's words count as the chunk's own: they say what the document is about.
-        tokens.append(tokenize(f"{titles[document_id]}\n{text}"))
+        tokens.append(tokenize(f"{chunk.document_title}\n{chunk.text}"))
     if any(tokens):
         bm25 = bm25s.BM25()
         bm25.index(tokens, show_progress=False)
@@ -752,18 +602,17 @@ def _build_index(session: Session, corpus_id: str, revision: int, chunk_count: i
     return index
 
 
-def _get_index(session: Session, corpus_id: str) -> _Index | None:
-    state = session.execute(select(Corpus.revision, Corpus.chunk_count)
-                            .where(Corpus.id == corpus_id)).first()
-    if state is None:
-        return None
-    revision, chunk_count = int(state[0]), int(state[1])
+def _get_index(store: CorpusStore, corpus_id: str) -> _Index | None:
+    state = store.revision(corpus_id)
     with _cache_lock:
+        if state is None:
+            _cache.pop(corpus_id, None)
+            return None
         index = _cache.get(corpus_id)
-        if index is not None and (index.revision, index.chunk_count) == (revision, chunk_count):
+        if index is not None and index.state == state:
             _cache.move_to_end(corpus_id)
             return index
-    index = _build_index(session, corpus_id, revision, chunk_count)
+    index = _build_index(store, corpus_id, state)
     with _cache_lock:
         _cache[corpus_id] = index
         _cache.move_to_end(corpus_id)
@@ -772,12 +621,13 @@ def _get_index(session: Session, corpus_id: str) -> _Index | None:
     return index
 
 
-def search(session: Session, corpus_id: str, query: str, k: int = 5) -> list[SearchHit]:
+def search(store: CorpusStore, corpus_id: str, query: str, k: int = 5) -> list[SearchHit]:
     """The corpus's `k` chunks that best match the query by BM25, best first; chunks that
-    share no word with the query are never returned."""
-    if not _ID.fullmatch(corpus_id) or k < 1:
+    share no word with the query are never returned, nor is anything of a corpus the store
+    does not hold."""
+    if k < 1:
         return []
-    index = _get_index(session, corpus_id)
+    index = _get_index(store, corpus_id)
     if index is None or index.bm25 is None:
         return []
     query_tokens = [t for t in tokenize(query) if t in index.bm25.vocab_dict]
@@ -791,9 +641,7 @@ def search(session: Session, corpus_id: str, query: str, k: int = 5) -> list[Sea
              if scores[i] > 0]
     if not order:
         return []
-    texts = {chunk_id: text for chunk_id, text in session.execute(
-        select(CorpusChunk.id, CorpusChunk.text)
-        .where(CorpusChunk.id.in_([index.chunk_ids[i] for i in order])))}
+    texts = store.texts(corpus_id, [index.chunk_ids[i] for i in order])
     hits: list[SearchHit] = []
     for i in order:
         text = texts.get(index.chunk_ids[i])
@@ -807,11 +655,10 @@ def search(session: Session, corpus_id: str, query: str, k: int = 5) -> list[Sea
     return hits
 
 
-def retrieve(session: Session, corpus_id: str, query: str, k: int = 4) -> list[Passage]:
-    """The `k` passages of the corpus that best answer the query (BM25), best first. The
-    caller checks that the corpus is the tenant's (`corpus_exists`); an unknown corpus, or a
-    query that shares no word with the corpus, gives an empty list."""
-    return [hit.passage for hit in search(session, corpus_id, query, k)]
+def retrieve(store: CorpusStore, corpus_id: str, query: str, k: int = 4) -> list[Passage]:
+    """The `k` passages of the corpus that best answer the query (BM25), best first; none for
+    a corpus the store does not hold or a query that shares no word with the corpus."""
+    return [hit.passage for hit in search(store, corpus_id, query, k)]
 
 
 def snippet(text: str, query: str, width: int = 240) -> str:

@@ -1,4 +1,5 @@
-"""Research jobs: plan into sub-questions, investigate each in parallel, synthesise a brief.
+"""Research jobs: plan into sub-questions, investigate each in parallel, synthesise a brief;
+over a corpus, investigators cite retrieved passages and a verifier checks the citations.
 
 Prompts are laid out prefix-stable: the shared part (instructions and the question) comes first
 and the per-step part last, so the model server's prefix cache serves a job's sub-agents.
@@ -8,20 +9,22 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
-from agents.base import JobKind, StepContext, StepSpec
+from agents.base import (
+    AgentError,
+    CallSpec,
+    JobKind,
+    Role,
+    StepContext,
+    StepOutputs,
+    StepSpec,
+    SubmissionContext,
+)
 from agents.citations import renumber, section_citations, verify
-from agents.corpus import corpus_exists, retrieve
-from agents.registry import register
-from core.db import session_scope
 from core.errors import InvalidInput
-from core.models import CorpusChunk
 from core.settings import get_settings
 
 # One sub-question: starts with a capital, ends with its question mark. Unbounded repetition keeps
@@ -69,10 +72,23 @@ class ResearchInput(BaseModel):
                                        description="Passages retrieved per sub-question.")
 
 
-class Section(BaseModel):
+class _Compact(BaseModel):
+    """A model whose JSON leaves out the fields named in `_omit_none` while they are None."""
+
+    _omit_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k not in self._omit_none}
+
+
+class Section(_Compact):
+    _omit_none = frozenset({"citations"})
+
     question: str
     answer: str
-    citations: list[Any] | None = Field(default=None, description="Citation numbers it uses.")
+    citations: list[int] | None = Field(default=None, description="Citation numbers it uses.")
 
 
 class Citation(BaseModel):
@@ -83,7 +99,73 @@ class Citation(BaseModel):
     snippet: str
 
 
-class ResearchResult(BaseModel):
+class CitationProblem(_Compact):
+    _omit_none = frozenset({"chunk"})
+
+    where: str
+    citation: int | str
+    chunk: str | None = None
+    problem: str
+
+
+class UnsupportedSentence(BaseModel):
+    where: str
+    sentence: str
+    reason: str
+
+
+# --- Step outputs ------------------------------------------------------------------------------
+
+class PlanOutput(BaseModel):
+    subquestions: list[str]
+    fallback: bool = False
+    raw: str | None = Field(default=None, description="The model's unusable plan.")
+
+
+class SourcePassage(BaseModel):
+    """A passage given to an investigator; its number is its position, from 1."""
+
+    chunk_id: str
+    document_id: str
+    document: str
+    text: str
+
+
+class SectionCitation(BaseModel):
+    n: int
+    chunk_id: str | None = Field(description="None: the number names no passage given.")
+
+
+class InvestigationOutput(BaseModel):
+    question: str
+    answer: str
+    finish_reason: str | None = None
+    # Over a corpus only: the citations in the answer and the passages retrieved.
+    citations: list[SectionCitation] | None = None
+    retrieved: list[str] = Field(default_factory=list)
+    passages: list[SourcePassage] = Field(default_factory=list)
+
+
+class SynthesisOutput(BaseModel):
+    answer: str
+    sections: list[Section]
+    answer_fallback: bool = False
+    finish_reason: str | None = None
+    # Over a corpus only: the brief's citations and, per section, the chunks retrieved for it.
+    citations: list[Citation] | None = None
+    retrieved_by_section: list[list[str]] | None = None
+
+
+class VerificationOutput(BaseModel):
+    verified: bool
+    citations_checked: int
+    problems: list[CitationProblem]
+    unsupported_sentences: list[UnsupportedSentence]
+
+
+class ResearchResult(_Compact):
+    _omit_none = frozenset({"note", "corpus_id", "citations", "verification"})
+
     answer: str | None
     sections: list[Section]
     plan_fallback: bool = False
@@ -91,9 +173,13 @@ class ResearchResult(BaseModel):
     note: str | None = None
     corpus_id: str | None = None
     citations: list[Citation] | None = None
-    verification: dict[str, Any] | None = Field(
-        default=None, description="`verified`, `citations_checked`, `problems`, "
-                                  "`unsupported_sentences`.")
+    verification: VerificationOutput | None = None
+
+
+PLANNER = Role("planner", PlanOutput, "planning")
+INVESTIGATOR = Role("investigator", InvestigationOutput, "investigating")
+SYNTHESISER = Role("synthesiser", SynthesisOutput, "synthesising")
+VERIFIER = Role("verifier", VerificationOutput, "verifying")
 
 
 SYNTHESIS_CUE = "Overall answer to the research question:"
@@ -161,189 +247,173 @@ def parse_plan(text: str, n_max: int) -> list[str] | None:
     return cleaned[:n_max]
 
 
-@register
-class Research(JobKind):
+def _step_number(key: str) -> int:
+    return int(key.rsplit("-", 1)[1])
+
+
+def _investigations(outputs: StepOutputs) -> list[InvestigationOutput]:
+    """The finished investigations, in the order of the plan."""
+    found = sorted(outputs.items(INVESTIGATOR), key=lambda item: _step_number(item[0]))
+    return [out for _, out in found]
+
+
+class Research(JobKind[ResearchInput, ResearchResult]):
     name = "research"
     input_model = ResearchInput
     result_model = ResearchResult
-    phases = {"planner": "planning", "investigator": "investigating",
-              "synthesiser": "synthesising", "verifier": "verifying"}
+    roles = (PLANNER, INVESTIGATOR, SYNTHESISER, VERIFIER)
 
-    def check(self, session: Session, tenant_id: str, job_input: BaseModel) -> None:
-        assert isinstance(job_input, ResearchInput)
-        if job_input.corpus_id and not corpus_exists(session, tenant_id, job_input.corpus_id):
+    def check(self, ctx: SubmissionContext, job_input: ResearchInput) -> None:
+        if job_input.corpus_id and not ctx.corpus_exists(job_input.corpus_id):
             raise InvalidInput(f"input.corpus_id: this tenant has no corpus "
                                f"{job_input.corpus_id!r}")
 
     def _n(self, job_input: ResearchInput) -> int:
         return job_input.max_subquestions or get_settings().max_subquestions
 
-    def initial_steps(self, job_input: BaseModel) -> list[StepSpec]:
-        return [StepSpec(key="plan", role="planner",
+    def initial_steps(self, job_input: ResearchInput) -> list[StepSpec]:
+        return [StepSpec(key="plan", role=PLANNER,
                          max_tokens=get_settings().planner_max_tokens)]
 
-    def expand(
-        self, job_input: BaseModel, step_key: str, output: Mapping[str, Any]
-    ) -> list[StepSpec]:
-        if step_key != "plan":
+    def expand(self, job_input: ResearchInput, step_key: str, role: Role[Any],
+               output: BaseModel) -> list[StepSpec]:
+        if not isinstance(output, PlanOutput):
             return []
         settings = get_settings()
-        questions: list[str] = list(output["subquestions"])
         investigate = [
-            StepSpec(key=f"investigate-{i + 1}", role="investigator",
-                     max_tokens=settings.investigator_max_tokens, depends_on=("plan",),
+            StepSpec(key=f"investigate-{i + 1}", role=INVESTIGATOR,
+                     max_tokens=settings.investigator_max_tokens, depends_on=(step_key,),
                      input={"question": q})
-            for i, q in enumerate(questions)
+            for i, q in enumerate(output.subquestions)
         ]
-        synth = StepSpec(key="synthesise", role="synthesiser",
+        synth = StepSpec(key="synthesise", role=SYNTHESISER,
                          max_tokens=settings.synthesiser_max_tokens,
                          depends_on=tuple(s.key for s in investigate))
-        assert isinstance(job_input, ResearchInput)
         if not job_input.corpus_id:
             return [*investigate, synth]
         # The verifier makes no model call; its budget is unused.
-        check = StepSpec(key="verify", role="verifier", max_tokens=1,
-                         depends_on=("synthesise",))
+        check = StepSpec(key="verify", role=VERIFIER, max_tokens=1, depends_on=("synthesise",))
         return [*investigate, synth, check]
 
-    def run_step(
-        self,
-        ctx: StepContext,
-        job_input: BaseModel,
-        role: str,
-        step_input: Mapping[str, Any],
-        deps: Mapping[str, Mapping[str, Any]],
-    ) -> dict[str, Any]:
-        assert isinstance(job_input, ResearchInput)
-        if role == "planner":
+    def run_step(self, ctx: StepContext, job_input: ResearchInput) -> BaseModel:
+        if ctx.role == PLANNER.name:
             return self._plan(ctx, job_input)
-        if role == "investigator":
-            return self._investigate(ctx, job_input, str(step_input["question"]))
-        if role == "synthesiser":
-            return self._synthesise(ctx, job_input, deps)
-        if role == "verifier":
-            return self._verify(job_input, deps["synthesise"])
-        raise ValueError(f"research jobs have no role {role!r}")
+        if ctx.role == INVESTIGATOR.name:
+            question = str(ctx.step_input["question"])
+            if job_input.corpus_id:
+                return self._investigate_corpus(ctx, job_input, job_input.corpus_id, question)
+            return self._investigate(ctx, job_input, question)
+        if ctx.role == SYNTHESISER.name:
+            return self._synthesise(ctx, job_input)
+        if ctx.role == VERIFIER.name:
+            return self._verify(ctx, job_input)
+        raise AgentError(f"research jobs have no role {ctx.role!r}")
 
-    def _plan(self, ctx: StepContext, job_input: ResearchInput) -> dict[str, Any]:
+    def _plan(self, ctx: StepContext, job_input: ResearchInput) -> PlanOutput:
         n = self._n(job_input)
         # A plan that does not parse is asked of the next larger model, where there is one.
-        reply = ctx.complete(plan_prompt(job_input.query), regex=plan_regex(2, n),
-                             validate=lambda text: parse_plan(text, n) is not None)
+        reply = ctx.complete(CallSpec(prompt=plan_prompt(job_input.query),
+                                      regex=plan_regex(2, n),
+                                      validate=lambda text: parse_plan(text, n) is not None))
         questions = parse_plan(reply.text, n)
         if questions is None:
-            return {"subquestions": fallback_plan(job_input.query, n), "fallback": True,
-                    "raw": reply.text[:2000]}
-        return {"subquestions": questions, "fallback": False}
+            return PlanOutput(subquestions=fallback_plan(job_input.query, n), fallback=True,
+                              raw=reply.text[:2000])
+        return PlanOutput(subquestions=questions)
 
     def _investigate(self, ctx: StepContext, job_input: ResearchInput,
-                     question: str) -> dict[str, Any]:
-        if job_input.corpus_id:
-            return self._investigate_corpus(ctx, job_input, job_input.corpus_id, question)
+                     question: str) -> InvestigationOutput:
         prompt = _shared_prefix(job_input.query) + f"Section: {question}\nAnswer:"
-        reply = ctx.complete(prompt, stop=["\n"])
-        return {"question": question, "answer": reply.text.strip(),
-                "finish_reason": reply.finish_reason}
+        reply = ctx.complete(CallSpec(prompt=prompt, stop=["\n"]))
+        return InvestigationOutput(question=question, answer=reply.text.strip(),
+                                   finish_reason=reply.finish_reason)
 
     def _investigate_corpus(self, ctx: StepContext, job_input: ResearchInput,
-                            corpus_id: str, question: str) -> dict[str, Any]:
-        with session_scope() as s:
-            found = retrieve(s, corpus_id, question, k=job_input.passages_per_question)
-        passages = [{"chunk_id": p.chunk_id, "document_id": p.document_id,
-                     "document": p.document_title, "text": p.text[:PASSAGE_CHARS]}
+                            corpus_id: str, question: str) -> InvestigationOutput:
+        found = ctx.search_corpus(corpus_id, question, job_input.passages_per_question)
+        passages = [SourcePassage(chunk_id=p.chunk_id, document_id=p.document_id,
+                                  document=p.document_title, text=p.text[:PASSAGE_CHARS])
                     for p in found]
         if not passages:
-            return {"question": question, "answer": NOTHING_FOUND, "citations": [],
-                    "retrieved": [], "passages": []}
-        sources = "".join(f"[{i + 1}] {p['text']}\n" for i, p in enumerate(passages))
+            return InvestigationOutput(question=question, answer=NOTHING_FOUND, citations=[])
+        sources = "".join(f"[{i + 1}] {p.text}\n" for i, p in enumerate(passages))
         prompt = (_cited_prefix(job_input.query) + f"Sources:\n{sources}\n"
                   f"Section: {question}\nAnswer:")
-        reply = ctx.complete(prompt, stop=["\n"])
+        reply = ctx.complete(CallSpec(prompt=prompt, stop=["\n"]))
         answer = reply.text.strip()
-        return {"question": question, "answer": answer,
-                "citations": section_citations(answer, passages),
-                "retrieved": [p["chunk_id"] for p in passages], "passages": passages,
-                "finish_reason": reply.finish_reason}
+        cited = section_citations(answer, [{"chunk_id": p.chunk_id} for p in passages])
+        return InvestigationOutput(
+            question=question, answer=answer,
+            citations=[SectionCitation.model_validate(c) for c in cited],
+            retrieved=[p.chunk_id for p in passages], passages=passages,
+            finish_reason=reply.finish_reason)
 
-    @staticmethod
-    def _investigations(deps: Mapping[str, Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-        keys = sorted((k for k in deps if k.startswith("investigate-")),
-                      key=lambda k: int(k.rsplit("-", 1)[1]))
-        return [deps[k] for k in keys]
-
-    def _sections(self, deps: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-        return [{"question": d["question"], "answer": d["answer"],
-                 **({"citations": d["citations"]} if "citations" in d else {})}
-                for d in self._investigations(deps)]
-
-    def _synthesise(self, ctx: StepContext, job_input: ResearchInput,
-                    deps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        sections = self._sections(deps)
+    def _synthesise(self, ctx: StepContext, job_input: ResearchInput) -> SynthesisOutput:
+        investigations = _investigations(ctx.parents)
         cited = bool(job_input.corpus_id)
-        citations: list[dict[str, Any]] = []
+        citations: list[Citation] = []
         if cited:
-            sections, citations = renumber(sections)
-            passages = {p["chunk_id"]: p for d in self._investigations(deps)
-                        for p in d.get("passages", [])}
-            for c in citations:
-                p = passages.get(c["chunk_id"], {})
-                c.update(document=p.get("document"), document_id=p.get("document_id"),
-                         chunk=c["chunk_id"], snippet=_snippet(str(p.get("text", ""))))
-        notes = "".join(f"Section: {s['question']}\nAnswer: {s['answer']}\n\n" for s in sections)
+            renumbered, numbered = renumber([
+                {"question": inv.question, "answer": inv.answer,
+                 "citations": [c.model_dump() for c in inv.citations or []]}
+                for inv in investigations])
+            sections = [Section.model_validate(sec) for sec in renumbered]
+            passages = {p.chunk_id: p for inv in investigations for p in inv.passages}
+            for c in numbered:
+                p = passages.get(c["chunk_id"])
+                citations.append(Citation(
+                    n=c["n"], document=p.document if p else None,
+                    document_id=p.document_id if p else None, chunk=c["chunk_id"],
+                    snippet=_snippet(p.text if p else "")))
+        else:
+            sections = [Section(question=inv.question, answer=inv.answer)
+                        for inv in investigations]
+        notes = "".join(f"Section: {s.question}\nAnswer: {s.answer}\n\n" for s in sections)
         prefix = _cited_prefix(job_input.query) if cited else _shared_prefix(job_input.query)
-        prompt = prefix + notes + SYNTHESIS_CUE
-        reply = ctx.complete(prompt, stop=["\n"])
+        reply = ctx.complete(CallSpec(prompt=prefix + notes + SYNTHESIS_CUE, stop=["\n"]))
         answer = reply.text.strip()
         # A model that says nothing still leaves the sections it was given.
         fallback = not answer
         if fallback:
-            answer = " ".join(s["answer"] for s in sections if s["answer"])
-        out: dict[str, Any] = {"answer": answer, "sections": sections,
-                               "answer_fallback": fallback,
-                               "finish_reason": reply.finish_reason}
-        if cited:
-            out["citations"] = citations
-            out["retrieved_by_section"] = [list(d.get("retrieved", []))
-                                           for d in self._investigations(deps)]
-        return out
+            answer = " ".join(s.answer for s in sections if s.answer)
+        return SynthesisOutput(
+            answer=answer, sections=sections, answer_fallback=fallback,
+            finish_reason=reply.finish_reason, citations=citations if cited else None,
+            retrieved_by_section=[list(inv.retrieved) for inv in investigations]
+            if cited else None)
 
-    def _verify(self, job_input: ResearchInput, synth: Mapping[str, Any]) -> dict[str, Any]:
-        citations = list(synth.get("citations", []))
-        ids = {str(c["chunk_id"]) for c in citations}
-        with session_scope() as s:
-            chunks = {cid: text for cid, text in s.execute(
-                select(CorpusChunk.id, CorpusChunk.text).where(
-                    CorpusChunk.id.in_(ids), CorpusChunk.corpus_id == job_input.corpus_id))
-            } if ids else {}
-        return verify(synth["sections"], citations, synth.get("retrieved_by_section", []),
-                      chunks, answer=str(synth.get("answer", "")))
+    def _verify(self, ctx: StepContext, job_input: ResearchInput) -> VerificationOutput:
+        if not job_input.corpus_id:
+            raise AgentError("there is no corpus to verify the citations against")
+        synth = ctx.parents.one(SYNTHESISER)
+        citations = synth.citations or []
+        ids = sorted({c.chunk for c in citations})
+        chunks = ctx.read_passages(job_input.corpus_id, ids) if ids else {}
+        report = verify([s.model_dump() for s in synth.sections],
+                        [{"n": c.n, "chunk_id": c.chunk} for c in citations],
+                        synth.retrieved_by_section or [], chunks, answer=synth.answer)
+        return VerificationOutput.model_validate(report)
 
-    def result(
-        self, job_input: BaseModel, outputs: Mapping[str, Mapping[str, Any]]
-    ) -> dict[str, Any]:
-        assert isinstance(job_input, ResearchInput)
-        synth = outputs["synthesise"]
-        out: dict[str, Any] = {
-            "answer": synth["answer"],
-            "sections": synth["sections"],
-            "plan_fallback": bool(outputs.get("plan", {}).get("fallback", False)),
-        }
-        if job_input.corpus_id:
-            out.update(
-                sources="corpus", corpus_id=job_input.corpus_id,
-                citations=[{k: c.get(k) for k in ("n", "document", "document_id", "chunk",
-                                                  "snippet")}
-                           for c in synth.get("citations", [])],
-                verification=dict(outputs.get("verify", {})))
-        else:
-            out.update(sources="model_knowledge",
-                       note="Written from the model's own knowledge; no corpus was searched.")
-        return out
+    def result(self, job_input: ResearchInput, outputs: StepOutputs) -> ResearchResult:
+        synth = outputs.one(SYNTHESISER)
+        plan = outputs.get(PLANNER, "plan")
+        fallback = plan.fallback if plan else False
+        if not job_input.corpus_id:
+            return ResearchResult(
+                answer=synth.answer, sections=synth.sections, plan_fallback=fallback,
+                sources="model_knowledge",
+                note="Written from the model's own knowledge; no corpus was searched.")
+        return ResearchResult(
+            answer=synth.answer, sections=synth.sections, plan_fallback=fallback,
+            sources="corpus", corpus_id=job_input.corpus_id, citations=synth.citations or [],
+            verification=outputs.get(VERIFIER, "verify"))
 
-    def partial_result(
-        self, job_input: BaseModel, outputs: Mapping[str, Mapping[str, Any]]
-    ) -> dict[str, Any]:
-        assert isinstance(job_input, ResearchInput)
-        sections = self._sections(outputs)
+    def partial_result(self, job_input: ResearchInput, outputs: StepOutputs) -> dict[str, Any]:
+        sections: list[dict[str, Any]] = []
+        for inv in _investigations(outputs):
+            section: dict[str, Any] = {"question": inv.question, "answer": inv.answer}
+            if inv.citations is not None:
+                section["citations"] = [c.model_dump(mode="json") for c in inv.citations]
+            sections.append(section)
         return {"partial": True, "answer": None, "sections": sections,
                 "sources": "corpus" if job_input.corpus_id else "model_knowledge"}

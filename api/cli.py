@@ -240,10 +240,10 @@ def keys_create(
     admin: Annotated[bool, typer.Option("--admin", help="Grant the admin scope.")] = False,
 ) -> None:
     """Create an API key and print it. It is shown only this once."""
-    from core.db import session_scope
+    from core.db import transaction
     from core.keys import create_key
 
-    with session_scope() as session:
+    with transaction() as session:
         raw, key = create_key(session, tenant, admin=admin)
         key_id = key.id
     typer.echo(raw)
@@ -254,10 +254,10 @@ def keys_create(
 @keys_app.command("revoke")
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id (key_...)")]) -> None:
     """Revoke an API key."""
-    from core.db import session_scope
+    from core.db import transaction
     from core.keys import revoke_key
 
-    with session_scope() as session:
+    with transaction() as session:
         ok = revoke_key(session, key_id)
     if not ok:
         typer.echo(f"no active key {key_id}", err=True)

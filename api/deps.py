@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.limits import rate_limiter
-from core.db import session_scope
+from core.db import transaction
 from core.errors import Forbidden, Unauthorized
 from core.keys import Principal, authenticate
 
@@ -19,7 +19,7 @@ _bearer = HTTPBearer(auto_error=False, description="An agentq API key: `Bearer a
 
 def _read_session() -> Iterator[Session]:
     """A session for reads; writes go through the orchestrator's unit of work."""
-    with session_scope(read_only=True) as session:
+    with transaction(read_only=True) as session:
         yield session
 
 

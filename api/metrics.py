@@ -20,21 +20,20 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
 from core.db import read_session_factory
 from core.errors import Unauthorized
-from core.models import Job, ModelCall, Step
+from core.models import JobStatus, StepStatus
 from core.queue import QUEUE
 from core.redis import get_redis
+from core.repositories import reports, reports_counts
 from core.settings import get_settings
 from inference.pool import INFLIGHT_KEY_PREFIX
 
 log = logging.getLogger(__name__)
 
-JOB_STATUSES = ("queued", "running", "cancelling", "completed", "failed", "cancelled",
-                "budget_exhausted")
-STEP_STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled")
+JOB_STATUSES = tuple(str(s) for s in JobStatus)
+STEP_STATUSES = tuple(str(s) for s in StepStatus)
 
 
 class AgentqCollector(Collector):
@@ -98,31 +97,20 @@ class AgentqCollector(Collector):
         session = read_session_factory()()
         try:
             by_status = dict.fromkeys(JOB_STATUSES, 0)
-            for status, n in session.execute(select(Job.status, func.count())
-                                             .group_by(Job.status)):
-                by_status[str(status)] = int(n)
+            by_status.update(reports_counts.job_counts(session))
             for status, n in by_status.items():
                 jobs.add_metric([status], n)
             step_status = dict.fromkeys(STEP_STATUSES, 0)
-            for status, n in session.execute(select(Step.status, func.count())
-                                             .group_by(Step.status)):
-                step_status[str(status)] = int(n)
+            step_status.update(reports_counts.step_counts(session))
             for status, n in step_status.items():
                 steps.add_metric([status], n)
-            for model, n, p, c, cached, usd, wh in session.execute(select(
-                    ModelCall.model, func.count(),
-                    func.coalesce(func.sum(ModelCall.prompt_tokens), 0),
-                    func.coalesce(func.sum(ModelCall.completion_tokens), 0),
-                    func.coalesce(func.sum(ModelCall.cached_tokens), 0),
-                    func.coalesce(func.sum(ModelCall.cost_usd), 0),
-                    func.coalesce(func.sum(ModelCall.energy_wh), 0.0))
-                    .group_by(ModelCall.model)):
-                calls.add_metric([model], int(n))
-                tokens.add_metric([model, "prompt"], int(p))
-                tokens.add_metric([model, "completion"], int(c))
-                tokens.add_metric([model, "cached_prompt"], int(cached or 0))
-                cost.add_metric([model], float(usd or 0))
-                energy.add_metric([model], float(wh or 0))
+            for model, s in reports.sums_by(session, reports.ReportFilter(), "model").items():
+                calls.add_metric([model], s.calls)
+                tokens.add_metric([model, "prompt"], s.prompt_tokens)
+                tokens.add_metric([model, "completion"], s.completion_tokens)
+                tokens.add_metric([model, "cached_prompt"], s.cached_tokens)
+                cost.add_metric([model], float(s.cost_usd))
+                energy.add_metric([model], s.energy_wh)
             up.add_metric([], 1)
         except Exception as exc:  # noqa: BLE001 - a scrape reports the outage, not a 500
             log.warning("metrics: database unavailable: %s", exc)

@@ -67,6 +67,9 @@ class PlatformResult:
     retried_steps: int
     worker_cpu_s: float | None
     api_cpu_s: float | None
+    batch_steps: int = 0
+    batch_s: float = 0.0
+    batch_worker_cpu_s: float | None = None
 
 
 @dataclass
@@ -103,7 +106,7 @@ def _ms(a: datetime, b: datetime) -> float:
 
 def run_platform(db_url: str, redis_url: str, endpoint: str, jobs: int, subquestions: int,
                  workers: int, concurrency: int, submit_concurrency: int,
-                 workdir: Path) -> PlatformResult:
+                 workdir: Path, batch_prompts: int = 200) -> PlatformResult:
     from core.models import Job, Step
 
     redis.Redis.from_url(redis_url).flushdb()
@@ -137,7 +140,19 @@ def run_platform(db_url: str, redis_url: str, endpoint: str, jobs: int, subquest
         wait_until(lambda: done(ids), 600, interval=0.05, what=f"{jobs} jobs")
         worker_cpu1 = cpu_seconds(worker_procs)
 
+        # One wide job: a `batch` of `batch_prompts` prompts, its steps all runnable at once,
+        # each a model call settled against the same job row.
+        batch_cpu0 = cpu_seconds(worker_procs)
+        batch_ids = submit_jobs(base, key, [{"kind": "batch", "input": {
+            "prompts": [f"Prompt {i} of the wide job" for i in range(batch_prompts)],
+            "max_tokens": 8}, "budget": {"max_total_tokens": 1_000_000}}], 1)
+        wait_until(lambda: done(batch_ids), 600, interval=0.05, what="the batch job")
+        batch_cpu1 = cpu_seconds(worker_procs)
         with Session(engine) as s:
+            batch = s.execute(select(Job.status, Job.created_at, Job.finished_at, Job.steps_done)
+                              .where(Job.id == batch_ids[0])).one()
+            if batch.status != "completed":
+                raise SystemExit(f"the batch job ended {batch.status}")
             job_rows = s.execute(select(Job.id, Job.status, Job.created_at, Job.finished_at)
                                  .where(Job.id.in_(ids))).all()
             step_rows = s.execute(select(Step.job_id, Step.key, Step.depends_on, Step.status,
@@ -182,6 +197,9 @@ def run_platform(db_url: str, redis_url: str, endpoint: str, jobs: int, subquest
         retried_steps=sum(1 for r in step_rows if r.attempt > 1),
         worker_cpu_s=_delta(worker_cpu0, worker_cpu1),
         api_cpu_s=_delta(api_cpu0, api_cpu1),
+        batch_steps=int(batch.steps_done),
+        batch_s=(batch.finished_at - batch.created_at).total_seconds(),
+        batch_worker_cpu_s=_delta(batch_cpu0, batch_cpu1),
     )
 
 
@@ -265,6 +283,10 @@ def report(p: PlatformResult, raw: RawResult, args: argparse.Namespace, db_kind:
         f"{'worker CPU per step (ms)':40s}{_per(p.worker_cpu_s, p.steps)}   (platform "
         f"worker processes, user + system, while the jobs ran)",
         f"{'API CPU per submission (ms)':40s}{_per(p.api_cpu_s, p.jobs)}",
+        f"{'one batch job: steps/s':40s}{p.batch_steps / p.batch_s:10.1f}   ({p.batch_steps} "
+        f"steps of one job in {p.batch_s:.2f} s, created -> finished)",
+        f"{'one batch job: worker CPU per step (ms)':40s}"
+        f"{_per(p.batch_worker_cpu_s, p.batch_steps)}",
         f"{'worker CPU per empty task (ms)':40s}{_per(raw.worker_cpu_s, raw.tasks)}   (raw "
         f"Celery worker processes)",
         f"{'cores (os.cpu_count())':40s}{os.cpu_count():10d}",

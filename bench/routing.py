@@ -50,6 +50,7 @@ import httpx
 
 from bench.common import Proc, percentile, tail, wait_until
 from core.settings import Settings
+from inference.calls import CallSpec
 from inference.pool import Completion, CompletionRequest, Pool
 from inference.standin import free_port
 
@@ -204,7 +205,7 @@ def run(endpoints: Sequence[str], routing: Routing, calls: Sequence[Call], concu
 
         def one(call: Call) -> Completion:
             return pool.complete(CompletionRequest(
-                prompt=call.prompt, max_tokens=max_tokens, temperature=0.0,
+                call=CallSpec(prompt=call.prompt, max_tokens=max_tokens),
                 request_id=f"{call.job_id}-step{call.step}", tenant_id="bench",
                 job_id=call.job_id, affinity_key=call.job_id))
 

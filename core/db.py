@@ -7,18 +7,22 @@ when a read transaction tries to become a write transaction.
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc, func, literal_column
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from core.settings import get_settings
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
 _factories: dict[str, sessionmaker[Session]] = {}
@@ -87,19 +91,74 @@ def read_session_factory(url: str | None = None) -> sessionmaker[Session]:
     return _read_factories[url]
 
 
+AFTER_COMMIT = "agentq.after_commit"
+
+
+def after_commit(session: Session, key: str, action: Callable[[], None]) -> None:
+    """Run `action` once the transaction of `session` has committed (never if it rolls back).
+    One action per `key` and transaction: repositories register their publisher once and add
+    to what it publishes."""
+    actions: dict[str, Callable[[], None]] = session.info.setdefault(AFTER_COMMIT, {})
+    actions.setdefault(key, action)
+
+
+def pending(session: Session, key: str) -> list[Any]:
+    """A list kept with the transaction under `key` (what its after-commit action sends)."""
+    lists: dict[str, list[Any]] = session.info.setdefault(AFTER_COMMIT + ".lists", {})
+    return lists.setdefault(key, [])
+
+
 @contextmanager
-def session_scope(*, read_only: bool = False) -> Iterator[Session]:
-    """A unit of work: commits on success, rolls back on error. Only outer boundaries use it.
-    `read_only`: a session that never takes SQLite's write lock (for reads)."""
+def transaction(*, read_only: bool = False) -> Iterator[Session]:
+    """The unit of work, and the only one: commits on success, rolls back on error. Opened at
+    the edges (an endpoint, a task), never inside services or repositories. What the
+    transaction wrote to publish (outbox messages, event notifications) is published after
+    commit. `read_only`: never takes SQLite's write lock."""
     session = (read_session_factory() if read_only else session_factory())()
     try:
         yield session
         session.commit()
     except BaseException:
         session.rollback()
-        raise
-    finally:
+        session.info.clear()
         session.close()
+        raise
+    actions: dict[str, Callable[[], None]] = session.info.pop(AFTER_COMMIT, {})
+    session.close()
+    for action in actions.values():
+        try:
+            action()
+        except Exception:  # noqa: BLE001 - committed work is safe; sweepers cover the rest
+            log.exception("an after-commit action failed")
+
+
+# Errors after which the same transaction may succeed if run again: a dropped or refused
+# connection, a pool that had none free, a deadlock or serialisation failure, SQLite's lock.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
+
+
+def db_retrying(max_s: float = 15.0) -> Retrying:
+    """Retries of a whole transaction on a transient database error, for at most `max_s`."""
+    return Retrying(retry=retry_if_exception_type(TRANSIENT_DB_ERRORS),
+                    stop=stop_after_delay(max_s),
+                    wait=wait_exponential_jitter(multiplier=0.05, max=5.0), reraise=True)
+
+
+def is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def db_now(session: Session, plus_s: float = 0.0) -> Any:
+    """Now (plus `plus_s` seconds) on the database's clock, for leases and expiry: hosts'
+    clocks may differ, the database's is the one every process shares. SQLite is embedded, so
+    its host's clock is the database's."""
+    if is_postgres(session):
+        now = func.now()  # the transaction's start: the same for every statement in it
+        return now + literal_column(f"interval '{float(plus_s)} seconds'") if plus_s else now
+    from core.models import utcnow
+
+    return utcnow() + timedelta(seconds=plus_s)
 
 
 def dispose_engines() -> None:

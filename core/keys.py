@@ -74,3 +74,7 @@ def revoke_key(session: Session, key_id: str) -> bool:
         return False
     key.revoked_at = utcnow()
     return True
+
+
+def get_tenant(session: Session, tenant_id: str) -> Tenant | None:
+    return session.get(Tenant, tenant_id)

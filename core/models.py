@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -63,6 +64,47 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+
+    @property
+    def terminal(self) -> bool:
+        return self in JOB_TERMINAL
+
+
+JOB_TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED,
+                          JobStatus.BUDGET_EXHAUSTED})
+JOB_ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING})
+
+
+class StepStatus(StrEnum):
+    # Waiting for dependencies -> queued (published) -> running (claimed under a lease) -> ...
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+STEP_OPEN = frozenset({StepStatus.PENDING, StepStatus.QUEUED, StepStatus.RUNNING})
+
+
+class DeliveryStatus(StrEnum):
+    # pending -> queued -> delivering -> succeeded | pending (retry) | failed
+    PENDING = "pending"
+    QUEUED = "queued"
+    DELIVERING = "delivering"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
 
 
 class Base(DeclarativeBase):
@@ -138,7 +180,8 @@ class Job(Base):
 
 class Step(Base):
     __tablename__ = "steps"
-    __table_args__ = (UniqueConstraint("job_id", "key", name="uq_steps_job_key"),)
+    __table_args__ = (UniqueConstraint("job_id", "key", name="uq_steps_job_key"),
+                      Index("ix_steps_status_lease", "status", "lease_expires_at"))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -148,6 +191,8 @@ class Step(Base):
     # Fan-in: how many dependencies have not completed yet (counted in the database).
     deps_remaining: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(20))
+    # The fencing token: every claim takes the next attempt, and every write a run makes is
+    # conditional on the step still holding its attempt.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     input: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     output: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
@@ -156,9 +201,6 @@ class Step(Base):
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     model_calls: Mapped[int] = mapped_column(Integer, default=0)
-    # Tokens this step holds reserved against the job (released if a crashed run is reclaimed).
-    reserved_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    reserved_cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -175,10 +217,20 @@ class ModelCall(Base):
     __tablename__ = "model_calls"
     __table_args__ = (Index("ix_model_calls_job_call_key", "job_id", "call_key"),)
 
+    # `{step id}:{attempt}:{index}` (rows written before attempts were part of it:
+    # `{step id}:{index}`).
     request_id: Mapped[str] = mapped_column(String(120), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(40), index=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     step_id: Mapped[str] = mapped_column(ForeignKey("steps.id", ondelete="CASCADE"), index=True)
+    # The run (step attempt) that made the call and the call's position in it: a re-run step
+    # replays a finished call found at the same position with the same `call_key`.
+    attempt: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    call_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Set when the run that made the call had lost its step (a stale run whose reservation had
+    # expired): "billed" when the job's budget still had room, "unbilled" when it had not (the
+    # tokens were spent at the server, and show here, but not in the job's usage).
+    settled_late: Mapped[str | None] = mapped_column(String(20), nullable=True)
     role: Mapped[str] = mapped_column(String(40))
     model: Mapped[str] = mapped_column(String(200))
     endpoint: Mapped[str] = mapped_column(String(300))
@@ -208,6 +260,23 @@ class ModelCall(Base):
     # Priced when the call was made: a later price change never rewrites it.
     cost_usd: Mapped[Decimal | None] = mapped_column(Money, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class Reservation(Base):
+    """Tokens and dollars one model call holds against its job's budget while it is in flight.
+    Deleted when the call settles (the deletion is what releases it, so it happens once), or
+    by the sweeper once it expires on the database's clock (its run died)."""
+
+    __tablename__ = "reservations"
+
+    request_id: Mapped[str] = mapped_column(String(120), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    step_id: Mapped[str] = mapped_column(ForeignKey("steps.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    cost_usd: Mapped[Decimal] = mapped_column(Money)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 class JobEvent(Base):

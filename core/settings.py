@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     # A running step's lease; the worker running it renews it every quarter of this. A step whose
     # lease ran out (its worker died) is queued again by the sweeper.
     step_lease_seconds: float = 60.0
+    # A finished model call whose ledger write meets a database outage is kept in memory and
+    # written when the database is back, for at most this long (never made again meanwhile).
+    settle_retry_s: float = 600.0
+    # A step that meets a transient database error outside a model call is run again this
+    # many times (a new message; its finished calls are replayed) before the job fails.
+    step_db_retries: int = 12
     # A step queued this long ago without being claimed is published again (its message may
     # have been lost, for example in a Redis restart); duplicates are harmless.
     step_requeue_after_s: float = 120.0

@@ -46,6 +46,7 @@ from core.catalogue import Catalogue, ModelSpec, load_catalogue
 from core.errors import AgentqError
 from core.settings import Settings, get_settings
 from inference.admission import Admission, AdmissionCancelled, AdmissionTimeout, Slot
+from inference.calls import CallSpec
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +79,11 @@ class Usage:
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    prompt: str
-    max_tokens: int
+    """A call as the pool receives it: the agent's `CallSpec` (with `max_tokens` settled) and
+    what the platform adds."""
+
+    call: CallSpec
     request_id: str
-    temperature: float = 0.0
-    stop: Sequence[str] | None = None
-    regex: str | None = None
-    json_schema: dict[str, Any] | None = None
-    choice: Sequence[str] | None = None
-    # A model by name, or a size class from the catalogue ("small", "large", ...); neither:
-    # the smallest class there is.
-    model: str | None = None
-    size: str | None = None
     # Accounting ids: admission shares slots fairly across tenants and jobs; calls with the
     # same affinity key prefer the same endpoint (prefix cache).
     tenant_id: str | None = None
@@ -97,6 +91,10 @@ class CompletionRequest:
     affinity_key: str | None = None
     # Polled while the call waits and while it streams; True aborts it.
     cancelled: Callable[[], bool] | None = None
+
+    @property
+    def max_tokens(self) -> int:
+        return self.call.max_tokens or 0
 
 
 @dataclass(frozen=True)
@@ -311,14 +309,15 @@ class Pool:
 
     def _candidates(self, req: CompletionRequest) -> list[tuple[Endpoint, str | None]]:
         """Endpoints that can serve the request, each with the model name to ask for."""
-        if req.model is not None:
-            spec = self.catalogue.spec(req.model)
+        wanted = req.call.model
+        if wanted is not None:
+            spec = self.catalogue.spec(wanted)
             if spec is not None:
-                return [(self._by_url[u], req.model) for u in spec.endpoints]
-            serving = [e for e in self.endpoints if not e.models or req.model in e.models]
-            return [(e, req.model) for e in serving or self.endpoints]
+                return [(self._by_url[u], wanted) for u in spec.endpoints]
+            serving = [e for e in self.endpoints if not e.models or wanted in e.models]
+            return [(e, wanted) for e in serving or self.endpoints]
         out: dict[str, tuple[Endpoint, str | None]] = {}
-        for spec in self.catalogue.for_size(req.size):
+        for spec in self.catalogue.for_size(req.call.size):
             for u in spec.endpoints:
                 out.setdefault(u, (self._by_url[u], spec.name))
         return list(out.values())
@@ -447,24 +446,25 @@ class Pool:
     # -- calls ------------------------------------------------------------------------------
 
     def _body(self, req: CompletionRequest, model: str) -> dict[str, Any]:
+        call = req.call
         body: dict[str, Any] = {
             "model": model,
-            "prompt": req.prompt,
+            "prompt": call.prompt,
             "max_tokens": req.max_tokens,
-            "temperature": req.temperature,
+            "temperature": call.temperature,
             "stream": True,
             # Usage on every chunk: a call aborted half-way is still counted exactly.
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         }
-        if req.stop:
-            body["stop"] = list(req.stop)
+        if call.stop:
+            body["stop"] = list(call.stop)
         structured: dict[str, Any] = {}
-        if req.regex is not None:
-            structured["regex"] = req.regex
-        if req.json_schema is not None:
-            structured["json"] = req.json_schema
-        if req.choice is not None:
-            structured["choice"] = list(req.choice)
+        if call.regex is not None:
+            structured["regex"] = call.regex
+        if call.json_schema is not None:
+            structured["json"] = dict(call.json_schema)
+        if call.choice is not None:
+            structured["choice"] = list(call.choice)
         if structured:
             body["structured_outputs"] = structured
         return body
@@ -488,7 +488,7 @@ class Pool:
                 outcome = "failed"
                 raise TransientInferenceError(
                     f"endpoint {ep.base_url} did not list its models: {exc}") from exc
-            model = req.model or spec_model or (models[0] if models else None)
+            model = req.call.model or spec_model or (models[0] if models else None)
             if model is None:
                 raise InferenceError(f"endpoint {ep.base_url} serves no model")
             queued = time.monotonic()

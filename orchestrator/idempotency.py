@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core.db import transaction
 from core.errors import Conflict, InvalidInput
-from core.models import IdempotencyKey, utcnow
+from core.models import utcnow
+from core.repositories import idempotency as keys
+from core.repositories.idempotency import KeyStatus
 from core.settings import get_settings
-from orchestrator.uow import unit_of_work
 
 STALE_IN_FLIGHT_S = 120
 MAX_KEY_LENGTH = 255
@@ -51,29 +52,27 @@ def begin(tenant_id: str, key: str, request_hash: str) -> StoredResponse | None:
     ttl = timedelta(hours=get_settings().idempotency_ttl_hours)
     for _ in range(3):
         try:
-            with unit_of_work() as s:
-                s.add(IdempotencyKey(tenant_id=tenant_id, key=key, request_hash=request_hash,
-                                     status="in_flight"))
+            with transaction() as s:
+                keys.add_in_flight(s, tenant_id, key, request_hash)
             return None
         except IntegrityError:
             pass
-        with unit_of_work() as s:
-            row = s.scalar(select(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant_id,
-                                                        IdempotencyKey.key == key))
+        with transaction() as s:
+            row = keys.get(s, tenant_id, key)
             if row is None:
                 continue
             now = utcnow()
             expired = row.created_at < now - ttl
-            stale = row.status == "in_flight" and \
+            stale = row.status == KeyStatus.IN_FLIGHT and \
                 row.created_at < now - timedelta(seconds=STALE_IN_FLIGHT_S)
             if expired or stale:
-                s.delete(row)
+                keys.remove(s, row)
                 continue
             if row.request_hash != request_hash:
                 raise InvalidInput("Idempotency-Key was already used with a different request "
                                    "body; use a new key for a new request",
                                    code="idempotency_key_reused")
-            if row.status == "in_flight":
+            if row.status == KeyStatus.IN_FLIGHT:
                 raise Conflict("a request with this Idempotency-Key is still in flight; retry "
                                "shortly", code="idempotency_in_flight")
             assert row.response_status is not None
@@ -85,22 +84,16 @@ def begin(tenant_id: str, key: str, request_hash: str) -> StoredResponse | None:
 def complete(session: Session, tenant_id: str, key: str, status_code: int,
              body: dict[str, Any], job_id: str) -> None:
     """Store the response, in the transaction that created the job."""
-    session.execute(update(IdempotencyKey).where(
-        IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key,
-        IdempotencyKey.status == "in_flight",
-    ).values(status="done", response_status=status_code, response_body=body, job_id=job_id))
+    keys.complete(session, tenant_id, key, status_code, body, job_id)
 
 
 def abandon(tenant_id: str, key: str) -> None:
     """The request failed before creating anything: the key may be used again."""
-    with unit_of_work() as s:
-        s.execute(delete(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant_id,
-                                               IdempotencyKey.key == key,
-                                               IdempotencyKey.status == "in_flight"))
+    with transaction() as s:
+        keys.delete_in_flight(s, tenant_id, key)
 
 
 def sweep_expired() -> int:
     cutoff = utcnow() - timedelta(hours=get_settings().idempotency_ttl_hours)
-    with unit_of_work() as s:
-        res = s.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < cutoff))
-        return int(res.rowcount or 0)  # type: ignore[attr-defined]
+    with transaction() as s:
+        return keys.delete_created_before(s, cutoff)

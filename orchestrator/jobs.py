@@ -1,4 +1,4 @@
-"""Job lifecycle: submission, cancellation and finalisation."""
+"""Jobs: submission, cancellation, reading and listing."""
 
 from __future__ import annotations
 
@@ -10,58 +10,39 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from agents.base import JobKind, StepSpec
+from agents.base import AnyKind
 from agents.registry import get_kind, kind_names
 from core.errors import InvalidInput, NotFound, TooManyRequests
 from core.ids import new_id
-from core.models import Job, Step, Tenant, utcnow
+from core.models import Job, JobStatus, Step, StepStatus, utcnow
+from core.repositories import corpora, events, jobs, steps
 from core.settings import get_settings
-from orchestrator.events import append_event
-from orchestrator.outbox import enqueue
-
-ACTIVE = ("queued", "running", "cancelling")
+from orchestrator import dag
 
 
 class TooManyJobs(TooManyRequests):
     code = "too_many_jobs_in_flight"
-TERMINAL = ("completed", "failed", "cancelled", "budget_exhausted")
-STEP_OPEN = ("pending", "queued", "running")
-RUN_STEP_TASK = "steps.run"
 
 
-def kind_of(job: Job) -> JobKind:
-    kind = get_kind(job.kind)
+class _Submission:
+    """What a kind may check at submission (`agents.base.SubmissionContext`)."""
+
+    def __init__(self, session: Session, tenant_id: str) -> None:
+        self._session = session
+        self._tenant_id = tenant_id
+
+    def corpus_exists(self, corpus_id: str) -> bool:
+        return corpora.corpus_exists(self._session, self._tenant_id, corpus_id)
+
+
+def kind_of(name: str) -> AnyKind:
+    kind = get_kind(name)
     if kind is None:
-        raise InvalidInput(f"unknown job kind {job.kind!r}")
+        raise InvalidInput(f"kind: unknown job kind {name!r}; known kinds: "
+                           f"{', '.join(kind_names())}")
     return kind
-
-
-def add_steps(session: Session, job: Job, specs: list[StepSpec]) -> None:
-    """Insert steps; those whose dependencies are all complete are queued at once."""
-    if not specs:
-        return
-    done = set(session.scalars(select(Step.key).where(Step.job_id == job.id,
-                                                      Step.status == "completed")))
-    per_role: dict[str, int] = dict((job.budget or {}).get("step_max_tokens") or {})
-    for spec in specs:
-        depends_on = list(dict.fromkeys(spec.depends_on))
-        remaining = len([d for d in depends_on if d not in done])
-        step = Step(
-            id=new_id("stp"), job_id=job.id, key=spec.key, role=spec.role,
-            depends_on=depends_on, deps_remaining=remaining,
-            status="queued" if remaining == 0 else "pending",
-            input=dict(spec.input), max_tokens=per_role.get(spec.role, spec.max_tokens),
-            enqueued_at=utcnow() if remaining == 0 else None,
-        )
-        session.add(step)
-        session.flush()
-        if remaining == 0:
-            enqueue(session, RUN_STEP_TASK, step_id=step.id)
-    session.execute(update(Job).where(Job.id == job.id)
-                    .values(steps_total=Job.steps_total + len(specs)))
 
 
 def create_job(
@@ -75,44 +56,41 @@ def create_job(
     idempotency_key: str | None = None,
     webhook: dict[str, Any] | None = None,
 ) -> Job:
-    kind = get_kind(kind_name)
-    if kind is None:
-        raise InvalidInput(f"kind: unknown job kind {kind_name!r}; known kinds: "
-                           f"{', '.join(kind_names())}")
+    kind = kind_of(kind_name)
     try:
         job_input = kind.parse_input(raw_input)
     except ValidationError as exc:
         problems = "; ".join(
             f"input.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
         raise InvalidInput(problems) from exc
-    kind.check(session, tenant_id, job_input)
+    kind.check(_Submission(session, tenant_id), job_input)
     settings = get_settings()
+    budget = dict(budget)
+    budget.setdefault("max_total_tokens", settings.default_job_max_total_tokens)
+    roles = kind.phases
+    unknown = sorted(set(budget.get("step_max_tokens") or {}) - set(roles))
+    if unknown:
+        raise InvalidInput(f"budget.step_max_tokens: {kind_name} jobs have no role "
+                           f"{unknown[0]!r}; their roles are {', '.join(sorted(roles))}")
     # One submission at a time per tenant past this point: the in-flight count is exact.
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
-    in_flight = session.scalar(select(func.count()).select_from(Job).where(
-        Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))) or 0
+    jobs.lock_tenant(session, tenant_id)
+    in_flight = jobs.count_active(session, tenant_id)
     if in_flight >= settings.max_jobs_in_flight:
         raise TooManyJobs(f"this tenant already has {in_flight} jobs queued or running (the "
                           f"limit is {settings.max_jobs_in_flight}); retry when some finish")
-    budget = dict(budget)
-    budget.setdefault("max_total_tokens", settings.default_job_max_total_tokens)
-    unknown = sorted(set(budget.get("step_max_tokens") or {}) - set(kind.phases))
-    if unknown:
-        raise InvalidInput(f"budget.step_max_tokens: {kind_name} jobs have no role "
-                           f"{unknown[0]!r}; their roles are {', '.join(sorted(kind.phases))}")
     max_seconds = budget.get("max_seconds")
+    now = utcnow()
     job = Job(
-        id=new_id("job"), tenant_id=tenant_id, kind=kind_name, status="queued",
+        id=new_id("job"), tenant_id=tenant_id, kind=kind_name, status=JobStatus.QUEUED,
         input=job_input.model_dump(mode="json", exclude_none=True), budget=budget,
         job_metadata=dict(metadata), phase="queued", idempotency_key=idempotency_key,
-        webhook=webhook,
-        deadline_at=utcnow() + timedelta(seconds=max_seconds) if max_seconds else None,
+        webhook=webhook, prompt_tokens=0, completion_tokens=0, model_calls=0,
+        reserved_tokens=0, steps_total=0, steps_done=0, event_seq=0, created_at=now,
+        updated_at=now, deadline_at=now + timedelta(seconds=max_seconds) if max_seconds else None,
     )
-    session.add(job)
-    session.flush()
-    append_event(session, job.id, "job.created", {"kind": kind_name})
-    add_steps(session, job, kind.initial_steps(job_input))
-    session.flush()
+    jobs.add(session, job)
+    events.append(session, job.id, "job.created", {"kind": kind_name})
+    dag.add_steps(session, job.id, budget, kind.initial_steps(job_input))
     session.refresh(job)
     return job
 
@@ -123,70 +101,28 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,40}")
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
     if not _ID.fullmatch(job_id):
         raise NotFound(f"no job {job_id[:60]!r}")
-    job = session.get(Job, job_id)
+    job = jobs.get(session, job_id)
     if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"no job {job_id!r}")
     return job
-
-
-def _open_steps(session: Session, job_id: str, statuses: tuple[str, ...]) -> int:
-    return int(session.scalar(select(func.count()).select_from(Step)
-                              .where(Step.job_id == job_id, Step.status.in_(statuses))) or 0)
-
-
-def _cancel_unstarted(session: Session, job_id: str) -> None:
-    session.execute(update(Step).where(Step.job_id == job_id,
-                                       Step.status.in_(("pending", "queued")))
-                    .values(status="cancelled", finished_at=utcnow()))
-
-
-def finish(session: Session, job: Job, status: str, *, result: dict[str, Any] | None = None,
-           error: tuple[str, str] | None = None) -> None:
-    """Move a job to a terminal state, once; unstarted steps are cancelled."""
-    if job.status in TERMINAL:
-        return
-    now = utcnow()
-    job.status = status
-    job.phase = status
-    job.finished_at = now
-    if result is not None:
-        job.result = result
-    if error is not None:
-        job.error_code, job.error_message = error
-    _cancel_unstarted(session, job.id)
-    data: dict[str, Any] = {"status": status}
-    if error is not None:
-        data["error"] = {"code": error[0], "message": error[1]}
-    append_event(session, job.id, f"job.{status}", data)
 
 
 def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     if not _ID.fullmatch(job_id):
         raise NotFound(f"no job {job_id[:60]!r}")
-    job = session.get(Job, job_id, with_for_update=True)
+    job = jobs.get(session, job_id, lock=True)
     if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"no job {job_id!r}")
-    if job.status in TERMINAL or job.status == "cancelling":
+    if JobStatus(job.status).terminal or job.status == JobStatus.CANCELLING:
         return job
-    _cancel_unstarted(session, job.id)
-    if _open_steps(session, job.id, ("running",)) == 0:
-        finish(session, job, "cancelled")
+    steps.cancel_unstarted(session, job.id)
+    if steps.count(session, job.id, [StepStatus.RUNNING]) == 0:
+        dag.finish(session, job.id, JobStatus.CANCELLED)
     else:
-        job.status = "cancelling"
-        job.phase = "cancelling"
-        append_event(session, job.id, "job.cancelling", {})
-    session.flush()
+        jobs.set_status(session, job.id, JobStatus.CANCELLING)
+        events.append(session, job.id, "job.cancelling", {})
+    session.refresh(job)
     return job
-
-
-def maybe_finish_stopping(session: Session, job: Job) -> None:
-    """A job that is cancelling ends once no step of it runs any more."""
-    if job.status == "cancelling" and _open_steps(session, job.id, ("running",)) == 0:
-        finish(session, job, "cancelled")
-
-
-def open_steps(session: Session, job_id: str) -> int:
-    return _open_steps(session, job_id, STEP_OPEN)
 
 
 def _encode_cursor(job: Job) -> str:
@@ -212,39 +148,12 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 def list_jobs(session: Session, tenant_id: str, *, limit: int, cursor: str | None,
               status: str | None) -> tuple[list[Job], str | None]:
     """The tenant's jobs, newest first; keyset pagination with an opaque cursor."""
-    q = select(Job).where(Job.tenant_id == tenant_id)
-    if status is not None:
-        q = q.where(Job.status == status)
-    if cursor:
-        created, job_id = _decode_cursor(cursor)
-        q = q.where(or_(Job.created_at < created,
-                        and_(Job.created_at == created, Job.id < job_id)))
-    rows = list(session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc())
-                                .limit(limit + 1)))
+    after = _decode_cursor(cursor) if cursor else None
+    rows = jobs.list_for_tenant(session, tenant_id, limit=limit + 1, after=after,
+                                status=status)
     next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     return rows[:limit], next_cursor
 
 
 def list_steps(session: Session, job_id: str) -> list[Step]:
-    return list(session.scalars(select(Step).where(Step.job_id == job_id)
-                                .order_by(Step.created_at, Step.key)))
-
-
-def expire_deadlines(limit: int = 200) -> int:
-    """End the active jobs that ran past their `max_seconds`."""
-    from orchestrator.uow import unit_of_work
-
-    now = utcnow()
-    ended = 0
-    with unit_of_work() as s:
-        ids = list(s.scalars(select(Job.id).where(Job.status.in_(ACTIVE),
-                                                  Job.deadline_at < now).limit(limit)))
-        for job_id in ids:
-            job = s.get(Job, job_id, with_for_update=True)
-            if job is None or job.status in TERMINAL:
-                continue
-            finish(s, job, "failed", error=(
-                "deadline_exceeded",
-                f"the job ran past its budget of {job.budget.get('max_seconds')} seconds"))
-            ended += 1
-    return ended
+    return steps.list_for_job(session, job_id)

@@ -123,10 +123,10 @@ def client(agentq_env: dict[str, str]) -> Iterator[TestClient]:
 
 @pytest.fixture
 def tenant_key(agentq_env: dict[str, str]) -> str:
-    from core.db import session_scope
+    from core.db import transaction
     from core.keys import create_key
 
-    with session_scope() as s:
+    with transaction() as s:
         raw, _ = create_key(s, f"tenant-{secrets.token_hex(4)}")
     return raw
 

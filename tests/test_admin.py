@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from core.db import session_scope
+from core.db import transaction
 from core.keys import create_key
 from core.models import ModelCall, Step
-from orchestrator.reports import percentile
+from core.repositories.reports import percentile
 from tests.helpers import auth, wait_for_job
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("worker")
 
 @pytest.fixture(scope="module")
 def admin_key(agentq_env: dict[str, str]) -> str:
-    with session_scope() as s:
+    with transaction() as s:
         raw, _ = create_key(s, f"ops-{secrets.token_hex(3)}", admin=True)
     return raw
 
@@ -35,7 +35,7 @@ def spend(client: TestClient, agentq_env: dict[str, str], worker: Any) -> dict[s
     """Two tenants with finished jobs: a research job and two completions."""
     keys = {}
     for name in ("alpha", "beta"):
-        with session_scope() as s:
+        with transaction() as s:
             keys[name], _ = create_key(s, f"{name}-{secrets.token_hex(3)}")
     jobs = [
         client.post("/v1/jobs", headers=auth(keys["alpha"]), json={
@@ -52,7 +52,7 @@ def spend(client: TestClient, agentq_env: dict[str, str], worker: Any) -> dict[s
 
 
 def ledger_sums(**where: str) -> dict[str, Any]:
-    with session_scope() as s:
+    with transaction() as s:
         cond = [getattr(ModelCall, k) == v for k, v in where.items()]
         prompt, completion, calls, cost, energy = s.execute(select(
             func.coalesce(func.sum(ModelCall.prompt_tokens), 0),
@@ -69,14 +69,14 @@ def ledger_sums(**where: str) -> dict[str, Any]:
 def tenant_of(key: str) -> str:
     from core.keys import authenticate
 
-    with session_scope() as s:
+    with transaction() as s:
         principal = authenticate(s, key)
         assert principal is not None
         return principal.tenant_id
 
 
 def test_ledger_rows_carry_ttft_cache_hit_and_energy(spend: dict[str, Any]) -> None:
-    with session_scope() as s:
+    with transaction() as s:
         rows = list(s.scalars(select(ModelCall).where(ModelCall.job_id.in_(spend["jobs"]))))
     assert rows
     for r in rows:
@@ -181,7 +181,7 @@ def test_job_drill_down_adds_up(client: TestClient, admin_key: str,
     assert body["totals"]["total_tokens"] == ledger_sums(job_id=job_id)["total_tokens"]
     assert sum(s["total_tokens"] for s in body["steps"]) == body["totals"]["total_tokens"]
     assert len(body["calls"]) == body["totals"]["model_calls"]
-    with session_scope() as s:
+    with transaction() as s:
         roles = set(s.scalars(select(Step.role).where(Step.job_id == job_id)))
     assert {s["role"] for s in body["steps"]} == roles
     assert client.get("/v1/admin/jobs/job_nope", headers=auth(admin_key)).status_code == 404
@@ -267,7 +267,7 @@ def test_prometheus_metrics_agree_with_the_ledger(client: TestClient, spend: dic
     assert total(samples, "agentq_tokens_total", type="completion") == sums["completion_tokens"]
     assert total(samples, "agentq_model_calls_total") == sums["model_calls"]
     assert total(samples, "agentq_cost_usd_total") == pytest.approx(sums["cost_usd"])
-    with session_scope() as s:
+    with transaction() as s:
         completed = s.scalar(select(func.count()).select_from(Job)
                              .where(Job.status == "completed"))
     assert total(samples, "agentq_jobs", status="completed") == completed

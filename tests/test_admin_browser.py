@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from core.db import session_scope
+from core.db import transaction
 from core.keys import create_key
 from core.models import ModelCall
 from tests.helpers import ROOT, auth, wait_for_job
@@ -49,7 +49,7 @@ def browser_command() -> tuple[list[str], dict[str, str]]:
 
 
 def ledger_sums(*where: Any) -> Sums:
-    with session_scope() as s:
+    with transaction() as s:
         prompt, completion, calls, cost = s.execute(
             select(func.coalesce(func.sum(ModelCall.prompt_tokens), 0),
                    func.coalesce(func.sum(ModelCall.completion_tokens), 0),
@@ -62,7 +62,7 @@ def ledger_sums(*where: Any) -> Sums:
 
 def ledger_calls(*where: Any) -> dict[str, tuple[int, int, Decimal | None]]:
     """(prompt_tokens, completion_tokens, cost_usd) of each ledger row, by request id."""
-    with session_scope() as s:
+    with transaction() as s:
         rows = s.execute(select(ModelCall.request_id, ModelCall.prompt_tokens,
                                 ModelCall.completion_tokens, ModelCall.cost_usd)
                          .where(*where)).all()
@@ -112,7 +112,7 @@ def submit(client: TestClient, key: str, kind: str, payload: dict[str, str]) -> 
 def test_admin_page_in_a_browser_matches_the_ledger(client: TestClient, api_server: str,
                                                     standin: Any) -> None:
     suffix = secrets.token_hex(4)
-    with session_scope() as s:
+    with transaction() as s:
         admin_key, _ = create_key(s, f"ops-{suffix}", admin=True)
         key_a, key_a_row = create_key(s, f"browser-a-{suffix}")
         key_b, key_b_row = create_key(s, f"browser-b-{suffix}")

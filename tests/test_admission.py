@@ -15,7 +15,7 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from core.db import session_scope
+from core.db import transaction
 from core.models import Job, ModelCall, Step
 from inference.admission import Admission, AdmissionTimeout
 from tests.conftest import REDIS_URL
@@ -128,6 +128,7 @@ def test_energy_shares_an_endpoints_busy_time_over_every_process(
     so the four calls' energy adds up to the endpoint's busy time at its power; each process
     counting only its own calls would bill every second twice."""
     from core.settings import Settings
+    from inference.calls import CallSpec
     from inference.pool import CompletionRequest, Pool
     from inference.standin import StandinServer
 
@@ -143,8 +144,8 @@ def test_energy_shares_an_endpoints_busy_time_over_every_process(
         def call(i: int) -> None:
             gate.wait()
             results.append(pools[i % 2].complete(CompletionRequest(
-                prompt="one two three", max_tokens=4, request_id=f"en-{i}", tenant_id="t",
-                job_id=f"j{i % 2}")))
+                call=CallSpec(prompt="one two three", max_tokens=4), request_id=f"en-{i}",
+                tenant_id="t", job_id=f"j{i % 2}")))
 
         threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
         started = time.monotonic()
@@ -197,7 +198,7 @@ def test_two_workers_share_one_cap_and_serve_tenants_fairly(
     standin.state.delay_s = 1.0
     with standin.state.lock:
         standin.state.max_running = 0
-    with session_scope() as s:
+    with transaction() as s:
         other_key, _ = create_key(s, f"small-{time.monotonic_ns()}")
     wide = client.post("/v1/jobs", headers=auth(tenant_key), json={
         "kind": "batch", "input": {"prompts": [f"p{i}" for i in range(60)], "max_tokens": 4}})
@@ -215,7 +216,7 @@ def test_two_workers_share_one_cap_and_serve_tenants_fairly(
     assert done["status"] == "completed"
     wide_job = client.get(f"/v1/jobs/{wide_id}", headers=auth(tenant_key)).json()
     assert wide_job["status"] == "running", "the wide job finished first: nothing to show"
-    with session_scope() as s:
+    with transaction() as s:
         small_steps = {str(sid) for sid in s.scalars(select(Step.id).where(Step.job_id == small))}
     with standin.state.lock:
         sent = list(standin.state.request_ids)
@@ -250,7 +251,7 @@ def test_cancelling_a_job_aborts_its_calls_at_the_server(
     assert standin.state.aborted_total - aborted_before == 6
     job = wait_for_job(client, tenant_key, job_id, timeout=30)
     assert job["status"] == "cancelled"
-    with session_scope() as s:
+    with transaction() as s:
         rows = list(s.scalars(select(ModelCall).where(ModelCall.job_id == job_id)))
         charged = s.scalar(select(Job.completion_tokens).where(Job.id == job_id))
     # What was generated before the abort is on the ledger, and only that.

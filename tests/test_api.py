@@ -30,14 +30,14 @@ def test_every_v1_route_needs_a_key(client: TestClient) -> None:
 
 
 def test_revoked_key_is_refused(client: TestClient, agentq_env: dict[str, str]) -> None:
-    from core.db import session_scope
+    from core.db import transaction
     from core.keys import create_key, revoke_key
 
-    with session_scope() as s:
+    with transaction() as s:
         raw, key = create_key(s, "revoked-tenant")
         key_id = key.id
     assert client.get("/v1/jobs", headers=auth(raw)).status_code == 200
-    with session_scope() as s:
+    with transaction() as s:
         assert revoke_key(s, key_id)
     assert client.get("/v1/jobs", headers=auth(raw)).status_code == 401
 
@@ -45,10 +45,10 @@ def test_revoked_key_is_refused(client: TestClient, agentq_env: dict[str, str]) 
 def test_keys_are_stored_only_as_hashes(client: TestClient, tenant_key: str) -> None:
     from sqlalchemy import select
 
-    from core.db import session_scope
+    from core.db import transaction
     from core.models import ApiKey
 
-    with session_scope() as s:
+    with transaction() as s:
         stored = list(s.scalars(select(ApiKey.key_hash)))
     assert tenant_key not in stored
     assert all(len(h) == 64 for h in stored)
@@ -73,11 +73,11 @@ def test_submit_answers_202_with_location(client: TestClient, tenant_key: str) -
 def test_submit_writes_an_outbox_row_and_an_event(client: TestClient, tenant_key: str) -> None:
     from sqlalchemy import select
 
-    from core.db import session_scope
+    from core.db import transaction
     from core.models import JobEvent, OutboxMessage, Step
 
     job_id = client.post("/v1/jobs", json=JOB, headers=auth(tenant_key)).json()["id"]
-    with session_scope() as s:
+    with transaction() as s:
         events = list(s.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id)))
         step = s.scalars(select(Step).where(Step.job_id == job_id)).one()
         rows = [r for r in s.scalars(select(OutboxMessage)) if r.payload.get("step_id") == step.id]
@@ -132,10 +132,10 @@ def test_a_job_without_a_budget_gets_the_default(client: TestClient, tenant_key:
 
 
 def test_other_tenants_jobs_are_404(client: TestClient, tenant_key: str) -> None:
-    from core.db import session_scope
+    from core.db import transaction
     from core.keys import create_key
 
-    with session_scope() as s:
+    with transaction() as s:
         other, _ = create_key(s, "someone-else")
     job_id = client.post("/v1/jobs", json=JOB, headers=auth(tenant_key)).json()["id"]
     for method, path in [("GET", f"/v1/jobs/{job_id}"), ("GET", f"/v1/jobs/{job_id}/steps"),
@@ -227,10 +227,10 @@ def test_keys_never_reach_the_logs(client: TestClient, tenant_key: str,
 
 
 def test_admin_routes_need_an_admin_key(client: TestClient, tenant_key: str) -> None:
-    from core.db import session_scope
+    from core.db import transaction
     from core.keys import create_key
 
-    with session_scope() as s:
+    with transaction() as s:
         admin, _ = create_key(s, "operators", admin=True)
     assert client.get("/v1/admin/tenants").status_code == 401
     denied = client.get("/v1/admin/tenants", headers=auth(tenant_key))

@@ -11,14 +11,18 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from core.db import session_scope
+from core.db import transaction
 from core.models import Job, JobEvent, ModelCall, Step
-from orchestrator.steps import reservation_for
+from orchestrator.budget import Hold
 from tests.helpers import auth, start_worker, wait_for_job, wait_until
 
 
+def reservation_for(prompt: str, max_tokens: int) -> int:
+    return Hold.for_call("r", prompt, max_tokens).tokens
+
+
 def ledger(job_id: str) -> tuple[int, Decimal, int]:
-    with session_scope() as s:
+    with transaction() as s:
         tokens, cost, calls = s.execute(select(
             func.coalesce(func.sum(ModelCall.prompt_tokens + ModelCall.completion_tokens), 0),
             func.coalesce(func.sum(ModelCall.cost_usd), 0), func.count())
@@ -55,7 +59,7 @@ def test_fifty_racing_steps_never_overrun_a_budget_that_fits_ten(
     assert job["result"]["partial"] is True
 
     def released() -> bool:
-        with session_scope() as s:
+        with transaction() as s:
             row = s.get(Job, job["id"])
             return row is not None and row.reserved_tokens == 0
 
@@ -88,7 +92,7 @@ def test_thresholds_append_events_once(client: TestClient, tenant_key: str,
                                    "max_tokens": 8},
         "budget": {"max_total_tokens": 220}})
     job = wait_for_job(client, tenant_key, resp.json()["id"], timeout=60)
-    with session_scope() as s:
+    with transaction() as s:
         events = [e.data for e in s.scalars(select(JobEvent).where(
             JobEvent.job_id == job["id"], JobEvent.type == "budget.threshold")
             .order_by(JobEvent.seq))]
@@ -104,7 +108,7 @@ def test_step_budgets_per_role(client: TestClient, tenant_key: str, standin: Any
         "budget": {"step_max_tokens": {"investigator": 5, "planner": 90}}})
     job = wait_for_job(client, tenant_key, resp.json()["id"], timeout=60)
     assert job["status"] == "completed", job
-    with session_scope() as s:
+    with transaction() as s:
         by_role = {r: m for r, m in s.execute(select(Step.role, Step.max_tokens)
                                               .where(Step.job_id == job["id"]))}
         calls = list(s.execute(select(ModelCall.role, ModelCall.max_tokens,

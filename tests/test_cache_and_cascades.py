@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from core.db import session_scope
+from core.db import transaction
 from core.models import ModelCall
 from inference.standin import StandinServer
 from tests.helpers import auth, start_worker, wait_for_job
@@ -29,7 +29,7 @@ def test_identical_calls_in_a_job_are_paid_once(client: TestClient, tenant_key: 
         "kind": "batch", "input": {"prompts": prompts, "max_tokens": 6}})
     job = wait_for_job(client, tenant_key, resp.json()["id"], timeout=60)
     assert job["status"] == "completed"
-    with session_scope() as s:
+    with transaction() as s:
         rows = list(s.scalars(select(ModelCall).where(ModelCall.job_id == job["id"])))
     made = [r for r in rows if r.cached_from is None]
     cached = [r for r in rows if r.cached_from is not None]
@@ -47,7 +47,7 @@ def test_identical_calls_in_a_job_are_paid_once(client: TestClient, tenant_key: 
     assert job["usage"]["model_calls"] == 6
     from orchestrator.reports import ReportFilter, totals
 
-    with session_scope() as s:
+    with transaction() as s:
         figures = totals(s, ReportFilter(job_id=job["id"]))
     assert figures["call_cache_hits"] == 4
     assert figures["model_calls"] == 6
@@ -84,7 +84,7 @@ def test_a_plan_that_fails_validation_escalates_to_the_larger_model(
     job = wait_for_job(client, tenant_key, resp.json()["id"], timeout=60)
     assert job["status"] == "completed", job
     assert job["result"]["plan_fallback"] is False  # the larger model's plan was used
-    with session_scope() as s:
+    with transaction() as s:
         rows = list(s.scalars(select(ModelCall).where(ModelCall.job_id == job["id"],
                                                       ModelCall.role == "planner")
                               .order_by(ModelCall.request_id)))

@@ -74,10 +74,10 @@ def make_pdf(pages: list[list[str]], title: str | None = None) -> bytes:
 
 
 def new_key(name: str = "corpus") -> str:
-    from core.db import session_scope
+    from core.db import transaction
     from core.keys import create_key
 
-    with session_scope() as s:
+    with transaction() as s:
         raw, _ = create_key(s, f"{name}-{secrets.token_hex(4)}")
     return raw
 
@@ -103,10 +103,10 @@ def upload_raw(client: TestClient, key: str, corpus_id: str, data: bytes, conten
 def chunk_texts(document_id: str) -> list[str]:
     from sqlalchemy import select
 
-    from core.db import session_scope
+    from core.db import transaction
     from core.models import CorpusChunk
 
-    with session_scope() as s:
+    with transaction() as s:
         return list(s.scalars(select(CorpusChunk.text).where(
             CorpusChunk.document_id == document_id).order_by(CorpusChunk.ordinal)))
 
@@ -382,11 +382,11 @@ def test_other_tenants_get_404(client: TestClient, tenant_key: str) -> None:
     assert cid not in [c["id"] for c in client.get("/v1/corpora", headers=auth(other)
                                                    ).json()["data"]]
 
-    from agents.corpus import corpus_exists
-    from core.db import session_scope
+    from core.db import transaction
     from core.keys import authenticate
+    from core.repositories.corpora import corpus_exists
 
-    with session_scope() as s:
+    with transaction() as s:
         owner = authenticate(s, tenant_key)
         intruder = authenticate(s, other)
         assert owner is not None
@@ -471,14 +471,16 @@ def known_corpus(client: TestClient) -> tuple[str, str, dict[str, str]]:
 
 def test_retrieval_finds_the_right_document(known_corpus: tuple[str, str, dict[str, str]]
                                             ) -> None:
-    from agents.corpus import Passage, retrieve
-    from core.db import session_scope
+    from agents.base import Passage
+    from agents.corpus import retrieve
+    from core.db import transaction
+    from core.repositories.corpora import SessionCorpusStore
 
     _, cid, ids = known_corpus
     misses = []
-    with session_scope() as s:
+    with transaction() as s:
         for question, expected in QUESTIONS:
-            passages = retrieve(s, cid, question, k=4)
+            passages = retrieve(SessionCorpusStore(s), cid, question, k=4)
             assert 1 <= len(passages) <= 4
             assert all(isinstance(p, Passage) for p in passages)
             scores = [p.score for p in passages]
@@ -491,12 +493,12 @@ def test_retrieval_finds_the_right_document(known_corpus: tuple[str, str, dict[s
             assert first.text
             assert first.document_title
     assert misses == []
-    with session_scope() as s:
-        assert retrieve(s, cid, "zzzz qqqq", k=4) == []  # no word in common
-        assert retrieve(s, cid, "the of and", k=4) == []  # stop words only
-        assert retrieve(s, "cor_nonexistent", "bees", k=4) == []
-        assert len(retrieve(s, cid, "the", k=1)) == 0
-        assert len(retrieve(s, cid, "water", k=1)) == 1
+    with transaction() as s:
+        assert retrieve(SessionCorpusStore(s), cid, "zzzz qqqq", k=4) == []  # no word in common
+        assert retrieve(SessionCorpusStore(s), cid, "the of and", k=4) == []  # stop words only
+        assert retrieve(SessionCorpusStore(s), "cor_nonexistent", "bees", k=4) == []
+        assert len(retrieve(SessionCorpusStore(s), cid, "the", k=1)) == 0
+        assert len(retrieve(SessionCorpusStore(s), cid, "water", k=1)) == 1
 
 
 def test_search_route(client: TestClient, known_corpus: tuple[str, str, dict[str, str]]
@@ -535,21 +537,24 @@ def test_search_route(client: TestClient, known_corpus: tuple[str, str, dict[str
 
 def test_index_follows_changes_and_is_cached(client: TestClient, tenant_key: str) -> None:
     from agents import corpus as corpus_mod
-    from core.db import session_scope
+    from core.db import transaction
+    from core.repositories.corpora import SessionCorpusStore
 
     cid = create_corpus(client, tenant_key)
     coffee = upload(client, tenant_key, cid, "coffee.txt", (FIXTURES / "coffee.txt").read_bytes(),
                     "text/plain").json()
-    with session_scope() as s:
-        assert corpus_mod.retrieve(s, cid, "Maillard caramelise")[0].document_id == coffee["id"]
+    with transaction() as s:
+        assert corpus_mod.retrieve(SessionCorpusStore(s), cid, "Maillard caramelise"
+                                   )[0].document_id == coffee["id"]
         built = corpus_mod._cache[cid]
-        assert corpus_mod.retrieve(s, cid, "roast caffeine")
+        assert corpus_mod.retrieve(SessionCorpusStore(s), cid, "roast caffeine")
         assert corpus_mod._cache[cid] is built  # the same index, not rebuilt
-        assert corpus_mod.retrieve(s, cid, "lighthouse keepers") == []
+        assert corpus_mod.retrieve(SessionCorpusStore(s), cid, "lighthouse keepers") == []
     lights = upload(client, tenant_key, cid, "lighthouses.md",
                     (FIXTURES / "lighthouses.md").read_bytes()).json()
-    with session_scope() as s:
-        assert corpus_mod.retrieve(s, cid, "lighthouse keepers")[0].document_id == lights["id"]
+    with transaction() as s:
+        assert corpus_mod.retrieve(SessionCorpusStore(s), cid, "lighthouse keepers"
+                                   )[0].document_id == lights["id"]
         assert corpus_mod._cache[cid] is not built
 
     resp = client.delete(f"/v1/corpora/{cid}/documents/{coffee['id']}", headers=auth(tenant_key))
@@ -560,8 +565,8 @@ def test_index_follows_changes_and_is_cached(client: TestClient, tenant_key: str
     detail = client.get(f"/v1/corpora/{cid}", headers=auth(tenant_key)).json()
     assert [d["id"] for d in detail["documents"]] == [lights["id"]]
     assert (detail["document_count"], detail["chunk_count"]) == (1, lights["chunk_count"])
-    with session_scope() as s:
-        assert corpus_mod.retrieve(s, cid, "Maillard caramelise") == []
+    with transaction() as s:
+        assert corpus_mod.retrieve(SessionCorpusStore(s), cid, "Maillard caramelise") == []
     # The same document may come back once deleted.
     assert upload(client, tenant_key, cid, "coffee.txt", (FIXTURES / "coffee.txt").read_bytes(),
                   "text/plain").status_code == 201
@@ -569,8 +574,8 @@ def test_index_follows_changes_and_is_cached(client: TestClient, tenant_key: str
     assert client.delete(f"/v1/corpora/{cid}", headers=auth(tenant_key)).status_code == 204
     assert client.get(f"/v1/corpora/{cid}", headers=auth(tenant_key)).status_code == 404
     assert chunk_texts(lights["id"]) == []
-    with session_scope() as s:
-        assert corpus_mod.retrieve(s, cid, "lighthouse keepers") == []
+    with transaction() as s:
+        assert corpus_mod.retrieve(SessionCorpusStore(s), cid, "lighthouse keepers") == []
 
 
 def test_openapi_documents_the_corpus_routes(client: TestClient) -> None:

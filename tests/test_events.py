@@ -119,10 +119,10 @@ def test_stream_sends_heartbeats_and_ends_after_the_terminal_event(
 
 
 def test_stream_of_another_tenants_job_is_404(api_server: str, tenant_key: str) -> None:
-    from core.db import session_scope
+    from core.db import transaction
     from core.keys import create_key
 
-    with session_scope() as s:
+    with transaction() as s:
         other, _ = create_key(s, "events-other")
     with httpx.Client(base_url=api_server, timeout=30) as http:
         job_id = submit(http, tenant_key)

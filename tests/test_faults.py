@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from core.db import session_scope
+from core.db import transaction
 from core.models import ModelCall, OutboxMessage, Step
 from tests.helpers import ROOT, auth, start_worker, wait_for_job, wait_until
 
@@ -36,7 +36,7 @@ def test_a_job_past_its_deadline_fails_clearly(client: TestClient, tenant_key: s
     assert "1 seconds" in job["error"]["message"]
 
     def settled() -> bool:
-        with session_scope() as s:
+        with transaction() as s:
             return not s.scalar(select(func.count()).select_from(Step).where(
                 Step.job_id == job["id"], Step.status.in_(("pending", "queued", "running"))))
 
@@ -68,7 +68,7 @@ def test_a_worker_killed_mid_step_loses_nothing(
         time.sleep(0.5)  # their model calls are now in flight at the stand-in
         os.killpg(second.popen.pid, signal.SIGKILL)
         second.popen.wait(timeout=10)
-        with session_scope() as s:
+        with transaction() as s:
             finished_before = set(s.scalars(select(ModelCall.request_id)
                                             .where(ModelCall.job_id == job_id)))
             orphaned = s.scalar(select(func.count()).select_from(Step).where(
@@ -82,7 +82,7 @@ def test_a_worker_killed_mid_step_loses_nothing(
     sent = standin.state.request_ids
     for request_id in finished_before:
         assert sent.count(request_id) == 1, request_id
-    with session_scope() as s:
+    with transaction() as s:
         attempts = list(s.scalars(select(Step.attempt).where(Step.job_id == job_id,
                                                              Step.role == "investigator")))
         ledger_rows = s.scalar(select(func.count()).select_from(ModelCall)
@@ -93,13 +93,12 @@ def test_a_worker_killed_mid_step_loses_nothing(
 
 CRASHER = textwrap.dedent("""
     import os, sys
-    from core.db import session_scope
+    from core.db import transaction
     from core.keys import authenticate
-    from orchestrator import outbox, uow
+    from core.repositories import outbox
     from orchestrator.jobs import create_job
 
     mode, key = sys.argv[1], sys.argv[2]
-    real_publish = outbox.publish
 
     def crash_before_publish(messages):
         os._exit(17)  # the transaction has committed; nothing was sent
@@ -110,10 +109,10 @@ CRASHER = textwrap.dedent("""
             get_celery().send_task(task, kwargs=payload)
         os._exit(17)  # sent, but the outbox rows still look unsent
 
-    uow.publish = crash_before_publish if mode == "commit" else crash_before_marking_sent
-    with session_scope() as s:
+    outbox.publish = crash_before_publish if mode == "commit" else crash_before_marking_sent
+    with transaction() as s:
         tenant_id = authenticate(s, key).tenant_id
-    with uow.unit_of_work() as s:
+    with transaction() as s:
         job = create_job(s, tenant_id=tenant_id, kind_name="completion",
                          raw_input={"prompt": "crash " + mode}, budget={}, metadata={})
         print(job.id, flush=True)
@@ -130,19 +129,19 @@ def test_a_crash_around_publishing_runs_the_job_once(
     job_id = proc.stdout.strip()
     job = wait_for_job(client, tenant_key, job_id, timeout=30)
     assert job["status"] == "completed"
-    with session_scope() as s:
+    with transaction() as s:
         step_id = s.scalars(select(Step.id).where(Step.job_id == job_id)).one()
         calls = s.scalar(select(func.count()).select_from(ModelCall)
                          .where(ModelCall.job_id == job_id))
 
     def marked_sent() -> bool:
-        with session_scope() as s:
+        with transaction() as s:
             unsent = s.scalars(select(OutboxMessage).where(OutboxMessage.sent_at.is_(None)))
             return all(m.payload.get("step_id") != step_id for m in unsent)
 
     wait_until(marked_sent, 30, what="the sweeper to mark the outbox row sent")
     assert calls == 1  # ran once in effect
-    assert standin.state.request_ids.count(f"{step_id}:0") == 1
+    assert standin.state.request_ids.count(f"{step_id}:1:0") == 1
 
 
 def test_a_half_finished_job_from_an_older_schema_resumes(
@@ -407,7 +406,7 @@ def test_scale_out_runs_200_jobs_once(database_url: str, agentq_env: dict[str, s
     reruns = [sid for sid, attempt in steps if attempt > 1]
     for sid, _ in steps:
         # a call is sent again only if its step was re-run after the kill
-        assert sent.count(f"{sid}:0") == 1 or sid in reruns
+        assert sent.count(f"{sid}:1:0") == 1 or sid in reruns
     if not kill_one:
         assert reruns == []
 

@@ -18,10 +18,10 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app).exclude(
 
 @pytest.fixture(scope="module")
 def fuzz_key(agentq_env: dict[str, str]) -> str:
-    from core.db import session_scope
+    from core.db import transaction
     from core.keys import create_key
 
-    with session_scope() as s:
+    with transaction() as s:
         raw, _ = create_key(s, f"fuzz-{secrets.token_hex(4)}")
     return raw
 

@@ -9,7 +9,7 @@ import httpx
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from core.db import session_scope
+from core.db import transaction
 from core.models import Job
 from tests.helpers import auth
 
@@ -20,7 +20,7 @@ JOB = {"kind": "research", "input": {"query": "How do tides work?"},
 def jobs_of(tenant_key: str) -> int:
     from core.keys import authenticate
 
-    with session_scope() as s:
+    with transaction() as s:
         principal = authenticate(s, tenant_key)
         assert principal is not None
         return int(s.scalar(select(func.count()).select_from(Job)
@@ -52,7 +52,7 @@ def test_same_key_other_body_is_422(client: TestClient, tenant_key: str) -> None
 def test_keys_are_per_tenant(client: TestClient, tenant_key: str) -> None:
     from core.keys import create_key
 
-    with session_scope() as s:
+    with transaction() as s:
         other, _ = create_key(s, "idem-other-tenant")
     a = client.post("/v1/jobs", json=JOB, headers={**auth(tenant_key), "Idempotency-Key": "k"})
     b = client.post("/v1/jobs", json=JOB, headers={**auth(other), "Idempotency-Key": "k"})
@@ -78,7 +78,7 @@ def test_in_flight_key_is_409(client: TestClient, tenant_key: str) -> None:
     from core.keys import authenticate
     from orchestrator import idempotency
 
-    with session_scope() as s:
+    with transaction() as s:
         principal = authenticate(s, tenant_key)
         assert principal is not None
     # another request holds the key: recorded, its job not written yet

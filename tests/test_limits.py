@@ -19,10 +19,10 @@ JOB = {"kind": "completion", "input": {"prompt": "hello"}}
 
 
 def other_key(name: str) -> str:
-    from core.db import session_scope
+    from core.db import transaction
     from core.keys import create_key
 
-    with session_scope() as s:
+    with transaction() as s:
         raw, _ = create_key(s, name)
     return raw
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from core.settings import Settings
+from inference.calls import CallSpec
 from inference.pool import CompletionRequest, InferenceError, Pool, TransientInferenceError
 from inference.standin import StandinServer, free_port
 
@@ -26,9 +27,15 @@ def settings(**kw: Any) -> Settings:
     return Settings(**{**base, **kw})
 
 
+_CALL_FIELDS = {"prompt", "max_tokens", "regex", "choice", "json_schema", "stop", "size",
+                "model", "temperature"}
+
+
 def req(**kw: Any) -> CompletionRequest:
-    return CompletionRequest(**{"prompt": "one two three", "max_tokens": 5,
-                                "request_id": "r-1", **kw})
+    call = {"prompt": "one two three", "max_tokens": 5,
+            **{k: v for k, v in kw.items() if k in _CALL_FIELDS}}
+    rest = {"request_id": "r-1", **{k: v for k, v in kw.items() if k not in _CALL_FIELDS}}
+    return CompletionRequest(call=CallSpec(**call), **rest)
 
 
 def test_completion_carries_usage_and_max_tokens(server: StandinServer) -> None:

@@ -82,10 +82,10 @@ def test_the_verifier_flags_a_citation_to_a_source_that_was_never_given(
 
 
 def test_a_corpus_of_another_tenant_is_refused(client: TestClient, corpus: str) -> None:
-    from core.db import session_scope
+    from core.db import transaction
     from core.keys import create_key
 
-    with session_scope() as s:
+    with transaction() as s:
         other, _ = create_key(s, "someone-else-research")
     resp = client.post("/v1/jobs", headers=auth(other), json={
         "kind": "research", "input": {"query": "How do bees make honey?", "corpus_id": corpus}})

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from core.db import session_scope
+from core.db import transaction
 from core.models import Job, JobEvent, ModelCall, Step
 from tests.helpers import auth, wait_for_job, wait_until
 
@@ -26,7 +26,7 @@ def submit(client: TestClient, key: str, query: str = "How do honey bees make ho
 
 
 def ledger(job_id: str) -> dict[str, int]:
-    with session_scope() as s:
+    with transaction() as s:
         prompt, completion, calls = s.execute(
             select(func.coalesce(func.sum(ModelCall.prompt_tokens), 0),
                    func.coalesce(func.sum(ModelCall.completion_tokens), 0),
@@ -39,7 +39,7 @@ def test_research_job_runs_to_completed(client: TestClient, tenant_key: str,
     before = dict(standin.state.__dict__)
     job_id = submit(client, tenant_key, budget={"max_total_tokens": 20000})
     job = wait_for_job(client, tenant_key, job_id, timeout=60)
-    assert job["status"] == "completed", job
+    assert job["status"] == "completed", job.get("error")
     # plan + 3 investigators (the stand-in's plan) + synthesise
     assert job["progress"] == {"steps_total": 5, "steps_done": 5, "phase": "completed"}
     result = job["result"]
@@ -70,7 +70,7 @@ def test_research_job_runs_to_completed(client: TestClient, tenant_key: str,
     inv_end = max(s["finished_at"] for s in steps if s["role"] == "investigator")
     assert synth["started_at"] >= inv_end
 
-    with session_scope() as s:
+    with transaction() as s:
         types = list(s.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id)
                                .order_by(JobEvent.seq)))
         seqs = list(s.scalars(select(JobEvent.seq).where(JobEvent.job_id == job_id)
@@ -87,7 +87,7 @@ def test_invalid_plan_falls_back_to_a_deterministic_one(
     standin.state.plan_text = '["Only one question?"]'
     job_id = submit(client, tenant_key, input={"max_subquestions": 2})
     job = wait_for_job(client, tenant_key, job_id)
-    assert job["status"] == "completed", job
+    assert job["status"] == "completed", job.get("error")
     assert job["result"]["plan_fallback"] is True
     assert len(job["result"]["sections"]) == 2
 
@@ -109,7 +109,7 @@ def test_cancel_stops_steps_that_had_not_started(
              client.get(f"/v1/jobs/{job_id}/steps", headers=h).json()["data"]}
     assert steps["synthesise"]["status"] == "cancelled"
     assert steps["synthesise"]["started_at"] is None
-    with session_scope() as s:
+    with transaction() as s:
         synth_calls = s.scalar(select(func.count()).select_from(ModelCall)
                                .where(ModelCall.step_id == steps["synthesise"]["id"]))
         open_steps = s.scalar(select(func.count()).select_from(Step).where(
@@ -132,7 +132,7 @@ def test_budget_is_never_exceeded(client: TestClient, tenant_key: str, standin: 
     assert led["prompt"] + led["completion"] <= 800
 
     def settled() -> bool:
-        with session_scope() as s:
+        with transaction() as s:
             job_row = s.get(Job, job_id)
             assert job_row is not None
             return job_row.reserved_tokens == 0
@@ -163,8 +163,8 @@ def test_transient_failures_are_retried(client: TestClient, tenant_key: str,
     standin.state.fail_next = 2
     job_id = submit(client, tenant_key)
     job = wait_for_job(client, tenant_key, job_id, timeout=60)
-    assert job["status"] == "completed", job
-    with session_scope() as s:
+    assert job["status"] == "completed", job.get("error")
+    with transaction() as s:
         attempts = max(s.scalars(select(ModelCall.attempts).where(ModelCall.job_id == job_id)))
     assert attempts >= 2
 
@@ -178,7 +178,7 @@ def test_duplicate_messages_run_a_step_once(client: TestClient, tenant_key: str,
     assert job["status"] == "completed"
     calls_before = ledger(job_id)["calls"]
     requests_before = standin.state.requests_total
-    with session_scope() as s:
+    with transaction() as s:
         step_ids = list(s.scalars(select(Step.id).where(Step.job_id == job_id)))
     app = get_celery()
     for step_id in step_ids:
@@ -216,18 +216,25 @@ def test_a_step_whose_run_vanished_is_requeued_without_rebilling(
     `running` with tokens reserved; once its lease expires the worker's sweeper queues it
     again, the reservation is released, and the finished call is replayed from the ledger."""
     from datetime import timedelta
+    from decimal import Decimal
 
-    from sqlalchemy import update
+    from sqlalchemy import insert, update
 
+    from agents.registry import get_kind
+    from core.db import session_factory
     from core.keys import authenticate
-    from core.models import utcnow
+    from core.models import Reservation, utcnow
+    from core.repositories.ledger import Budget
     from inference.pool import Pool
+    from orchestrator.budget import Run
     from orchestrator.jobs import create_job
-    from orchestrator.steps import MeteredContext, _claim
+    from orchestrator.metering import MeteredContext
+    from orchestrator.runner import _claim
 
-    # Create the job without publishing its first step (a plain session, not the unit of
-    # work), and claim that step here, as a worker would, before the sweeper publishes it.
-    with session_scope() as s:
+    # Create the job without publishing its first step (a plain session, committed by hand,
+    # not the unit of work), and claim that step here, as a worker would, before the sweeper
+    # publishes it.
+    with session_factory()() as s:
         principal = authenticate(s, tenant_key)
         assert principal is not None
         job = create_job(s, tenant_id=principal.tenant_id, kind_name="research",
@@ -235,23 +242,33 @@ def test_a_step_whose_run_vanished_is_requeued_without_rebilling(
                          budget={}, metadata={})
         job_id = job.id
         plan_id = s.scalars(select(Step.id).where(Step.job_id == job_id)).one()
+        s.commit()
     claimed = _claim(plan_id)
     assert claimed is not None
-    claim, kind, payload, budget = claimed
-    ctx = MeteredContext(claim, Pool([standin.url]), budget)
-    # The model call is made and billed; then the run "dies" before saving the step.
-    kind.run_step(ctx, kind.parse_input(payload["input"]), claim.role, payload["step_input"],
-                  payload["deps"])
+    c, parents = claimed
+    kind = get_kind(c.kind)
+    assert kind is not None
+    ctx = MeteredContext(run=Run(c.job_id, c.step_id, c.attempt, Budget.of(c.budget)),
+                         tenant_id=c.tenant_id, step_key=c.key, role=c.role,
+                         step_input=c.input, max_tokens=c.max_tokens, parents=parents,
+                         pool=Pool([standin.url]))
+    # The model call is made and billed; then the run "dies" before saving the step, holding
+    # a reservation for a call it never settled (one that has long expired).
+    kind.run_step(ctx, kind.parse_input(c.job_input))
     requests_after_crash = standin.state.requests_total
-    with session_scope() as s:
+    with transaction() as s:
+        s.execute(insert(Reservation), [{
+            "request_id": f"{plan_id}:1:9", "job_id": job_id, "step_id": plan_id,
+            "attempt": 1, "tokens": 500, "cost_usd": Decimal(0),
+            "created_at": utcnow() - timedelta(hours=1),
+            "expires_at": utcnow() - timedelta(seconds=1)}])
         s.execute(update(Step).where(Step.id == plan_id)
-                  .values(reserved_tokens=Step.reserved_tokens + 500,
-                          lease_expires_at=utcnow() - timedelta(seconds=1)))
+                  .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
         s.execute(update(Job).where(Job.id == job_id)
                   .values(reserved_tokens=Job.reserved_tokens + 500))
     done = wait_for_job(client, tenant_key, job_id, timeout=60)
     assert done["status"] == "completed", done
-    with session_scope() as s:
+    with transaction() as s:
         plan_calls = s.scalar(select(func.count()).select_from(ModelCall)
                               .where(ModelCall.step_id == plan_id))
         row = s.get(Job, job_id)
@@ -260,7 +277,9 @@ def test_a_step_whose_run_vanished_is_requeued_without_rebilling(
         step = s.get(Step, plan_id)
         assert step is not None
         assert step.attempt == 2
-        assert step.reserved_tokens == 0
+        held = s.scalar(select(func.count()).select_from(Reservation)
+                        .where(Reservation.step_id == plan_id))
+        assert held == 0
     assert plan_calls == 1  # the plan's call was replayed from the ledger, not made again
     # the re-run made only the investigators' and the synthesiser's calls
     assert standin.state.requests_total - requests_after_crash == done["usage"]["model_calls"] - 1

@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from agents.registry import kind_names
 from core.queue import get_celery
 from core.settings import get_settings
-from orchestrator import idempotency, jobs, outbox, steps, webhooks
+from orchestrator import idempotency, runner, sweeps, webhooks
 
 log = logging.getLogger(__name__)
 app = get_celery()
@@ -30,7 +30,7 @@ kind_names()
           autoretry_for=(SQLAlchemyError, RedisError), retry_backoff=1, retry_backoff_max=60,
           retry_jitter=True, max_retries=12)
 def run_step(step_id: str) -> None:
-    steps.run_step(step_id)
+    runner.run_step(step_id)
 
 
 @app.task(name="webhooks.deliver", acks_late=True, reject_on_worker_lost=True,
@@ -47,10 +47,7 @@ def _sweeper() -> None:
     settings = get_settings()
     while not _stop.wait(settings.outbox_sweep_interval_s):
         try:
-            steps.requeue_expired()
-            steps.republish_stale_queued()
-            jobs.expire_deadlines()
-            outbox.sweep(settings.outbox_sweep_after_s)
+            sweeps.all_sweeps()
             webhooks.sweep_due()
             idempotency.sweep_expired()
         except Exception as exc:  # the database or broker may be briefly away

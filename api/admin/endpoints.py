@@ -19,9 +19,9 @@ from api.deps import AdminPrincipal, DbSession
 from api.jobs.schemas import ErrorResponse
 from api.responses import ERRORS
 from core.errors import InvalidInput, NotFound
-from core.models import Job
+from core.repositories import jobs as job_repo
+from core.repositories.reports import GroupBy, ReportFilter, energy_methods
 from orchestrator import reports
-from orchestrator.reports import GroupBy, ReportFilter
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses={
     **ERRORS, 403: {"model": ErrorResponse, "description": "The key has no admin scope"}})
@@ -250,7 +250,7 @@ def usage_report(
     if format == "csv":
         return csv_response(rows, f"usage-by-{group_by}.csv")
     return {"group_by": group_by, "since": since, "until": until,
-            "energy_methods": reports.energy_methods(session, f),
+            "energy_methods": energy_methods(session, f),
             "totals": reports.totals(session, f), "data": rows}
 
 
@@ -258,7 +258,7 @@ def usage_report(
 def job_drill_down(session: DbSession, _: AdminPrincipal, job_id: str,
                    format: FormatQuery = "json") -> Any:
     """One job of any tenant: its figures, its steps and every model call (CSV: the calls)."""
-    job = session.get(Job, job_id)
+    job = job_repo.get(session, job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     f = ReportFilter(job_id=job_id)

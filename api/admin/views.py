@@ -2,7 +2,8 @@
 
 Sign-in takes an admin key once and keeps it in an HttpOnly, SameSite=Strict cookie scoped to
 `/admin`; a `Bearer` header works too. Everything the page shows comes from
-`orchestrator.reports`, the same functions behind `/v1/admin/...`.
+`orchestrator.reports` and `core.repositories.reports`, the same functions behind
+`/v1/admin/...`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from api.admin.charts import bar_chart, line_chart
 from api.admin.endpoints import csv_response
 from api.deps import DbSession
 from core.errors import InvalidInput, NotFound
-from core.keys import Principal, authenticate
-from core.models import Job, Step, Tenant
+from core.keys import Principal, authenticate, get_tenant
+from core.repositories import jobs as job_repo
+from core.repositories import steps as step_repo
+from core.repositories.reports import GroupBy, ReportFilter, day_range, energy_methods
 from core.settings import get_settings
 from orchestrator import reports
-from orchestrator.reports import GroupBy, ReportFilter
 
 COOKIE = "agentq_admin"
 DEFAULT_DAYS = 30
@@ -90,7 +92,7 @@ def _range(since: date | None, until: date | None) -> tuple[date, date, ReportFi
     since = since or until - timedelta(days=DEFAULT_DAYS - 1)
     if until < since:
         raise InvalidInput("the end of the date range is before its start")
-    return since, until, reports.day_range(since, until)
+    return since, until, day_range(since, until)
 
 
 DateQuery = Annotated[date | None, Query(description="YYYY-MM-DD (UTC)")]
@@ -177,14 +179,14 @@ def overview(request: Request, session: DbSession, since: DateQuery = None,
         request, "overview.html", since=since, until=until, q=_query(since, until),
         totals=reports.totals(session, f), tenants=reports.tenants_overview(session, f),
         models=reports.grouped(session, f, "model"), days=days,
-        methods=reports.energy_methods(session, f), **_daily_charts(days))
+        methods=energy_methods(session, f), **_daily_charts(days))
 
 
 @router.get("/tenants/{tenant_id}", response_class=HTMLResponse)
 def tenant_page(request: Request, session: DbSession, tenant_id: str, since: DateQuery = None,
                 until: DateQuery = None) -> HTMLResponse:
     admin_principal(request, session)
-    tenant = session.get(Tenant, tenant_id)
+    tenant = get_tenant(session, tenant_id)
     if tenant is None:
         raise NotFound(f"no tenant {tenant_id!r}")
     since, until, base = _range(since, until)
@@ -195,32 +197,32 @@ def tenant_page(request: Request, session: DbSession, tenant_id: str, since: Dat
         q=_query(since, until), totals=reports.totals(session, f),
         jobs=reports.grouped(session, f, "job", limit=500),
         models=reports.grouped(session, f, "model"), days=days,
-        methods=reports.energy_methods(session, f), **_daily_charts(days))
+        methods=energy_methods(session, f), **_daily_charts(days))
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, session: DbSession, job_id: str) -> HTMLResponse:
     admin_principal(request, session)
-    job = session.get(Job, job_id)
+    job = job_repo.get(session, job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     f = ReportFilter(job_id=job_id)
-    return _render(request, "job.html", job=job, tenant=session.get(Tenant, job.tenant_id),
+    return _render(request, "job.html", job=job, tenant=get_tenant(session, job.tenant_id),
                    totals=reports.totals(session, f), steps=reports.job_steps(session, job_id),
-                   methods=reports.energy_methods(session, f))
+                   methods=energy_methods(session, f))
 
 
 @router.get("/jobs/{job_id}/steps/{step_id}", response_class=HTMLResponse)
 def step_page(request: Request, session: DbSession, job_id: str, step_id: str) -> HTMLResponse:
     admin_principal(request, session)
-    step = session.get(Step, step_id)
+    step = step_repo.get(session, step_id)
     if step is None or step.job_id != job_id:
         raise NotFound(f"no step {step_id!r} in job {job_id!r}")
-    job = session.get(Job, job_id)
+    job = job_repo.get(session, job_id)
     f = ReportFilter(job_id=job_id, step_id=step_id)
     return _render(request, "step.html", job=job, step=step, calls=reports.calls(session, f),
                    figures=reports.totals(session, f),
-                   tenant=session.get(Tenant, job.tenant_id) if job else None)
+                   tenant=get_tenant(session, job.tenant_id) if job else None)
 
 
 @router.get("/export.csv")

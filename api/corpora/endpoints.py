@@ -1,6 +1,7 @@
 """`/v1/corpora`: create corpora, upload documents (text, Markdown, HTML, PDF), search them.
 
-HTTP only: extraction, chunking, storage and BM25 retrieval are in `agents.corpus`.
+HTTP only: extraction, chunking and BM25 retrieval are in `agents.corpus`, the queries in
+`core.repositories.corpora`.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from api.corpora.schemas import (
 from api.deps import CurrentPrincipal, DbSession
 from api.jobs.schemas import ErrorResponse
 from api.responses import ERRORS
-from core.db import read_session_factory, session_scope
+from core.db import read_session_factory, transaction
 from core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, UnsupportedMediaType
 from core.models import Corpus, CorpusDocument
+from core.repositories import corpora as corpus_repo
+from core.repositories.corpora import SessionCorpusStore
 
 router = APIRouter(prefix="/v1/corpora", tags=["corpora"], responses=ERRORS)
 
@@ -78,9 +81,9 @@ def _document_out(d: CorpusDocument) -> DocumentOut:
 def create_corpus(body: CorpusCreate, principal: CurrentPrincipal,
                   response: Response) -> CorpusOut:
     """Create an empty corpus; add documents with `POST /v1/corpora/{id}/documents`."""
-    with session_scope() as s:
-        out = _corpus_out(corpus_service.create_corpus(s, principal.tenant_id, body.name,
-                                                       body.description))
+    with transaction() as s:
+        out = _corpus_out(corpus_repo.create_corpus(s, principal.tenant_id, body.name,
+                                                    body.description))
     response.headers["Location"] = f"/v1/corpora/{out.id}"
     return out
 
@@ -93,25 +96,25 @@ def list_corpora(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> CorpusList:
     """The tenant's corpora, newest first."""
-    rows, next_cursor = corpus_service.list_corpora(session, principal.tenant_id, limit=limit,
-                                                    cursor=cursor)
+    rows, next_cursor = corpus_repo.list_corpora(session, principal.tenant_id, limit=limit,
+                                                 cursor=cursor)
     return CorpusList(data=[_corpus_out(c) for c in rows], next_cursor=next_cursor)
 
 
 @router.get("/{corpus_id}", response_model=CorpusDetail)
 def get_corpus(corpus_id: str, session: DbSession, principal: CurrentPrincipal) -> CorpusDetail:
     """A corpus and its documents."""
-    c = corpus_service.get_corpus(session, principal.tenant_id, corpus_id)
+    c = corpus_repo.get_corpus(session, principal.tenant_id, corpus_id)
     return CorpusDetail(**_corpus_out(c).model_dump(),
                         documents=[_document_out(d)
-                                   for d in corpus_service.list_documents(session, c.id)])
+                                   for d in corpus_repo.list_documents(session, c.id)])
 
 
 @router.delete("/{corpus_id}", status_code=204)
 def delete_corpus(corpus_id: str, principal: CurrentPrincipal) -> Response:
     """Delete a corpus with all of its documents."""
-    with session_scope() as s:
-        corpus_service.delete_corpus(s, principal.tenant_id, corpus_id)
+    with transaction() as s:
+        corpus_repo.delete_corpus(s, principal.tenant_id, corpus_id)
     return Response(status_code=204)
 
 
@@ -178,15 +181,15 @@ async def _read_upload(request: Request) -> _Upload:
 
 def _check_corpus(tenant_id: str, corpus_id: str) -> None:
     with read_session_factory()() as s:
-        if not corpus_service.corpus_exists(s, tenant_id, corpus_id):
+        if not corpus_repo.corpus_exists(s, tenant_id, corpus_id):
             raise NotFound(f"no corpus {corpus_id[:60]!r}")
 
 
 def _store(tenant_id: str, corpus_id: str,
            prepared: corpus_service.PreparedDocument) -> DocumentOut:
     try:
-        with session_scope() as s:
-            out = _document_out(corpus_service.add_document(s, tenant_id, corpus_id, prepared))
+        with transaction() as s:
+            out = _document_out(corpus_repo.add_document(s, tenant_id, corpus_id, prepared))
     except IntegrityError as exc:  # the same document uploaded twice at once
         raise Conflict("the corpus already holds this document",
                        code="duplicate_document") from exc
@@ -230,8 +233,8 @@ async def upload_document(
 @router.delete("/{corpus_id}/documents/{document_id}", status_code=204)
 def delete_document(corpus_id: str, document_id: str, principal: CurrentPrincipal) -> Response:
     """Remove a document and its passages from a corpus."""
-    with session_scope() as s:
-        corpus_service.delete_document(s, principal.tenant_id, corpus_id, document_id)
+    with transaction() as s:
+        corpus_repo.delete_document(s, principal.tenant_id, corpus_id, document_id)
     return Response(status_code=204)
 
 
@@ -244,8 +247,8 @@ def search_corpus(
     k: Annotated[int, Query(ge=1, le=50, description="How many passages at most.")] = 5,
 ) -> SearchResults:
     """The corpus's passages that best match the query (BM25), best first."""
-    c = corpus_service.get_corpus(session, principal.tenant_id, corpus_id)
-    hits = corpus_service.search(session, c.id, q, k)
+    c = corpus_repo.get_corpus(session, principal.tenant_id, corpus_id)
+    hits = corpus_service.search(SessionCorpusStore(session), c.id, q, k)
     return SearchResults(query=q, data=[
         SearchHit(chunk_id=h.passage.chunk_id, document_id=h.passage.document_id,
                   document_title=h.passage.document_title, ordinal=h.ordinal,

@@ -18,8 +18,8 @@ from api.events.schemas import EventList, EventOut
 from api.responses import ERRORS
 from core.db import read_session_factory
 from core.errors import InvalidInput
+from core.repositories import events as event_service
 from core.settings import get_settings
-from orchestrator import events as event_service
 from orchestrator import jobs as job_service
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"], responses=ERRORS)

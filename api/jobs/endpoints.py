@@ -21,13 +21,13 @@ from api.jobs.schemas import (
 )
 from api.jobs.serialize import job_out
 from api.responses import ERRORS
+from core.db import transaction
 from core.errors import InvalidInput
+from core.repositories.webhooks import new_secret
 from core.settings import get_settings
 from core.webhook_http import check_url
 from orchestrator import idempotency
 from orchestrator import jobs as job_service
-from orchestrator.uow import unit_of_work
-from orchestrator.webhooks import new_secret
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
@@ -61,7 +61,7 @@ def submit_job(
                       allow_private=get_settings().webhooks_allow_private_networks)
             webhook = {"url": body.webhook.url, "events": list(body.webhook.events),
                        "secret": new_secret()}
-        with unit_of_work() as session:
+        with transaction() as session:
             job = job_service.create_job(
                 session, tenant_id=principal.tenant_id, kind_name=body.kind,
                 raw_input=body.input, budget=budget, metadata=body.metadata,
@@ -121,7 +121,7 @@ def list_steps(job_id: str, session: DbSession, principal: CurrentPrincipal) -> 
 def cancel_job(job_id: str, principal: CurrentPrincipal, response: Response) -> JobOut:
     """Cancel a job. Steps that have not started never run; running steps stop at their next
     model call. The job ends `cancelled` (a job already finished is returned as it is)."""
-    with unit_of_work() as session:
+    with transaction() as session:
         job = job_service.cancel_job(session, principal.tenant_id, job_id)
         out = job_out(job)
     response.headers["Location"] = f"/v1/jobs/{out.id}"

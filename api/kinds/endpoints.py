@@ -39,8 +39,7 @@ def list_kinds(_: CurrentPrincipal) -> Any:
     for name in kind_names():
         kind = get_kind(name)
         assert kind is not None
-        out.append({"name": name, "roles": sorted(kind.phases),
+        out.append({"name": name, "roles": sorted(r.name for r in kind.roles),
                     "input_schema": kind.input_model.model_json_schema(),
-                    "result_schema": kind.result_model.model_json_schema()
-                    if kind.result_model else None})
+                    "result_schema": kind.result_model.model_json_schema()})
     return {"data": out}

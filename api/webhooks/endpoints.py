@@ -14,12 +14,13 @@ from api.webhooks.schemas import (
     EndpointList,
     EndpointOut,
 )
+from core.db import transaction
 from core.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from core.repositories import webhooks as webhook_repo
 from core.settings import get_settings
 from core.webhook_http import check_url
 from orchestrator import jobs as job_service
-from orchestrator import webhooks as webhook_service
-from orchestrator.uow import unit_of_work
+from orchestrator.webhooks import rotate_grace
 
 router = APIRouter(tags=["webhooks"], responses=ERRORS)
 
@@ -36,8 +37,8 @@ def create_endpoint(body: EndpointCreate, principal: CurrentPrincipal) -> Endpoi
     """Register a receiver for all of the tenant's jobs' chosen events. The signing secret
     (`whsec_...`) is in this response only."""
     check_url(body.url, allow_private=get_settings().webhooks_allow_private_networks)
-    with unit_of_work() as s:
-        ep = webhook_service.create_endpoint(s, principal.tenant_id, body.url,
+    with transaction() as s:
+        ep = webhook_repo.create_endpoint(s, principal.tenant_id, body.url,
                                              list(body.events), body.description)
         return _endpoint_out(ep, show_secret=True)
 
@@ -45,22 +46,23 @@ def create_endpoint(body: EndpointCreate, principal: CurrentPrincipal) -> Endpoi
 @router.get("/v1/webhook-endpoints", response_model=EndpointList)
 def list_endpoints(session: DbSession, principal: CurrentPrincipal) -> EndpointList:
     return EndpointList(data=[_endpoint_out(e) for e in
-                              webhook_service.list_endpoints(session, principal.tenant_id)])
+                              webhook_repo.list_endpoints(session, principal.tenant_id)])
 
 
 @router.post("/v1/webhook-endpoints/{endpoint_id}/rotate-secret", response_model=EndpointOut)
 def rotate_secret(endpoint_id: str, principal: CurrentPrincipal) -> EndpointOut:
     """A new signing secret, shown once. For a grace period
     (`AGENTQ_WEBHOOK_SECRET_GRACE_HOURS`) deliveries carry signatures with both secrets."""
-    with unit_of_work() as s:
-        return _endpoint_out(webhook_service.rotate_secret(s, principal.tenant_id, endpoint_id),
+    with transaction() as s:
+        return _endpoint_out(webhook_repo.rotate_secret(s, principal.tenant_id, endpoint_id,
+                                                         rotate_grace()),
                              show_secret=True)
 
 
 @router.delete("/v1/webhook-endpoints/{endpoint_id}", status_code=204)
 def delete_endpoint(endpoint_id: str, principal: CurrentPrincipal) -> Response:
-    with unit_of_work() as s:
-        webhook_service.delete_endpoint(s, principal.tenant_id, endpoint_id)
+    with transaction() as s:
+        webhook_repo.delete_endpoint(s, principal.tenant_id, endpoint_id)
     return Response(status_code=204)
 
 
@@ -82,14 +84,14 @@ def list_deliveries(job_id: str, session: DbSession, principal: CurrentPrincipal
     """Every webhook delivery of the job, with each attempt."""
     job = job_service.get_job(session, principal.tenant_id, job_id)
     return DeliveryList(data=[_delivery_out(d, a) for d, a in
-                              webhook_service.list_deliveries(session, job.id)])
+                              webhook_repo.list_deliveries(session, job.id)])
 
 
 @router.post("/v1/jobs/{job_id}/webhook-deliveries/{delivery_id}/redeliver", status_code=202,
              response_model=DeliveryOut)
 def redeliver(job_id: str, delivery_id: str, principal: CurrentPrincipal) -> DeliveryOut:
     """Send a delivery again now (same `webhook-id`)."""
-    with unit_of_work() as s:
+    with transaction() as s:
         job = job_service.get_job(s, principal.tenant_id, job_id)
-        d = webhook_service.redeliver(s, principal.tenant_id, job.id, delivery_id)
+        d = webhook_repo.redeliver(s, principal.tenant_id, job.id, delivery_id)
         return _delivery_out(d, [])

@@ -1,0 +1,77 @@
+"""The append-only event log of a job. Each event takes the job's next cursor value from the
+job row, which also orders concurrent appends to the same job. The deliveries an event causes
+are written with it, and after commit the job's event streams are woken (a notification on
+Redis carrying only the job id)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import RedisError
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from core.db import after_commit, pending
+from core.models import Job, JobEvent, utcnow
+from core.redis import EVENTS_CHANNEL_PREFIX, get_redis
+from core.repositories import webhooks
+
+log = logging.getLogger(__name__)
+
+TERMINAL_EVENTS = webhooks.TERMINAL_EVENTS
+Event = tuple[str, dict[str, Any]]
+_KEY = "events.touched"
+
+
+def append(session: Session, job_id: str, type_: str, data: dict[str, Any] | None = None
+           ) -> int:
+    """Append one event; returns its cursor."""
+    return append_many(session, job_id, [(type_, data or {})])
+
+
+def append_many(session: Session, job_id: str, events: Sequence[Event]) -> int:
+    """Append events in order; returns the cursor of the last."""
+    last, tenant_id, job_webhook = session.execute(
+        update(Job).where(Job.id == job_id).values(event_seq=Job.event_seq + len(events))
+        .returning(Job.event_seq, Job.tenant_id, Job.webhook)).one()
+    write(session, job_id, tenant_id, job_webhook, int(last) - len(events) + 1, events)
+    return int(last)
+
+
+def write(session: Session, job_id: str, tenant_id: str, job_webhook: dict[str, Any] | None,
+          first_seq: int, events: Sequence[Event]) -> None:
+    """Insert events whose cursors (`first_seq`, ...) the caller took from the job row in its
+    own update (`event_seq = event_seq + len(events)`)."""
+    if not events:
+        return
+    now = utcnow()
+    session.execute(insert(JobEvent), [
+        {"job_id": job_id, "seq": first_seq + i, "type": t, "data": d, "created_at": now}
+        for i, (t, d) in enumerate(events)])
+    for i, (type_, data) in enumerate(events):
+        webhooks.fan_out(session, job_id=job_id, tenant_id=tenant_id, job_webhook=job_webhook,
+                         seq=first_seq + i, type_=type_, data=data)
+    touched: list[str] = pending(session, _KEY)
+    touched.append(job_id)
+    after_commit(session, _KEY, lambda: notify(set(touched)))
+
+
+def notify(job_ids: set[str]) -> None:
+    """Wake the event streams of these jobs (best effort: streams also poll, slowly)."""
+    if not job_ids:
+        return
+    try:
+        pipe = get_redis().pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.publish(EVENTS_CHANNEL_PREFIX + job_id, "1")
+        pipe.execute()
+    except RedisError as exc:
+        log.warning("could not publish event notifications: %s", exc)
+
+
+def list_events(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id,
+                                                       JobEvent.seq > after)
+                                .order_by(JobEvent.seq).limit(limit)))

@@ -1,0 +1,207 @@
+"""The ledger of model calls and the reservations of calls in flight.
+
+A reservation is a row per call: inserted with the conditional update that takes its tokens
+and dollars from the job's budget, deleted when the call settles. It expires with its run's
+lease (and is renewed with it), so a run that died or lost its step does not hold the budget:
+the next claim of the step, or the sweeper, releases it. The deletion is the release, so it
+happens exactly once, whoever gets there first. A call that settles after its reservation was
+released (a run that was stopped past its lease) is billed only if the budget still has room.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import delete, insert, or_, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from core.db import db_now
+from core.models import Job, JobStatus, ModelCall, Reservation, utcnow
+from core.repositories import steps
+
+_NO_SYNC = {"synchronize_session": False}
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_total_tokens: int | None
+    max_cost_usd: Decimal | None
+
+    @staticmethod
+    def of(raw: dict[str, Any]) -> Budget:
+        cost = raw.get("max_cost_usd")
+        return Budget(raw.get("max_total_tokens"),
+                      Decimal(str(cost)) if cost is not None else None)
+
+    def fits(self, tokens: int, cost: Decimal) -> list[Any]:
+        """Conditions on the job row under which `tokens` and `cost` more still fit."""
+        cond: list[Any] = []
+        if self.max_total_tokens is not None:
+            cond.append(Job.prompt_tokens + Job.completion_tokens + Job.reserved_tokens
+                        + tokens <= self.max_total_tokens)
+        if self.max_cost_usd is not None:
+            cond.append(Job.cost_usd + Job.reserved_cost_usd + cost <= self.max_cost_usd)
+        return cond
+
+
+class Reserved(StrEnum):
+    OK = "ok"
+    NO_ROOM = "no_room"  # the budget has no room for it now
+    STALE = "stale"  # the run no longer holds its step
+    STOPPED = "stopped"  # the job is not running
+
+
+def reserve(session: Session, *, request_id: str, job_id: str, step_id: str, attempt: int,
+            tokens: int, cost: Decimal, budget: Budget) -> Reserved:
+    """Hold `tokens` and `cost` against the job for one call of run `attempt`. The
+    reservation expires with the run's lease, and is renewed with it."""
+    lease = steps.lease_of(session, step_id, attempt, lock=True)
+    if lease is None:
+        return Reserved.STALE
+    res = session.execute(update(Job).where(
+        Job.id == job_id, Job.status == JobStatus.RUNNING, *budget.fits(tokens, cost),
+    ).values(reserved_tokens=Job.reserved_tokens + tokens,
+             reserved_cost_usd=Job.reserved_cost_usd + cost).execution_options(**_NO_SYNC))
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        return Reserved.NO_ROOM if status == JobStatus.RUNNING else Reserved.STOPPED
+    session.execute(insert(Reservation).values(
+        request_id=request_id, job_id=job_id, step_id=step_id, attempt=attempt, tokens=tokens,
+        cost_usd=cost, created_at=utcnow(), expires_at=lease))
+    return Reserved.OK
+
+
+def _take(session: Session, request_id: str) -> tuple[int, Decimal] | None:
+    """Delete a reservation; its tokens and cost, or None when it was released already."""
+    row = session.execute(delete(Reservation).where(Reservation.request_id == request_id)
+                          .returning(Reservation.tokens, Reservation.cost_usd)).first()
+    return None if row is None else (int(row[0]), Decimal(row[1]))
+
+
+def release(session: Session, request_id: str, job_id: str) -> tuple[int, Decimal] | None:
+    """Release one reservation; None when it was already released."""
+    taken = _take(session, request_id)
+    if taken is not None:
+        session.execute(update(Job).where(Job.id == job_id).values(
+            reserved_tokens=Job.reserved_tokens - taken[0],
+            reserved_cost_usd=Job.reserved_cost_usd - taken[1]).execution_options(**_NO_SYNC))
+    return taken
+
+
+def renew(session: Session, runs: list[tuple[str, int]], until: Any) -> None:
+    """Extend the reservations of these runs with their leases."""
+    if runs:
+        session.execute(update(Reservation).where(
+            tuple_(Reservation.step_id, Reservation.attempt).in_(runs),
+        ).values(expires_at=until).execution_options(**_NO_SYNC))
+
+
+def release_expired(session: Session, limit: int, step_id: str | None = None) -> int:
+    """Release reservations past their expiry (their run died); those of one step, if given."""
+    q = select(Reservation.request_id).where(Reservation.expires_at < db_now(session))
+    if step_id is not None:
+        q = q.where(Reservation.step_id == step_id)
+    rows = session.execute(q.add_columns(Reservation.job_id).limit(limit)
+                           .with_for_update(skip_locked=True)).all()
+    return sum(1 for request_id, job_id in rows
+               if release(session, request_id, job_id) is not None)
+
+
+def reserved_in_flight(session: Session, job_id: str) -> int:
+    return int(session.scalar(select(Job.reserved_tokens).where(Job.id == job_id)) or 0)
+
+
+def spent(session: Session, job_id: str) -> tuple[str, int, Decimal]:
+    row = session.execute(select(Job.status, Job.prompt_tokens + Job.completion_tokens,
+                                 Job.cost_usd).where(Job.id == job_id)).one()
+    return str(row[0]), int(row[1]), Decimal(row[2])
+
+
+@dataclass(frozen=True)
+class Totals:
+    prompt_tokens: int
+    completion_tokens: int
+    model_calls: int
+    cost_usd: Decimal
+    first_seq: int
+    tenant_id: str
+    webhook: dict[str, Any] | None
+
+
+def settle(session: Session, row: dict[str, Any], events: int, budget: Budget
+           ) -> Totals | None:
+    """Write a finished call's ledger row, release its reservation and add its usage to the
+    job (taking `events` cursors). A call whose reservation was already released (its run had
+    lost its step long ago) is added to the job only if the budget still has room; otherwise
+    its row is kept, marked unbilled, and None is returned."""
+    tokens = int(row["prompt_tokens"]) + int(row["completion_tokens"])
+    cost = Decimal(row["cost_usd"] or 0)
+    released = _take(session, row["request_id"])
+    cond: list[Any] = [Job.id == row["job_id"]]
+    held_tokens, held_cost = released or (0, Decimal(0))
+    if released is None:
+        if session.get(ModelCall, row["request_id"]) is not None:
+            return None  # written already (a commit whose answer was lost, then a retry)
+        cond += budget.fits(tokens, cost)
+    totals = session.execute(update(Job).where(*cond).values(
+        prompt_tokens=Job.prompt_tokens + row["prompt_tokens"],
+        completion_tokens=Job.completion_tokens + row["completion_tokens"],
+        model_calls=Job.model_calls + 1, cost_usd=Job.cost_usd + cost,
+        reserved_tokens=Job.reserved_tokens - held_tokens,
+        reserved_cost_usd=Job.reserved_cost_usd - held_cost,
+        event_seq=Job.event_seq + events, updated_at=utcnow(),
+    ).returning(Job.prompt_tokens, Job.completion_tokens, Job.model_calls, Job.cost_usd,
+                Job.event_seq, Job.tenant_id, Job.webhook)
+        .execution_options(**_NO_SYNC)).first()
+    if released is None:
+        row = {**row, "settled_late": "billed" if totals is not None else "unbilled"}
+    session.execute(insert(ModelCall), [row])
+    if totals is None:
+        return None
+    steps.add_usage(session, row["step_id"], row["prompt_tokens"], row["completion_tokens"],
+                    row["model"])
+    return Totals(int(totals[0]), int(totals[1]), int(totals[2]), Decimal(totals[3]),
+                  int(totals[4]) - events + 1, str(totals[5]), totals[6])
+
+
+def record_cached(session: Session, row: dict[str, Any]) -> None:
+    """A call answered from an identical earlier call of the job: no tokens, no cost."""
+    session.execute(insert(ModelCall), [row])
+    session.execute(update(Job).where(Job.id == row["job_id"]).values(
+        model_calls=Job.model_calls + 1, updated_at=utcnow()).execution_options(**_NO_SYNC))
+    steps.add_usage(session, row["step_id"], 0, 0, row["model"])
+
+
+def replayable(session: Session, step_id: str, before_attempt: int
+               ) -> dict[tuple[int, str | None], ModelCall]:
+    """The finished calls of a step's earlier runs, by position and content; a later run's
+    answer wins over an earlier run's at the same position."""
+    found: dict[tuple[int, str | None], ModelCall] = {}
+    for c in session.scalars(select(ModelCall).where(
+            ModelCall.step_id == step_id, ModelCall.call_index.is_not(None),
+            or_(ModelCall.attempt.is_(None), ModelCall.attempt < before_attempt),
+            or_(ModelCall.finish_reason.is_(None), ModelCall.finish_reason != "cancelled"))
+            .order_by(ModelCall.created_at)):
+        assert c.call_index is not None
+        found[(c.call_index, c.call_key)] = c
+    return found
+
+
+def answer(session: Session, request_id: str, job_id: str) -> ModelCall | None:
+    """A finished call of this job by its request id (a call cache pointer); None when it is
+    not a usable answer of this very job."""
+    row = session.get(ModelCall, request_id)
+    if row is None or row.job_id != job_id or row.finish_reason == "cancelled":
+        return None
+    return row
+
+
+def earlier_answer(session: Session, job_id: str, key: str) -> ModelCall | None:
+    """The first real (not cached, not cancelled) answer of the job to an identical call."""
+    return session.scalars(select(ModelCall).where(
+        ModelCall.job_id == job_id, ModelCall.call_key == key, ModelCall.cached_from.is_(None),
+        or_(ModelCall.finish_reason.is_(None), ModelCall.finish_reason != "cancelled"))
+        .order_by(ModelCall.created_at).limit(1)).first()

@@ -1,0 +1,248 @@
+"""Steps: claims under a lease, fenced writes, fan-in, and the sweepers' queries.
+
+Every claim takes the next `attempt`, the run's fencing token; every write a run makes is
+conditional on the step still being `running` at that attempt, so a run whose lease passed to
+another is refused. Leases are judged on the database's clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, insert, or_, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from core.db import db_now, is_postgres
+from core.ids import new_id
+from core.models import Job, Step, StepStatus, utcnow
+
+_NO_SYNC = {"synchronize_session": False}
+
+
+@dataclass(frozen=True)
+class ClaimedStep:
+    """A step claimed for a run, with what running it needs of its job."""
+
+    step_id: str
+    job_id: str
+    key: str
+    role: str
+    attempt: int
+    max_tokens: int
+    input: dict[str, Any]
+    depends_on: list[str]
+    tenant_id: str
+    kind: str
+    job_status: str
+    job_input: dict[str, Any]
+    budget: dict[str, Any]
+
+
+_STEP_COLS = (Step.job_id, Step.key, Step.role, Step.attempt, Step.max_tokens, Step.input,
+              Step.depends_on)
+_JOB_COLS = (Job.tenant_id, Job.kind, Job.status, Job.input, Job.budget)
+
+
+def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
+    """Take the step for a run: one guarded update (`queued`, or `running` with an expired
+    lease) that returns what the run needs. None: someone else has it, or it is done."""
+    now = db_now(session)
+    claimable = or_(Step.status == StepStatus.QUEUED,
+                    and_(Step.status == StepStatus.RUNNING, Step.lease_expires_at < now))
+    stmt = update(Step).where(Step.id == step_id, claimable).values(
+        status=StepStatus.RUNNING, attempt=Step.attempt + 1, started_at=now,
+        lease_expires_at=db_now(session, lease_s)).execution_options(**_NO_SYNC)
+    if is_postgres(session):
+        row = session.execute(stmt.where(Job.id == Step.job_id)
+                              .returning(*_STEP_COLS, *_JOB_COLS)).first()
+        if row is None:
+            return None
+        step, job = row[:7], row[7:]
+    else:  # SQLite's RETURNING sees only the updated table
+        found = session.execute(stmt.returning(*_STEP_COLS)).first()
+        if found is None:
+            return None
+        step = tuple(found)
+        job = tuple(session.execute(select(*_JOB_COLS).where(Job.id == step[0])).one())
+    return ClaimedStep(step_id, step[0], step[1], step[2], int(step[3]), int(step[4]),
+                       dict(step[5] or {}), list(step[6] or []), job[0], job[1], job[2],
+                       dict(job[3] or {}), dict(job[4] or {}))
+
+
+def lease_of(session: Session, step_id: str, attempt: int, lock: bool = False
+             ) -> datetime | None:
+    """When the lease of run `attempt` expires; None when the run no longer holds the step.
+    `lock` keeps a share lock on the row to the end of the transaction, so no claim can take
+    it meanwhile."""
+    q = select(Step.lease_expires_at).where(Step.id == step_id, Step.attempt == attempt,
+                                            Step.status == StepStatus.RUNNING)
+    if lock:
+        q = q.with_for_update(read=True)
+    return session.scalar(q)
+
+
+def finish(session: Session, step_id: str, attempt: int, status: StepStatus, *,
+           output: dict[str, Any] | None = None, error: str | None = None
+           ) -> tuple[str, str, int, int, int] | None:
+    """End the run `attempt` of the step; None when it no longer holds it (the write is
+    refused). Returns the step's key, role and usage."""
+    row = session.execute(update(Step).where(
+        Step.id == step_id, Step.attempt == attempt, Step.status == StepStatus.RUNNING,
+    ).values(status=status, output=output, error=error, finished_at=db_now(session),
+             lease_expires_at=None).returning(
+        Step.key, Step.role, Step.prompt_tokens, Step.completion_tokens, Step.model_calls)
+        .execution_options(**_NO_SYNC)).first()
+    if row is None:
+        return None
+    return str(row[0]), str(row[1]), int(row[2]), int(row[3]), int(row[4])
+
+
+def add_usage(session: Session, step_id: str, prompt_tokens: int, completion_tokens: int,
+              model: str | None) -> None:
+    session.execute(update(Step).where(Step.id == step_id).values(
+        prompt_tokens=Step.prompt_tokens + prompt_tokens,
+        completion_tokens=Step.completion_tokens + completion_tokens,
+        model_calls=Step.model_calls + 1,
+        **({"model": model} if model else {})).execution_options(**_NO_SYNC))
+
+
+def renew_leases(session: Session, runs: Sequence[tuple[str, int]], until: Any) -> set[str]:
+    """Extend the leases of these runs to `until`; returns the steps still held (the others
+    passed on)."""
+    if not runs:
+        return set()
+    return set(session.scalars(update(Step).where(
+        tuple_(Step.id, Step.attempt).in_(list(runs)), Step.status == StepStatus.RUNNING,
+    ).values(lease_expires_at=until).returning(Step.id).execution_options(**_NO_SYNC)))
+
+
+def add(session: Session, job_id: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Insert steps (`key`, `role`, `depends_on`, `deps_remaining`, `input`, `max_tokens`);
+    those with nothing to wait for are queued. Returns the ids of the queued ones."""
+    now = utcnow()
+    values = []
+    for i, r in enumerate(rows):
+        ready = r["deps_remaining"] == 0
+        # Distinct creation times keep the order the kind gave its steps.
+        values.append({**r, "id": new_id("stp"), "job_id": job_id,
+                       "created_at": now + timedelta(microseconds=i),
+                       "status": StepStatus.QUEUED if ready else StepStatus.PENDING,
+                       "enqueued_at": now if ready else None, "attempt": 0,
+                       "prompt_tokens": 0, "completion_tokens": 0, "model_calls": 0})
+    if values:
+        session.execute(insert(Step), values)
+    return [v["id"] for v in values if v["status"] == StepStatus.QUEUED]
+
+
+def completed_keys(session: Session, job_id: str) -> set[str]:
+    return set(session.scalars(select(Step.key).where(Step.job_id == job_id,
+                                                      Step.status == StepStatus.COMPLETED)))
+
+
+def fan_in(session: Session, job_id: str, done_key: str) -> list[str]:
+    """Count the completion of `done_key` in the steps that wait for it; queue those that
+    wait for nothing more. Returns the ids of the steps it queued."""
+    waiting = [sid for sid, deps in session.execute(
+        select(Step.id, Step.depends_on).where(Step.job_id == job_id,
+                                               Step.status == StepStatus.PENDING))
+        if done_key in (deps or [])]
+    if not waiting:
+        return []
+    left = session.execute(update(Step).where(Step.id.in_(waiting)).values(
+        deps_remaining=Step.deps_remaining - 1).returning(Step.id, Step.deps_remaining)
+        .execution_options(**_NO_SYNC)).all()
+    ready = [sid for sid, n in left if n <= 0]
+    if not ready:
+        return []
+    return list(session.scalars(update(Step).where(
+        Step.id.in_(ready), Step.status == StepStatus.PENDING,
+    ).values(status=StepStatus.QUEUED, enqueued_at=utcnow()).returning(Step.id)
+        .execution_options(**_NO_SYNC)))
+
+
+def outputs(session: Session, job_id: str, keys: Sequence[str] | None = None
+            ) -> dict[str, tuple[str, dict[str, Any] | None]]:
+    """Completed steps' outputs (`{key: (role, output)}`) in step order; only `keys` if given."""
+    q = select(Step.key, Step.role, Step.output).where(Step.job_id == job_id,
+                                                       Step.status == StepStatus.COMPLETED)
+    if keys is not None:
+        if not keys:
+            return {}
+        q = q.where(Step.key.in_(list(keys)))
+    return {k: (r, o) for k, r, o in session.execute(q.order_by(Step.created_at, Step.key))}
+
+
+def count(session: Session, job_id: str, statuses: Sequence[StepStatus]) -> int:
+    return int(session.scalar(select(func.count()).select_from(Step).where(
+        Step.job_id == job_id, Step.status.in_(list(statuses)))) or 0)
+
+
+def cancel_unstarted(session: Session, job_id: str) -> None:
+    session.execute(update(Step).where(
+        Step.job_id == job_id, Step.status.in_((StepStatus.PENDING, StepStatus.QUEUED)),
+    ).values(status=StepStatus.CANCELLED, finished_at=utcnow()).execution_options(**_NO_SYNC))
+
+
+def mark_cancelled(session: Session, step_id: str, attempt: int) -> None:
+    session.execute(update(Step).where(Step.id == step_id, Step.attempt == attempt).values(
+        status=StepStatus.CANCELLED, finished_at=utcnow(), lease_expires_at=None)
+        .execution_options(**_NO_SYNC))
+
+
+def requeue_expired(session: Session, limit: int) -> list[str]:
+    """Steps still `running` after their lease expired (their run vanished), queued again;
+    rows another sweeper holds are skipped."""
+    now = db_now(session)
+    ids = list(session.scalars(select(Step.id).where(
+        Step.status == StepStatus.RUNNING, Step.lease_expires_at < now)
+        .limit(limit).with_for_update(skip_locked=True)))
+    if not ids:
+        return []
+    return list(session.scalars(update(Step).where(
+        Step.id.in_(ids), Step.status == StepStatus.RUNNING, Step.lease_expires_at < now,
+    ).values(status=StepStatus.QUEUED, lease_expires_at=None, enqueued_at=utcnow())
+        .returning(Step.id).execution_options(**_NO_SYNC)))
+
+
+def take_stale_queued(session: Session, older_than_s: float, limit: int) -> list[str]:
+    """Steps queued long ago and never claimed (their message was lost), stamped as published
+    again now; rows another sweeper holds are skipped."""
+    cutoff = db_now(session, -older_than_s)
+    ids = list(session.scalars(select(Step.id).where(
+        Step.status == StepStatus.QUEUED,
+        or_(Step.enqueued_at.is_(None), Step.enqueued_at < cutoff))
+        .limit(limit).with_for_update(skip_locked=True)))
+    if ids:
+        session.execute(update(Step).where(Step.id.in_(ids)).values(enqueued_at=utcnow())
+                        .execution_options(**_NO_SYNC))
+    return ids
+
+
+def list_for_job(session: Session, job_id: str) -> list[Step]:
+    return list(session.scalars(select(Step).where(Step.job_id == job_id)
+                                .order_by(Step.created_at, Step.key)))
+
+
+def running_under_lease(session: Session, step_id: str, attempt: int | None = None) -> bool:
+    """Whether run `attempt` (any run, if None) holds the step under a live lease."""
+    q = select(Step.id).where(Step.id == step_id, Step.status == StepStatus.RUNNING,
+                              Step.lease_expires_at > db_now(session))
+    if attempt is not None:
+        q = q.where(Step.attempt == attempt)
+    return session.scalar(q) is not None
+
+
+def requeue_run(session: Session, step_id: str, attempt: int) -> bool:
+    """Hand the step back to the queue from run `attempt` (which still holds it)."""
+    res = session.execute(update(Step).where(
+        Step.id == step_id, Step.attempt == attempt, Step.status == StepStatus.RUNNING,
+    ).values(status=StepStatus.QUEUED, lease_expires_at=None, enqueued_at=utcnow())
+        .execution_options(**_NO_SYNC))
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def get(session: Session, step_id: str) -> Step | None:
+    return session.get(Step, step_id)

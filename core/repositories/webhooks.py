@@ -1,0 +1,225 @@
+"""Webhook endpoints and deliveries: every query on them."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from core.errors import NotFound
+from core.ids import new_id
+from core.models import (
+    DeliveryStatus,
+    Job,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    utcnow,
+)
+from core.repositories import outbox
+
+DELIVER_TASK = "webhooks.deliver"
+TERMINAL_EVENTS = frozenset({"job.completed", "job.failed", "job.cancelled",
+                             "job.budget_exhausted"})
+_ENDPOINTS = "agentq.webhooks.endpoints"
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def _wants(events: list[str] | None, type_: str) -> bool:
+    return type_ in (events or TERMINAL_EVENTS)
+
+
+def _tenant_endpoints(session: Session, tenant_id: str
+                      ) -> list[tuple[str, str, list[str] | None]]:
+    """The tenant's enabled endpoints, read once per transaction."""
+    txn = session.get_transaction()
+    cached = session.info.get(_ENDPOINTS)
+    if cached is None or cached[0] is not txn:
+        cached = (txn, {})
+        session.info[_ENDPOINTS] = cached
+    by_tenant: dict[str, list[tuple[str, str, list[str] | None]]] = cached[1]
+    if tenant_id not in by_tenant:
+        by_tenant[tenant_id] = [tuple(r) for r in session.execute(  # type: ignore[misc]
+            select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.events).where(
+                WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.disabled_at.is_(None)))]
+    return by_tenant[tenant_id]
+
+
+def fan_out(session: Session, *, job_id: str, tenant_id: str, job_webhook: dict[str, Any] | None,
+            seq: int, type_: str, data: dict[str, Any]) -> None:
+    """Write the deliveries an event causes (in the event's own transaction)."""
+    targets: list[tuple[str | None, str]] = []
+    if job_webhook and _wants(job_webhook.get("events"), type_):
+        targets.append((None, str(job_webhook["url"])))
+    for ep_id, url, events in _tenant_endpoints(session, tenant_id):
+        if _wants(events, type_):
+            targets.append((ep_id, url))
+    if not targets:
+        return
+    now = utcnow()
+    payload = {"type": type_, "timestamp": now.isoformat(),
+               "data": {"job_id": job_id, "cursor": seq, **data}}
+    ids = []
+    for endpoint_id, url in targets:
+        delivery = WebhookDelivery(
+            id=new_id("whd"), message_id=new_id("msg"), tenant_id=tenant_id, job_id=job_id,
+            endpoint_id=endpoint_id, url=url, event_type=type_, event_seq=seq, payload=payload,
+            status=DeliveryStatus.PENDING, attempts=0, next_attempt_at=now,
+            status_changed_at=now)
+        session.add(delivery)
+        ids.append(delivery.id)
+    session.flush()
+    outbox.enqueue_many(session, DELIVER_TASK, [{"delivery_id": i} for i in ids])
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A delivery taken for one attempt: what sending it needs."""
+
+    attempt: int
+    url: str
+    message_id: str
+    payload: dict[str, Any]
+    keys: list[str] | None  # signing secrets; None: the endpoint is disabled or gone
+
+
+def claim_delivery(session: Session, delivery_id: str, now: datetime) -> Claimed | None:
+    """Take a due delivery for one attempt, unless someone else has it."""
+    res = session.execute(update(WebhookDelivery).where(
+        WebhookDelivery.id == delivery_id,
+        WebhookDelivery.status.in_((DeliveryStatus.PENDING, DeliveryStatus.QUEUED)),
+        or_(WebhookDelivery.next_attempt_at.is_(None), WebhookDelivery.next_attempt_at <= now),
+    ).values(status=DeliveryStatus.DELIVERING, status_changed_at=now,
+             attempts=WebhookDelivery.attempts + 1))
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    delivery = session.get(WebhookDelivery, delivery_id)
+    assert delivery is not None
+    return Claimed(delivery.attempts, delivery.url, delivery.message_id,
+                   dict(delivery.payload), _secrets_for(session, delivery))
+
+
+def _secrets_for(session: Session, delivery: WebhookDelivery) -> list[str] | None:
+    if delivery.endpoint_id is None:
+        job = session.get(Job, delivery.job_id)
+        secret = (job.webhook or {}).get("secret") if job is not None else None
+        return [secret] if secret else None
+    ep = session.get(WebhookEndpoint, delivery.endpoint_id)
+    if ep is None or ep.disabled_at is not None:
+        return None
+    keys = [ep.secret]
+    if ep.previous_secret and ep.previous_secret_expires_at \
+            and ep.previous_secret_expires_at > utcnow():
+        keys.append(ep.previous_secret)
+    return keys
+
+
+def get_delivery(session: Session, delivery_id: str) -> WebhookDelivery:
+    delivery = session.get(WebhookDelivery, delivery_id)
+    if delivery is None:
+        raise NotFound(f"no webhook delivery {delivery_id[:60]!r}")
+    return delivery
+
+
+def add_attempt(session: Session, attempt: WebhookAttempt) -> None:
+    session.add(attempt)
+
+
+def disable_endpoint(session: Session, endpoint_id: str, now: datetime, reason: str) -> None:
+    session.execute(update(WebhookEndpoint).where(
+        WebhookEndpoint.id == endpoint_id, WebhookEndpoint.disabled_at.is_(None),
+    ).values(disabled_at=now, disabled_reason=reason))
+
+
+def queue_due(session: Session, now: datetime, stuck_delivering_s: float, stuck_queued_s: float,
+              limit: int) -> int:
+    """Queue the deliveries that have fallen due; put back the ones a dead run left behind."""
+    session.execute(update(WebhookDelivery).where(
+        or_((WebhookDelivery.status == DeliveryStatus.DELIVERING)
+            & (WebhookDelivery.status_changed_at < now - timedelta(seconds=stuck_delivering_s)),
+            (WebhookDelivery.status == DeliveryStatus.QUEUED)
+            & (WebhookDelivery.status_changed_at < now - timedelta(seconds=stuck_queued_s))),
+    ).values(status=DeliveryStatus.PENDING, status_changed_at=now))
+    due = list(session.scalars(select(WebhookDelivery.id).where(
+        WebhookDelivery.status == DeliveryStatus.PENDING, WebhookDelivery.next_attempt_at <= now)
+        .limit(limit).with_for_update(skip_locked=True)))
+    if not due:
+        return 0
+    queued = list(session.scalars(update(WebhookDelivery).where(
+        WebhookDelivery.id.in_(due), WebhookDelivery.status == DeliveryStatus.PENDING,
+    ).values(status=DeliveryStatus.QUEUED, status_changed_at=now)
+        .returning(WebhookDelivery.id)))
+    outbox.enqueue_many(session, DELIVER_TASK, [{"delivery_id": d} for d in queued])
+    return len(queued)
+
+
+def redeliver(session: Session, tenant_id: str, job_id: str, delivery_id: str
+              ) -> WebhookDelivery:
+    delivery = session.get(WebhookDelivery, delivery_id)
+    if delivery is None or delivery.tenant_id != tenant_id or delivery.job_id != job_id:
+        raise NotFound(f"no webhook delivery {delivery_id[:60]!r} for this job")
+    now = utcnow()
+    delivery.status, delivery.next_attempt_at, delivery.status_changed_at = \
+        DeliveryStatus.QUEUED, now, now
+    session.flush()
+    outbox.enqueue(session, DELIVER_TASK, delivery_id=delivery.id)
+    return delivery
+
+
+def list_deliveries(session: Session, job_id: str) -> list[tuple[WebhookDelivery,
+                                                                 list[WebhookAttempt]]]:
+    deliveries = list(session.scalars(select(WebhookDelivery).where(
+        WebhookDelivery.job_id == job_id).order_by(WebhookDelivery.created_at,
+                                                   WebhookDelivery.id)))
+    attempts: dict[str, list[WebhookAttempt]] = {d.id: [] for d in deliveries}
+    if deliveries:
+        for a in session.scalars(select(WebhookAttempt).where(
+                WebhookAttempt.delivery_id.in_(list(attempts))).order_by(WebhookAttempt.id)):
+            attempts[a.delivery_id].append(a)
+    return [(d, attempts[d.id]) for d in deliveries]
+
+
+# -- endpoints ----------------------------------------------------------------------------------
+
+def create_endpoint(session: Session, tenant_id: str, url: str, events: list[str],
+                    description: str | None) -> WebhookEndpoint:
+    ep = WebhookEndpoint(id=new_id("whe"), tenant_id=tenant_id, url=url, events=events,
+                         description=description, secret=new_secret())
+    session.add(ep)
+    session.flush()
+    return ep
+
+
+def get_endpoint(session: Session, tenant_id: str, endpoint_id: str) -> WebhookEndpoint:
+    ep = session.get(WebhookEndpoint, endpoint_id) if len(endpoint_id) <= 40 else None
+    if ep is None or ep.tenant_id != tenant_id:
+        raise NotFound(f"no webhook endpoint {endpoint_id[:60]!r}")
+    return ep
+
+
+def list_endpoints(session: Session, tenant_id: str) -> list[WebhookEndpoint]:
+    return list(session.scalars(select(WebhookEndpoint).where(
+        WebhookEndpoint.tenant_id == tenant_id).order_by(WebhookEndpoint.created_at)))
+
+
+def rotate_secret(session: Session, tenant_id: str, endpoint_id: str,
+                  grace: timedelta) -> WebhookEndpoint:
+    """A new secret; the old one keeps signing (both signatures are sent) for `grace`."""
+    ep = get_endpoint(session, tenant_id, endpoint_id)
+    ep.previous_secret = ep.secret
+    ep.previous_secret_expires_at = utcnow() + grace
+    ep.secret = new_secret()
+    session.flush()
+    return ep
+
+
+def delete_endpoint(session: Session, tenant_id: str, endpoint_id: str) -> None:
+    session.delete(get_endpoint(session, tenant_id, endpoint_id))

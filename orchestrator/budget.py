@@ -1,0 +1,144 @@
+"""Budget reservation and settlement of model calls.
+
+Before a call, an upper bound of its tokens (prompt bytes plus `max_tokens`) and of its cost is
+reserved against the job with one conditional update, in the same transaction as the
+reservation's own row and a fenced check that the run still holds its step. After the call, one
+transaction writes the ledger row, releases the reservation, adds the usage to job and step and
+appends the `job.usage` event. Spend can therefore never pass the budget, and a call is billed
+once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from core.db import db_retrying, transaction
+from core.errors import AgentqError
+from core.pricing import highest_price
+from core.repositories import events, ledger
+from core.repositories.ledger import Budget, Reserved
+from core.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+# How long a call waits for other calls of its job to settle before the budget counts as spent.
+RESERVATION_WAIT_S = 120.0
+
+
+class StepStopped(Exception):
+    """The job stopped (cancelled, failed elsewhere), or the run lost its step, while it ran."""
+
+
+class BudgetExhausted(AgentqError):
+    code = "budget_exhausted"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """What one call holds reserved against its job."""
+
+    request_id: str
+    tokens: int
+    cost: Decimal
+
+    @staticmethod
+    def for_call(request_id: str, prompt: str, max_tokens: int) -> Hold:
+        # Every token is at least one byte, plus special tokens.
+        tokens = len(prompt.encode("utf-8")) + 8 + max_tokens
+        return Hold(request_id, tokens, highest_price().cost(tokens - max_tokens, max_tokens))
+
+
+@dataclass(frozen=True)
+class Run:
+    """The run a call belongs to: its fencing token is `attempt`."""
+
+    job_id: str
+    step_id: str
+    attempt: int
+    budget: Budget
+
+
+def reserve(run: Run, hold: Hold) -> None:
+    """Reserve; while other calls of the job hold reservations that may yet settle below
+    their bound, wait for them instead of giving up on budget that is not really spent."""
+    deadline = time.monotonic() + RESERVATION_WAIT_S
+    delay = 0.02
+    while True:
+        for attempt in db_retrying():
+            with attempt, transaction() as s:
+                got = ledger.reserve(s, request_id=hold.request_id, job_id=run.job_id,
+                                     step_id=run.step_id, attempt=run.attempt,
+                                     tokens=hold.tokens, cost=hold.cost, budget=run.budget)
+        if got is Reserved.OK:
+            return
+        if got is Reserved.STALE:
+            raise StepStopped("this run no longer holds its step")
+        with transaction(read_only=True) as s:
+            status, spent_tokens, spent_cost = ledger.spent(s, run.job_id)
+            in_flight = ledger.reserved_in_flight(s, run.job_id)
+        if got is Reserved.STOPPED:
+            raise StepStopped(f"job is {status}")
+        if not in_flight or time.monotonic() > deadline:
+            b = run.budget
+            spent = [f"{spent_tokens} of {b.max_total_tokens} tokens"] \
+                if b.max_total_tokens else []
+            if b.max_cost_usd is not None:
+                spent.append(f"${spent_cost:.6f} of ${b.max_cost_usd}")
+            raise BudgetExhausted(
+                f"budget exhausted: spent {' and '.join(spent)}; the next model call could "
+                f"need up to {hold.tokens} tokens (${hold.cost:.6f})")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
+def release(run: Run, hold: Hold) -> None:
+    """Give a reservation back unused (the call was not made, or failed without usage)."""
+    for attempt in db_retrying(get_settings().settle_retry_s):
+        with attempt, transaction() as s:
+            ledger.release(s, hold.request_id, run.job_id)
+
+
+def settle(run: Run, row: dict[str, Any]) -> None:
+    """Write a finished call's ledger row and settle its reservation. Retried through a
+    database outage for up to `settle_retry_s`: the call is never made again meanwhile."""
+    for attempt in db_retrying(get_settings().settle_retry_s):
+        with attempt, transaction() as s:
+            totals = ledger.settle(s, row, events=1, budget=run.budget)
+            if totals is None:
+                log.error("call %s finished after its run lost its step and its reservation "
+                          "expired, and the budget has no room: kept in the ledger unbilled",
+                          row["request_id"])
+                return
+            spent_tokens = totals.prompt_tokens + totals.completion_tokens
+            usage = {"prompt_tokens": totals.prompt_tokens,
+                     "completion_tokens": totals.completion_tokens,
+                     "total_tokens": spent_tokens, "model_calls": totals.model_calls,
+                     "cost_usd": float(totals.cost_usd)}
+            events.write(s, run.job_id, totals.tenant_id, totals.webhook, totals.first_seq,
+                         [("job.usage", usage)])
+            call_tokens = int(row["prompt_tokens"]) + int(row["completion_tokens"])
+            crossed = _thresholds("tokens", Decimal(spent_tokens - call_tokens),
+                                  Decimal(spent_tokens), run.budget.max_total_tokens)
+            crossed += _thresholds("cost_usd", totals.cost_usd - Decimal(row["cost_usd"] or 0),
+                                   totals.cost_usd, run.budget.max_cost_usd)
+            if crossed:
+                events.append_many(s, run.job_id, crossed)
+
+
+def _thresholds(budget: str, before: Decimal, after: Decimal, limit: int | Decimal | None
+                ) -> list[events.Event]:
+    """A `budget.threshold` event for each threshold this call crossed (settlements of one
+    job are serialised by its row lock, so exactly one call crosses each)."""
+    if not limit:
+        return []
+    out: list[events.Event] = []
+    for fraction in get_settings().budget_thresholds:
+        mark = Decimal(str(fraction)) * Decimal(limit)
+        if before < mark <= after:
+            out.append(("budget.threshold", {"budget": budget, "threshold": fraction,
+                                             "spent": float(after), "limit": float(limit)}))
+    return out

@@ -1,0 +1,132 @@
+"""A job's DAG: adding steps, completing a step (expansion, fan-in, finalisation), ending a
+step that failed or stopped, and ending the job.
+
+Fan-in is counted in the database: each completed step decrements `deps_remaining` of the steps
+that wait for it, and the update that brings one to zero queues it; its message is written to
+the outbox in the same transaction and published right after commit. Locks are taken step row
+first, then the job row; the job row serialises the completions of one job, so exactly one of
+them sees the last step done and finalises.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
+
+from agents.base import AnyKind, StepOutputs, StepSpec
+from core.models import JobStatus, StepStatus
+from core.repositories import events, jobs, outbox, steps
+from core.repositories.steps import ClaimedStep
+
+log = logging.getLogger(__name__)
+
+RUN_STEP_TASK = "steps.run"
+
+
+def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list[StepSpec]
+              ) -> None:
+    """Insert steps; those whose dependencies are all complete are queued at once."""
+    if not specs:
+        return
+    done = steps.completed_keys(session, job_id) if any(s.depends_on for s in specs) else set()
+    per_role: dict[str, int] = dict(budget.get("step_max_tokens") or {})
+    rows = []
+    for spec in specs:
+        depends_on = list(dict.fromkeys(spec.depends_on))
+        rows.append({"key": spec.key, "role": spec.role.name, "depends_on": depends_on,
+                     "deps_remaining": len([d for d in depends_on if d not in done]),
+                     "input": dict(spec.input),
+                     "max_tokens": per_role.get(spec.role.name, spec.max_tokens)})
+    queued = steps.add(session, job_id, rows)
+    jobs.add_steps_total(session, job_id, len(specs))
+    outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in queued])
+
+
+def finish(session: Session, job_id: str, status: JobStatus, *,
+           result: dict[str, Any] | None = None, error: tuple[str, str] | None = None) -> None:
+    """Move a job to a terminal state, once; unstarted steps are cancelled."""
+    if not jobs.finish(session, job_id, status, result=result, error=error):
+        return
+    steps.cancel_unstarted(session, job_id)
+    data: dict[str, Any] = {"status": str(status)}
+    if error is not None:
+        data["error"] = {"code": error[0], "message": error[1]}
+    events.append(session, job_id, f"job.{status}", data)
+
+
+def maybe_finish_stopping(session: Session, job_id: str) -> None:
+    """A job that is cancelling ends once no step of it runs any more."""
+    if jobs.status_of(session, job_id, lock=True) == JobStatus.CANCELLING \
+            and steps.count(session, job_id, [StepStatus.RUNNING]) == 0:
+        finish(session, job_id, JobStatus.CANCELLED)
+
+
+def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseModel,
+             output: BaseModel) -> None:
+    """Save a run's output and move the job on; nothing when the run no longer holds its
+    step (a stale run's writes are refused)."""
+    done = steps.finish(session, c.step_id, c.attempt, StepStatus.COMPLETED,
+                        output=output.model_dump(mode="json"))
+    if done is None:
+        log.warning("step %s: run %d had lost its step; its output is dropped", c.step_id,
+                    c.attempt)
+        return
+    key, role, prompt_tokens, completion_tokens, model_calls = done
+    status, steps_done, total, seq, tenant_id, webhook = jobs.step_completed(
+        session, c.job_id, events=1)
+    events.write(session, c.job_id, tenant_id, webhook, seq, [("step.completed", {
+        "step": key, "role": role,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "model_calls": model_calls}})])
+    if status != JobStatus.RUNNING:
+        maybe_finish_stopping(session, c.job_id)
+        return
+    try:
+        added = kind.expand(job_input, key, kind.role(role), output)
+    except Exception as exc:  # noqa: BLE001 - a kind's bug fails its job, not the worker
+        log.exception("job %s: expanding after %s failed", c.job_id, key)
+        finish(session, c.job_id, JobStatus.FAILED, error=(
+            "internal_error", f"planning after step {key} failed: {exc!r}"))
+        return
+    if added:
+        add_steps(session, c.job_id, c.budget, added)
+        total += len(added)
+        events.append(session, c.job_id, "plan.ready", {"after": key, "steps": [
+            {"key": a.key, "role": a.role.name, "depends_on": list(a.depends_on)}
+            for a in added]})
+    ready = steps.fan_in(session, c.job_id, key)
+    outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in ready])
+    if steps_done >= total:
+        outputs = StepOutputs(steps.outputs(session, c.job_id))
+        try:
+            result = kind.result(job_input, outputs).model_dump(mode="json")
+        except Exception as exc:  # noqa: BLE001 - a kind's bug fails its job, not the worker
+            log.exception("job %s: building the result failed", c.job_id)
+            finish(session, c.job_id, JobStatus.FAILED, error=(
+                "internal_error", f"building the result failed: {exc!r}"))
+            return
+        finish(session, c.job_id, JobStatus.COMPLETED, result=result)
+
+
+def end(session: Session, c: ClaimedStep, status: StepStatus, error: tuple[str, str] | None,
+        job_status: JobStatus | None, kind: AnyKind | None) -> None:
+    """End a run that failed or stopped; the job fails (or runs out of budget) with it when
+    `job_status` says so. Nothing when the run no longer holds its step."""
+    done = steps.finish(session, c.step_id, c.attempt, status,
+                        error=error[1] if error else None)
+    if done is None:
+        return
+    events.append(session, c.job_id, f"step.{status}", {
+        "step": c.key, "role": c.role, **({"error": error[1]} if error else {})})
+    current = jobs.status_of(session, c.job_id, lock=True)
+    if job_status is JobStatus.BUDGET_EXHAUSTED and current == JobStatus.RUNNING \
+            and kind is not None:
+        job_input = kind.parse_input(c.job_input)
+        partial = kind.partial_result(job_input, StepOutputs(steps.outputs(session, c.job_id)))
+        finish(session, c.job_id, JobStatus.BUDGET_EXHAUSTED, result=partial, error=error)
+    elif job_status is not None and current == JobStatus.RUNNING and error is not None:
+        finish(session, c.job_id, job_status, error=error)
+    maybe_finish_stopping(session, c.job_id)

@@ -1,0 +1,261 @@
+"""The context a step's agent sees: every model call is replayed, answered from the job's call
+cache, or reserved, made, priced, recorded in the ledger and settled; storage is read through
+it, never by the agent itself.
+
+- A call's request id is `{step}:{attempt}:{index}`: stable across the pool's retries of it,
+  distinct between runs of the step. A re-run step replays a finished call of an earlier run
+  found at the same position with the same content (a changed prompt is a new call).
+- Identical deterministic calls of one job are made once (`orchestrator.callcache`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from decimal import Decimal
+from typing import Any
+
+from agents.base import CallSpec, ModelReply, Passage, StepOutputs
+from agents.corpus import retrieve
+from core.db import db_retrying, transaction
+from core.models import ModelCall, utcnow
+from core.pricing import price_for
+from core.repositories import ledger, steps
+from core.repositories.corpora import SessionCorpusStore
+from core.settings import get_settings
+from inference.pool import CallCancelled, Completion, CompletionRequest, Pool
+from orchestrator import budget, callcache
+from orchestrator.budget import Hold, Run, StepStopped
+from orchestrator.callcache import Lead
+from orchestrator.watchers import leases, stopping
+
+log = logging.getLogger(__name__)
+
+
+def _reply(row: ModelCall, replayed: bool = False) -> ModelReply:
+    return ModelReply(row.output_text, row.finish_reason, row.prompt_tokens,
+                      row.completion_tokens, replayed=replayed, model=row.model,
+                      cached=row.cached_from is not None, escalated_from=row.escalated_from)
+
+
+class MeteredContext:
+    """The `StepContext` given to agents."""
+
+    def __init__(self, *, run: Run, tenant_id: str, step_key: str, role: str,
+                 step_input: Mapping[str, Any], max_tokens: int, parents: StepOutputs,
+                 pool: Pool) -> None:
+        self._run = run
+        self._tenant_id = tenant_id
+        self._step_key = step_key
+        self._role = role
+        self._step_input = step_input
+        self._max_tokens = max_tokens
+        self._parents = parents
+        self._pool = pool
+        self._index = 0
+        self._replay: dict[tuple[int, str | None], ModelCall] | None = None
+
+    @property
+    def step_key(self) -> str:
+        return self._step_key
+
+    @property
+    def role(self) -> str:
+        return self._role
+
+    @property
+    def step_input(self) -> Mapping[str, Any]:
+        return self._step_input
+
+    @property
+    def step_max_tokens(self) -> int:
+        return self._max_tokens
+
+    @property
+    def parents(self) -> StepOutputs:
+        return self._parents
+
+    # -- storage --------------------------------------------------------------------------
+
+    def search_corpus(self, corpus_id: str, query: str, k: int) -> list[Passage]:
+        with transaction(read_only=True) as s:
+            return retrieve(SessionCorpusStore(s, self._tenant_id), corpus_id, query, k=k)
+
+    def read_passages(self, corpus_id: str, chunk_ids: Sequence[str]) -> dict[str, str]:
+        with transaction(read_only=True) as s:
+            return SessionCorpusStore(s, self._tenant_id).texts(corpus_id, chunk_ids)
+
+    # -- model calls ----------------------------------------------------------------------
+
+    def _cancelled(self) -> bool:
+        return stopping.is_stopping(self._run.job_id) or leases.is_lost(self._run.step_id)
+
+    def complete(self, call: CallSpec) -> ModelReply:
+        reply = self._call(call, escalated_from=None)
+        if call.validate is None:
+            return reply
+        catalogue = self._pool.catalogue
+        current = call.size or catalogue.for_size(None)[0].size
+        while not call.validate(reply.text):
+            spec = catalogue.spec(reply.model or "")
+            bigger = catalogue.larger_than(spec.size if spec is not None else current)
+            if bigger is None:
+                return replace(reply, valid=False)
+            log.info("step %s: the %s answer failed validation; escalating to %s",
+                     self._run.step_id, reply.model, bigger)
+            reply = self._call(replace(call, size=bigger), escalated_from=reply.model or current)
+            current = bigger
+        return replace(reply, valid=True)
+
+    def _call(self, call: CallSpec, escalated_from: str | None) -> ModelReply:
+        run = self._run
+        index = self._index
+        self._index += 1
+        request_id = f"{run.step_id}:{run.attempt}:{index}"
+        spec = call.settled(min(call.max_tokens or self._max_tokens, self._max_tokens))
+        key = spec.key()
+        if run.attempt > 1:
+            # An earlier run of this step may have made this very call: replay its answer
+            # instead of making (and billing) it again. A first run has none to look up.
+            if self._replay is None:
+                with transaction(read_only=True) as s:
+                    self._replay = ledger.replayable(s, run.step_id, run.attempt)
+            done = self._replay.get((index, key))
+            if done is not None:
+                return _reply(done, replayed=True)
+        if key is None:
+            return self._make_call(spec, request_id, index, key, escalated_from)
+        state, other = callcache.lead(run.job_id, key, request_id)
+        if state is Lead.UNKNOWN:
+            # Without Redis the ledger is asked directly, and parallel twins may both call.
+            with transaction(read_only=True) as s:
+                earlier = ledger.earlier_answer(s, run.job_id, key)
+            if earlier is not None:
+                return self._answer_from_cache(request_id, index, spec, key, earlier)
+        elif state is Lead.DONE:
+            earlier = self._answer_row(other)
+            if earlier is not None:
+                return self._answer_from_cache(request_id, index, spec, key, earlier)
+            state, other = callcache.lead(run.job_id, key, request_id, replace_done=other)
+        if state is Lead.WAIT:
+            earlier, state = self._wait_for_leader(key, request_id, other)
+            if earlier is not None:
+                return self._answer_from_cache(request_id, index, spec, key, earlier)
+        answered = False
+        try:
+            reply = self._make_call(spec, request_id, index, key, escalated_from)
+            answered = True
+            return reply
+        finally:
+            if state is Lead.LEAD:
+                callcache.unlead(run.job_id, key, request_id, answered)
+
+    def _answer_row(self, request_id: str | None) -> ModelCall | None:
+        if not request_id:
+            return None
+        with transaction(read_only=True) as s:
+            return ledger.answer(s, request_id, self._run.job_id)
+
+    def _wait_for_leader(self, key: str, request_id: str, holder: str | None
+                         ) -> tuple[ModelCall | None, Lead]:
+        """Another step of the job is making the identical call: wait for its answer. If that
+        step stops running (its worker died, it failed), take the call over."""
+        job_id = self._run.job_id
+        deadline = time.monotonic() + get_settings().request_timeout_s + 60
+        checked = time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            if self._cancelled():
+                raise StepStopped("job stopped while waiting for an identical call")
+            state, other = callcache.lead(job_id, key, request_id)
+            if state is Lead.DONE:
+                earlier = self._answer_row(other)
+                if earlier is not None:
+                    return earlier, state
+                state, other = callcache.lead(job_id, key, request_id, replace_done=other)
+            if state in (Lead.LEAD, Lead.UNKNOWN):
+                return None, state
+            if other != holder:
+                holder, checked = other, time.monotonic()
+            elif time.monotonic() - checked >= 1.0:
+                checked = time.monotonic()
+                if holder and not self._holder_running(holder) \
+                        and callcache.take_over(job_id, key, holder, request_id):
+                    return None, Lead.LEAD
+        return None, Lead.UNKNOWN
+
+    @staticmethod
+    def _holder_running(request_id: str) -> bool:
+        """Whether the run that leads a call (`{step}:{attempt}:{index}`) still holds its
+        step under a live lease."""
+        parts = request_id.split(":")
+        attempt = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+        with transaction(read_only=True) as s:
+            return steps.running_under_lease(s, parts[0], attempt)
+
+    def _row(self, request_id: str, index: int, spec: CallSpec, key: str | None,
+             **fields: Any) -> dict[str, Any]:
+        run = self._run
+        return {"request_id": request_id, "tenant_id": self._tenant_id, "job_id": run.job_id,
+                "step_id": run.step_id, "attempt": run.attempt, "call_index": index,
+                "role": self._role, "max_tokens": spec.max_tokens, "call_key": key,
+                "created_at": utcnow(), "settled_late": None, **fields}
+
+    def _answer_from_cache(self, request_id: str, index: int, spec: CallSpec, key: str,
+                           earlier: ModelCall) -> ModelReply:
+        """Record the call as answered from the job's call cache: no tokens, no cost."""
+        row = self._row(request_id, index, spec, key, model=earlier.model,
+                        endpoint=earlier.endpoint, prompt_tokens=0, cached_tokens=None,
+                        completion_tokens=0, finish_reason=earlier.finish_reason,
+                        latency_ms=0.0, ttft_ms=None, attempts=0, cache_hit=None,
+                        energy_wh=None, energy_method=None, output_text=earlier.output_text,
+                        cost_usd=Decimal(0), cached_from=earlier.request_id,
+                        escalated_from=earlier.escalated_from)
+        for attempt in db_retrying(get_settings().settle_retry_s):
+            with attempt, transaction() as s:
+                ledger.record_cached(s, row)
+        return replace(_reply(earlier), prompt_tokens=0, completion_tokens=0, cached=True)
+
+    def _make_call(self, spec: CallSpec, request_id: str, index: int, key: str | None,
+                   escalated_from: str | None) -> ModelReply:
+        assert spec.max_tokens is not None
+        hold = Hold.for_call(request_id, spec.prompt, spec.max_tokens)
+        budget.reserve(self._run, hold)
+        try:
+            completion = self._pool.complete(CompletionRequest(
+                call=spec, request_id=request_id, tenant_id=self._tenant_id,
+                job_id=self._run.job_id, affinity_key=self._run.job_id,
+                cancelled=self._cancelled))
+        except CallCancelled as exc:
+            if exc.usage is not None and exc.model is not None:
+                # What the server generated before the abort was spent: it is billed.
+                self._settle(request_id, index, spec, key, escalated_from, Completion(
+                    text="", usage=exc.usage, finish_reason="cancelled", model=exc.model,
+                    endpoint=exc.endpoint or "", latency_ms=exc.latency_ms, attempts=1))
+            else:
+                budget.release(self._run, hold)
+            raise StepStopped("job stopped during a model call") from exc
+        except BaseException:
+            budget.release(self._run, hold)
+            raise
+        self._settle(request_id, index, spec, key, escalated_from, completion)
+        return ModelReply(completion.text, completion.finish_reason,
+                          completion.usage.prompt_tokens, completion.usage.completion_tokens,
+                          model=completion.model, escalated_from=escalated_from)
+
+    def _settle(self, request_id: str, index: int, spec: CallSpec, key: str | None,
+                escalated_from: str | None, c: Completion) -> None:
+        u = c.usage
+        cost = price_for(c.model).cost(u.prompt_tokens, u.completion_tokens,
+                                       u.cached_tokens or 0)
+        budget.settle(self._run, self._row(
+            request_id, index, spec, key, model=c.model[:200], endpoint=c.endpoint[:300],
+            prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens,
+            completion_tokens=u.completion_tokens,
+            finish_reason=(c.finish_reason or "")[:40] or None, latency_ms=c.latency_ms,
+            ttft_ms=c.ttft_ms, attempts=c.attempts,
+            cache_hit=None if u.cached_tokens is None else u.cached_tokens > 0,
+            energy_wh=c.energy_wh, energy_method=c.energy_method, output_text=c.text,
+            cost_usd=cost, cached_from=None, escalated_from=escalated_from))

@@ -1,0 +1,167 @@
+"""Running one step: claim it, run its agent in a metered context, save its output.
+
+1. The claim is one guarded update (`queued`, or `running` with an expired lease) that takes
+   the next attempt (the run's fencing token) and returns what the run needs of step and job;
+   the same transaction appends `step.started` and reads the parents' outputs.
+2. The agent runs; its model calls are metered by `orchestrator.metering`.
+3. One transaction saves the output, counts fan-in and queues the dependants
+   (`orchestrator.dag.complete`), fenced on the attempt.
+
+A transient database error never fails the job: the step is handed back (or its lease left to
+expire) and run again, replaying the calls it had finished.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from threading import Lock
+
+from pydantic import BaseModel
+
+from agents.base import AgentError, AnyKind, StepOutputs
+from agents.registry import get_kind
+from core.db import TRANSIENT_DB_ERRORS, db_retrying, transaction
+from core.errors import AgentqError
+from core.models import JobStatus, StepStatus
+from core.repositories import events, jobs, ledger, outbox, steps
+from core.repositories.ledger import Budget
+from core.repositories.steps import ClaimedStep
+from core.settings import get_settings
+from inference.pool import Pool, get_pool
+from orchestrator import dag
+from orchestrator.budget import BudgetExhausted, Run, StepStopped
+from orchestrator.metering import MeteredContext
+from orchestrator.watchers import leases, stopping
+
+log = logging.getLogger(__name__)
+
+
+class StepCrashed(AgentqError):
+    code = "internal_error"
+
+
+def _claim(step_id: str) -> tuple[ClaimedStep, StepOutputs] | None:
+    """Claim the step; None when there is nothing to run (taken, done, or its job stopped)."""
+    with transaction() as s:
+        c = steps.claim(s, step_id, get_settings().step_lease_seconds)
+        if c is None:
+            return None
+        if c.attempt > 1:
+            # An earlier run died: its reservations that expired are released now.
+            ledger.release_expired(s, 1000, step_id=step_id)
+        if c.job_status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+            steps.mark_cancelled(s, step_id, c.attempt)
+            dag.maybe_finish_stopping(s, c.job_id)
+            return None
+        kind = get_kind(c.kind)
+        phase = kind.phases.get(c.role, c.role) if kind is not None else c.role
+        first = c.job_status == JobStatus.QUEUED
+        new: list[events.Event] = [("job.started", {})] if first else []
+        new.append(("step.started", {"step": c.key, "role": c.role}))
+        seq, tenant_id, webhook = jobs.started_step(s, c.job_id, phase, first, len(new))
+        events.write(s, c.job_id, tenant_id, webhook, seq, new)
+        parents = steps.outputs(s, c.job_id, c.depends_on) if c.depends_on else {}
+    return c, StepOutputs(parents)
+
+
+_inputs: OrderedDict[tuple[str, str], BaseModel] = OrderedDict()
+_inputs_lock = Lock()
+
+
+def _job_input(kind: AnyKind, c: ClaimedStep) -> BaseModel:
+    """The job's parsed input, kept for the job's other steps in this process."""
+    key = (c.job_id, c.kind)
+    with _inputs_lock:
+        found = _inputs.get(key)
+        if found is not None:
+            _inputs.move_to_end(key)
+            return found
+    parsed = kind.parse_input(c.job_input)
+    with _inputs_lock:
+        _inputs[key] = parsed
+        while len(_inputs) > 256:
+            _inputs.popitem(last=False)
+    return parsed
+
+
+def run_step(step_id: str, pool: Pool | None = None) -> None:
+    claimed = _claim(step_id)
+    if claimed is None:
+        return
+    c, parents = claimed
+    leases.add(c.step_id, c.attempt)
+    stopping.add(c.job_id)
+    try:
+        _run(c, parents, pool or get_pool())
+    finally:
+        stopping.remove(c.job_id)
+        leases.remove(c.step_id)
+
+
+def _run(c: ClaimedStep, parents: StepOutputs, pool: Pool) -> None:
+    kind = get_kind(c.kind)
+    try:
+        if kind is None:
+            raise AgentError(f"this worker does not know job kind {c.kind!r}")
+        job_input = _job_input(kind, c)
+        role = kind.role(c.role)
+        ctx = MeteredContext(
+            run=Run(c.job_id, c.step_id, c.attempt, Budget.of(c.budget)),
+            tenant_id=c.tenant_id, step_key=c.key, role=c.role, step_input=c.input,
+            max_tokens=c.max_tokens, parents=parents, pool=pool)
+        output = kind.run_step(ctx, job_input)
+        if not isinstance(output, role.output):
+            raise AgentError(f"a {c.role} step returned {type(output).__name__}, not "
+                             f"{role.output.__name__}")
+    except StepStopped:
+        _end(c, StepStatus.CANCELLED, None, None, kind)
+    except BudgetExhausted as exc:
+        _end(c, StepStatus.FAILED, (exc.code, exc.message), JobStatus.BUDGET_EXHAUSTED, kind)
+    except TRANSIENT_DB_ERRORS as exc:
+        if c.attempt >= get_settings().step_db_retries:
+            log.error("step %s met database errors in %d runs: %s", c.step_id, c.attempt, exc)
+            _end(c, StepStatus.FAILED, ("database_unavailable", f"step {c.role} failed: the "
+                                        f"database kept failing ({exc.__class__.__name__})"),
+                 JobStatus.FAILED, kind)
+        else:
+            log.warning("step %s met a database error; running it again: %s", c.step_id, exc)
+            _hand_back(c)
+    except (AgentqError, AgentError) as exc:
+        code = exc.code
+        message = exc.message if isinstance(exc, AgentqError) else str(exc)
+        log.warning("step %s failed: %s", c.step_id, message)
+        _end(c, StepStatus.FAILED, (code, f"step {c.role} failed: {message}"),
+             JobStatus.FAILED, kind)
+    except Exception as exc:
+        log.exception("step %s crashed", c.step_id)
+        _end(c, StepStatus.FAILED, ("internal_error", f"step {c.role} failed: {exc!r}"),
+             JobStatus.FAILED, kind)
+    else:
+        assert kind is not None
+        _in_transaction(lambda s: dag.complete(s, c, kind, job_input, output))
+
+
+def _end(c: ClaimedStep, status: StepStatus, error: tuple[str, str] | None,
+         job_status: JobStatus | None, kind: AnyKind | None) -> None:
+    _in_transaction(lambda s: dag.end(s, c, status, error, job_status, kind))
+
+
+def _in_transaction(work: Callable[..., None]) -> None:
+    """A run's last write, kept through a database outage for up to `settle_retry_s`."""
+    for attempt in db_retrying(get_settings().settle_retry_s):
+        with attempt, transaction() as s:
+            work(s)
+
+
+def _hand_back(c: ClaimedStep) -> None:
+    """Queue the step again (fenced on this run), to run once the database answers; if it
+    does not answer now, the lease runs out and the sweeper queues it."""
+    try:
+        for attempt in db_retrying():
+            with attempt, transaction() as s:
+                if steps.requeue_run(s, c.step_id, c.attempt):
+                    outbox.enqueue(s, dag.RUN_STEP_TASK, step_id=c.step_id)
+    except TRANSIENT_DB_ERRORS as exc:
+        log.warning("could not hand step %s back (%s); its lease will run out", c.step_id, exc)

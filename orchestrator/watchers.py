@@ -1,0 +1,138 @@
+"""Background watchers of the runs in this process, one query per tick each.
+
+- `LeaseKeeper` renews the leases of the steps this process runs, and the reservations of their
+  calls in flight, in one transaction per tick (fenced on each run's attempt); a run whose step
+  passed to another run is told so (its calls stop).
+- `StoppingWatcher` tells running steps, within about a second, that their job stopped
+  (cancelled, failed, out of budget), so their in-flight model calls are closed and the server
+  aborts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+
+from core.db import db_now, transaction
+from core.models import JobStatus
+from core.repositories import jobs, ledger, steps
+from core.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+class PeriodicThread:
+    """A daemon thread that calls `tick` every `interval_s` while there is something to
+    watch; started on first use."""
+
+    name = "agentq-watcher"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def interval_s(self) -> float:
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def _ensure_started(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        stop = threading.Event()
+        while not stop.wait(self.interval_s()):
+            try:
+                self.tick()
+            except Exception as exc:  # noqa: BLE001 - the database may be briefly away
+                log.warning("%s: %s", self.name, exc)
+
+
+class LeaseKeeper(PeriodicThread):
+    name = "agentq-leases"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._running: dict[str, int] = {}
+        self._lost: set[str] = set()
+
+    def interval_s(self) -> float:
+        return get_settings().step_lease_seconds / 4
+
+    def add(self, step_id: str, attempt: int) -> None:
+        with self._lock:
+            self._running[step_id] = attempt
+            self._lost.discard(step_id)
+            self._ensure_started()
+
+    def remove(self, step_id: str) -> None:
+        with self._lock:
+            self._running.pop(step_id, None)
+            self._lost.discard(step_id)
+
+    def is_lost(self, step_id: str) -> bool:
+        return step_id in self._lost
+
+    def tick(self) -> None:
+        with self._lock:
+            runs = list(self._running.items())
+        if not runs:
+            return
+        with transaction() as s:
+            until = db_now(s, get_settings().step_lease_seconds)
+            held = steps.renew_leases(s, runs, until)
+            ledger.renew(s, [r for r in runs if r[0] in held], until)
+        with self._lock:
+            for step_id, attempt in runs:
+                if step_id not in held and self._running.get(step_id) == attempt:
+                    log.warning("step %s (run %d) passed to another run; stopping it",
+                                step_id, attempt)
+                    self._lost.add(step_id)
+
+
+class StoppingWatcher(PeriodicThread):
+    name = "agentq-stopping"
+    TICK_S = 0.5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._jobs: Counter[str] = Counter()
+        self._stopping: set[str] = set()
+
+    def interval_s(self) -> float:
+        return self.TICK_S
+
+    def add(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs[job_id] += 1
+            self._ensure_started()
+
+    def remove(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs[job_id] -= 1
+            if self._jobs[job_id] <= 0:
+                del self._jobs[job_id]
+                self._stopping.discard(job_id)
+
+    def is_stopping(self, job_id: str) -> bool:
+        return job_id in self._stopping
+
+    def tick(self) -> None:
+        with self._lock:
+            watched = list(self._jobs)
+        if not watched:
+            return
+        with transaction(read_only=True) as s:
+            found = jobs.statuses(s, watched)
+        stopped = {j for j, st in found.items()
+                   if st not in (JobStatus.QUEUED, JobStatus.RUNNING)}
+        with self._lock:
+            self._stopping = {j for j in stopped if j in self._jobs}
+
+
+leases = LeaseKeeper()
+stopping = StoppingWatcher()
