@@ -87,7 +87,7 @@ def start_worker(env: dict[str, str], log: Path, concurrency: int | None = None,
 
 def start_api(env: dict[str, str], log: Path) -> tuple[str, Proc]:
     """The API under a uvicorn process of its own; returns its base URL."""
-    from inference.standin import free_port
+    from bench.standin import free_port
 
     port = free_port()
     proc = Proc([sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1",

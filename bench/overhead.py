@@ -320,7 +320,7 @@ def main() -> None:
     if not 2 <= args.max_subquestions <= 8:
         parser.error("--max-subquestions must be between 2 and 8")
 
-    from inference.standin import StandinServer
+    from bench.standin import StandinServer
 
     plan = [f"What is part {i + 1} of it, in some detail?" for i in range(args.max_subquestions)]
     with tempfile.TemporaryDirectory(prefix="agentq-bench-") as tmp:

@@ -49,10 +49,10 @@ from typing import Literal
 import httpx
 
 from bench.common import Proc, percentile, tail, wait_until
+from bench.standin import free_port
 from core.settings import Settings
 from inference.calls import CallSpec
 from inference.pool import Completion, CompletionRequest, Pool
-from inference.standin import free_port
 
 Routing = Literal["affinity", "round_robin"]
 

@@ -43,7 +43,7 @@ from bench.common import (
     tail,
     wait_until,
 )
-from inference.standin import free_port
+from bench.standin import free_port
 
 TOPICS = ["rivers", "bees", "volcanoes", "bread", "comets", "glaciers", "owls", "copper",
           "tides", "maple trees", "lighthouses", "deserts", "coral", "thunder", "salt", "wolves"]

@@ -46,7 +46,7 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def standin_server() -> Iterator[Any]:
-    from inference.standin import StandinServer
+    from bench.standin import StandinServer
 
     server = StandinServer().start()
     yield server
@@ -101,7 +101,7 @@ def agentq_env(database_url: str, standin_server: Any,
 def standin(standin_server: Any, agentq_env: dict[str, str]) -> Iterator[Any]:
     """The stand-in server, reset to its defaults after each test."""
     yield standin_server
-    from inference.standin import DEFAULT_PLAN, StandinState
+    from bench.standin import DEFAULT_PLAN, StandinState
 
     defaults = StandinState()
     st = standin_server.state
@@ -169,7 +169,7 @@ def api_server(agentq_env: dict[str, str]) -> Iterator[str]:
     import uvicorn
 
     from api.app import app
-    from inference.standin import free_port
+    from bench.standin import free_port
     from tests.helpers import wait_until
 
     port = free_port()

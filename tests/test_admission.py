@@ -127,10 +127,10 @@ def test_energy_shares_an_endpoints_busy_time_over_every_process(
     one endpoint at once. Admission shares each busy second out among the slots held over both,
     so the four calls' energy adds up to the endpoint's busy time at its power; each process
     counting only its own calls would bill every second twice."""
+    from bench.standin import StandinServer
     from core.settings import Settings
     from inference.calls import CallSpec
     from inference.pool import CompletionRequest, Pool
-    from inference.standin import StandinServer
 
     server = StandinServer().start()
     try:
@@ -264,7 +264,7 @@ def test_cancelling_a_job_aborts_its_calls_at_the_server(
 def test_with_no_server_left_jobs_fail_clearly_and_soon(
         client: TestClient, tenant_key: str, agentq_env: dict[str, str], tmp_path: Path,
         quiet_workers: None) -> None:
-    from inference.standin import free_port
+    from bench.standin import free_port
 
     env = {**agentq_env, "AGENTQ_POOL_ENDPOINTS": f"http://127.0.0.1:{free_port()}",
            "AGENTQ_RETRY_MAX_SECONDS": "5"}

@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from bench.standin import StandinServer
 from core.db import transaction
 from core.models import ModelCall
-from inference.standin import StandinServer
 from tests.helpers import auth, start_worker, wait_for_job
 
 pytestmark = pytest.mark.usefixtures("worker")

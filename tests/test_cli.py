@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from api.client import AgentqClient
-from inference.standin import free_port
+from bench.standin import free_port
 
 pytestmark = pytest.mark.usefixtures("worker")
 

@@ -253,7 +253,7 @@ def test_twenty_jobs_survive_a_redis_restart(database_url: str, agentq_env: dict
     import httpx
     from sqlalchemy import create_engine, text
 
-    from inference.standin import free_port
+    from bench.standin import free_port
     from tests.helpers import Proc
 
     standin.state.delay_s = 0.5
@@ -336,7 +336,7 @@ def test_scale_out_runs_200_jobs_once(database_url: str, agentq_env: dict[str, s
     import redis
     from sqlalchemy import create_engine, text
 
-    from inference.standin import free_port
+    from bench.standin import free_port
     from tests.conftest import REDIS_URL
     from tests.helpers import Proc
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from bench.standin import StandinServer, free_port
 from core.settings import Settings
 from inference.calls import CallSpec
 from inference.pool import CompletionRequest, InferenceError, Pool, TransientInferenceError
-from inference.standin import StandinServer, free_port
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from fastapi.responses import Response
 from fastapi.testclient import TestClient
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from bench.standin import free_port
 from core.webhook_http import UnsafeWebhookURL, check_url
-from inference.standin import free_port
 from tests.helpers import auth, wait_for_job, wait_until
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from inference.standin import free_port
+from bench.standin import free_port
 from tests.conftest import REDIS_URL, migrate
 from tests.helpers import Proc, start_worker, wait_until
 

@@ -4,7 +4,7 @@ It speaks the subset of vLLM's API that agentq uses (`/v1/models`, `/v1/completi
 or not, `/metrics` with vLLM's counter names), answers deterministically, counts "tokens" as
 whitespace-separated words, reports prompt words it has seen before as cached (in blocks of
 four, like a prefix cache), and can be told to be slow, to fail, or to omit usage
-(`POST /_control`). `python -m inference.standin --port 8199` runs one on its own.
+(`POST /_control`). `python -m bench.standin --port 8199` runs one on its own.
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ class StandinServer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m inference.standin")
+    parser = argparse.ArgumentParser(prog="python -m bench.standin")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8199)
     parser.add_argument("--delay", type=float, default=0.0)
