@@ -56,7 +56,12 @@ class Proc:
 
         wait_until(seen, timeout, interval=0.2, what=f"{marker!r} in {self.log.name}")
 
+    profiler: subprocess.Popen[bytes] | None = None
+
     def stop(self, timeout: float = 20) -> None:
+        if self.profiler is not None:
+            self.profiler.send_signal(signal.SIGINT)
+            self.profiler.wait(timeout=30)
         if self.popen.poll() is None:
             try:
                 os.killpg(self.popen.pid, signal.SIGTERM)
@@ -82,6 +87,14 @@ def start_worker(env: dict[str, str], log: Path, concurrency: int | None = None,
         args += ["-c", str(concurrency)]
     proc = Proc(args, env, log)
     proc.wait_for_output("ready.", timeout=60)
+    profile_dir = os.environ.get("AGENTQ_BENCH_PROFILE_DIR")
+    if profile_dir and app == "workers.app":
+        # py-spy samples the worker until it stops; collapsed stacks, one file per worker.
+        out = Path(profile_dir) / f"{log.stem}.txt"
+        proc.profiler = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(proc.popen.pid), "--format", "raw",
+             "--rate", "250", "--gil", "--output", str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, exc, func, literal_column
+from sqlalchemy import Engine, any_, bindparam, create_engine, event, exc, func, literal_column
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
@@ -102,6 +103,15 @@ def after_commit(session: Session, key: str, action: Callable[[], None]) -> None
     actions.setdefault(key, action)
 
 
+def on_rollback(session: Session, key: str, action: Callable[[], None]) -> None:
+    """Run `action` if the transaction of `session` rolls back (give back what it took)."""
+    actions: dict[str, Callable[[], None]] = session.info.setdefault(ON_ROLLBACK, {})
+    actions.setdefault(key, action)
+
+
+ON_ROLLBACK = "agentq.on_rollback"
+
+
 def pending(session: Session, key: str) -> list[Any]:
     """A list kept with the transaction under `key` (what its after-commit action sends)."""
     lists: dict[str, list[Any]] = session.info.setdefault(AFTER_COMMIT + ".lists", {})
@@ -120,8 +130,11 @@ def transaction(*, read_only: bool = False) -> Iterator[Session]:
         session.commit()
     except BaseException:
         session.rollback()
+        undo: dict[str, Callable[[], None]] = session.info.pop(ON_ROLLBACK, {})
         session.info.clear()
         session.close()
+        for action in undo.values():
+            action()
         raise
     actions: dict[str, Callable[[], None]] = session.info.pop(AFTER_COMMIT, {})
     session.close()
@@ -147,6 +160,14 @@ def db_retrying(max_s: float = 15.0) -> Retrying:
 
 def is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
+
+
+def one_of(session: Session, column: Any, values: Sequence[Any]) -> Any:
+    """`column IN values`, as `= ANY(array)` on Postgres: one bound parameter, so the statement
+    is not re-rendered for each length of the list."""
+    if is_postgres(session):
+        return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+    return column.in_(list(values))
 
 
 def db_now(session: Session, plus_s: float = 0.0) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     Numeric,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -117,6 +118,9 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Bumped by every change to the tenant's webhook endpoints: processes keep the endpoints
+    # in memory and read them again when the version they see on a job's row has moved.
+    webhooks_version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class ApiKey(Base):
@@ -444,3 +448,14 @@ class CorpusChunk(Base):
     # Where the chunk lies in the document's extracted text: text[char_start:char_end].
     char_start: Mapped[int] = mapped_column(Integer)
     char_end: Mapped[int] = mapped_column(Integer)
+
+
+# The tables, for Core statements on hot paths (ORM-enabled DML with RETURNING goes through the
+# ORM's row loading, which costs several times the statement itself).
+jobs_table = cast(Table, Job.__table__)
+steps_table = cast(Table, Step.__table__)
+tenants_table = cast(Table, Tenant.__table__)
+model_calls_table = cast(Table, ModelCall.__table__)
+reservations_table = cast(Table, Reservation.__table__)
+job_events_table = cast(Table, JobEvent.__table__)
+outbox_table = cast(Table, OutboxMessage.__table__)

@@ -11,12 +11,16 @@ once.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from core.db import db_retrying, transaction
+from sqlalchemy.orm import Session
+
+from core.db import after_commit, db_retrying, on_rollback, transaction
 from core.errors import AgentqError
 from core.pricing import highest_price
 from core.repositories import events, ledger
@@ -62,7 +66,66 @@ class Run:
     budget: Budget
 
 
-def reserve(run: Run, hold: Hold) -> None:
+@dataclass
+class Carry:
+    """Settlements a run defers to its next transaction: a finished call's ledger row is
+    written with the next call's reservation, or with the step's completion, instead of in a
+    transaction of its own. A row that no transaction of its run takes within
+    `CARRY_FLUSH_S` (the agent is busy with something else) is written by the flusher
+    (`orchestrator.watchers.carries`). `after`: what to do once they are committed (mark a
+    call cache entry answered)."""
+
+    run: Run
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    after: list[Callable[[], None]] = field(default_factory=list)
+    since: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, row: dict[str, Any], after: Callable[[], None] | None = None) -> None:
+        with self.lock:
+            if not self.rows:
+                self.since = time.monotonic()
+            self.rows.append(row)
+            if after is not None:
+                self.after.append(after)
+
+    def write(self, session: Session) -> None:
+        """Write what is carried in this transaction."""
+        for row in self.take(session):
+            settle_in(session, self.run, row)
+
+    def take(self, session: Session) -> list[dict[str, Any]]:
+        """The carried rows, for the transaction of `session` to write. What it takes is no
+        longer carried (a concurrent writer does not take it too), and is given back if the
+        transaction rolls back, to be written by the next."""
+        with self.lock:
+            rows, after = self.rows, self.after
+            self.rows, self.after = [], []
+        if not rows and not after:
+            return []
+
+        def undo() -> None:
+            with self.lock:
+                self.rows[:0], self.after[:0] = rows, after
+                self.since = time.monotonic()
+
+        def done() -> None:
+            for action in after:
+                action()
+
+        on_rollback(session, f"carry.{id(self)}", undo)
+        after_commit(session, f"carry.{id(self)}", done)
+        return rows
+
+    def due(self, now: float) -> bool:
+        return bool(self.rows) and now - self.since >= CARRY_FLUSH_S
+
+
+# How long a finished call's ledger row may wait for its run's next transaction.
+CARRY_FLUSH_S = 0.2
+
+
+def reserve(run: Run, hold: Hold, carry: Carry | None = None) -> None:
     """Reserve; while other calls of the job hold reservations that may yet settle below
     their bound, wait for them instead of giving up on budget that is not really spent."""
     deadline = time.monotonic() + RESERVATION_WAIT_S
@@ -70,6 +133,8 @@ def reserve(run: Run, hold: Hold) -> None:
     while True:
         for attempt in db_retrying():
             with attempt, transaction() as s:
+                if carry is not None:
+                    carry.write(s)
                 got = ledger.reserve(s, request_id=hold.request_id, job_id=run.job_id,
                                      step_id=run.step_id, attempt=run.attempt,
                                      tokens=hold.tokens, cost=hold.cost, budget=run.budget)
@@ -95,38 +160,69 @@ def reserve(run: Run, hold: Hold) -> None:
         delay = min(delay * 2, 0.5)
 
 
-def release(run: Run, hold: Hold) -> None:
+def release(run: Run, hold: Hold, carry: Carry | None = None) -> None:
     """Give a reservation back unused (the call was not made, or failed without usage)."""
     for attempt in db_retrying(get_settings().settle_retry_s):
         with attempt, transaction() as s:
+            if carry is not None:
+                carry.write(s)
             ledger.release(s, hold.request_id, run.job_id)
 
 
-def settle(run: Run, row: dict[str, Any]) -> None:
-    """Write a finished call's ledger row and settle its reservation. Retried through a
+def settle(run: Run, row: dict[str, Any], carry: Carry | None = None) -> None:
+    """Write a finished call's ledger row and settle its reservation now. Retried through a
     database outage for up to `settle_retry_s`: the call is never made again meanwhile."""
     for attempt in db_retrying(get_settings().settle_retry_s):
         with attempt, transaction() as s:
-            totals = ledger.settle(s, row, events=1, budget=run.budget)
-            if totals is None:
-                log.error("call %s finished after its run lost its step and its reservation "
-                          "expired, and the budget has no room: kept in the ledger unbilled",
-                          row["request_id"])
-                return
-            spent_tokens = totals.prompt_tokens + totals.completion_tokens
-            usage = {"prompt_tokens": totals.prompt_tokens,
-                     "completion_tokens": totals.completion_tokens,
-                     "total_tokens": spent_tokens, "model_calls": totals.model_calls,
-                     "cost_usd": float(totals.cost_usd)}
-            events.write(s, run.job_id, totals.tenant_id, totals.webhook, totals.first_seq,
-                         [("job.usage", usage)])
-            call_tokens = int(row["prompt_tokens"]) + int(row["completion_tokens"])
-            crossed = _thresholds("tokens", Decimal(spent_tokens - call_tokens),
-                                  Decimal(spent_tokens), run.budget.max_total_tokens)
-            crossed += _thresholds("cost_usd", totals.cost_usd - Decimal(row["cost_usd"] or 0),
-                                   totals.cost_usd, run.budget.max_cost_usd)
-            if crossed:
-                events.append_many(s, run.job_id, crossed)
+            if carry is not None:
+                carry.write(s)
+            settle_in(s, run, row)
+
+
+def settle_in(s: Session, run: Run, row: dict[str, Any], step_usage: bool = True) -> None:
+    """Write a finished call's ledger row, settle its reservation and append `job.usage`, in
+    the transaction of `s`."""
+    totals = ledger.settle(s, row, events=1, budget=run.budget, step_usage=step_usage)
+    if totals is None:
+        log.error("call %s was not billed: it finished after its run had lost its "
+                  "step, and the budget has no room (or it was written already)",
+                  row["request_id"])
+        return
+    spent_tokens = totals.prompt_tokens + totals.completion_tokens
+    usage = {"prompt_tokens": totals.prompt_tokens,
+             "completion_tokens": totals.completion_tokens,
+             "total_tokens": spent_tokens, "model_calls": totals.model_calls,
+             "cost_usd": float(totals.cost_usd)}
+    events.write(s, run.job_id, totals.hooks, totals.first_seq, [("job.usage", usage)])
+    call_tokens = int(row["prompt_tokens"]) + int(row["completion_tokens"])
+    crossed = _thresholds("tokens", Decimal(spent_tokens - call_tokens),
+                          Decimal(spent_tokens), run.budget.max_total_tokens)
+    crossed += _thresholds("cost_usd", totals.cost_usd - Decimal(row["cost_usd"] or 0),
+                           totals.cost_usd, run.budget.max_cost_usd)
+    if crossed:
+        events.append_many(s, run.job_id, crossed)
+
+
+def usage_events(run: Run, rows: list[dict[str, Any]],
+                 totals: tuple[int, int, int, Decimal]) -> list[events.Event]:
+    """`job.usage` after each of `rows` (settled together, ending at `totals`), then any
+    `budget.threshold` they crossed."""
+    prompt, completion, calls, cost = totals
+    out: list[events.Event] = []
+    for row in reversed(rows):
+        out.append(("job.usage", {"prompt_tokens": prompt, "completion_tokens": completion,
+                                  "total_tokens": prompt + completion, "model_calls": calls,
+                                  "cost_usd": float(cost)}))
+        prompt -= int(row["prompt_tokens"])
+        completion -= int(row["completion_tokens"])
+        calls -= 1
+        cost -= Decimal(row["cost_usd"] or 0)
+    out.reverse()
+    end = totals[0] + totals[1]
+    out += _thresholds("tokens", Decimal(prompt + completion), Decimal(end),
+                       run.budget.max_total_tokens)
+    out += _thresholds("cost_usd", cost, totals[3], run.budget.max_cost_usd)
+    return out
 
 
 def _thresholds(budget: str, before: Decimal, after: Decimal, limit: int | Decimal | None

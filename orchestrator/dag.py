@@ -11,6 +11,7 @@ them sees the last step done and finalises.
 from __future__ import annotations
 
 import logging
+from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel
@@ -18,8 +19,9 @@ from sqlalchemy.orm import Session
 
 from agents.base import AnyKind, StepOutputs, StepSpec
 from core.models import JobStatus, StepStatus
-from core.repositories import events, jobs, outbox, steps
+from core.repositories import events, jobs, ledger, outbox, steps
 from core.repositories.steps import ClaimedStep
+from orchestrator.budget import Carry, settle_in, usage_events
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +67,47 @@ def maybe_finish_stopping(session: Session, job_id: str) -> None:
 
 
 def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseModel,
-             output: BaseModel) -> None:
-    """Save a run's output and move the job on; nothing when the run no longer holds its
-    step (a stale run's writes are refused)."""
+             output: BaseModel, carry: Carry) -> None:
+    """Save a run's output, settle the calls it carries, and move the job on. A run that no
+    longer holds its step has its calls settled (they were made) but its output refused."""
+    run = carry.run
+    rows = carry.take(session)
     done = steps.finish(session, c.step_id, c.attempt, StepStatus.COMPLETED,
-                        output=output.model_dump(mode="json"))
+                        output=output.model_dump(mode="json"),
+                        usage=(sum(int(r["prompt_tokens"]) for r in rows),
+                               sum(int(r["completion_tokens"]) for r in rows), len(rows),
+                               rows[-1]["model"] if rows else None))
     if done is None:
         log.warning("step %s: run %d had lost its step; its output is dropped", c.step_id,
                     c.attempt)
+        for row in rows:
+            settle_in(session, run, row)
         return
+    # The calls settle with the completion: their reservations released, their rows written,
+    # their usage added in the same update of the job row that counts the step.
+    held: list[tuple[int, Decimal]] = []
+    on_time: list[dict[str, Any]] = []
+    for row in rows:
+        taken = ledger.take(session, row["request_id"])
+        if taken is None:  # released with an expired lease: billed only if there is room
+            settle_in(session, run, row, step_usage=False)
+        else:
+            held.append(taken)
+            on_time.append(row)
+    ledger.insert_calls(session, on_time)
     key, role, prompt_tokens, completion_tokens, model_calls = done
-    status, steps_done, total, seq, tenant_id, webhook = jobs.step_completed(
-        session, c.job_id, events=1)
-    events.write(session, c.job_id, tenant_id, webhook, seq, [("step.completed", {
-        "step": key, "role": role,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "model_calls": model_calls}})])
+    usage = ledger.Usage.of(on_time, held)
+    counted = jobs.step_completed(session, c.job_id, events=len(on_time) + 1,
+                                  usage=usage.job_values() if on_time else None)
+    new = usage_events(run, on_time, counted.totals) if on_time else []
+    if len(new) > len(on_time):  # thresholds crossed: their own cursors
+        events.append_many(session, c.job_id, new[len(on_time):])
+    events.write(session, c.job_id, counted.hooks, counted.first_seq, [
+        *new[:len(on_time)], ("step.completed", {
+            "step": key, "role": role,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "model_calls": model_calls}})])
+    status, steps_done, total = counted.status, counted.steps_done, counted.steps_total
     if status != JobStatus.RUNNING:
         maybe_finish_stopping(session, c.job_id)
         return

@@ -27,9 +27,9 @@ from core.repositories.corpora import SessionCorpusStore
 from core.settings import get_settings
 from inference.pool import CallCancelled, Completion, CompletionRequest, Pool
 from orchestrator import budget, callcache
-from orchestrator.budget import Hold, Run, StepStopped
+from orchestrator.budget import Carry, Hold, Run, StepStopped
 from orchestrator.callcache import Lead
-from orchestrator.watchers import leases, stopping
+from orchestrator.watchers import carries, leases, stopping
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class MeteredContext:
         self._pool = pool
         self._index = 0
         self._replay: dict[tuple[int, str | None], ModelCall] | None = None
+        # Finished calls whose ledger rows ride on the run's next transaction.
+        self.carry = Carry(run)
 
     @property
     def step_key(self) -> str:
@@ -143,14 +145,18 @@ class MeteredContext:
             earlier, state = self._wait_for_leader(key, request_id, other)
             if earlier is not None:
                 return self._answer_from_cache(request_id, index, spec, key, earlier)
-        answered = False
         try:
             reply = self._make_call(spec, request_id, index, key, escalated_from)
-            answered = True
-            return reply
-        finally:
+        except BaseException:
             if state is Lead.LEAD:
-                callcache.unlead(run.job_id, key, request_id, answered)
+                callcache.unlead(run.job_id, key, request_id, answered=False)
+            raise
+        if state is Lead.LEAD:
+            # Twins may use the answer once its ledger row is committed.
+            self.carry.after.append(
+                lambda: callcache.unlead(run.job_id, key, request_id, answered=True))
+            carries.watch(self.carry)
+        return reply
 
     def _answer_row(self, request_id: str | None) -> ModelCall | None:
         if not request_id:
@@ -215,6 +221,7 @@ class MeteredContext:
                         escalated_from=earlier.escalated_from)
         for attempt in db_retrying(get_settings().settle_retry_s):
             with attempt, transaction() as s:
+                self.carry.write(s)
                 ledger.record_cached(s, row)
         return replace(_reply(earlier), prompt_tokens=0, completion_tokens=0, cached=True)
 
@@ -222,7 +229,7 @@ class MeteredContext:
                    escalated_from: str | None) -> ModelReply:
         assert spec.max_tokens is not None
         hold = Hold.for_call(request_id, spec.prompt, spec.max_tokens)
-        budget.reserve(self._run, hold)
+        budget.reserve(self._run, hold, self.carry)
         try:
             completion = self._pool.complete(CompletionRequest(
                 call=spec, request_id=request_id, tenant_id=self._tenant_id,
@@ -231,26 +238,30 @@ class MeteredContext:
         except CallCancelled as exc:
             if exc.usage is not None and exc.model is not None:
                 # What the server generated before the abort was spent: it is billed.
-                self._settle(request_id, index, spec, key, escalated_from, Completion(
-                    text="", usage=exc.usage, finish_reason="cancelled", model=exc.model,
-                    endpoint=exc.endpoint or "", latency_ms=exc.latency_ms, attempts=1))
+                budget.settle(self._run, self._row_of(
+                    request_id, index, spec, key, escalated_from, Completion(
+                        text="", usage=exc.usage, finish_reason="cancelled", model=exc.model,
+                        endpoint=exc.endpoint or "", latency_ms=exc.latency_ms, attempts=1)),
+                    self.carry)
             else:
-                budget.release(self._run, hold)
+                budget.release(self._run, hold, self.carry)
             raise StepStopped("job stopped during a model call") from exc
         except BaseException:
-            budget.release(self._run, hold)
+            budget.release(self._run, hold, self.carry)
             raise
-        self._settle(request_id, index, spec, key, escalated_from, completion)
+        # Written with the run's next transaction (the next reservation, or the step's end).
+        self.carry.add(self._row_of(request_id, index, spec, key, escalated_from, completion))
+        carries.watch(self.carry)
         return ModelReply(completion.text, completion.finish_reason,
                           completion.usage.prompt_tokens, completion.usage.completion_tokens,
                           model=completion.model, escalated_from=escalated_from)
 
-    def _settle(self, request_id: str, index: int, spec: CallSpec, key: str | None,
-                escalated_from: str | None, c: Completion) -> None:
+    def _row_of(self, request_id: str, index: int, spec: CallSpec, key: str | None,
+                escalated_from: str | None, c: Completion) -> dict[str, Any]:
         u = c.usage
         cost = price_for(c.model).cost(u.prompt_tokens, u.completion_tokens,
                                        u.cached_tokens or 0)
-        budget.settle(self._run, self._row(
+        return self._row(
             request_id, index, spec, key, model=c.model[:200], endpoint=c.endpoint[:300],
             prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens,
             completion_tokens=u.completion_tokens,
@@ -258,4 +269,4 @@ class MeteredContext:
             ttft_ms=c.ttft_ms, attempts=c.attempts,
             cache_hit=None if u.cached_tokens is None else u.cached_tokens > 0,
             energy_wh=c.energy_wh, energy_method=c.energy_method, output_text=c.text,
-            cost_usd=cost, cached_from=None, escalated_from=escalated_from))
+            cost_usd=cost, cached_from=None, escalated_from=escalated_from)

@@ -31,7 +31,7 @@ from core.repositories.steps import ClaimedStep
 from core.settings import get_settings
 from inference.pool import Pool, get_pool
 from orchestrator import dag
-from orchestrator.budget import BudgetExhausted, Run, StepStopped
+from orchestrator.budget import BudgetExhausted, Carry, Run, StepStopped
 from orchestrator.metering import MeteredContext
 from orchestrator.watchers import leases, stopping
 
@@ -60,8 +60,8 @@ def _claim(step_id: str) -> tuple[ClaimedStep, StepOutputs] | None:
         first = c.job_status == JobStatus.QUEUED
         new: list[events.Event] = [("job.started", {})] if first else []
         new.append(("step.started", {"step": c.key, "role": c.role}))
-        seq, tenant_id, webhook = jobs.started_step(s, c.job_id, phase, first, len(new))
-        events.write(s, c.job_id, tenant_id, webhook, seq, new)
+        seq, hooks = jobs.started_step(s, c.job_id, phase, first, len(new))
+        events.write(s, c.job_id, hooks, seq, new)
         parents = steps.outputs(s, c.job_id, c.depends_on) if c.depends_on else {}
     return c, StepOutputs(parents)
 
@@ -102,65 +102,77 @@ def run_step(step_id: str, pool: Pool | None = None) -> None:
 
 def _run(c: ClaimedStep, parents: StepOutputs, pool: Pool) -> None:
     kind = get_kind(c.kind)
+    run = Run(c.job_id, c.step_id, c.attempt, Budget.of(c.budget))
+    carry = Carry(run)
     try:
         if kind is None:
             raise AgentError(f"this worker does not know job kind {c.kind!r}")
         job_input = _job_input(kind, c)
         role = kind.role(c.role)
         ctx = MeteredContext(
-            run=Run(c.job_id, c.step_id, c.attempt, Budget.of(c.budget)),
+            run=run,
             tenant_id=c.tenant_id, step_key=c.key, role=c.role, step_input=c.input,
             max_tokens=c.max_tokens, parents=parents, pool=pool)
+        carry = ctx.carry
         output = kind.run_step(ctx, job_input)
         if not isinstance(output, role.output):
             raise AgentError(f"a {c.role} step returned {type(output).__name__}, not "
                              f"{role.output.__name__}")
     except StepStopped:
-        _end(c, StepStatus.CANCELLED, None, None, kind)
+        _end(c, run, carry, StepStatus.CANCELLED, None, None, kind)
     except BudgetExhausted as exc:
-        _end(c, StepStatus.FAILED, (exc.code, exc.message), JobStatus.BUDGET_EXHAUSTED, kind)
+        _end(c, run, carry, StepStatus.FAILED, (exc.code, exc.message),
+             JobStatus.BUDGET_EXHAUSTED, kind)
     except TRANSIENT_DB_ERRORS as exc:
         if c.attempt >= get_settings().step_db_retries:
             log.error("step %s met database errors in %d runs: %s", c.step_id, c.attempt, exc)
-            _end(c, StepStatus.FAILED, ("database_unavailable", f"step {c.role} failed: the "
-                                        f"database kept failing ({exc.__class__.__name__})"),
-                 JobStatus.FAILED, kind)
+            _end(c, run, carry, StepStatus.FAILED, (
+                "database_unavailable", f"step {c.role} failed: the database kept failing "
+                f"({exc.__class__.__name__})"), JobStatus.FAILED, kind)
         else:
             log.warning("step %s met a database error; running it again: %s", c.step_id, exc)
-            _hand_back(c)
+            _hand_back(c, run, carry)
     except (AgentqError, AgentError) as exc:
         code = exc.code
         message = exc.message if isinstance(exc, AgentqError) else str(exc)
         log.warning("step %s failed: %s", c.step_id, message)
-        _end(c, StepStatus.FAILED, (code, f"step {c.role} failed: {message}"),
+        _end(c, run, carry, StepStatus.FAILED, (code, f"step {c.role} failed: {message}"),
              JobStatus.FAILED, kind)
     except Exception as exc:
         log.exception("step %s crashed", c.step_id)
-        _end(c, StepStatus.FAILED, ("internal_error", f"step {c.role} failed: {exc!r}"),
-             JobStatus.FAILED, kind)
+        _end(c, run, carry, StepStatus.FAILED,
+             ("internal_error", f"step {c.role} failed: {exc!r}"), JobStatus.FAILED, kind)
     else:
         assert kind is not None
-        _in_transaction(lambda s: dag.complete(s, c, kind, job_input, output))
+        _in_transaction(run, carry,
+                        lambda s: dag.complete(s, c, kind, job_input, output, carry),
+                        write_carry=False)
 
 
-def _end(c: ClaimedStep, status: StepStatus, error: tuple[str, str] | None,
-         job_status: JobStatus | None, kind: AnyKind | None) -> None:
-    _in_transaction(lambda s: dag.end(s, c, status, error, job_status, kind))
+def _end(c: ClaimedStep, run: Run, carry: Carry, status: StepStatus,
+         error: tuple[str, str] | None, job_status: JobStatus | None,
+         kind: AnyKind | None) -> None:
+    _in_transaction(run, carry, lambda s: dag.end(s, c, status, error, job_status, kind))
 
 
-def _in_transaction(work: Callable[..., None]) -> None:
-    """A run's last write, kept through a database outage for up to `settle_retry_s`."""
+def _in_transaction(run: Run, carry: Carry, work: Callable[..., None],
+                    write_carry: bool = True) -> None:
+    """A run's last write, with the settlements it carries, kept through a database outage
+    for up to `settle_retry_s`."""
     for attempt in db_retrying(get_settings().settle_retry_s):
         with attempt, transaction() as s:
+            if write_carry:
+                carry.write(s)
             work(s)
 
 
-def _hand_back(c: ClaimedStep) -> None:
+def _hand_back(c: ClaimedStep, run: Run, carry: Carry) -> None:
     """Queue the step again (fenced on this run), to run once the database answers; if it
     does not answer now, the lease runs out and the sweeper queues it."""
     try:
         for attempt in db_retrying():
             with attempt, transaction() as s:
+                carry.write(s)
                 if steps.requeue_run(s, c.step_id, c.attempt):
                     outbox.enqueue(s, dag.RUN_STEP_TASK, step_id=c.step_id)
     except TRANSIENT_DB_ERRORS as exc:

@@ -255,6 +255,8 @@ def test_a_step_whose_run_vanished_is_requeued_without_rebilling(
     # The model call is made and billed; then the run "dies" before saving the step, holding
     # a reservation for a call it never settled (one that has long expired).
     kind.run_step(ctx, kind.parse_input(c.job_input))
+    with transaction() as s:
+        ctx.carry.write(s)  # the finished call's settlement is written
     requests_after_crash = standin.state.requests_total
     with transaction() as s:
         s.execute(insert(Reservation), [{

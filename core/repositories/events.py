@@ -14,11 +14,13 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from core.db import after_commit, pending
-from core.models import Job, JobEvent, utcnow
+from core.models import JobEvent, job_events_table, jobs_table, utcnow
 from core.redis import EVENTS_CHANNEL_PREFIX, get_redis
 from core.repositories import webhooks
 
 log = logging.getLogger(__name__)
+_INSERT = insert(job_events_table)
+J = jobs_table.c
 
 TERMINAL_EVENTS = webhooks.TERMINAL_EVENTS
 Event = tuple[str, dict[str, Any]]
@@ -33,26 +35,28 @@ def append(session: Session, job_id: str, type_: str, data: dict[str, Any] | Non
 
 def append_many(session: Session, job_id: str, events: Sequence[Event]) -> int:
     """Append events in order; returns the cursor of the last."""
-    last, tenant_id, job_webhook = session.execute(
-        update(Job).where(Job.id == job_id).values(event_seq=Job.event_seq + len(events))
-        .returning(Job.event_seq, Job.tenant_id, Job.webhook)).one()
-    write(session, job_id, tenant_id, job_webhook, int(last) - len(events) + 1, events)
-    return int(last)
+    row = session.execute(
+        update(jobs_table).where(J.id == job_id).values(event_seq=J.event_seq + len(events))
+        .returning(J.event_seq, *webhooks.HOOK_COLUMNS)
+        .execution_options(synchronize_session=False)).one()
+    last = int(row[0])
+    write(session, job_id, webhooks.hooks_of(row), last - len(events) + 1, events)
+    return last
 
 
-def write(session: Session, job_id: str, tenant_id: str, job_webhook: dict[str, Any] | None,
-          first_seq: int, events: Sequence[Event]) -> None:
+def write(session: Session, job_id: str, hooks: webhooks.Hooks, first_seq: int,
+          events: Sequence[Event]) -> None:
     """Insert events whose cursors (`first_seq`, ...) the caller took from the job row in its
     own update (`event_seq = event_seq + len(events)`)."""
     if not events:
         return
     now = utcnow()
-    session.execute(insert(JobEvent), [
+    session.execute(_INSERT, [
         {"job_id": job_id, "seq": first_seq + i, "type": t, "data": d, "created_at": now}
         for i, (t, d) in enumerate(events)])
     for i, (type_, data) in enumerate(events):
-        webhooks.fan_out(session, job_id=job_id, tenant_id=tenant_id, job_webhook=job_webhook,
-                         seq=first_seq + i, type_=type_, data=data)
+        webhooks.fan_out(session, job_id=job_id, hooks=hooks, seq=first_seq + i, type_=type_,
+                         data=data)
     touched: list[str] = pending(session, _KEY)
     touched.append(job_id)
     after_commit(session, _KEY, lambda: notify(set(touched)))

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.models import JOB_ACTIVE, JOB_TERMINAL, Job, JobStatus, Tenant, utcnow
+from core.models import JOB_ACTIVE, JOB_TERMINAL, Job, JobStatus, Tenant, jobs_table, utcnow
+from core.repositories.webhooks import HOOK_COLUMNS, Hooks, hooks_of
 
-_NO_SYNC = {"synchronize_session": False}
+J = jobs_table.c
 
 
 def get(session: Session, job_id: str, lock: bool = False) -> Job | None:
@@ -34,42 +37,57 @@ def add(session: Session, job: Job) -> None:
 
 
 def started_step(session: Session, job_id: str, phase: str, first: bool, events: int
-                 ) -> tuple[int, str, dict[str, Any] | None]:
+                 ) -> tuple[int, Hooks]:
     """A step of the job started: its phase, the job `running` if it was `queued` (`first`),
-    and `events` cursors taken. Returns the first cursor, the tenant and the job's webhook."""
-    values: dict[str, Any] = {"phase": phase, "event_seq": Job.event_seq + events}
-    cond = [Job.id == job_id]
+    and `events` cursors taken. Returns the first cursor and who hears the events."""
+    values: dict[str, Any] = {"phase": phase, "event_seq": J.event_seq + events}
+    cond = [J.id == job_id]
     if first:
         values.update(status=JobStatus.RUNNING, started_at=utcnow())
-        cond.append(Job.status == JobStatus.QUEUED)
-    row = session.execute(update(Job).where(*cond).values(**values).returning(
-        Job.event_seq, Job.tenant_id, Job.webhook).execution_options(**_NO_SYNC)).first()
+        cond.append(J.status == JobStatus.QUEUED)
+    row = session.execute(update(jobs_table).where(*cond).values(**values).returning(
+        J.event_seq, *HOOK_COLUMNS)).first()
     if row is None:  # another step started it first
         return started_step(session, job_id, phase, False, events)
-    return int(row[0]) - events + 1, str(row[1]), row[2]
+    return int(row[0]) - events + 1, hooks_of(row)
 
 
-def step_completed(session: Session, job_id: str, events: int
-                   ) -> tuple[str, int, int, int, str, dict[str, Any] | None]:
-    """Count a completed step and take `events` cursors. Returns the job's status, steps done
-    and total, the first cursor, the tenant and the job's webhook. Locks the job row: the
-    completions of a job are counted one at a time."""
-    row = session.execute(update(Job).where(Job.id == job_id).values(
-        steps_done=Job.steps_done + 1, event_seq=Job.event_seq + events, updated_at=utcnow(),
-    ).returning(Job.status, Job.steps_done, Job.steps_total, Job.event_seq, Job.tenant_id,
-                Job.webhook).execution_options(**_NO_SYNC)).one()
-    return (str(row[0]), int(row[1]), int(row[2]), int(row[3]) - events + 1, str(row[4]),
-            row[5])
+@dataclass(frozen=True)
+class Completed:
+    """The job row after a step's completion was counted."""
+
+    status: str
+    steps_done: int
+    steps_total: int
+    first_seq: int
+    hooks: Hooks
+    # Usage totals: prompt tokens, completion tokens, model calls, dollars.
+    totals: tuple[int, int, int, Decimal]
+
+
+def step_completed(session: Session, job_id: str, events: int,
+                   usage: dict[str, Any] | None = None) -> Completed:
+    """Count a completed step, add the usage of calls settled with it (`usage`: values of
+    the update) and take `events` cursors. Locks the job row: the completions of a job are
+    counted one at a time."""
+    row = session.execute(update(jobs_table).where(J.id == job_id).values(
+        steps_done=J.steps_done + 1, event_seq=J.event_seq + events, updated_at=utcnow(),
+        **(usage or {}),
+    ).returning(J.status, J.steps_done, J.steps_total, J.event_seq,
+                J.prompt_tokens, J.completion_tokens, J.model_calls, J.cost_usd,
+                *HOOK_COLUMNS)).one()
+    return Completed(str(row[0]), int(row[1]), int(row[2]), int(row[3]) - events + 1,
+                     hooks_of(row), (int(row[4]), int(row[5]), int(row[6]), Decimal(row[7])))
 
 
 def add_steps_total(session: Session, job_id: str, n: int) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(
-        steps_total=Job.steps_total + n).execution_options(**_NO_SYNC))
+    session.execute(update(jobs_table).where(J.id == job_id).values(
+        steps_total=J.steps_total + n))
 
 
 def statuses(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
-    return {i: s for i, s in session.execute(select(Job.id, Job.status)
-                                             .where(Job.id.in_(list(job_ids))))}
+    return {i: s for i, s in session.execute(select(J.id, J.status)
+                                             .where(J.id.in_(list(job_ids))))}
 
 
 def past_deadline(session: Session, now: datetime, limit: int) -> list[str]:
@@ -100,19 +118,19 @@ def finish(session: Session, job_id: str, status: JobStatus, *,
         values["result"] = result
     if error is not None:
         values["error_code"], values["error_message"] = error
-    res = session.execute(update(Job).where(
-        Job.id == job_id, Job.status.not_in([str(s) for s in JOB_TERMINAL]),
-    ).values(**values).execution_options(**_NO_SYNC))
+    res = session.execute(update(jobs_table).where(
+        J.id == job_id, J.status.not_in([str(s) for s in JOB_TERMINAL]),
+    ).values(**values))
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
 def set_status(session: Session, job_id: str, status: JobStatus) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(
-        status=status, phase=status, updated_at=utcnow()).execution_options(**_NO_SYNC))
+    session.execute(update(jobs_table).where(J.id == job_id).values(
+        status=status, phase=status, updated_at=utcnow()))
 
 
 def status_of(session: Session, job_id: str, lock: bool = False) -> str | None:
-    q = select(Job.status).where(Job.id == job_id)
+    q = select(J.status).where(J.id == job_id)
     if lock:
         q = q.with_for_update()
     return session.scalar(q)

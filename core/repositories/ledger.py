@@ -19,10 +19,20 @@ from sqlalchemy import delete, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from core.db import db_now
-from core.models import Job, JobStatus, ModelCall, Reservation, utcnow
+from core.models import (
+    JobStatus,
+    ModelCall,
+    jobs_table,
+    model_calls_table,
+    reservations_table,
+    utcnow,
+)
 from core.repositories import steps
+from core.repositories.webhooks import HOOK_COLUMNS, Hooks, hooks_of
 
-_NO_SYNC = {"synchronize_session": False}
+J = jobs_table.c
+R = reservations_table.c
+_INSERT_CALL = insert(model_calls_table)
 
 
 @dataclass(frozen=True)
@@ -40,10 +50,10 @@ class Budget:
         """Conditions on the job row under which `tokens` and `cost` more still fit."""
         cond: list[Any] = []
         if self.max_total_tokens is not None:
-            cond.append(Job.prompt_tokens + Job.completion_tokens + Job.reserved_tokens
+            cond.append(J.prompt_tokens + J.completion_tokens + J.reserved_tokens
                         + tokens <= self.max_total_tokens)
         if self.max_cost_usd is not None:
-            cond.append(Job.cost_usd + Job.reserved_cost_usd + cost <= self.max_cost_usd)
+            cond.append(J.cost_usd + J.reserved_cost_usd + cost <= self.max_cost_usd)
         return cond
 
 
@@ -61,62 +71,62 @@ def reserve(session: Session, *, request_id: str, job_id: str, step_id: str, att
     lease = steps.lease_of(session, step_id, attempt, lock=True)
     if lease is None:
         return Reserved.STALE
-    res = session.execute(update(Job).where(
-        Job.id == job_id, Job.status == JobStatus.RUNNING, *budget.fits(tokens, cost),
-    ).values(reserved_tokens=Job.reserved_tokens + tokens,
-             reserved_cost_usd=Job.reserved_cost_usd + cost).execution_options(**_NO_SYNC))
+    res = session.execute(update(jobs_table).where(
+        J.id == job_id, J.status == JobStatus.RUNNING, *budget.fits(tokens, cost),
+    ).values(reserved_tokens=J.reserved_tokens + tokens,
+             reserved_cost_usd=J.reserved_cost_usd + cost))
     if res.rowcount != 1:  # type: ignore[attr-defined]
-        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        status = session.scalar(select(J.status).where(J.id == job_id))
         return Reserved.NO_ROOM if status == JobStatus.RUNNING else Reserved.STOPPED
-    session.execute(insert(Reservation).values(
+    session.execute(insert(reservations_table).values(
         request_id=request_id, job_id=job_id, step_id=step_id, attempt=attempt, tokens=tokens,
         cost_usd=cost, created_at=utcnow(), expires_at=lease))
     return Reserved.OK
 
 
-def _take(session: Session, request_id: str) -> tuple[int, Decimal] | None:
+def take(session: Session, request_id: str) -> tuple[int, Decimal] | None:
     """Delete a reservation; its tokens and cost, or None when it was released already."""
-    row = session.execute(delete(Reservation).where(Reservation.request_id == request_id)
-                          .returning(Reservation.tokens, Reservation.cost_usd)).first()
+    row = session.execute(delete(reservations_table).where(R.request_id == request_id)
+                          .returning(R.tokens, R.cost_usd)).first()
     return None if row is None else (int(row[0]), Decimal(row[1]))
 
 
 def release(session: Session, request_id: str, job_id: str) -> tuple[int, Decimal] | None:
     """Release one reservation; None when it was already released."""
-    taken = _take(session, request_id)
+    taken = take(session, request_id)
     if taken is not None:
-        session.execute(update(Job).where(Job.id == job_id).values(
-            reserved_tokens=Job.reserved_tokens - taken[0],
-            reserved_cost_usd=Job.reserved_cost_usd - taken[1]).execution_options(**_NO_SYNC))
+        session.execute(update(jobs_table).where(J.id == job_id).values(
+            reserved_tokens=J.reserved_tokens - taken[0],
+            reserved_cost_usd=J.reserved_cost_usd - taken[1]))
     return taken
 
 
 def renew(session: Session, runs: list[tuple[str, int]], until: Any) -> None:
     """Extend the reservations of these runs with their leases."""
     if runs:
-        session.execute(update(Reservation).where(
-            tuple_(Reservation.step_id, Reservation.attempt).in_(runs),
-        ).values(expires_at=until).execution_options(**_NO_SYNC))
+        session.execute(update(reservations_table).where(
+            tuple_(R.step_id, R.attempt).in_(runs),
+        ).values(expires_at=until))
 
 
 def release_expired(session: Session, limit: int, step_id: str | None = None) -> int:
     """Release reservations past their expiry (their run died); those of one step, if given."""
-    q = select(Reservation.request_id).where(Reservation.expires_at < db_now(session))
+    q = select(R.request_id).where(R.expires_at < db_now(session))
     if step_id is not None:
-        q = q.where(Reservation.step_id == step_id)
-    rows = session.execute(q.add_columns(Reservation.job_id).limit(limit)
+        q = q.where(R.step_id == step_id)
+    rows = session.execute(q.add_columns(R.job_id).limit(limit)
                            .with_for_update(skip_locked=True)).all()
     return sum(1 for request_id, job_id in rows
                if release(session, request_id, job_id) is not None)
 
 
 def reserved_in_flight(session: Session, job_id: str) -> int:
-    return int(session.scalar(select(Job.reserved_tokens).where(Job.id == job_id)) or 0)
+    return int(session.scalar(select(J.reserved_tokens).where(J.id == job_id)) or 0)
 
 
 def spent(session: Session, job_id: str) -> tuple[str, int, Decimal]:
-    row = session.execute(select(Job.status, Job.prompt_tokens + Job.completion_tokens,
-                                 Job.cost_usd).where(Job.id == job_id)).one()
+    row = session.execute(select(J.status, J.prompt_tokens + J.completion_tokens,
+                                 J.cost_usd).where(J.id == job_id)).one()
     return str(row[0]), int(row[1]), Decimal(row[2])
 
 
@@ -127,51 +137,87 @@ class Totals:
     model_calls: int
     cost_usd: Decimal
     first_seq: int
-    tenant_id: str
-    webhook: dict[str, Any] | None
+    hooks: Hooks
 
 
-def settle(session: Session, row: dict[str, Any], events: int, budget: Budget
-           ) -> Totals | None:
+@dataclass(frozen=True)
+class Usage:
+    """What finished calls used, summed; and what their reservations held."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+    cost_usd: Decimal = Decimal(0)
+    held_tokens: int = 0
+    held_cost_usd: Decimal = Decimal(0)
+
+    @staticmethod
+    def of(rows: list[dict[str, Any]], held: list[tuple[int, Decimal]] | None = None) -> Usage:
+        return Usage(sum(int(r["prompt_tokens"]) for r in rows),
+                     sum(int(r["completion_tokens"]) for r in rows), len(rows),
+                     sum((Decimal(r["cost_usd"] or 0) for r in rows), Decimal(0)),
+                     sum(h[0] for h in held or []),
+                     sum((h[1] for h in held or []), Decimal(0)))
+
+    def job_values(self) -> dict[str, Any]:
+        """The job row's update that adds this usage and releases what was held."""
+        return {"prompt_tokens": J.prompt_tokens + self.prompt_tokens,
+                "completion_tokens": J.completion_tokens + self.completion_tokens,
+                "model_calls": J.model_calls + self.calls,
+                "cost_usd": J.cost_usd + self.cost_usd,
+                "reserved_tokens": J.reserved_tokens - self.held_tokens,
+                "reserved_cost_usd": J.reserved_cost_usd - self.held_cost_usd}
+
+
+
+
+def insert_calls(session: Session, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        session.execute(_INSERT_CALL, rows)
+
+
+def settle(session: Session, row: dict[str, Any], events: int, budget: Budget,
+           step_usage: bool = True) -> Totals | None:
     """Write a finished call's ledger row, release its reservation and add its usage to the
     job (taking `events` cursors). A call whose reservation was already released (its run had
     lost its step long ago) is added to the job only if the budget still has room; otherwise
     its row is kept, marked unbilled, and None is returned."""
     tokens = int(row["prompt_tokens"]) + int(row["completion_tokens"])
     cost = Decimal(row["cost_usd"] or 0)
-    released = _take(session, row["request_id"])
-    cond: list[Any] = [Job.id == row["job_id"]]
+    released = take(session, row["request_id"])
+    cond: list[Any] = [J.id == row["job_id"]]
     held_tokens, held_cost = released or (0, Decimal(0))
     if released is None:
         if session.get(ModelCall, row["request_id"]) is not None:
             return None  # written already (a commit whose answer was lost, then a retry)
         cond += budget.fits(tokens, cost)
-    totals = session.execute(update(Job).where(*cond).values(
-        prompt_tokens=Job.prompt_tokens + row["prompt_tokens"],
-        completion_tokens=Job.completion_tokens + row["completion_tokens"],
-        model_calls=Job.model_calls + 1, cost_usd=Job.cost_usd + cost,
-        reserved_tokens=Job.reserved_tokens - held_tokens,
-        reserved_cost_usd=Job.reserved_cost_usd - held_cost,
-        event_seq=Job.event_seq + events, updated_at=utcnow(),
-    ).returning(Job.prompt_tokens, Job.completion_tokens, Job.model_calls, Job.cost_usd,
-                Job.event_seq, Job.tenant_id, Job.webhook)
-        .execution_options(**_NO_SYNC)).first()
+    totals = session.execute(update(jobs_table).where(*cond).values(
+        prompt_tokens=J.prompt_tokens + row["prompt_tokens"],
+        completion_tokens=J.completion_tokens + row["completion_tokens"],
+        model_calls=J.model_calls + 1, cost_usd=J.cost_usd + cost,
+        reserved_tokens=J.reserved_tokens - held_tokens,
+        reserved_cost_usd=J.reserved_cost_usd - held_cost,
+        event_seq=J.event_seq + events, updated_at=utcnow(),
+    ).returning(J.prompt_tokens, J.completion_tokens, J.model_calls, J.cost_usd,
+                J.event_seq, *HOOK_COLUMNS)
+        ).first()
     if released is None:
         row = {**row, "settled_late": "billed" if totals is not None else "unbilled"}
-    session.execute(insert(ModelCall), [row])
+    session.execute(_INSERT_CALL, [row])
     if totals is None:
         return None
-    steps.add_usage(session, row["step_id"], row["prompt_tokens"], row["completion_tokens"],
-                    row["model"])
+    if step_usage:
+        steps.add_usage(session, row["step_id"], row["prompt_tokens"],
+                        row["completion_tokens"], row["model"])
     return Totals(int(totals[0]), int(totals[1]), int(totals[2]), Decimal(totals[3]),
-                  int(totals[4]) - events + 1, str(totals[5]), totals[6])
+                  int(totals[4]) - events + 1, hooks_of(totals))
 
 
 def record_cached(session: Session, row: dict[str, Any]) -> None:
     """A call answered from an identical earlier call of the job: no tokens, no cost."""
-    session.execute(insert(ModelCall), [row])
-    session.execute(update(Job).where(Job.id == row["job_id"]).values(
-        model_calls=Job.model_calls + 1, updated_at=utcnow()).execution_options(**_NO_SYNC))
+    session.execute(_INSERT_CALL, [row])
+    session.execute(update(jobs_table).where(J.id == row["job_id"]).values(
+        model_calls=J.model_calls + 1, updated_at=utcnow()))
     steps.add_usage(session, row["step_id"], 0, 0, row["model"])
 
 

@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy import and_, func, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from core.db import db_now, is_postgres
+from core.db import db_now, is_postgres, one_of
 from core.ids import new_id
-from core.models import Job, Step, StepStatus, utcnow
+from core.models import Step, StepStatus, jobs_table, steps_table, utcnow
 
 _NO_SYNC = {"synchronize_session": False}
 
@@ -41,22 +41,23 @@ class ClaimedStep:
     budget: dict[str, Any]
 
 
-_STEP_COLS = (Step.job_id, Step.key, Step.role, Step.attempt, Step.max_tokens, Step.input,
-              Step.depends_on)
-_JOB_COLS = (Job.tenant_id, Job.kind, Job.status, Job.input, Job.budget)
+S = steps_table.c
+_STEP_COLS = (S.job_id, S.key, S.role, S.attempt, S.max_tokens, S.input, S.depends_on)
+_JOB_COLS = (jobs_table.c.tenant_id, jobs_table.c.kind, jobs_table.c.status, jobs_table.c.input,
+             jobs_table.c.budget)
 
 
 def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
     """Take the step for a run: one guarded update (`queued`, or `running` with an expired
     lease) that returns what the run needs. None: someone else has it, or it is done."""
     now = db_now(session)
-    claimable = or_(Step.status == StepStatus.QUEUED,
-                    and_(Step.status == StepStatus.RUNNING, Step.lease_expires_at < now))
-    stmt = update(Step).where(Step.id == step_id, claimable).values(
-        status=StepStatus.RUNNING, attempt=Step.attempt + 1, started_at=now,
-        lease_expires_at=db_now(session, lease_s)).execution_options(**_NO_SYNC)
+    claimable = or_(S.status == StepStatus.QUEUED,
+                    and_(S.status == StepStatus.RUNNING, S.lease_expires_at < now))
+    stmt = update(steps_table).where(S.id == step_id, claimable).values(
+        status=StepStatus.RUNNING, attempt=S.attempt + 1, started_at=now,
+        lease_expires_at=db_now(session, lease_s))
     if is_postgres(session):
-        row = session.execute(stmt.where(Job.id == Step.job_id)
+        row = session.execute(stmt.where(jobs_table.c.id == S.job_id)
                               .returning(*_STEP_COLS, *_JOB_COLS)).first()
         if row is None:
             return None
@@ -66,7 +67,7 @@ def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
         if found is None:
             return None
         step = tuple(found)
-        job = tuple(session.execute(select(*_JOB_COLS).where(Job.id == step[0])).one())
+        job = tuple(session.execute(select(*_JOB_COLS).where(jobs_table.c.id == step[0])).one())
     return ClaimedStep(step_id, step[0], step[1], step[2], int(step[3]), int(step[4]),
                        dict(step[5] or {}), list(step[6] or []), job[0], job[1], job[2],
                        dict(job[3] or {}), dict(job[4] or {}))
@@ -77,24 +78,34 @@ def lease_of(session: Session, step_id: str, attempt: int, lock: bool = False
     """When the lease of run `attempt` expires; None when the run no longer holds the step.
     `lock` keeps a share lock on the row to the end of the transaction, so no claim can take
     it meanwhile."""
-    q = select(Step.lease_expires_at).where(Step.id == step_id, Step.attempt == attempt,
-                                            Step.status == StepStatus.RUNNING)
+    q = select(S.lease_expires_at).where(S.id == step_id, S.attempt == attempt,
+                                            S.status == StepStatus.RUNNING)
     if lock:
         q = q.with_for_update(read=True)
     return session.scalar(q)
 
 
 def finish(session: Session, step_id: str, attempt: int, status: StepStatus, *,
-           output: dict[str, Any] | None = None, error: str | None = None
+           output: dict[str, Any] | None = None, error: str | None = None,
+           usage: tuple[int, int, int, str | None] = (0, 0, 0, None)
            ) -> tuple[str, str, int, int, int] | None:
-    """End the run `attempt` of the step; None when it no longer holds it (the write is
-    refused). Returns the step's key, role and usage."""
-    row = session.execute(update(Step).where(
-        Step.id == step_id, Step.attempt == attempt, Step.status == StepStatus.RUNNING,
+    """End the run `attempt` of the step, adding `usage` (prompt tokens, completion tokens,
+    calls, last model) of calls settled with it; None when the run no longer holds the step
+    (the write is refused). Returns the step's key, role and usage."""
+    prompt, completion, calls, model = usage
+    extra: dict[str, Any] = {}
+    if calls:
+        extra = {"prompt_tokens": S.prompt_tokens + prompt,
+                 "completion_tokens": S.completion_tokens + completion,
+                 "model_calls": S.model_calls + calls}
+        if model:
+            extra["model"] = model
+    row = session.execute(update(steps_table).where(
+        S.id == step_id, S.attempt == attempt, S.status == StepStatus.RUNNING,
     ).values(status=status, output=output, error=error, finished_at=db_now(session),
-             lease_expires_at=None).returning(
-        Step.key, Step.role, Step.prompt_tokens, Step.completion_tokens, Step.model_calls)
-        .execution_options(**_NO_SYNC)).first()
+             lease_expires_at=None, **extra).returning(
+        S.key, S.role, S.prompt_tokens, S.completion_tokens, S.model_calls)
+        ).first()
     if row is None:
         return None
     return str(row[0]), str(row[1]), int(row[2]), int(row[3]), int(row[4])
@@ -102,11 +113,11 @@ def finish(session: Session, step_id: str, attempt: int, status: StepStatus, *,
 
 def add_usage(session: Session, step_id: str, prompt_tokens: int, completion_tokens: int,
               model: str | None) -> None:
-    session.execute(update(Step).where(Step.id == step_id).values(
-        prompt_tokens=Step.prompt_tokens + prompt_tokens,
-        completion_tokens=Step.completion_tokens + completion_tokens,
-        model_calls=Step.model_calls + 1,
-        **({"model": model} if model else {})).execution_options(**_NO_SYNC))
+    session.execute(update(steps_table).where(S.id == step_id).values(
+        prompt_tokens=S.prompt_tokens + prompt_tokens,
+        completion_tokens=S.completion_tokens + completion_tokens,
+        model_calls=S.model_calls + 1,
+        **({"model": model} if model else {})))
 
 
 def renew_leases(session: Session, runs: Sequence[tuple[str, int]], until: Any) -> set[str]:
@@ -114,9 +125,9 @@ def renew_leases(session: Session, runs: Sequence[tuple[str, int]], until: Any) 
     passed on)."""
     if not runs:
         return set()
-    return set(session.scalars(update(Step).where(
-        tuple_(Step.id, Step.attempt).in_(list(runs)), Step.status == StepStatus.RUNNING,
-    ).values(lease_expires_at=until).returning(Step.id).execution_options(**_NO_SYNC)))
+    return set(session.scalars(update(steps_table).where(
+        tuple_(S.id, S.attempt).in_(list(runs)), S.status == StepStatus.RUNNING,
+    ).values(lease_expires_at=until).returning(S.id)))
 
 
 def add(session: Session, job_id: str, rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -138,58 +149,58 @@ def add(session: Session, job_id: str, rows: Sequence[dict[str, Any]]) -> list[s
 
 
 def completed_keys(session: Session, job_id: str) -> set[str]:
-    return set(session.scalars(select(Step.key).where(Step.job_id == job_id,
-                                                      Step.status == StepStatus.COMPLETED)))
+    return set(session.scalars(select(S.key).where(S.job_id == job_id,
+                                                      S.status == StepStatus.COMPLETED)))
 
 
 def fan_in(session: Session, job_id: str, done_key: str) -> list[str]:
     """Count the completion of `done_key` in the steps that wait for it; queue those that
     wait for nothing more. Returns the ids of the steps it queued."""
     waiting = [sid for sid, deps in session.execute(
-        select(Step.id, Step.depends_on).where(Step.job_id == job_id,
-                                               Step.status == StepStatus.PENDING))
+        select(S.id, S.depends_on).where(S.job_id == job_id,
+                                               S.status == StepStatus.PENDING))
         if done_key in (deps or [])]
     if not waiting:
         return []
-    left = session.execute(update(Step).where(Step.id.in_(waiting)).values(
-        deps_remaining=Step.deps_remaining - 1).returning(Step.id, Step.deps_remaining)
-        .execution_options(**_NO_SYNC)).all()
+    left = session.execute(update(steps_table).where(one_of(session, S.id, waiting)).values(
+        deps_remaining=S.deps_remaining - 1).returning(S.id, S.deps_remaining)
+        ).all()
     ready = [sid for sid, n in left if n <= 0]
     if not ready:
         return []
-    return list(session.scalars(update(Step).where(
-        Step.id.in_(ready), Step.status == StepStatus.PENDING,
-    ).values(status=StepStatus.QUEUED, enqueued_at=utcnow()).returning(Step.id)
-        .execution_options(**_NO_SYNC)))
+    return list(session.scalars(update(steps_table).where(
+        one_of(session, S.id, ready), S.status == StepStatus.PENDING,
+    ).values(status=StepStatus.QUEUED, enqueued_at=utcnow()).returning(S.id)
+        ))
 
 
 def outputs(session: Session, job_id: str, keys: Sequence[str] | None = None
             ) -> dict[str, tuple[str, dict[str, Any] | None]]:
     """Completed steps' outputs (`{key: (role, output)}`) in step order; only `keys` if given."""
-    q = select(Step.key, Step.role, Step.output).where(Step.job_id == job_id,
-                                                       Step.status == StepStatus.COMPLETED)
+    q = select(S.key, S.role, S.output).where(S.job_id == job_id,
+                                                       S.status == StepStatus.COMPLETED)
     if keys is not None:
         if not keys:
             return {}
-        q = q.where(Step.key.in_(list(keys)))
-    return {k: (r, o) for k, r, o in session.execute(q.order_by(Step.created_at, Step.key))}
+        q = q.where(one_of(session, S.key, keys))
+    return {k: (r, o) for k, r, o in session.execute(q.order_by(S.created_at, S.key))}
 
 
 def count(session: Session, job_id: str, statuses: Sequence[StepStatus]) -> int:
     return int(session.scalar(select(func.count()).select_from(Step).where(
-        Step.job_id == job_id, Step.status.in_(list(statuses)))) or 0)
+        S.job_id == job_id, S.status.in_(list(statuses)))) or 0)
 
 
 def cancel_unstarted(session: Session, job_id: str) -> None:
-    session.execute(update(Step).where(
-        Step.job_id == job_id, Step.status.in_((StepStatus.PENDING, StepStatus.QUEUED)),
-    ).values(status=StepStatus.CANCELLED, finished_at=utcnow()).execution_options(**_NO_SYNC))
+    session.execute(update(steps_table).where(
+        S.job_id == job_id, S.status.in_((StepStatus.PENDING, StepStatus.QUEUED)),
+    ).values(status=StepStatus.CANCELLED, finished_at=utcnow()))
 
 
 def mark_cancelled(session: Session, step_id: str, attempt: int) -> None:
-    session.execute(update(Step).where(Step.id == step_id, Step.attempt == attempt).values(
+    session.execute(update(steps_table).where(S.id == step_id, S.attempt == attempt).values(
         status=StepStatus.CANCELLED, finished_at=utcnow(), lease_expires_at=None)
-        .execution_options(**_NO_SYNC))
+        )
 
 
 def requeue_expired(session: Session, limit: int) -> list[str]:
@@ -228,19 +239,19 @@ def list_for_job(session: Session, job_id: str) -> list[Step]:
 
 def running_under_lease(session: Session, step_id: str, attempt: int | None = None) -> bool:
     """Whether run `attempt` (any run, if None) holds the step under a live lease."""
-    q = select(Step.id).where(Step.id == step_id, Step.status == StepStatus.RUNNING,
-                              Step.lease_expires_at > db_now(session))
+    q = select(S.id).where(S.id == step_id, S.status == StepStatus.RUNNING,
+                              S.lease_expires_at > db_now(session))
     if attempt is not None:
-        q = q.where(Step.attempt == attempt)
+        q = q.where(S.attempt == attempt)
     return session.scalar(q) is not None
 
 
 def requeue_run(session: Session, step_id: str, attempt: int) -> bool:
     """Hand the step back to the queue from run `attempt` (which still holds it)."""
-    res = session.execute(update(Step).where(
-        Step.id == step_id, Step.attempt == attempt, Step.status == StepStatus.RUNNING,
+    res = session.execute(update(steps_table).where(
+        S.id == step_id, S.attempt == attempt, S.status == StepStatus.RUNNING,
     ).values(status=StepStatus.QUEUED, lease_expires_at=None, enqueued_at=utcnow())
-        .execution_options(**_NO_SYNC))
+        )
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import secrets
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,9 +18,12 @@ from core.ids import new_id
 from core.models import (
     DeliveryStatus,
     Job,
+    Tenant,
     WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,
+    jobs_table,
+    tenants_table,
     utcnow,
 )
 from core.repositories import outbox
@@ -26,7 +31,32 @@ from core.repositories import outbox
 DELIVER_TASK = "webhooks.deliver"
 TERMINAL_EVENTS = frozenset({"job.completed", "job.failed", "job.cancelled",
                              "job.budget_exhausted"})
-_ENDPOINTS = "agentq.webhooks.endpoints"
+
+@dataclass(frozen=True)
+class Hooks:
+    """Who hears a job's events: its tenant (and the version of the tenant's endpoints, read
+    from the job row in the update that takes the events' cursors) and its own webhook."""
+
+    tenant_id: str
+    webhook: dict[str, Any] | None
+    version: int
+
+
+# Read with a job row: (tenant id, job webhook, tenant's endpoints version).
+HOOK_COLUMNS = (jobs_table.c.tenant_id, jobs_table.c.webhook,
+                select(tenants_table.c.webhooks_version)
+                .where(tenants_table.c.id == jobs_table.c.tenant_id).scalar_subquery())
+
+
+def hooks_of(row: Sequence[Any]) -> Hooks:
+    """`Hooks` from the three `HOOK_COLUMNS` values at the end of a returned row."""
+    tenant_id, webhook, version = row[-3:]
+    return Hooks(str(tenant_id), webhook, int(version or 0))
+
+
+Endpoint = tuple[str, str, list[str] | None]
+_endpoints: dict[str, tuple[int, list[Endpoint]]] = {}
+_endpoints_lock = threading.Lock()
 
 
 def new_secret() -> str:
@@ -37,29 +67,38 @@ def _wants(events: list[str] | None, type_: str) -> bool:
     return type_ in (events or TERMINAL_EVENTS)
 
 
-def _tenant_endpoints(session: Session, tenant_id: str
-                      ) -> list[tuple[str, str, list[str] | None]]:
-    """The tenant's enabled endpoints, read once per transaction."""
-    txn = session.get_transaction()
-    cached = session.info.get(_ENDPOINTS)
-    if cached is None or cached[0] is not txn:
-        cached = (txn, {})
-        session.info[_ENDPOINTS] = cached
-    by_tenant: dict[str, list[tuple[str, str, list[str] | None]]] = cached[1]
-    if tenant_id not in by_tenant:
-        by_tenant[tenant_id] = [tuple(r) for r in session.execute(  # type: ignore[misc]
-            select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.events).where(
-                WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.disabled_at.is_(None)))]
-    return by_tenant[tenant_id]
+def _tenant_endpoints(session: Session, tenant_id: str, version: int) -> list[Endpoint]:
+    """The tenant's enabled endpoints, kept in memory while their version stands."""
+    with _endpoints_lock:
+        cached = _endpoints.get(tenant_id)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    found: list[Endpoint] = [(r[0], r[1], r[2]) for r in session.execute(
+        select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.events).where(
+            WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.disabled_at.is_(None)))]
+    with _endpoints_lock:
+        _endpoints[tenant_id] = (version, found)
+        while len(_endpoints) > 10_000:
+            _endpoints.pop(next(iter(_endpoints)))
+    return found
 
 
-def fan_out(session: Session, *, job_id: str, tenant_id: str, job_webhook: dict[str, Any] | None,
-            seq: int, type_: str, data: dict[str, Any]) -> None:
+def changed(session: Session, tenant_id: str) -> None:
+    """The tenant's endpoints changed: every process reads them again (the version moves in
+    the same transaction as the change)."""
+    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(
+        webhooks_version=Tenant.webhooks_version + 1).execution_options(
+        synchronize_session=False))
+
+
+def fan_out(session: Session, *, job_id: str, hooks: Hooks, seq: int, type_: str,
+            data: dict[str, Any]) -> None:
     """Write the deliveries an event causes (in the event's own transaction)."""
     targets: list[tuple[str | None, str]] = []
+    job_webhook, tenant_id = hooks.webhook, hooks.tenant_id
     if job_webhook and _wants(job_webhook.get("events"), type_):
         targets.append((None, str(job_webhook["url"])))
-    for ep_id, url, events in _tenant_endpoints(session, tenant_id):
+    for ep_id, url, events in _tenant_endpoints(session, tenant_id, hooks.version):
         if _wants(events, type_):
             targets.append((ep_id, url))
     if not targets:
@@ -134,9 +173,11 @@ def add_attempt(session: Session, attempt: WebhookAttempt) -> None:
 
 
 def disable_endpoint(session: Session, endpoint_id: str, now: datetime, reason: str) -> None:
-    session.execute(update(WebhookEndpoint).where(
+    tenant_id = session.scalar(update(WebhookEndpoint).where(
         WebhookEndpoint.id == endpoint_id, WebhookEndpoint.disabled_at.is_(None),
-    ).values(disabled_at=now, disabled_reason=reason))
+    ).values(disabled_at=now, disabled_reason=reason).returning(WebhookEndpoint.tenant_id))
+    if tenant_id is not None:
+        changed(session, tenant_id)
 
 
 def queue_due(session: Session, now: datetime, stuck_delivering_s: float, stuck_queued_s: float,
@@ -195,6 +236,7 @@ def create_endpoint(session: Session, tenant_id: str, url: str, events: list[str
                          description=description, secret=new_secret())
     session.add(ep)
     session.flush()
+    changed(session, tenant_id)
     return ep
 
 
@@ -218,8 +260,11 @@ def rotate_secret(session: Session, tenant_id: str, endpoint_id: str,
     ep.previous_secret_expires_at = utcnow() + grace
     ep.secret = new_secret()
     session.flush()
+    changed(session, tenant_id)
     return ep
 
 
 def delete_endpoint(session: Session, tenant_id: str, endpoint_id: str) -> None:
     session.delete(get_endpoint(session, tenant_id, endpoint_id))
+    session.flush()
+    changed(session, tenant_id)

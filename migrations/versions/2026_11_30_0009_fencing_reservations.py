@@ -41,6 +41,10 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_reservations_expires_at"), ["expires_at"],
                               unique=False)
 
+    with op.batch_alter_table("tenants", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("webhooks_version", sa.BigInteger(), nullable=False,
+                                      server_default="0"))
+
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
         batch_op.add_column(sa.Column("attempt", sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column("call_index", sa.Integer(), nullable=True))
@@ -85,6 +89,8 @@ def downgrade() -> None:
         "UPDATE steps SET reserved_tokens = COALESCE((SELECT SUM(r.tokens) FROM reservations r "
         "WHERE r.step_id = steps.id), 0), reserved_cost_usd = COALESCE((SELECT "
         "SUM(r.cost_usd) FROM reservations r WHERE r.step_id = steps.id), 0)"))
+    with op.batch_alter_table("tenants", schema=None) as batch_op:
+        batch_op.drop_column("webhooks_version")
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
         batch_op.drop_column("settled_late")
         batch_op.drop_column("call_index")
