@@ -87,8 +87,11 @@ def create_job(
         raise InvalidInput(problems) from exc
     kind.check(session, tenant_id, job_input)
     settings = get_settings()
-    # One submission at a time per tenant past this point: the in-flight count is exact.
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    # One submission at a time per tenant past this point: the in-flight count is exact. The
+    # lock is FOR NO KEY UPDATE, which does not conflict with the key-share locks that inserts
+    # referencing the tenant take (workers writing its jobs' rows never wait for submissions).
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id)
+                    .with_for_update(key_share=True))
     in_flight = session.scalar(select(func.count()).select_from(Job).where(
         Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))) or 0
     if in_flight >= settings.max_jobs_in_flight:

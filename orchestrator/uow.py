@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from sqlalchemy.orm import Session
 
-from core.db import session_factory
+from core.db import commit, session_factory
 from orchestrator.events import notify, take_touched
 from orchestrator.outbox import discard_pending, publish, take_pending
 
@@ -18,7 +18,7 @@ def unit_of_work() -> Iterator[Session]:
     session = session_factory()()
     try:
         yield session
-        session.commit()
+        commit(session)
     except BaseException:
         session.rollback()
         discard_pending(session)
