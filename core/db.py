@@ -62,16 +62,20 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
-CONNECT_ATTEMPTS = 4
+# About 3.5 seconds of tries in all (0.1 s, doubling, up to 2 s apart).
+CONNECT_ATTEMPTS = 6
+_CONNECT_GAVE_UP = "agentq_connect_gave_up"
 
 
 def _retry_connect(engine: Engine) -> None:
     """A refused connection (the server restarting, or at max_connections) is tried again a
-    few times, so that a short spike costs a brief wait instead of a failed unit of work."""
+    few times, so that a short spike costs a brief wait instead of a failed unit of work. A
+    refusal that outlasts the tries is marked, and `retry_transient` does not wait for it
+    again."""
     def _log(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning("database connection refused (attempt %d): %s", state.attempt_number,
-                    str(exc).strip().splitlines()[-1] if exc else "")
+                    str(exc).strip().splitlines()[0] if exc else "")
 
     @event.listens_for(engine, "do_connect")
     def _connect(dialect: Dialect, _record: Any, cargs: tuple[Any, ...],
@@ -79,9 +83,13 @@ def _retry_connect(engine: Engine) -> None:
         refused = dialect.loaded_dbapi.OperationalError
         retrying = Retrying(retry=retry_if_exception(lambda e: isinstance(e, refused)),
                             stop=stop_after_attempt(CONNECT_ATTEMPTS),
-                            wait=wait_exponential_jitter(multiplier=0.1, max=1.0, jitter=0.1),
+                            wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1),
                             before_sleep=_log, reraise=True)
-        return retrying(dialect.connect, *cargs, **cparams)
+        try:
+            return retrying(dialect.connect, *cargs, **cparams)
+        except refused as exc:
+            setattr(exc, _CONNECT_GAVE_UP, True)
+            raise
 
 
 def make_engine(url: str) -> Engine:
@@ -171,10 +179,12 @@ def _rolled_back(exc: DBAPIError) -> bool:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether the failed transaction may simply be run again: a connection refused or lost,
-    too many clients, a deadlock, a serialization failure, a lock wait that timed out; never
-    a COMMIT whose outcome is unknown, nor a pool that had no free connection in time."""
-    if not isinstance(exc, DBAPIError) or getattr(exc, _OUTCOME_UNKNOWN, False):
+    """Whether the failed transaction may simply be run again: a connection lost, a deadlock,
+    a serialization failure, a lock wait that timed out; never a COMMIT whose outcome is
+    unknown, a pool that had no free connection in time, nor a refused connection that was
+    already tried again for seconds when it was opened."""
+    if not isinstance(exc, DBAPIError) or getattr(exc, _OUTCOME_UNKNOWN, False) \
+            or getattr(exc.orig, _CONNECT_GAVE_UP, False):
         return False
     return exc.connection_invalidated or isinstance(exc, OperationalError)
 

@@ -1,22 +1,43 @@
-"""A burst of submissions against real processes on Postgres: one API under uvicorn and two
-Celery workers. Every submission is accepted (none waits past its pool into an error), every job
-completes, and the processes together stay inside their configured connection pools."""
+"""Bursts and database connections on Postgres.
+
+A burst of submissions against real processes (one API under uvicorn, two Celery workers): every
+submission is accepted, every job completes, and the processes together stay inside their
+configured connection pools. An API whose pool has one connection still serves every request.
+Transient database errors are retried where the work is safe to repeat, and only there."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Session
 
 from bench.common import start_api
+from core.db import (
+    CONNECT_ATTEMPTS,
+    commit,
+    is_transient,
+    make_engine,
+    retry_transient,
+    session_scope,
+)
+from core.keys import create_key
 from core.settings import Settings
 from tests.helpers import Proc, auth, start_worker, wait_until
 
@@ -108,6 +129,13 @@ def _statuses(conninfo: str, ids: list[str]) -> Counter[str]:
     return Counter({str(status): int(n) for status, n in rows})
 
 
+def _failures(conninfo: str, ids: list[str]) -> list[tuple[Any, ...]]:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        return conn.execute("SELECT status, error_code, error_message FROM jobs "
+                            "WHERE id = ANY(%s) AND status <> 'completed' LIMIT 5",
+                            (ids,)).fetchall()
+
+
 def test_a_burst_of_200_submissions_is_accepted_and_completed(
         agentq_env: dict[str, str], tenant_key: str, standin: Any, tmp_path: Path) -> None:
     settings = Settings()
@@ -149,7 +177,8 @@ def test_a_burst_of_200_submissions_is_accepted_and_completed(
             final = wait_until(all_ended, 75, interval=0.25, what="every job to end")
             finished_s = time.monotonic() - began
         assert sampler.error is None, repr(sampler.error)
-        assert final == {"completed": BURST}, f"jobs by status: {dict(final)}"
+        assert final == {"completed": BURST}, \
+            f"jobs by status: {dict(final)}; {_failures(conninfo, ids)}"
         assert "Traceback" not in api.output(), api.output()[-3000:]
         slowest = max(seconds for _, _, seconds in answers)
         print(f"\nburst of {BURST}: answers {dict(codes)}; slowest answer {slowest:.2f} s; "
@@ -163,3 +192,165 @@ def test_a_burst_of_200_submissions_is_accepted_and_completed(
     finally:
         for proc in procs:
             proc.stop()
+
+
+def _read_until(lines: Iterator[str], event_type: str) -> None:
+    for line in lines:
+        if line == f"event: {event_type}":
+            return
+    raise AssertionError(f"the stream ended before {event_type}")
+
+
+def test_every_request_needs_only_one_connection(
+        agentq_env: dict[str, str], tenant_key: str, tmp_path: Path) -> None:
+    """An API process whose pool holds a single connection (and waits only briefly for it)
+    serves every kind of request, many at once, and goes on answering while an event stream
+    is open: no request holds a connection while it waits for another, and a stream holds
+    none between its reads."""
+    with session_scope() as s:
+        admin_key, _ = create_key(s, f"ops-{secrets.token_hex(3)}", admin=True)
+    env = {**agentq_env, "AGENTQ_DB_POOL_SIZE": "1", "AGENTQ_DB_MAX_OVERFLOW": "0",
+           "AGENTQ_DB_POOL_TIMEOUT_S": "5"}
+    base, api = start_api(env, tmp_path / "api.log")
+    try:
+        with httpx.Client(base_url=base, headers=auth(tenant_key), timeout=30) as http:
+            keyed = {"Idempotency-Key": f"burst-{secrets.token_hex(4)}"}
+            first = http.post("/v1/jobs", json=BODY, headers=keyed)
+            assert first.status_code == 202, first.text
+            again = http.post("/v1/jobs", json=BODY, headers=keyed)
+            assert again.status_code == 202, again.text
+            assert again.headers["idempotent-replayed"] == "true"
+            job_id = first.json()["id"]
+            with http.stream("GET", f"/v1/jobs/{job_id}/events/stream") as stream:
+                assert stream.status_code == 200
+                lines = stream.iter_lines()
+                _read_until(lines, "job.created")
+                for path in (f"/v1/jobs/{job_id}", "/v1/jobs", f"/v1/jobs/{job_id}/steps",
+                             f"/v1/jobs/{job_id}/events", f"/v1/jobs/{job_id}/webhook-deliveries",
+                             "/v1/usage", "/v1/webhook-endpoints", "/readyz"):
+                    r = http.get(path)
+                    assert r.status_code == 200, (path, r.status_code, r.text)
+                r = http.get("/v1/admin/tenants", headers=auth(admin_key))
+                assert r.status_code == 200, r.text
+
+                async def many() -> Counter[int]:
+                    async with httpx.AsyncClient(base_url=base, headers=auth(tenant_key),
+                                                 timeout=60) as h:
+                        answers = await asyncio.gather(*(h.post("/v1/jobs", json=BODY)
+                                                         for _ in range(20)))
+                    return Counter(a.status_code for a in answers)
+
+                assert asyncio.run(many()) == {202: 20}
+                cancelled = http.post(f"/v1/jobs/{job_id}/cancel")
+                assert cancelled.status_code == 202, cancelled.text
+                _read_until(lines, "job.cancelled")
+    finally:
+        api.stop()
+    assert "Traceback" not in api.output(), api.output()[-3000:]
+
+
+def _deadlock() -> OperationalError:
+    return OperationalError("INSERT INTO jobs ...", {}, psycopg.errors.DeadlockDetected(
+        "deadlock detected"))
+
+
+def test_a_submission_rolled_back_by_a_transient_error_is_run_again(
+        client: TestClient, tenant_key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import jobs as job_service
+
+    real = job_service.create_job
+    attempts: list[int] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise _deadlock()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job_service, "create_job", flaky)
+    keyed = {**auth(tenant_key), "Idempotency-Key": f"retry-{secrets.token_hex(4)}"}
+    r = client.post("/v1/jobs", json=BODY, headers=keyed)
+    assert r.status_code == 202, r.text
+    assert len(attempts) == 2
+    listed = client.get("/v1/jobs", headers=auth(tenant_key)).json()["data"]
+    assert [j["id"] for j in listed] == [r.json()["id"]]
+    replay = client.post("/v1/jobs", json=BODY, headers=keyed)
+    assert replay.json()["id"] == r.json()["id"]
+
+
+class _FailingCommit:
+    """A stand-in session whose COMMIT fails with `error`."""
+
+    def __init__(self, error: OperationalError) -> None:
+        self.error = error
+
+    def flush(self) -> None:
+        pass
+
+    def commit(self) -> None:
+        raise self.error
+
+
+def test_a_commit_of_unknown_outcome_is_never_run_again() -> None:
+    lost = OperationalError("COMMIT", {}, psycopg.OperationalError("server closed the "
+                                                                   "connection unexpectedly"))
+    with pytest.raises(OperationalError) as raised:
+        commit(cast(Session, _FailingCommit(lost)))
+    assert not is_transient(raised.value)
+    with pytest.raises(OperationalError) as raised:
+        commit(cast(Session, _FailingCommit(_deadlock())))
+    assert is_transient(raised.value)
+    runs: list[int] = []
+
+    def lost_commit() -> None:
+        runs.append(1)
+        commit(cast(Session, _FailingCommit(OperationalError(
+            "COMMIT", {}, psycopg.OperationalError("connection reset")))))
+
+    with pytest.raises(OperationalError):
+        retry_transient(lost_commit)
+    assert len(runs) == 1
+    assert not is_transient(PoolTimeout("QueuePool limit reached"))
+
+
+def test_a_refused_connection_is_tried_again(database_url: str,
+                                             agentq_env: dict[str, str]) -> None:
+    """A role allowed one connection, already taken: the server refuses the next ("too many
+    connections"). The engine tries again for a few seconds, then gives up with an error that
+    is not tried again; and it gets in when the first connection closes while it tries."""
+    role = f"agentq_probe_{secrets.token_hex(4)}"
+    admin = _conninfo(database_url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 1')
+    url = make_url(database_url).set(username=role).render_as_string(hide_password=False)
+    held = psycopg.connect(_conninfo(url))
+    refusals: list[str] = []
+    release = threading.Event()
+
+    class Refusals(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            refusals.append(record.getMessage())
+            if release.is_set():
+                held.close()
+
+    handler = Refusals(level=logging.WARNING)
+    logging.getLogger("core.db").addHandler(handler)
+    engine = make_engine(url)
+    try:
+        with pytest.raises(OperationalError) as refused, engine.connect():
+            pass
+        assert len(refusals) == CONNECT_ATTEMPTS - 1
+        assert "too many connections" in refusals[0]
+        assert not is_transient(refused.value)
+        release.set()
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT 1")).scalar_one() == 1
+        assert len(refusals) == CONNECT_ATTEMPTS
+    finally:
+        logging.getLogger("core.db").removeHandler(handler)
+        engine.dispose()
+        held.close()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE usename = %s", (role,))
+            conn.execute(f'DROP ROLE "{role}"')
