@@ -104,10 +104,7 @@ async def _burst(base: str, key: str) -> list[tuple[int, str | None, float]]:
     limits = httpx.Limits(max_connections=BURST, max_keepalive_connections=BURST)
     async with httpx.AsyncClient(base_url=base, headers=auth(key), limits=limits,
                                  timeout=httpx.Timeout(60)) as http:
-        start = asyncio.Event()
-
         async def one() -> tuple[int, str | None, float]:
-            await start.wait()
             began = time.monotonic()
             try:
                 r = await http.post("/v1/jobs", json=BODY)
@@ -116,24 +113,19 @@ async def _burst(base: str, key: str) -> list[tuple[int, str | None, float]]:
             job_id = r.json().get("id") if r.status_code == 202 else None
             return r.status_code, job_id, time.monotonic() - began
 
-        tasks = [asyncio.create_task(one()) for _ in range(BURST)]
-        await asyncio.sleep(0)
-        start.set()
-        return list(await asyncio.gather(*tasks))
+        return list(await asyncio.gather(*(one() for _ in range(BURST))))
 
 
-def _statuses(conninfo: str, ids: list[str]) -> Counter[str]:
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        rows = conn.execute("SELECT status, count(*) FROM jobs WHERE id = ANY(%s) "
-                            "GROUP BY status", (ids,)).fetchall()
+def _statuses(conn: psycopg.Connection[Any], ids: list[str]) -> Counter[str]:
+    rows = conn.execute("SELECT status, count(*) FROM jobs WHERE id = ANY(%s) "
+                        "GROUP BY status", (ids,)).fetchall()
     return Counter({str(status): int(n) for status, n in rows})
 
 
-def _failures(conninfo: str, ids: list[str]) -> list[tuple[Any, ...]]:
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        return conn.execute("SELECT status, error_code, error_message FROM jobs "
-                            "WHERE id = ANY(%s) AND status <> 'completed' LIMIT 5",
-                            (ids,)).fetchall()
+def _failures(conn: psycopg.Connection[Any], ids: list[str]) -> list[tuple[Any, ...]]:
+    return conn.execute("SELECT status, error_code, error_message FROM jobs "
+                        "WHERE id = ANY(%s) AND status <> 'completed' LIMIT 5",
+                        (ids,)).fetchall()
 
 
 def test_a_burst_of_200_submissions_is_accepted_and_completed(
@@ -158,7 +150,8 @@ def test_a_burst_of_200_submissions_is_accepted_and_completed(
         for future in started:
             future.result()
         base, api = api_started.result()
-        with ConnectionSampler(conninfo, (API_NAME, *WORKER_NAMES)) as sampler:
+        with psycopg.connect(conninfo, autocommit=True) as monitor, \
+                ConnectionSampler(conninfo, (API_NAME, *WORKER_NAMES)) as sampler:
             began = time.monotonic()
             answers = asyncio.run(_burst(base, tenant_key))
             submitted_s = time.monotonic() - began
@@ -169,16 +162,16 @@ def test_a_burst_of_200_submissions_is_accepted_and_completed(
             assert len(set(ids)) == BURST
 
             def all_ended() -> Counter[str] | None:
-                counts = _statuses(conninfo, ids)
+                counts = _statuses(monitor, ids)
                 ended = sum(n for s, n in counts.items()
                             if s in ("completed", "failed", "cancelled", "budget_exhausted"))
                 return counts if ended == BURST else None
 
             final = wait_until(all_ended, 75, interval=0.25, what="every job to end")
             finished_s = time.monotonic() - began
+            failures = _failures(monitor, ids)
         assert sampler.error is None, repr(sampler.error)
-        assert final == {"completed": BURST}, \
-            f"jobs by status: {dict(final)}; {_failures(conninfo, ids)}"
+        assert final == {"completed": BURST}, f"jobs by status: {dict(final)}; {failures}"
         assert "Traceback" not in api.output(), api.output()[-3000:]
         slowest = max(seconds for _, _, seconds in answers)
         print(f"\nburst of {BURST}: answers {dict(codes)}; slowest answer {slowest:.2f} s; "
