@@ -194,12 +194,13 @@ def _read_until(lines: Iterator[str], event_type: str) -> None:
     raise AssertionError(f"the stream ended before {event_type}")
 
 
+@pytest.mark.usefixtures("quiet_workers")
 def test_every_request_needs_only_one_connection(
         agentq_env: dict[str, str], tenant_key: str, tmp_path: Path) -> None:
     """An API process whose pool holds a single connection (and waits only briefly for it)
     serves every kind of request, many at once, and goes on answering while an event stream
     is open: no request holds a connection while it waits for another, and a stream holds
-    none between its reads."""
+    none between its reads. (No worker runs the jobs: the one streamed ends when cancelled.)"""
     with session_scope() as s:
         admin_key, _ = create_key(s, f"ops-{secrets.token_hex(3)}", admin=True)
     env = {**agentq_env, "AGENTQ_DB_POOL_SIZE": "1", "AGENTQ_DB_MAX_OVERFLOW": "0",
