@@ -1,4 +1,9 @@
-"""Typed FastAPI dependencies: database sessions and the authenticated principal."""
+"""Typed FastAPI dependencies: database sessions and the authenticated principal.
+
+A request holds at most one database connection at a time: the principal is looked up in a
+short transaction of its own that ends before the endpoint runs, and the endpoint's read session
+(`DbSession`) is closed as soon as the endpoint returns, before the response is sent (an event
+stream does not keep it while it streams)."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.limits import rate_limiter
-from core.db import transaction
+from core.db import retry_transient, transaction
 from core.errors import Forbidden, Unauthorized
 from core.keys import Principal, authenticate
 
@@ -23,16 +28,25 @@ def _read_session() -> Iterator[Session]:
         yield session
 
 
-DbSession = Annotated[Session, Depends(_read_session)]
+DbSession = Annotated[Session, Depends(_read_session, scope="function")]
+
+
+def lookup_key(raw: str) -> Principal | None:
+    """The principal of an API key, in a short read transaction of its own (retried after a
+    transient database error)."""
+    def lookup() -> Principal | None:
+        with transaction(read_only=True) as session:
+            return authenticate(session, raw)
+
+    return retry_transient(lookup)
 
 
 def _principal(
-    session: DbSession,
     creds: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> Principal:
     if creds is None or not creds.credentials:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    principal = authenticate(session, creds.credentials)
+    principal = lookup_key(creds.credentials)
     if principal is None:
         raise Unauthorized("unknown or revoked API key")
     rate_limiter.check(principal.tenant_id)

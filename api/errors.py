@@ -10,7 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
@@ -42,6 +43,14 @@ def _allowed_methods(request: Request) -> list[str]:
             if match in (Match.FULL, Match.PARTIAL) and route.methods:
                 methods |= set(route.methods)
     return sorted(methods)
+
+
+RETRY_AFTER_S = 2
+
+
+def _unavailable(message: str) -> JSONResponse:
+    return JSONResponse(error_body("unavailable", message), status_code=503,
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def install(app: FastAPI) -> None:
@@ -84,12 +93,23 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def _database_busy(_: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
-        return JSONResponse(error_body("unavailable", "the database is busy or unreachable; "
-                                       "retry shortly"), status_code=503,
-                            headers={"Retry-After": "2"})
+        return _unavailable("the database is busy or unreachable; retry shortly")
+
+    @app.exception_handler(PoolTimeout)
+    async def _no_connection(_: Request, exc: PoolTimeout) -> JSONResponse:
+        log.warning("no database connection free in time: %s", exc)
+        return _unavailable("the service is overloaded: no database connection was free in "
+                            "time; retry shortly")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return JSONResponse(error_body("internal_error", "an internal error occurred"),
                             status_code=500)
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated:
+            log.warning("database connection lost: %s", exc)
+            return _unavailable("the database connection was lost; retry shortly")
+        return await _unexpected(request, exc)

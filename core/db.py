@@ -1,8 +1,12 @@
-"""Database engine and sessions.
+"""Database engine, sessions and the one transaction primitive.
 
 The same code runs on Postgres and on SQLite. SQLite gets WAL mode, a busy timeout and
 `BEGIN IMMEDIATE` transactions, so that concurrent writers queue for the lock instead of failing
 when a read transaction tries to become a write transaction.
+
+On Postgres each process keeps a bounded pool (`AGENTQ_DB_POOL_SIZE` + `AGENTQ_DB_MAX_OVERFLOW`
+connections, waiting at most `AGENTQ_DB_POOL_TIMEOUT_S` for a free one); see `core.db_errors`
+for what is retried.
 """
 
 from __future__ import annotations
@@ -15,12 +19,19 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, any_, bindparam, create_engine, event, exc, func, literal_column
+from sqlalchemy import Engine, any_, bindparam, create_engine, event, func, literal_column
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
+from core.db_errors import (  # noqa: F401 - re-exported: what callers retry with
+    TRANSIENT_DB_ERRORS,
+    commit,
+    db_retrying,
+    is_transient,
+    retry_connect,
+    retry_transient,
+)
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -62,7 +73,26 @@ def make_engine(url: str) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_size=10, max_overflow=70, pool_pre_ping=True, pool_timeout=60)
+    settings = get_settings()
+    connect_args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql":
+        connect_args["application_name"] = settings.db_application_name
+    engine = create_engine(url, pool_size=settings.db_pool_size,
+                           max_overflow=settings.db_max_overflow,
+                           pool_timeout=settings.db_pool_timeout_s, pool_pre_ping=True,
+                           connect_args=connect_args)
+    retry_connect(engine)
+    return engine
+
+
+def pool_capacity(url: str | None = None) -> int | None:
+    """The most connections this process opens to the database at once; None for SQLite
+    (its pool is sized for lock waits, not for a server's connection limit)."""
+    url = url or get_settings().database_url
+    if make_url(url).get_backend_name() == "sqlite":
+        return None
+    settings = get_settings()
+    return settings.db_pool_size + settings.db_max_overflow
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -127,7 +157,7 @@ def transaction(*, read_only: bool = False) -> Iterator[Session]:
     session = (read_session_factory() if read_only else session_factory())()
     try:
         yield session
-        session.commit()
+        commit(session)
     except BaseException:
         session.rollback()
         undo: dict[str, Callable[[], None]] = session.info.pop(ON_ROLLBACK, {})
@@ -143,19 +173,6 @@ def transaction(*, read_only: bool = False) -> Iterator[Session]:
             action()
         except Exception:  # noqa: BLE001 - committed work is safe; sweepers cover the rest
             log.exception("an after-commit action failed")
-
-
-# Errors after which the same transaction may succeed if run again: a dropped or refused
-# connection, a pool that had none free, a deadlock or serialisation failure, SQLite's lock.
-TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
-    exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
-
-
-def db_retrying(max_s: float = 15.0) -> Retrying:
-    """Retries of a whole transaction on a transient database error, for at most `max_s`."""
-    return Retrying(retry=retry_if_exception_type(TRANSIENT_DB_ERRORS),
-                    stop=stop_after_delay(max_s),
-                    wait=wait_exponential_jitter(multiplier=0.05, max=5.0), reraise=True)
 
 
 def is_postgres(session: Session) -> bool:

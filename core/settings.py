@@ -27,6 +27,15 @@ class Settings(BaseSettings):
         default_factory=_default_database_url,
         description="SQLAlchemy URL: an SQLite file by default, or postgresql+psycopg://...",
     )
+    # Each process's pool of database connections (Postgres; SQLite sizes its own): this many
+    # kept open, this many more opened under load and closed when returned, and the longest a
+    # unit of work waits for a free one before failing (503 in the API). Every process of a
+    # deployment together must stay below Postgres's max_connections (see the README).
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    db_pool_timeout_s: float = Field(default=30.0, gt=0)
+    # Shown in Postgres's pg_stat_activity, to tell which processes hold connections.
+    db_application_name: str = Field(default="agentq", max_length=63)
     redis_url: str = "redis://127.0.0.1:6379/0"
     pool_endpoints: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["http://127.0.0.1:8100"],

@@ -16,7 +16,7 @@ from api.deps import CurrentPrincipal, DbSession
 from api.events.hub import hub
 from api.events.schemas import EventList, EventOut
 from api.responses import ERRORS
-from core.db import read_session_factory
+from core.db import read_session_factory, retry_transient
 from core.errors import InvalidInput
 from core.repositories import events as event_service
 from core.settings import get_settings
@@ -48,8 +48,12 @@ def list_events(
 
 
 def _load(job_id: str, after: int) -> list[EventOut]:
-    with read_session_factory()() as session:
-        return [_out(e) for e in event_service.list_events(session, job_id, after, PAGE_MAX)]
+    def load() -> list[EventOut]:
+        with read_session_factory()() as session:
+            return [_out(e) for e in event_service.list_events(session, job_id, after,
+                                                               PAGE_MAX)]
+
+    return retry_transient(load)
 
 
 async def _stream(job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.encoders import jsonable_encoder
@@ -21,7 +21,7 @@ from api.jobs.schemas import (
 )
 from api.jobs.serialize import job_out
 from api.responses import ERRORS
-from core.db import transaction
+from core.db import retry_transient, transaction
 from core.errors import InvalidInput
 from core.repositories.webhooks import new_secret
 from core.settings import get_settings
@@ -48,12 +48,25 @@ def submit_job(
     """Submit a job. Answers at once with the queued job; poll its `Location`."""
     key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None
     if key is not None:
-        stored = idempotency.begin(principal.tenant_id, key,
-                                   idempotency.fingerprint(body.model_dump(mode="json")))
+        request_hash = idempotency.fingerprint(body.model_dump(mode="json"))
+        stored = retry_transient(lambda: idempotency.begin(principal.tenant_id, key,
+                                                           request_hash))
         if stored is not None:
             return JSONResponse(stored.body, status_code=stored.status_code, headers={
                 "Location": f"/v1/jobs/{stored.body['id']}", "Idempotent-Replayed": "true"})
     budget = body.budget.model_dump(exclude_none=True)
+
+    def create(webhook: dict[str, Any] | None) -> dict[str, Any]:
+        with transaction() as session:
+            job = job_service.create_job(
+                session, tenant_id=principal.tenant_id, kind_name=body.kind,
+                raw_input=body.input, budget=budget, metadata=body.metadata,
+                idempotency_key=key, webhook=webhook)
+            out: dict[str, Any] = jsonable_encoder(job_out(job, show_secret=True))
+            if key is not None:
+                idempotency.complete(session, principal.tenant_id, key, 202, out, job.id)
+        return out
+
     try:
         webhook = None
         if body.webhook is not None:
@@ -61,17 +74,11 @@ def submit_job(
                       allow_private=get_settings().webhooks_allow_private_networks)
             webhook = {"url": body.webhook.url, "events": list(body.webhook.events),
                        "secret": new_secret()}
-        with transaction() as session:
-            job = job_service.create_job(
-                session, tenant_id=principal.tenant_id, kind_name=body.kind,
-                raw_input=body.input, budget=budget, metadata=body.metadata,
-                idempotency_key=key, webhook=webhook)
-            out = jsonable_encoder(job_out(job, show_secret=True))
-            if key is not None:
-                idempotency.complete(session, principal.tenant_id, key, 202, out, job.id)
+        # One transaction; run again whole if a transient error rolled it back.
+        out = retry_transient(lambda: create(webhook))
     except BaseException:
         if key is not None:
-            idempotency.abandon(principal.tenant_id, key)
+            retry_transient(lambda: idempotency.abandon(principal.tenant_id, key))
         raise
     return JSONResponse(out, status_code=202, headers={"Location": f"/v1/jobs/{out['id']}"})
 
@@ -121,8 +128,10 @@ def list_steps(job_id: str, session: DbSession, principal: CurrentPrincipal) -> 
 def cancel_job(job_id: str, principal: CurrentPrincipal, response: Response) -> JobOut:
     """Cancel a job. Steps that have not started never run; running steps stop at their next
     model call. The job ends `cancelled` (a job already finished is returned as it is)."""
-    with transaction() as session:
-        job = job_service.cancel_job(session, principal.tenant_id, job_id)
-        out = job_out(job)
+    def cancel() -> JobOut:
+        with transaction() as session:
+            return job_out(job_service.cancel_job(session, principal.tenant_id, job_id))
+
+    out = retry_transient(cancel)
     response.headers["Location"] = f"/v1/jobs/{out.id}"
     return out

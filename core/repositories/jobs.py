@@ -22,8 +22,11 @@ def get(session: Session, job_id: str, lock: bool = False) -> Job | None:
 
 
 def lock_tenant(session: Session, tenant_id: str) -> None:
-    """Serialise a tenant's submissions from here to commit (the in-flight count is exact)."""
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    """Serialise a tenant's submissions from here to commit (the in-flight count is exact).
+    The lock is FOR NO KEY UPDATE, which does not conflict with the key-share locks that inserts
+    referencing the tenant take (workers writing its jobs' rows never wait for submissions)."""
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id)
+                    .with_for_update(key_share=True))
 
 
 def count_active(session: Session, tenant_id: str) -> int:
