@@ -12,11 +12,15 @@ In one run:
      completed steps over the time from the first submission to the last job finishing. From
      the database's timestamps: the hand-off (a step's start minus the finish of the last
      dependency it waited for) and submission to first step start, over first attempts.
+     Then one `batch` job of 200 prompts: every step of one job runnable at once, each call
+     reserved and settled against the same job row (its steps/s and worker CPU per step).
   2. raw Celery: the same number of worker processes and slots, on the same Redis database,
      running `bench.celery_empty` (an INCR per task). First the latency of single messages sent
      one at a time, then as many empty tasks as the platform ran steps, all sent at once;
      tasks/s is from the first send to the last completion.
-Prints both rates, their ratio, the latencies and the machine's core count.
+Prints both rates, their ratio, the latencies and the machine's core count. With
+`AGENTQ_BENCH_PROFILE_DIR=DIR` (and py-spy installed), each platform worker is sampled by
+`py-spy record --gil` into DIR as collapsed stacks.
 """
 
 from __future__ import annotations

@@ -116,5 +116,11 @@ def db_retrying(max_s: float = 15.0) -> Retrying:
     """Retries of a whole transaction of finished work on any database error that may pass
     (refused or lost connections, no free connection, deadlocks, unknown commits: these
     writes are safe to repeat), for at most `max_s`."""
+    def _log(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("database error (attempt %d), running the transaction again: %s",
+                    state.attempt_number, str(error).strip().splitlines()[0] if error else "")
+
     return Retrying(retry=retry_if_exception(_worth_waiting), stop=stop_after_delay(max_s),
-                    wait=wait_exponential_jitter(multiplier=0.05, max=5.0), reraise=True)
+                    wait=wait_exponential_jitter(multiplier=0.05, max=5.0), before_sleep=_log,
+                    reraise=True)
