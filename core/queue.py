@@ -40,6 +40,15 @@ def celery_config(queue: str, concurrency: int) -> dict[str, Any]:
     }
 
 
+# Kombu's Redis transport keeps a list per priority step and reads them lowest first.
+PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's messages, one per priority step."""
+    return [queue if p == 0 else f"{queue}\x06\x16{p}" for p in PRIORITY_STEPS]
+
+
 def get_celery() -> Celery:
     global _app
     with _lock:

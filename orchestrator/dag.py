@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 RUN_STEP_TASK = "steps.run"
 
 
-def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list[StepSpec]
-              ) -> None:
-    """Insert steps; those whose dependencies are all complete are queued at once."""
+def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list[StepSpec],
+              priority: int = outbox.CONTINUE) -> None:
+    """Insert steps; those whose dependencies are all complete are queued at once (a new
+    job's first steps at `outbox.NEW_WORK`, after the steps of jobs already running)."""
     if not specs:
         return
     done = steps.completed_keys(session, job_id) if any(s.depends_on for s in specs) else set()
@@ -44,7 +45,7 @@ def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list
                      "max_tokens": per_role.get(spec.role.name, spec.max_tokens)})
     queued = steps.add(session, job_id, rows)
     jobs.add_steps_total(session, job_id, len(specs))
-    outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in queued])
+    outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in queued], priority)
 
 
 def finish(session: Session, job_id: str, status: JobStatus, *,

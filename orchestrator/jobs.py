@@ -17,7 +17,7 @@ from agents.registry import get_kind, kind_names
 from core.errors import InvalidInput, NotFound, TooManyRequests
 from core.ids import new_id
 from core.models import Job, JobStatus, Step, StepStatus, utcnow
-from core.repositories import corpora, events, jobs, steps
+from core.repositories import corpora, events, jobs, outbox, steps
 from core.settings import get_settings
 from orchestrator import dag
 
@@ -90,7 +90,8 @@ def create_job(
     )
     jobs.add(session, job)
     events.append(session, job.id, "job.created", {"kind": kind_name})
-    dag.add_steps(session, job.id, budget, kind.initial_steps(job_input))
+    dag.add_steps(session, job.id, budget, kind.initial_steps(job_input),
+                  priority=outbox.NEW_WORK)
     session.refresh(job)
     return job
 

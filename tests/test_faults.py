@@ -105,8 +105,8 @@ CRASHER = textwrap.dedent("""
 
     def crash_before_marking_sent(messages):
         from core.queue import get_celery
-        for _, task, payload in messages:
-            get_celery().send_task(task, kwargs=payload)
+        for _, task, payload, priority in messages:
+            get_celery().send_task(task, kwargs=payload, priority=priority)
         os._exit(17)  # sent, but the outbox rows still look unsent
 
     outbox.publish = crash_before_publish if mode == "commit" else crash_before_marking_sent

@@ -25,7 +25,12 @@ from core.queue import get_celery
 
 log = logging.getLogger(__name__)
 
-Message = tuple[int, str, dict[str, Any]]
+Message = tuple[int, str, dict[str, Any], int | None]
+# Broker priorities (Redis lists are read in this order: 0 first). Work that moves a running job
+# on (its next steps, deliveries, recovery) goes before new jobs' first steps, so a flood of
+# submissions does not stand between a running job and its next step.
+CONTINUE = 0
+NEW_WORK = 6
 _KEY = "outbox"
 
 
@@ -34,16 +39,18 @@ def enqueue(session: Session, task: str, **payload: Any) -> None:
     enqueue_many(session, task, [payload])
 
 
-def enqueue_many(session: Session, task: str, payloads: Iterable[Mapping[str, Any]]) -> None:
+def enqueue_many(session: Session, task: str, payloads: Iterable[Mapping[str, Any]],
+                 priority: int = CONTINUE) -> None:
     payloads_ = [dict(p) for p in payloads]
-    rows = [{"task": task, "payload": p, "created_at": utcnow(), "attempts": 0}
-            for p in payloads_]
+    rows = [{"task": task, "payload": p, "created_at": utcnow(), "attempts": 0,
+             "priority": priority} for p in payloads_]
     if not rows:
         return
     ids = session.scalars(insert(OutboxMessage).returning(
         OutboxMessage.id, sort_by_parameter_order=True), rows).all()
     messages: list[Message] = pending(session, _KEY)
-    messages.extend((row_id, task, dict(p)) for row_id, p in zip(ids, payloads_, strict=True))
+    messages.extend((row_id, task, dict(p), priority)
+                    for row_id, p in zip(ids, payloads_, strict=True))
     after_commit(session, _KEY, lambda: _publish_pending(messages))
 
 
@@ -58,9 +65,9 @@ def publish(messages: list[Message]) -> int:
         return 0
     app = get_celery()
     sent: list[int] = []
-    for row_id, task, payload in messages:
+    for row_id, task, payload, priority in messages:
         try:
-            app.send_task(task, kwargs=payload)
+            app.send_task(task, kwargs=payload, priority=priority or CONTINUE)
         except Exception as exc:  # noqa: BLE001 - broker down: the sweeper republishes later
             log.warning("could not publish %s (outbox %s): %s", task, row_id, exc)
             continue
@@ -108,14 +115,15 @@ def take_unsent(older_than_s: float, limit: int = 500) -> list[Message]:
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     with transaction() as s:
         rows = s.execute(
-            select(OutboxMessage.id, OutboxMessage.task, OutboxMessage.payload)
+            select(OutboxMessage.id, OutboxMessage.task, OutboxMessage.payload,
+                   OutboxMessage.priority)
             .where(OutboxMessage.sent_at.is_(None), OutboxMessage.created_at < cutoff)
             .order_by(OutboxMessage.id).limit(limit).with_for_update(skip_locked=True)).all()
         if rows:
             # Pushed forward so that another sweeper does not take them again at once.
             s.execute(update(OutboxMessage).where(OutboxMessage.id.in_([r[0] for r in rows]))
                       .values(created_at=utcnow()))
-    return [(r[0], r[1], dict(r[2])) for r in rows]
+    return [(r[0], r[1], dict(r[2]), r[3]) for r in rows]
 
 
 def sweep(older_than_s: float, limit: int = 500) -> int:

@@ -44,6 +44,8 @@ def upgrade() -> None:
     with op.batch_alter_table("tenants", schema=None) as batch_op:
         batch_op.add_column(sa.Column("webhooks_version", sa.BigInteger(), nullable=False,
                                       server_default="0"))
+    with op.batch_alter_table("outbox", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("priority", sa.Integer(), nullable=True))
 
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
         batch_op.add_column(sa.Column("attempt", sa.Integer(), nullable=True))
@@ -89,6 +91,8 @@ def downgrade() -> None:
         "UPDATE steps SET reserved_tokens = COALESCE((SELECT SUM(r.tokens) FROM reservations r "
         "WHERE r.step_id = steps.id), 0), reserved_cost_usd = COALESCE((SELECT "
         "SUM(r.cost_usd) FROM reservations r WHERE r.step_id = steps.id), 0)"))
+    with op.batch_alter_table("outbox", schema=None) as batch_op:
+        batch_op.drop_column("priority")
     with op.batch_alter_table("tenants", schema=None) as batch_op:
         batch_op.drop_column("webhooks_version")
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
