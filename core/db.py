@@ -159,12 +159,14 @@ def transaction(*, read_only: bool = False) -> Iterator[Session]:
         yield session
         commit(session)
     except BaseException:
-        session.rollback()
         undo: dict[str, Callable[[], None]] = session.info.pop(ON_ROLLBACK, {})
-        session.info.clear()
-        session.close()
-        for action in undo.values():
-            action()
+        try:
+            session.rollback()
+        finally:
+            session.info.clear()
+            session.close()
+            for action in undo.values():
+                action()
         raise
     actions: dict[str, Callable[[], None]] = session.info.pop(AFTER_COMMIT, {})
     session.close()

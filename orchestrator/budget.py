@@ -80,14 +80,21 @@ class Carry:
     after: list[Callable[[], None]] = field(default_factory=list)
     since: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # The run has ended: once written, nothing more comes.
+    closed: bool = False
 
-    def add(self, row: dict[str, Any], after: Callable[[], None] | None = None) -> None:
+    def add(self, row: dict[str, Any]) -> None:
         with self.lock:
             if not self.rows:
                 self.since = time.monotonic()
             self.rows.append(row)
-            if after is not None:
-                self.after.append(after)
+
+    def add_after(self, action: Callable[[], None]) -> None:
+        """Run `action` once what is carried now has been committed."""
+        with self.lock:
+            self.after.append(action)
+            if not self.rows:
+                self.since = time.monotonic()
 
     def write(self, session: Session) -> None:
         """Write what is carried in this transaction."""
@@ -118,7 +125,7 @@ class Carry:
         return rows
 
     def due(self, now: float) -> bool:
-        return bool(self.rows) and now - self.since >= CARRY_FLUSH_S
+        return bool(self.rows or self.after) and now - self.since >= CARRY_FLUSH_S
 
 
 # How long a finished call's ledger row may wait for its run's next transaction.
@@ -137,7 +144,8 @@ def reserve(run: Run, hold: Hold, carry: Carry | None = None) -> None:
                     carry.write(s)
                 got = ledger.reserve(s, request_id=hold.request_id, job_id=run.job_id,
                                      step_id=run.step_id, attempt=run.attempt,
-                                     tokens=hold.tokens, cost=hold.cost, budget=run.budget)
+                                     tokens=hold.tokens, cost=hold.cost, budget=run.budget,
+                                     again=attempt.retry_state.attempt_number > 1)
         if got is Reserved.OK:
             return
         if got is Reserved.STALE:

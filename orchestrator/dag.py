@@ -112,6 +112,9 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
     if status != JobStatus.RUNNING:
         maybe_finish_stopping(session, c.job_id)
         return
+    # Fan-in first: the steps this completion adds count it as done already.
+    ready = steps.fan_in(session, c.job_id, key)
+    outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in ready])
     try:
         added = kind.expand(job_input, key, kind.role(role), output)
     except Exception as exc:  # noqa: BLE001 - a kind's bug fails its job, not the worker
@@ -125,8 +128,6 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
         events.append(session, c.job_id, "plan.ready", {"after": key, "steps": [
             {"key": a.key, "role": a.role.name, "depends_on": list(a.depends_on)}
             for a in added]})
-    ready = steps.fan_in(session, c.job_id, key)
-    outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in ready])
     if steps_done >= total:
         outputs = StepOutputs(steps.outputs(session, c.job_id))
         try:
@@ -153,7 +154,12 @@ def end(session: Session, c: ClaimedStep, status: StepStatus, error: tuple[str, 
     if job_status is JobStatus.BUDGET_EXHAUSTED and current == JobStatus.RUNNING \
             and kind is not None:
         job_input = kind.parse_input(c.job_input)
-        partial = kind.partial_result(job_input, StepOutputs(steps.outputs(session, c.job_id)))
+        try:
+            partial: dict[str, Any] | None = kind.partial_result(
+                job_input, StepOutputs(steps.outputs(session, c.job_id)))
+        except Exception:  # noqa: BLE001 - a kind's bug must not keep the step running
+            log.exception("job %s: building the partial result failed", c.job_id)
+            partial = None
         finish(session, c.job_id, JobStatus.BUDGET_EXHAUSTED, result=partial, error=error)
     elif job_status is not None and current == JobStatus.RUNNING and error is not None:
         finish(session, c.job_id, job_status, error=error)

@@ -29,7 +29,7 @@ from inference.pool import CallCancelled, Completion, CompletionRequest, Pool
 from orchestrator import budget, callcache
 from orchestrator.budget import Carry, Hold, Run, StepStopped
 from orchestrator.callcache import Lead
-from orchestrator.watchers import carries, leases, stopping
+from orchestrator.watchers import leases, stopping
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ class MeteredContext:
     # -- model calls ----------------------------------------------------------------------
 
     def _cancelled(self) -> bool:
-        return stopping.is_stopping(self._run.job_id) or leases.is_lost(self._run.step_id)
+        return stopping.is_stopping(self._run.job_id) \
+            or leases.is_lost(self._run.step_id, self._run.attempt)
 
     def complete(self, call: CallSpec) -> ModelReply:
         reply = self._call(call, escalated_from=None)
@@ -153,9 +154,8 @@ class MeteredContext:
             raise
         if state is Lead.LEAD:
             # Twins may use the answer once its ledger row is committed.
-            self.carry.after.append(
+            self.carry.add_after(
                 lambda: callcache.unlead(run.job_id, key, request_id, answered=True))
-            carries.watch(self.carry)
         return reply
 
     def _answer_row(self, request_id: str | None) -> ModelCall | None:
@@ -222,7 +222,7 @@ class MeteredContext:
         for attempt in db_retrying(get_settings().settle_retry_s):
             with attempt, transaction() as s:
                 self.carry.write(s)
-                ledger.record_cached(s, row)
+                ledger.record_cached(s, row, again=attempt.retry_state.attempt_number > 1)
         return replace(_reply(earlier), prompt_tokens=0, completion_tokens=0, cached=True)
 
     def _make_call(self, spec: CallSpec, request_id: str, index: int, key: str | None,
@@ -251,7 +251,6 @@ class MeteredContext:
             raise
         # Written with the run's next transaction (the next reservation, or the step's end).
         self.carry.add(self._row_of(request_id, index, spec, key, escalated_from, completion))
-        carries.watch(self.carry)
         return ModelReply(completion.text, completion.finish_reason,
                           completion.usage.prompt_tokens, completion.usage.completion_tokens,
                           model=completion.model, escalated_from=escalated_from)

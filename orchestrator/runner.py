@@ -33,7 +33,7 @@ from inference.pool import Pool, get_pool
 from orchestrator import dag
 from orchestrator.budget import BudgetExhausted, Carry, Run, StepStopped
 from orchestrator.metering import MeteredContext
-from orchestrator.watchers import leases, stopping
+from orchestrator.watchers import carries, leases, stopping
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,10 @@ def _claim(step_id: str) -> tuple[ClaimedStep, StepOutputs] | None:
             return None
         kind = get_kind(c.kind)
         phase = kind.phases.get(c.role, c.role) if kind is not None else c.role
-        first = c.job_status == JobStatus.QUEUED
-        new: list[events.Event] = [("job.started", {})] if first else []
+        seq, hooks, started = jobs.started_step(s, c.job_id, phase,
+                                                c.job_status == JobStatus.QUEUED)
+        new: list[events.Event] = [("job.started", {})] if started else []
         new.append(("step.started", {"step": c.key, "role": c.role}))
-        seq, hooks = jobs.started_step(s, c.job_id, phase, first, len(new))
         events.write(s, c.job_id, hooks, seq, new)
         parents = steps.outputs(s, c.job_id, c.depends_on) if c.depends_on else {}
     return c, StepOutputs(parents)
@@ -97,13 +97,25 @@ def run_step(step_id: str, pool: Pool | None = None) -> None:
         _run(c, parents, pool or get_pool())
     finally:
         stopping.remove(c.job_id)
-        leases.remove(c.step_id)
+        leases.remove(c.step_id, c.attempt)
 
 
 def _run(c: ClaimedStep, parents: StepOutputs, pool: Pool) -> None:
     kind = get_kind(c.kind)
     run = Run(c.job_id, c.step_id, c.attempt, Budget.of(c.budget))
     carry = Carry(run)
+    carries.watch(carry)
+    try:
+        _run_agent(c, parents, pool, run, carry, kind)
+    finally:
+        # What its last transaction could not write stays with the flusher until written.
+        carry.closed = True
+        if not (carry.rows or carry.after):
+            carries.unwatch(carry)
+
+
+def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry: Carry,
+               kind: AnyKind | None) -> None:
     try:
         if kind is None:
             raise AgentError(f"this worker does not know job kind {c.kind!r}")
@@ -113,7 +125,7 @@ def _run(c: ClaimedStep, parents: StepOutputs, pool: Pool) -> None:
             run=run,
             tenant_id=c.tenant_id, step_key=c.key, role=c.role, step_input=c.input,
             max_tokens=c.max_tokens, parents=parents, pool=pool)
-        carry = ctx.carry
+        ctx.carry = carry
         output = kind.run_step(ctx, job_input)
         if not isinstance(output, role.output):
             raise AgentError(f"a {c.role} step returned {type(output).__name__}, not "
@@ -170,7 +182,7 @@ def _hand_back(c: ClaimedStep, run: Run, carry: Carry) -> None:
     """Queue the step again (fenced on this run), to run once the database answers; if it
     does not answer now, the lease runs out and the sweeper queues it."""
     try:
-        for attempt in db_retrying():
+        for attempt in db_retrying(get_settings().settle_retry_s):
             with attempt, transaction() as s:
                 carry.write(s)
                 if steps.requeue_run(s, c.step_id, c.attempt):

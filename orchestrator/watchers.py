@@ -59,41 +59,41 @@ class LeaseKeeper(PeriodicThread):
 
     def __init__(self) -> None:
         super().__init__()
-        self._running: dict[str, int] = {}
-        self._lost: set[str] = set()
+        # Runs by (step id, attempt): two runs of one step may live in one process (the
+        # first lost its lease, the second claimed the step here).
+        self._running: set[tuple[str, int]] = set()
+        self._lost: set[tuple[str, int]] = set()
 
     def interval_s(self) -> float:
         return get_settings().step_lease_seconds / 4
 
     def add(self, step_id: str, attempt: int) -> None:
         with self._lock:
-            self._running[step_id] = attempt
-            self._lost.discard(step_id)
+            self._running.add((step_id, attempt))
             self._ensure_started()
 
-    def remove(self, step_id: str) -> None:
+    def remove(self, step_id: str, attempt: int) -> None:
         with self._lock:
-            self._running.pop(step_id, None)
-            self._lost.discard(step_id)
+            self._running.discard((step_id, attempt))
+            self._lost.discard((step_id, attempt))
 
-    def is_lost(self, step_id: str) -> bool:
-        return step_id in self._lost
+    def is_lost(self, step_id: str, attempt: int) -> bool:
+        return (step_id, attempt) in self._lost
 
     def tick(self) -> None:
         with self._lock:
-            runs = list(self._running.items())
+            runs = sorted(self._running)
         if not runs:
             return
         with transaction() as s:
             until = db_now(s, get_settings().step_lease_seconds)
             held = steps.renew_leases(s, runs, until)
-            ledger.renew(s, [r for r in runs if r[0] in held], until)
+            ledger.renew(s, [r for r in runs if r in held], until)
         with self._lock:
-            for step_id, attempt in runs:
-                if step_id not in held and self._running.get(step_id) == attempt:
-                    log.warning("step %s (run %d) passed to another run; stopping it",
-                                step_id, attempt)
-                    self._lost.add(step_id)
+            for run in runs:
+                if run not in held and run in self._running and run not in self._lost:
+                    log.warning("step %s (run %d) passed to another run; stopping it", *run)
+                    self._lost.add(run)
 
 
 class StoppingWatcher(PeriodicThread):
@@ -150,19 +150,27 @@ class CarryFlusher(PeriodicThread):
         return CARRY_FLUSH_S / 2
 
     def watch(self, carry: Carry) -> None:
+        """Watch a run's carry until `unwatch` (its run has ended and written it)."""
         with self._lock:
             if not any(c is carry for c in self._carries):
                 self._carries.append(carry)
             self._ensure_started()
 
+    def unwatch(self, carry: Carry) -> None:
+        with self._lock:
+            self._carries = [c for c in self._carries if c is not carry]
+
     def tick(self) -> None:
         now = time.monotonic()
         with self._lock:
-            self._carries = [c for c in self._carries if c.rows or c.after]
+            self._carries = [c for c in self._carries if not c.closed or c.rows or c.after]
             due = [c for c in self._carries if c.due(now)]
         for carry in due:
-            with transaction() as s:
-                carry.write(s)
+            try:
+                with transaction() as s:
+                    carry.write(s)
+            except Exception as exc:  # noqa: BLE001 - it is given back; the next tick retries
+                log.warning("could not write a carried settlement: %s", exc)
 
 
 leases = LeaseKeeper()

@@ -39,20 +39,22 @@ def add(session: Session, job: Job) -> None:
     session.flush()
 
 
-def started_step(session: Session, job_id: str, phase: str, first: bool, events: int
-                 ) -> tuple[int, Hooks]:
-    """A step of the job started: its phase, the job `running` if it was `queued` (`first`),
-    and `events` cursors taken. Returns the first cursor and who hears the events."""
-    values: dict[str, Any] = {"phase": phase, "event_seq": J.event_seq + events}
-    cond = [J.id == job_id]
-    if first:
-        values.update(status=JobStatus.RUNNING, started_at=utcnow())
-        cond.append(J.status == JobStatus.QUEUED)
-    row = session.execute(update(jobs_table).where(*cond).values(**values).returning(
-        J.event_seq, *HOOK_COLUMNS)).first()
-    if row is None:  # another step started it first
-        return started_step(session, job_id, phase, False, events)
-    return int(row[0]) - events + 1, hooks_of(row)
+def started_step(session: Session, job_id: str, phase: str, maybe_first: bool
+                 ) -> tuple[int, Hooks, bool]:
+    """A step of the job started: its phase, one event cursor (`step.started`), and, when the
+    job was still `queued` (`maybe_first`), the job `running` and a cursor before it
+    (`job.started`). Returns the first cursor, who hears the events, and whether this step
+    started the job (one of several first steps claimed at once does)."""
+    if maybe_first:
+        row = session.execute(update(jobs_table).where(
+            J.id == job_id, J.status == JobStatus.QUEUED,
+        ).values(status=JobStatus.RUNNING, started_at=utcnow(), phase=phase,
+                 event_seq=J.event_seq + 2).returning(J.event_seq, *HOOK_COLUMNS)).first()
+        if row is not None:
+            return int(row[0]) - 1, hooks_of(row), True
+    row = session.execute(update(jobs_table).where(J.id == job_id).values(
+        phase=phase, event_seq=J.event_seq + 1).returning(J.event_seq, *HOOK_COLUMNS)).one()
+    return int(row[0]), hooks_of(row), False
 
 
 @dataclass(frozen=True)

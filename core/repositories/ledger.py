@@ -65,9 +65,12 @@ class Reserved(StrEnum):
 
 
 def reserve(session: Session, *, request_id: str, job_id: str, step_id: str, attempt: int,
-            tokens: int, cost: Decimal, budget: Budget) -> Reserved:
+            tokens: int, cost: Decimal, budget: Budget, again: bool = False) -> Reserved:
     """Hold `tokens` and `cost` against the job for one call of run `attempt`. The
-    reservation expires with the run's lease, and is renewed with it."""
+    reservation expires with the run's lease, and is renewed with it. `again`: a retry of a
+    transaction whose commit may have gone through (then the reservation is there already)."""
+    if again and session.scalar(select(R.request_id).where(R.request_id == request_id)):
+        return Reserved.OK
     lease = steps.lease_of(session, step_id, attempt, lock=True)
     if lease is None:
         return Reserved.STALE
@@ -184,6 +187,9 @@ def settle(session: Session, row: dict[str, Any], events: int, budget: Budget,
     its row is kept, marked unbilled, and None is returned."""
     tokens = int(row["prompt_tokens"]) + int(row["completion_tokens"])
     cost = Decimal(row["cost_usd"] or 0)
+    if step_usage:  # first: rows are locked step, reservation, job, as everywhere
+        steps.add_usage(session, row["step_id"], row["prompt_tokens"],
+                        row["completion_tokens"], row["model"])
     released = take(session, row["request_id"])
     cond: list[Any] = [J.id == row["job_id"]]
     held_tokens, held_cost = released or (0, Decimal(0))
@@ -206,19 +212,19 @@ def settle(session: Session, row: dict[str, Any], events: int, budget: Budget,
     session.execute(_INSERT_CALL, [row])
     if totals is None:
         return None
-    if step_usage:
-        steps.add_usage(session, row["step_id"], row["prompt_tokens"],
-                        row["completion_tokens"], row["model"])
     return Totals(int(totals[0]), int(totals[1]), int(totals[2]), Decimal(totals[3]),
                   int(totals[4]) - events + 1, hooks_of(totals))
 
 
-def record_cached(session: Session, row: dict[str, Any]) -> None:
-    """A call answered from an identical earlier call of the job: no tokens, no cost."""
+def record_cached(session: Session, row: dict[str, Any], again: bool = False) -> None:
+    """A call answered from an identical earlier call of the job: no tokens, no cost.
+    `again`: a retry of a transaction whose commit may have gone through."""
+    if again and session.get(ModelCall, row["request_id"]) is not None:
+        return
+    steps.add_usage(session, row["step_id"], 0, 0, row["model"])
     session.execute(_INSERT_CALL, [row])
     session.execute(update(jobs_table).where(J.id == row["job_id"]).values(
         model_calls=J.model_calls + 1, updated_at=utcnow()))
-    steps.add_usage(session, row["step_id"], 0, 0, row["model"])
 
 
 def replayable(session: Session, step_id: str, before_attempt: int
@@ -230,7 +236,7 @@ def replayable(session: Session, step_id: str, before_attempt: int
             ModelCall.step_id == step_id, ModelCall.call_index.is_not(None),
             or_(ModelCall.attempt.is_(None), ModelCall.attempt < before_attempt),
             or_(ModelCall.finish_reason.is_(None), ModelCall.finish_reason != "cancelled"))
-            .order_by(ModelCall.created_at)):
+            .order_by(ModelCall.attempt, ModelCall.created_at)):
         assert c.call_index is not None
         found[(c.call_index, c.call_key)] = c
     return found

@@ -120,14 +120,15 @@ def add_usage(session: Session, step_id: str, prompt_tokens: int, completion_tok
         **({"model": model} if model else {})))
 
 
-def renew_leases(session: Session, runs: Sequence[tuple[str, int]], until: Any) -> set[str]:
-    """Extend the leases of these runs to `until`; returns the steps still held (the others
-    passed on)."""
+def renew_leases(session: Session, runs: Sequence[tuple[str, int]], until: Any
+                 ) -> set[tuple[str, int]]:
+    """Extend the leases of these runs to `until`; returns the runs that still hold their
+    steps (the others passed on)."""
     if not runs:
         return set()
-    return set(session.scalars(update(steps_table).where(
+    return {(str(i), int(a)) for i, a in session.execute(update(steps_table).where(
         tuple_(S.id, S.attempt).in_(list(runs)), S.status == StepStatus.RUNNING,
-    ).values(lease_expires_at=until).returning(S.id)))
+    ).values(lease_expires_at=until).returning(S.id, S.attempt))}
 
 
 def add(session: Session, job_id: str, rows: Sequence[dict[str, Any]]) -> list[str]:
