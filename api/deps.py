@@ -15,7 +15,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.limits import rate_limiter
-from core.db import retry_transient, transaction
+from core.db import transaction
+from core.db_errors import retry_transient
 from core.errors import Forbidden, Unauthorized
 from core.keys import Principal, authenticate
 

@@ -24,14 +24,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db_errors import (  # noqa: F401 - re-exported: what callers retry with
-    TRANSIENT_DB_ERRORS,
-    commit,
-    db_retrying,
-    is_transient,
-    retry_connect,
-    retry_transient,
-)
+from core.db_errors import commit, retry_connect
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from core.db import after_commit, db_retrying, on_rollback, transaction
+from core.db import after_commit, on_rollback, transaction
+from core.db_errors import db_retrying
 from core.errors import AgentqError
 from core.pricing import highest_price
 from core.repositories import events, ledger

@@ -19,7 +19,8 @@ from typing import Any
 
 from agents.base import CallSpec, ModelReply, Passage, StepOutputs
 from agents.corpus import retrieve
-from core.db import db_retrying, transaction
+from core.db import transaction
+from core.db_errors import db_retrying
 from core.models import ModelCall, utcnow
 from core.pricing import price_for
 from core.repositories import ledger, steps

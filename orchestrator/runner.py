@@ -22,7 +22,8 @@ from pydantic import BaseModel
 
 from agents.base import AgentError, AnyKind, StepOutputs
 from agents.registry import get_kind
-from core.db import TRANSIENT_DB_ERRORS, db_retrying, transaction
+from core.db import transaction
+from core.db_errors import TRANSIENT_DB_ERRORS, db_retrying
 from core.errors import AgentqError
 from core.models import JobStatus, StepStatus
 from core.repositories import events, jobs, ledger, outbox, steps

@@ -16,7 +16,8 @@ from api.deps import CurrentPrincipal, DbSession
 from api.events.hub import hub
 from api.events.schemas import EventList, EventOut
 from api.responses import ERRORS
-from core.db import read_session_factory, retry_transient
+from core.db import read_session_factory
+from core.db_errors import retry_transient
 from core.errors import InvalidInput
 from core.repositories import events as event_service
 from core.settings import get_settings

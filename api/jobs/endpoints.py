@@ -21,7 +21,8 @@ from api.jobs.schemas import (
 )
 from api.jobs.serialize import job_out
 from api.responses import ERRORS
-from core.db import retry_transient, transaction
+from core.db import transaction
+from core.db_errors import retry_transient
 from core.errors import InvalidInput
 from core.repositories.webhooks import new_secret
 from core.settings import get_settings
