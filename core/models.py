@@ -96,8 +96,6 @@ class StepStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
-STEP_OPEN = frozenset({StepStatus.PENDING, StepStatus.QUEUED, StepStatus.RUNNING})
-
 
 class DeliveryStatus(StrEnum):
     # pending -> queued -> delivering -> succeeded | pending (retry) | failed

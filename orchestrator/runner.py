@@ -39,10 +39,6 @@ from orchestrator.watchers import carries, leases, stopping
 log = logging.getLogger(__name__)
 
 
-class StepCrashed(AgentqError):
-    code = "internal_error"
-
-
 def _claim(step_id: str) -> tuple[ClaimedStep, StepOutputs] | None:
     """Claim the step; None when there is nothing to run (taken, done, or its job stopped)."""
     with transaction() as s:
