@@ -181,23 +181,3 @@ def api_server(agentq_env: dict[str, str]) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
-
-
-# --- Reruns --------------------------------------------------------------------------------
-# A failing test runs once more (pytest-rerunfailures); what made the first try fail is kept
-# and printed at the end, so a test that passed on its second try is never a silent flake.
-_RERUNS: list[tuple[str, str]] = []
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.outcome == "rerun":
-        _RERUNS.append((report.nodeid, str(report.longrepr)[-6000:]))
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _RERUNS:
-        return
-    terminalreporter.section("why tests were rerun")
-    for nodeid, text in _RERUNS:
-        terminalreporter.write_line(f"--- {nodeid}")
-        terminalreporter.write_line(text)

@@ -89,6 +89,21 @@ def test_a_worker_killed_mid_step_loses_nothing(
                                .where(ModelCall.job_id == job_id))
     assert max(attempts) == 2  # the orphaned steps ran again
     assert ledger_rows == job["usage"]["model_calls"]
+    # What the server saw against the ledger: every billed call was made once; a call made but
+    # not billed is one the killed worker had in flight (a first attempt of an orphaned step).
+    with transaction() as s:
+        steps = {step_id: attempt for step_id, attempt in s.execute(
+            select(Step.id, Step.attempt).where(Step.job_id == job_id))}
+        billed = list(s.scalars(select(ModelCall.request_id).where(ModelCall.job_id == job_id)))
+    seen = [r for r in sent if r.split(":", 1)[0] in steps]
+    assert len(billed) == len(set(billed))
+    assert all(seen.count(request_id) == 1 for request_id in billed)
+    unbilled = set(seen) - set(billed)
+    assert unbilled, "no call was in flight when the worker was killed"
+    for request_id in unbilled:
+        step_id, attempt, _ = request_id.split(":")
+        assert attempt == "1", request_id
+        assert steps[step_id] == 2, request_id
 
 
 CRASHER = textwrap.dedent("""

@@ -1,0 +1,85 @@
+"""Budgets under parallel load on real tokens: one job keeps more than fifty calls in flight at
+real vLLM servers, its token budget binds halfway through, and it never spends past it; what the
+servers generated is exactly what the ledger billed. (Runs first of the e2e modules, with both
+servers up.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.e2e.conftest import Platform, VllmServer
+from tests.helpers import TERMINAL, auth, metric
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = 120
+MAX_TOKENS = 32
+BUDGET = 4800  # room for about 55 reservations at once; well short of 120 calls' real tokens
+
+
+def _in_flight(servers: list[VllmServer]) -> float:
+    return sum(metric(s.url, "vllm:num_requests_running")
+               + metric(s.url, "vllm:num_requests_waiting") for s in servers)
+
+
+def _counted(servers: list[VllmServer], name: str) -> float:
+    return sum(metric(s.url, name) for s in servers)
+
+
+def test_a_budget_binding_under_fifty_parallel_calls_is_never_exceeded(
+        vllm_servers: list[VllmServer], platform: Platform) -> None:
+    before = {name: _counted(vllm_servers, name) for name in (
+        "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total")}
+    peak = [0.0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                peak[0] = max(peak[0], _in_flight(vllm_servers))
+            except httpx.HTTPError:
+                pass
+            stop.wait(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    prompts = [f"Fact number {i} about the sea: the" for i in range(PROMPTS)]
+    with httpx.Client(base_url=platform.api, headers=auth(platform.key), timeout=30) as http:
+        job_id = http.post("/v1/jobs", json={
+            "kind": "batch", "input": {"prompts": prompts, "max_tokens": MAX_TOKENS},
+            "budget": {"max_total_tokens": BUDGET}}).json()["id"]
+        deadline = time.monotonic() + 600
+        while True:
+            job = http.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] in TERMINAL:
+                break
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+    stop.set()
+    watcher.join(timeout=5)
+
+    assert job["status"] == "budget_exhausted", job
+    assert peak[0] >= 50, f"at most {peak[0]} calls were in flight at once"
+    engine = create_engine(platform.db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT prompt_tokens, completion_tokens FROM model_calls "
+                                 "WHERE job_id = :j"), {"j": job_id}).all()
+    engine.dispose()
+    prompt = sum(r[0] for r in rows)
+    completion = sum(r[1] for r in rows)
+    # The budget bound: more than half the calls ran, not all of them, and never past it.
+    assert PROMPTS // 2 < len(rows) < PROMPTS
+    assert prompt + completion <= BUDGET
+    assert job["usage"]["prompt_tokens"] + job["usage"]["completion_tokens"] == prompt + completion
+    assert job["usage"]["model_calls"] == len(rows)
+    # Every call the servers finished is on the ledger once, with the tokens they counted.
+    after = {name: _counted(vllm_servers, name) for name in before}
+    assert after["vllm:request_success_total"] - before["vllm:request_success_total"] == len(rows)
+    assert after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"] == prompt
+    assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] \
+        == completion
