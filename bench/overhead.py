@@ -12,6 +12,7 @@ In one run:
      completed steps over the time from the first submission to the last job finishing. From
      the database's timestamps: the hand-off (a step's start minus the finish of the last
      dependency it waited for) and submission to first step start, over first attempts.
+     Before them, `--lone-jobs` jobs one at a time: the hand-off with no queue to wait in.
      Then one `batch` job of 200 prompts: every step of one job runnable at once, each call
      reserved and settled against the same job row (its steps/s and worker CPU per step).
   2. raw Celery: the same number of worker processes and slots, on the same Redis database,
@@ -31,9 +32,11 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import redis
 from sqlalchemy import create_engine, func, select
@@ -74,6 +77,7 @@ class PlatformResult:
     batch_steps: int = 0
     batch_s: float = 0.0
     batch_worker_cpu_s: float | None = None
+    lone_handoffs_ms: list[float] | None = None
 
 
 @dataclass
@@ -110,7 +114,7 @@ def _ms(a: datetime, b: datetime) -> float:
 
 def run_platform(db_url: str, redis_url: str, endpoint: str, jobs: int, subquestions: int,
                  workers: int, concurrency: int, submit_concurrency: int,
-                 workdir: Path, batch_prompts: int = 200) -> PlatformResult:
+                 workdir: Path, batch_prompts: int = 200, lone_jobs: int = 5) -> PlatformResult:
     from core.models import Job, Step
 
     redis.Redis.from_url(redis_url).flushdb()
@@ -134,6 +138,13 @@ def run_platform(db_url: str, redis_url: str, endpoint: str, jobs: int, subquest
         # One job first, so that imports, connections and first-call costs are not measured.
         warm = submit_jobs(base, key, _bodies(1, subquestions), 1)
         wait_until(lambda: done(warm), 120, interval=0.05, what="the warm-up job")
+        # Jobs one at a time: the hand-off of the path itself, with no queue to wait in.
+        lone: list[str] = []
+        for body in _bodies(lone_jobs, subquestions):
+            one = submit_jobs(base, key, [body], 1)
+            wait_until(lambda one=one: done(one), 120,  # type: ignore[misc]
+                       interval=0.01, what="a lone job")
+            lone += one
 
         worker_cpu0, api_cpu0 = cpu_seconds(worker_procs), cpu_seconds([api])
         start = datetime.now(UTC)
@@ -162,6 +173,9 @@ def run_platform(db_url: str, redis_url: str, endpoint: str, jobs: int, subquest
             step_rows = s.execute(select(Step.job_id, Step.key, Step.depends_on, Step.status,
                                          Step.attempt, Step.started_at, Step.finished_at)
                                   .where(Step.job_id.in_(ids))).all()
+            lone_rows = s.execute(select(Step.job_id, Step.key, Step.depends_on, Step.status,
+                                         Step.attempt, Step.started_at, Step.finished_at)
+                                  .where(Step.job_id.in_(lone))).all()
         bad = [(j.id, j.status) for j in job_rows if j.status != "completed"]
         if bad:
             for p in [*worker_procs, api]:
@@ -175,25 +189,19 @@ def run_platform(db_url: str, redis_url: str, endpoint: str, jobs: int, subquest
             p.stop()
 
     finished = max(j.finished_at for j in job_rows if j.finished_at is not None)
-    by_key = {(r.job_id, r.key): r for r in step_rows}
     first_start: dict[str, datetime] = {}
-    handoffs: list[float] = []
     for r in step_rows:
         if r.started_at is not None:
             prev = first_start.get(r.job_id)
             first_start[r.job_id] = r.started_at if prev is None else min(prev, r.started_at)
-        if not r.depends_on or r.attempt != 1 or r.started_at is None:
-            continue  # a step run again keeps only its last start
-        deps = [by_key[(r.job_id, k)].finished_at for k in r.depends_on]
-        if all(d is not None for d in deps):
-            handoffs.append(_ms(r.started_at, max(d for d in deps if d is not None)))
     first_attempt_jobs = {r.job_id for r in step_rows if r.attempt == 1 and not r.depends_on}
     return PlatformResult(
         jobs=jobs,
         steps=sum(1 for r in step_rows if r.status == "completed"),
         submit_s=submit_s,
         wall_s=(finished - start).total_seconds(),
-        handoffs_ms=handoffs,
+        handoffs_ms=_handoffs(step_rows),
+        lone_handoffs_ms=_handoffs(lone_rows),
         submit_to_start_ms=[_ms(first_start[j.id], j.created_at) for j in job_rows
                             if j.id in first_start and j.id in first_attempt_jobs],
         job_latency_ms=[_ms(j.finished_at, j.created_at) for j in job_rows
@@ -205,6 +213,20 @@ def run_platform(db_url: str, redis_url: str, endpoint: str, jobs: int, subquest
         batch_s=(batch.finished_at - batch.created_at).total_seconds(),
         batch_worker_cpu_s=_delta(batch_cpu0, batch_cpu1),
     )
+
+
+def _handoffs(step_rows: Sequence[Any]) -> list[float]:
+    """Each dependant's start minus the finish of the last dependency it waited for (first
+    attempts only: a step run again keeps only its last start)."""
+    by_key = {(r.job_id, r.key): r for r in step_rows}
+    out: list[float] = []
+    for r in step_rows:
+        if not r.depends_on or r.attempt != 1 or r.started_at is None:
+            continue
+        deps = [by_key[(r.job_id, k)].finished_at for k in r.depends_on]
+        if all(d is not None for d in deps):
+            out.append(_ms(r.started_at, max(d for d in deps if d is not None)))
+    return out
 
 
 def _delta(before: float | None, after: float | None) -> float | None:
@@ -278,6 +300,8 @@ def report(p: PlatformResult, raw: RawResult, args: argparse.Namespace, db_kind:
         f"{'ratio platform / raw Celery':40s}{plat_rate / raw_rate:10.3f}",
         f"{'hand-off p50 / p95 (ms)':40s}{_pct(p.handoffs_ms)}   ({len(p.handoffs_ms)} "
         f"dependants: start - last dependency's finish)",
+        f"{'hand-off, one job at a time p50 / p95':40s}{_pct(p.lone_handoffs_ms or [])}   "
+        f"({len(p.lone_handoffs_ms or [])} dependants of {args.lone_jobs} jobs run alone)",
         f"{'submit -> first step start p50/p95 (ms)':40s}{_pct(p.submit_to_start_ms)}   "
         f"({len(p.submit_to_start_ms)} jobs: job created -> first step started)",
         f"{'job latency p50 / p95 (ms)':40s}{_pct(p.job_latency_ms)}   (job created -> "
@@ -311,6 +335,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="slots per worker")
     parser.add_argument("--submit-concurrency", type=int, default=8,
                         help="submissions in flight to the API")
+    parser.add_argument("--lone-jobs", type=int, default=5,
+                        help="jobs run one at a time first, for the hand-off with no queue")
     parser.add_argument("--hops", type=int, default=20,
                         help="single empty messages timed one at a time")
     parser.add_argument("--database-url",
@@ -336,7 +362,8 @@ def main() -> None:
                 print(f"platform: {args.jobs} research jobs through the API …", flush=True)
                 plat = run_platform(db_url, args.redis_url, standin.url, args.jobs,
                                     args.max_subquestions, args.workers, args.concurrency,
-                                    args.submit_concurrency, workdir)
+                                    args.submit_concurrency, workdir,
+                                    lone_jobs=args.lone_jobs)
                 from core.db import dispose_engines
 
                 dispose_engines()

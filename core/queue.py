@@ -11,10 +11,34 @@ import threading
 from typing import Any
 
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from core.settings import get_settings
 
 QUEUE = "agentq"
+
+
+class _RedisChannel(kombu_redis.Channel):
+    """Kombu's Redis channel, with one synchronous client kept for the channel's pool.
+
+    Kombu builds a new `redis.Redis` for every acknowledgement and every delivery it records
+    in its unacked index, and building one costs more than the commands it then sends. A
+    client only borrows a connection from the pool per command, so one is safe to share
+    between threads; pipelines are still made one per use."""
+
+    _sync: tuple[Any, Any] | None = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._create_client(asynchronous=True)
+        pool, cached = self.pool, self._sync
+        if cached is None or cached[0] is not pool:
+            cached = self._sync = (pool, super()._create_client())
+        return cached[1]
+
+
+class RedisTransport(kombu_redis.Transport):
+    Channel = _RedisChannel
 
 _app: Celery | None = None
 _lock = threading.Lock()
@@ -55,6 +79,8 @@ def get_celery() -> Celery:
         if _app is None:
             settings = get_settings()
             app = Celery("agentq", broker=settings.redis_url, set_as_current=True)
+            if settings.redis_url.split("://", 1)[0] in ("redis", "rediss"):
+                app.conf.broker_transport = f"{__name__}:RedisTransport"
             app.conf.update(
                 **celery_config(QUEUE, settings.worker_concurrency),
                 task_publish_retry=True,

@@ -29,11 +29,12 @@ RUN_STEP_TASK = "steps.run"
 
 
 def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list[StepSpec],
-              priority: int = outbox.CONTINUE) -> None:
+              priority: int = outbox.CONTINUE, keep: bool = False) -> str | None:
     """Insert steps; those whose dependencies are all complete are queued at once (a new
-    job's first steps at `outbox.NEW_WORK`, after the steps of jobs already running)."""
+    job's first steps at `outbox.NEW_WORK`, after the steps of jobs already running). With
+    `keep`, the first of them is not published but returned, for the caller to run."""
     if not specs:
-        return
+        return None
     done = steps.completed_keys(session, job_id) if any(s.depends_on for s in specs) else set()
     per_role: dict[str, int] = dict(budget.get("step_max_tokens") or {})
     rows = []
@@ -45,7 +46,9 @@ def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list
                      "max_tokens": per_role.get(spec.role.name, spec.max_tokens)})
     queued = steps.add(session, job_id, rows)
     jobs.add_steps_total(session, job_id, len(specs))
+    kept = queued.pop(0) if keep and queued else None
     outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in queued], priority)
+    return kept
 
 
 def finish(session: Session, job_id: str, status: JobStatus, *,
@@ -68,9 +71,14 @@ def maybe_finish_stopping(session: Session, job_id: str) -> None:
 
 
 def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseModel,
-             output: BaseModel, carry: Carry) -> None:
+             output: BaseModel, carry: Carry, keep: bool = False) -> str | None:
     """Save a run's output, settle the calls it carries, and move the job on. A run that no
-    longer holds its step has its calls settled (they were made) but its output refused."""
+    longer holds its step has its calls settled (they were made) but its output refused.
+
+    With `keep`, one step this completion makes ready is left queued but not published, and
+    its id returned: the caller runs it next, in the same thread, right after commit (no trip
+    through the broker). Should the caller die first, the step is still `queued` in the
+    database and the sweeper publishes it (`step_requeue_after_s`)."""
     run = carry.run
     rows = carry.take(session)
     done = steps.finish(session, c.step_id, c.attempt, StepStatus.COMPLETED,
@@ -83,7 +91,7 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
                     c.attempt)
         for row in rows:
             settle_in(session, run, row)
-        return
+        return None
     # The calls settle with the completion: their reservations released, their rows written,
     # their usage added in the same update of the job row that counts the step.
     held: list[tuple[int, Decimal]] = []
@@ -111,9 +119,10 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
     status, steps_done, total = counted.status, counted.steps_done, counted.steps_total
     if status != JobStatus.RUNNING:
         maybe_finish_stopping(session, c.job_id)
-        return
+        return None
     # Fan-in first: the steps this completion adds count it as done already.
     ready = steps.fan_in(session, c.job_id, key)
+    kept = ready.pop(0) if keep and ready else None
     outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in ready])
     try:
         added = kind.expand(job_input, key, kind.role(role), output)
@@ -121,9 +130,10 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
         log.exception("job %s: expanding after %s failed", c.job_id, key)
         finish(session, c.job_id, JobStatus.FAILED, error=(
             "internal_error", f"planning after step {key} failed: {exc!r}"))
-        return
+        return None
     if added:
-        add_steps(session, c.job_id, c.budget, added)
+        kept_added = add_steps(session, c.job_id, c.budget, added, keep=keep and kept is None)
+        kept = kept or kept_added
         total += len(added)
         events.append(session, c.job_id, "plan.ready", {"after": key, "steps": [
             {"key": a.key, "role": a.role.name, "depends_on": list(a.depends_on)}
@@ -136,8 +146,9 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
             log.exception("job %s: building the result failed", c.job_id)
             finish(session, c.job_id, JobStatus.FAILED, error=(
                 "internal_error", f"building the result failed: {exc!r}"))
-            return
+            return None
         finish(session, c.job_id, JobStatus.COMPLETED, result=result)
+    return kept
 
 
 def end(session: Session, c: ClaimedStep, status: StepStatus, error: tuple[str, str] | None,

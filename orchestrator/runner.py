@@ -6,6 +6,9 @@
 2. The agent runs; its model calls are metered by `orchestrator.metering`.
 3. One transaction saves the output, counts fan-in and queues the dependants
    (`orchestrator.dag.complete`), fenced on the attempt.
+4. One step that became ready runs next in the same thread, straight after the commit; the
+   others are published to the broker for other slots. A job's chain of steps thus moves on
+   without a trip through the broker, as a warm worker would take it.
 
 A transient database error never fails the job: the step is handed back (or its lease left to
 expire) and run again, replaying the calls it had finished.
@@ -17,8 +20,10 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from threading import Lock
+from typing import TypeVar
 
 from pydantic import BaseModel
+from sqlalchemy.orm import Session
 
 from agents.base import AgentError, AnyKind, StepOutputs
 from agents.registry import get_kind
@@ -37,6 +42,7 @@ from orchestrator.metering import MeteredContext
 from orchestrator.watchers import carries, leases, stopping
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _claim(step_id: str) -> tuple[ClaimedStep, StepOutputs] | None:
@@ -84,26 +90,34 @@ def _job_input(kind: AnyKind, c: ClaimedStep) -> BaseModel:
 
 
 def run_step(step_id: str, pool: Pool | None = None) -> None:
+    """Run the step, then, in the same thread, the step its completion made ready (one of
+    them, when several: the others go through the broker to other slots), and so on."""
+    next_id: str | None = step_id
+    while next_id is not None:
+        next_id = _run_one(next_id, pool or get_pool())
+
+
+def _run_one(step_id: str, pool: Pool) -> str | None:
     claimed = _claim(step_id)
     if claimed is None:
-        return
+        return None
     c, parents = claimed
     leases.add(c.step_id, c.attempt)
     stopping.add(c.job_id)
     try:
-        _run(c, parents, pool or get_pool())
+        return _run(c, parents, pool)
     finally:
         stopping.remove(c.job_id)
         leases.remove(c.step_id, c.attempt)
 
 
-def _run(c: ClaimedStep, parents: StepOutputs, pool: Pool) -> None:
+def _run(c: ClaimedStep, parents: StepOutputs, pool: Pool) -> str | None:
     kind = get_kind(c.kind)
     run = Run(c.job_id, c.step_id, c.attempt, Budget.of(c.budget))
     carry = Carry(run)
     carries.watch(carry)
     try:
-        _run_agent(c, parents, pool, run, carry, kind)
+        return _run_agent(c, parents, pool, run, carry, kind)
     finally:
         # What its last transaction could not write stays with the flusher until written.
         carry.closed = True
@@ -112,7 +126,8 @@ def _run(c: ClaimedStep, parents: StepOutputs, pool: Pool) -> None:
 
 
 def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry: Carry,
-               kind: AnyKind | None) -> None:
+               kind: AnyKind | None) -> str | None:
+    """Run the agent and record how the run ended; the id of the step to run next here."""
     try:
         if kind is None:
             raise AgentError(f"this worker does not know job kind {c.kind!r}")
@@ -153,9 +168,10 @@ def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry
              ("internal_error", f"step {c.role} failed: {exc!r}"), JobStatus.FAILED, kind)
     else:
         assert kind is not None
-        _in_transaction(run, carry,
-                        lambda s: dag.complete(s, c, kind, job_input, output, carry),
-                        write_carry=False)
+        return _in_transaction(
+            run, carry, lambda s: dag.complete(s, c, kind, job_input, output, carry, keep=True),
+            write_carry=False)
+    return None
 
 
 def _end(c: ClaimedStep, run: Run, carry: Carry, status: StepStatus,
@@ -164,15 +180,16 @@ def _end(c: ClaimedStep, run: Run, carry: Carry, status: StepStatus,
     _in_transaction(run, carry, lambda s: dag.end(s, c, status, error, job_status, kind))
 
 
-def _in_transaction(run: Run, carry: Carry, work: Callable[..., None],
-                    write_carry: bool = True) -> None:
+def _in_transaction(run: Run, carry: Carry, work: Callable[[Session], T],
+                    write_carry: bool = True) -> T:
     """A run's last write, with the settlements it carries, kept through a database outage
     for up to `settle_retry_s`."""
     for attempt in db_retrying(get_settings().settle_retry_s):
         with attempt, transaction() as s:
             if write_carry:
                 carry.write(s)
-            work(s)
+            result = work(s)
+    return result
 
 
 def _hand_back(c: ClaimedStep, run: Run, carry: Carry) -> None:
