@@ -11,10 +11,15 @@ import threading
 from typing import Any
 
 from celery import Celery
+from kombu import Queue
 
 from core.settings import get_settings
 
 QUEUE = "agentq"
+# Webhook deliveries have a queue of their own: a worker consumes both by default (and hands
+# deliveries to threads of their own, see `orchestrator.webhook_pool`); `-Q` can split them.
+WEBHOOK_QUEUE = "agentq.webhooks"
+WEBHOOK_TASKS = ("webhooks.deliver",)
 
 _app: Celery | None = None
 _lock = threading.Lock()
@@ -57,6 +62,9 @@ def get_celery() -> Celery:
             app = Celery("agentq", broker=settings.redis_url, set_as_current=True)
             app.conf.update(
                 **celery_config(QUEUE, settings.worker_concurrency),
+                task_queues=(Queue(QUEUE, routing_key=QUEUE),
+                             Queue(WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE)),
+                task_routes={name: {"queue": WEBHOOK_QUEUE} for name in WEBHOOK_TASKS},
                 task_publish_retry=True,
                 task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2,
                                            "interval_step": 0.5, "interval_max": 1.0},
