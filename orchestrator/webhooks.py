@@ -150,9 +150,11 @@ def _apply(s: Session, delivery: WebhookDelivery, attempt_no: int, o: Outcome,
 
 
 def sweep_due(limit: int = 500) -> int:
-    """Queue the deliveries that have fallen due; put back the ones a dead run left behind."""
+    """Queue the deliveries that have fallen due (of each tenant's, per sweep, at most as many
+    as one worker makes at once); put back the ones a dead run left behind."""
     with transaction() as s:
-        return repo.queue_due(s, utcnow(), lease_s(), STUCK_QUEUED_S, limit)
+        return repo.queue_due(s, utcnow(), lease_s(), STUCK_QUEUED_S, limit,
+                              get_settings().webhook_concurrency)
 
 
 def rotate_grace() -> timedelta:

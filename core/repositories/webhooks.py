@@ -211,19 +211,27 @@ def disable_endpoint(session: Session, endpoint_id: str, now: datetime, reason: 
 
 
 def queue_due(session: Session, now: datetime, stuck_delivering_s: float, stuck_queued_s: float,
-              limit: int) -> int:
-    """Queue the deliveries that have fallen due; put back the ones a dead run left behind
-    (`delivering` for longer than an attempt's lease, `stuck_delivering_s`, which outlasts any
-    attempt: so an attempt is never started while another may still be running)."""
+              limit: int, per_tenant: int) -> int:
+    """Queue the deliveries that have fallen due, at most `per_tenant` of each tenant's (the
+    oldest due first), so that a tenant with a long backlog of failing deliveries is offered
+    as much per sweep as any other; put back the ones a dead run left behind (`delivering` for
+    longer than an attempt's lease, `stuck_delivering_s`, which outlasts any attempt: so an
+    attempt is never started while another may still be running)."""
     session.execute(update(WebhookDelivery).where(
         or_((WebhookDelivery.status == DeliveryStatus.DELIVERING)
             & (WebhookDelivery.status_changed_at < now - timedelta(seconds=stuck_delivering_s)),
             (WebhookDelivery.status == DeliveryStatus.QUEUED)
             & (WebhookDelivery.status_changed_at < now - timedelta(seconds=stuck_queued_s))),
     ).values(status=DeliveryStatus.PENDING, status_changed_at=now))
+    ranked = select(WebhookDelivery.id, func.row_number().over(
+        partition_by=WebhookDelivery.tenant_id,
+        order_by=(WebhookDelivery.next_attempt_at, WebhookDelivery.id)).label("rank")).where(
+        WebhookDelivery.status == DeliveryStatus.PENDING,
+        WebhookDelivery.next_attempt_at <= now).subquery()
     due = list(session.scalars(select(WebhookDelivery.id).where(
-        WebhookDelivery.status == DeliveryStatus.PENDING, WebhookDelivery.next_attempt_at <= now)
-        .limit(limit).with_for_update(skip_locked=True)))
+        WebhookDelivery.id.in_(select(ranked.c.id).where(ranked.c.rank <= per_tenant)))
+        .order_by(WebhookDelivery.next_attempt_at).limit(limit)
+        .with_for_update(skip_locked=True)))
     if not due:
         return 0
     queued = list(session.scalars(update(WebhookDelivery).where(
