@@ -118,6 +118,8 @@ def test_hostile_receivers_do_not_starve_another_tenant(
                               AGENTQ_WEBHOOK_CONCURRENCY="4",
                               AGENTQ_WEBHOOK_TENANT_CONCURRENCY="2")
         rss_at_start = _memory_kib(worker.popen.pid, "VmRSS")
+        # started as an operator starts one, the worker consumes both queues
+        assert ".> agentq.webhooks" in worker.output()
         hostile, good = stack.key("hostile"), stack.key("good")
         with httpx.Client(base_url=stack.api, timeout=30) as http:
             limit = get_settings().webhook_max_endpoints_per_tenant
@@ -178,6 +180,14 @@ def test_hostile_receivers_do_not_starve_another_tenant(
     assert max(c.sent for c in huge.connections) < 64 * MIB
     # each huge answer offered 300 MB; the worker's peak memory hardly moved
     assert rss_peak - rss_at_start < 150 * 1024, (rss_at_start, rss_peak)
+
+
+def test_deliveries_have_a_queue_of_their_own(agentq_env: dict[str, str]) -> None:
+    from core.queue import QUEUE, WEBHOOK_QUEUE, get_celery
+
+    router = get_celery().amqp.router
+    assert router.route({}, "webhooks.deliver")["queue"].name == WEBHOOK_QUEUE
+    assert router.route({}, "steps.run")["queue"].name == QUEUE
 
 
 def _delivery_row(job_id: str, status: str, changed_ago_s: float) -> str:
