@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from api.deps import CurrentPrincipal, DbSession
+from api.jobs.schemas import ErrorResponse
 from api.responses import ERRORS
 from api.webhooks.schemas import (
     AttemptOut,
@@ -32,7 +33,9 @@ def _endpoint_out(ep: WebhookEndpoint, show_secret: bool = False) -> EndpointOut
                        secret=ep.secret if show_secret else None)
 
 
-@router.post("/v1/webhook-endpoints", status_code=201, response_model=EndpointOut)
+@router.post("/v1/webhook-endpoints", status_code=201, response_model=EndpointOut,
+             responses={409: {"model": ErrorResponse,
+                              "description": "The tenant has as many endpoints as it may"}})
 def create_endpoint(body: EndpointCreate, principal: CurrentPrincipal) -> EndpointOut:
     """Register a receiver for all of the tenant's jobs' chosen events. The signing secret
     (`whsec_...`) is in this response only. A tenant may register
@@ -91,7 +94,9 @@ def list_deliveries(job_id: str, session: DbSession, principal: CurrentPrincipal
 
 
 @router.post("/v1/jobs/{job_id}/webhook-deliveries/{delivery_id}/redeliver", status_code=202,
-             response_model=DeliveryOut)
+             response_model=DeliveryOut,
+             responses={409: {"model": ErrorResponse,
+                              "description": "An attempt at this delivery is being made"}})
 def redeliver(job_id: str, delivery_id: str, principal: CurrentPrincipal) -> DeliveryOut:
     """Send a delivery again now (same `webhook-id`); 409 while an attempt at it is being
     made."""
