@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from core.db import read_session_factory
 from core.errors import Unauthorized
 from core.models import JobStatus, StepStatus
-from core.queue import QUEUE, queue_keys
+from core.queue import QUEUE, WEBHOOK_QUEUE, queue_keys
 from core.redis import get_redis
 from core.repositories import reports, reports_counts
 from core.settings import get_settings
@@ -135,8 +135,9 @@ class AgentqCollector(Collector):
         try:
             r = get_redis()
             # One Redis list per priority step (kombu: the queue's name, then `\x06\x16<n>`).
-            depth.add_metric([QUEUE], sum(int(cast(int, r.llen(key)))
-                                          for key in queue_keys(QUEUE)))
+            for queue in (QUEUE, WEBHOOK_QUEUE):
+                depth.add_metric([queue], sum(int(cast(int, r.llen(key)))
+                                              for key in queue_keys(queue)))
             unacked.add_metric([], int(cast(int, r.hlen("unacked"))))
             totals: dict[str, int] = {}
             keys = list(r.scan_iter(match=INFLIGHT_KEY_PREFIX + "*", count=500))

@@ -11,11 +11,16 @@ import threading
 from typing import Any
 
 from celery import Celery
+from kombu import Queue
 from kombu.transport import redis as kombu_redis
 
 from core.settings import get_settings
 
 QUEUE = "agentq"
+# Webhook deliveries have a queue of their own: a worker consumes both by default (and hands
+# deliveries to threads of their own, see `orchestrator.webhook_pool`); `-Q` can split them.
+WEBHOOK_QUEUE = "agentq.webhooks"
+WEBHOOK_TASKS = ("webhooks.deliver",)
 
 
 class _RedisChannel(kombu_redis.Channel):
@@ -83,6 +88,9 @@ def get_celery() -> Celery:
                 app.conf.broker_transport = f"{__name__}:RedisTransport"
             app.conf.update(
                 **celery_config(QUEUE, settings.worker_concurrency),
+                task_queues=(Queue(QUEUE, routing_key=QUEUE),
+                             Queue(WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE)),
+                task_routes={name: {"queue": WEBHOOK_QUEUE} for name in WEBHOOK_TASKS},
                 task_publish_retry=True,
                 task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2,
                                            "interval_step": 0.5, "interval_max": 1.0},

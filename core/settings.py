@@ -108,7 +108,17 @@ class Settings(BaseSettings):
     sse_poll_fallback_s: float = 30.0
     # Webhooks.
     webhooks_allow_private_networks: bool = False
-    webhook_timeout_s: float = 15.0
+    # The whole of one delivery attempt (name lookup, connect, send, response headers and
+    # body): an attempt still running at this deadline is cut off and counts as failed.
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # The most bytes of a receiver's response body read (the rest is never read).
+    webhook_max_response_bytes: int = Field(default=4096, ge=0, le=1_048_576)
+    # Delivery attempts one worker process makes at once, in threads of their own (never in
+    # the steps' slots), and how many of those one tenant may hold.
+    webhook_concurrency: int = Field(default=16, ge=1)
+    webhook_tenant_concurrency: int = Field(default=4, ge=1)
+    # Webhook endpoints one tenant may register.
+    webhook_max_endpoints_per_tenant: int = Field(default=16, ge=0)
     # Seconds to wait before each retry (Standard Webhooks: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h,
     # 14 h, 20 h, 24 h), with jitter.
     webhook_retry_schedule_s: Annotated[list[float], NoDecode] = Field(

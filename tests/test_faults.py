@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from core.db import transaction
 from core.models import ModelCall, OutboxMessage, Step
 from tests.helpers import ROOT, auth, start_worker, wait_for_job, wait_until
+from tests.stack import drop_database, fresh_database, start_redis
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -215,52 +216,6 @@ def test_a_half_finished_job_from_an_older_schema_resumes(
     assert seqs == list(range(1, len(seqs) + 1))
 
 
-def _fresh_database(database_url: str, suffix: str) -> str:
-    import psycopg
-
-    from tests.conftest import PG_ADMIN_URL, migrate
-
-    name = database_url.rsplit("/", 1)[1] + suffix
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
-        admin.execute(f'CREATE DATABASE "{name}"'.encode())
-    url = database_url.rsplit("/", 1)[0] + "/" + name
-    migrate(url)
-    return url
-
-
-def _drop_database(url: str) -> None:
-    import psycopg
-
-    from tests.conftest import PG_ADMIN_URL
-
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'.encode())
-
-
-def _start_redis(port: int, log: Path) -> subprocess.Popen[bytes]:
-    import shutil
-
-    import redis
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=log.open("ab"),
-                            stderr=subprocess.STDOUT)
-    client = redis.Redis(port=port)
-
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-
-    wait_until(up, 10, what="redis-server")
-    return proc
-
-
 def test_twenty_jobs_survive_a_redis_restart(database_url: str, agentq_env: dict[str, str],
                                              standin: Any, tmp_path: Path) -> None:
     """Redis (no persistence: every queued message is lost) is stopped for 30 seconds in the
@@ -272,9 +227,9 @@ def test_twenty_jobs_survive_a_redis_restart(database_url: str, agentq_env: dict
     from tests.helpers import Proc
 
     standin.state.delay_s = 0.5
-    db_url = _fresh_database(database_url, "_redis")
+    db_url = fresh_database(database_url, "_redis")
     redis_port = free_port()
-    redis_proc = _start_redis(redis_port, tmp_path / "redis.log")
+    redis_proc = start_redis(redis_port, tmp_path / "redis.log")
     env = {**agentq_env, "AGENTQ_DATABASE_URL": db_url,
            "AGENTQ_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
     key = subprocess.run([sys.executable, "-m", "api.cli", "keys", "create", "--tenant", "r"],
@@ -299,7 +254,7 @@ def test_twenty_jobs_survive_a_redis_restart(database_url: str, agentq_env: dict
             done_while_up = conn.execute(text(
                 "SELECT COUNT(*) FROM jobs WHERE status = 'completed'")).scalar_one()
         time.sleep(30)
-        redis_proc = _start_redis(redis_port, tmp_path / "redis.log")
+        redis_proc = start_redis(redis_port, tmp_path / "redis.log")
         assert time.monotonic() - down_since >= 30
 
         restarts = 0
@@ -333,7 +288,7 @@ def test_twenty_jobs_survive_a_redis_restart(database_url: str, agentq_env: dict
         worker.stop()
         redis_proc.terminate()
         redis_proc.wait(timeout=10)
-        _drop_database(db_url)
+        drop_database(db_url)
     assert done_while_up < 20  # the outage really hit jobs in flight
     assert len(per_job) == 20
     assert all(n == 5 for _, n in per_job)  # plan, 3 investigators, synthesis: once each
@@ -356,7 +311,7 @@ def test_scale_out_runs_200_jobs_once(database_url: str, agentq_env: dict[str, s
     from tests.helpers import Proc
 
     standin.state.delay_s = 0.3
-    db_url = _fresh_database(database_url, "_scale")
+    db_url = fresh_database(database_url, "_scale")
     redis_url = REDIS_URL.rsplit("/", 1)[0] + "/14"
     redis.Redis.from_url(redis_url).flushdb()
     env = {**agentq_env, "AGENTQ_DATABASE_URL": db_url, "AGENTQ_REDIS_URL": redis_url,
@@ -414,7 +369,7 @@ def test_scale_out_runs_200_jobs_once(database_url: str, agentq_env: dict[str, s
             a.stop()
         for w in workers:
             w.stop()
-        _drop_database(db_url)
+        drop_database(db_url)
     assert set(calls) == set(ids)
     assert set(calls.values()) == {1}  # each job's one model call is in the ledger once
     sent = standin.state.request_ids

@@ -231,3 +231,65 @@ def test_redirects_to_loopback_are_not_followed(receiver: Receiver) -> None:
     result = send(receiver.url, "{}", {}, allow_private=True, timeout_s=5)
     assert result.status_code == 307
     assert len(receiver.received) == 1
+
+
+def _other_tenant_key() -> str:
+    import secrets
+
+    from core.db import transaction
+    from core.keys import create_key
+
+    with transaction() as s:
+        raw, _ = create_key(s, f"tenant-{secrets.token_hex(4)}")
+    return raw
+
+
+@pytest.mark.usefixtures("worker")
+def test_another_tenant_can_neither_see_nor_touch_endpoints_or_deliveries(
+        client: TestClient, tenant_key: str, receiver: Receiver, standin: Any) -> None:
+    from core.db import transaction
+    from core.models import WebhookEndpoint
+
+    a, b = auth(tenant_key), auth(_other_tenant_key())
+    ep = client.post("/v1/webhook-endpoints", headers=a,
+                     json={"url": receiver.url, "events": ["job.completed"]}).json()
+    job_id = client.post("/v1/jobs", headers=a, json=JOB).json()["id"]
+    wait_for_job(client, tenant_key, job_id)
+
+    def delivered() -> dict[str, Any] | None:
+        data = client.get(f"/v1/jobs/{job_id}/webhook-deliveries", headers=a).json()["data"]
+        return data[0] if data and data[0]["status"] == "succeeded" else None
+
+    d = wait_until(delivered, 30, interval=0.3, what="tenant A's delivery")
+    b_job = client.post("/v1/jobs", headers=b, json=JOB).json()["id"]
+    missing_ep, missing_d = "whe_" + "0" * 32, "whd_" + "0" * 32
+
+    # B sees none of A's endpoints, and acting on one answers as if it did not exist.
+    assert client.get("/v1/webhook-endpoints", headers=b).json()["data"] == []
+    for method, path, absent in [
+            ("POST", f"/v1/webhook-endpoints/{ep['id']}/rotate-secret",
+             f"/v1/webhook-endpoints/{missing_ep}/rotate-secret"),
+            ("DELETE", f"/v1/webhook-endpoints/{ep['id']}",
+             f"/v1/webhook-endpoints/{missing_ep}"),
+            ("GET", f"/v1/jobs/{job_id}/webhook-deliveries",
+             f"/v1/jobs/job_{'0' * 32}/webhook-deliveries"),
+            ("POST", f"/v1/jobs/{job_id}/webhook-deliveries/{d['id']}/redeliver",
+             f"/v1/jobs/{job_id}/webhook-deliveries/{missing_d}/redeliver"),
+            ("POST", f"/v1/jobs/{b_job}/webhook-deliveries/{d['id']}/redeliver",
+             f"/v1/jobs/{b_job}/webhook-deliveries/{missing_d}/redeliver")]:
+        r = client.request(method, path, headers=b)
+        assert r.status_code == 404, (method, path, r.text)
+        assert r.json()["error"]["code"] == client.request(method, absent, headers=b).json()[
+            "error"]["code"] == "not_found"
+
+    # Nothing of A's changed: the endpoint, its secret, the delivery.
+    assert [e["id"] for e in client.get("/v1/webhook-endpoints", headers=a).json()["data"]] \
+        == [ep["id"]]
+    with transaction() as s:
+        row = s.get(WebhookEndpoint, ep["id"])
+        assert row is not None
+        assert (row.secret, row.previous_secret) == (ep["secret"], None)
+    after = client.get(f"/v1/jobs/{job_id}/webhook-deliveries", headers=a).json()["data"]
+    assert [(x["id"], x["status"], len(x["attempts"])) for x in after] == \
+        [(d["id"], "succeeded", 1)]
+    assert client.delete(f"/v1/webhook-endpoints/{ep['id']}", headers=a).status_code == 204

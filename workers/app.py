@@ -2,6 +2,10 @@
 
 Steps run in Celery's threads pool (64 execution slots by default, AGENTQ_WORKER_CONCURRENCY), so
 one worker process keeps many steps, and so many model calls, in flight for the servers to batch.
+The worker consumes two queues: `agentq` (steps) and `agentq.webhooks` (deliveries). A delivery's
+task only hands it to the process's webhook threads (`orchestrator.webhook_pool`,
+AGENTQ_WEBHOOK_CONCURRENCY), so one command runs both and a slow receiver never holds a step's
+slot; `-Q agentq` or `-Q agentq.webhooks` splits them over separate workers.
 """
 
 from __future__ import annotations

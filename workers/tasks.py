@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from agents.registry import kind_names
 from core.queue import get_celery
 from core.settings import get_settings
-from orchestrator import idempotency, runner, sweeps, webhooks
+from orchestrator import idempotency, runner, sweeps, webhook_pool, webhooks
 
 log = logging.getLogger(__name__)
 app = get_celery()
@@ -33,11 +33,14 @@ def run_step(step_id: str) -> None:
     runner.run_step(step_id)
 
 
+# Deliveries come on their own queue (`agentq.webhooks`). The task only hands the delivery to
+# the worker's webhook threads (or puts it back for later) and returns at once, so an attempt
+# never holds a step's slot; the delivery row's claim, not the message, guards the attempt.
 @app.task(name="webhooks.deliver", acks_late=True, reject_on_worker_lost=True,
           autoretry_for=(SQLAlchemyError, RedisError), retry_backoff=1, retry_backoff_max=60,
           retry_jitter=True, max_retries=12)
 def deliver_webhook(delivery_id: str) -> None:
-    webhooks.deliver(delivery_id)
+    webhooks.hand_off(delivery_id)
 
 
 _stop = threading.Event()
@@ -88,3 +91,6 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
 @worker_shutdown.connect
 def _stop_sweeper(**_: Any) -> None:
     _stop.set()
+    # Attempts under way end by their deadline; deliveries not yet started are left to the
+    # sweeper (their rows say so).
+    webhook_pool.shutdown(wait=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from api.deps import CurrentPrincipal, DbSession
+from api.jobs.schemas import ErrorResponse
 from api.responses import ERRORS
 from api.webhooks.schemas import (
     AttemptOut,
@@ -20,7 +21,7 @@ from core.repositories import webhooks as webhook_repo
 from core.settings import get_settings
 from core.webhook_http import check_url
 from orchestrator import jobs as job_service
-from orchestrator.webhooks import rotate_grace
+from orchestrator.webhooks import lease_s, rotate_grace
 
 router = APIRouter(tags=["webhooks"], responses=ERRORS)
 
@@ -32,14 +33,19 @@ def _endpoint_out(ep: WebhookEndpoint, show_secret: bool = False) -> EndpointOut
                        secret=ep.secret if show_secret else None)
 
 
-@router.post("/v1/webhook-endpoints", status_code=201, response_model=EndpointOut)
+@router.post("/v1/webhook-endpoints", status_code=201, response_model=EndpointOut,
+             responses={409: {"model": ErrorResponse,
+                              "description": "The tenant has as many endpoints as it may"}})
 def create_endpoint(body: EndpointCreate, principal: CurrentPrincipal) -> EndpointOut:
     """Register a receiver for all of the tenant's jobs' chosen events. The signing secret
-    (`whsec_...`) is in this response only."""
-    check_url(body.url, allow_private=get_settings().webhooks_allow_private_networks)
+    (`whsec_...`) is in this response only. A tenant may register
+    `AGENTQ_WEBHOOK_MAX_ENDPOINTS_PER_TENANT` endpoints (16); past that, 409."""
+    settings = get_settings()
+    check_url(body.url, allow_private=settings.webhooks_allow_private_networks)
     with transaction() as s:
         ep = webhook_repo.create_endpoint(s, principal.tenant_id, body.url,
-                                             list(body.events), body.description)
+                                          list(body.events), body.description,
+                                          settings.webhook_max_endpoints_per_tenant)
         return _endpoint_out(ep, show_secret=True)
 
 
@@ -88,10 +94,13 @@ def list_deliveries(job_id: str, session: DbSession, principal: CurrentPrincipal
 
 
 @router.post("/v1/jobs/{job_id}/webhook-deliveries/{delivery_id}/redeliver", status_code=202,
-             response_model=DeliveryOut)
+             response_model=DeliveryOut,
+             responses={409: {"model": ErrorResponse,
+                              "description": "An attempt at this delivery is being made"}})
 def redeliver(job_id: str, delivery_id: str, principal: CurrentPrincipal) -> DeliveryOut:
-    """Send a delivery again now (same `webhook-id`)."""
+    """Send a delivery again now (same `webhook-id`); 409 while an attempt at it is being
+    made."""
     with transaction() as s:
         job = job_service.get_job(s, principal.tenant_id, job_id)
-        d = webhook_repo.redeliver(s, principal.tenant_id, job.id, delivery_id)
+        d = webhook_repo.redeliver(s, principal.tenant_id, job.id, delivery_id, lease_s())
         return _delivery_out(d, [])

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.errors import NotFound
+from core.errors import Conflict, NotFound
 from core.ids import new_id
 from core.models import (
     DeliveryStatus,
@@ -161,6 +161,36 @@ def _secrets_for(session: Session, delivery: WebhookDelivery) -> list[str] | Non
     return keys
 
 
+def due_tenant(session: Session, delivery_id: str, now: datetime) -> str | None:
+    """The tenant of a delivery that could be claimed now; None when there is nothing to do."""
+    found = session.scalar(select(WebhookDelivery.tenant_id).where(
+        WebhookDelivery.id == delivery_id,
+        WebhookDelivery.status.in_((DeliveryStatus.PENDING, DeliveryStatus.QUEUED)),
+        or_(WebhookDelivery.next_attempt_at.is_(None), WebhookDelivery.next_attempt_at <= now)))
+    return str(found) if found is not None else None
+
+
+def defer(session: Session, delivery_id: str, now: datetime, until: datetime) -> None:
+    """Put a due delivery back to wait until `until` (no attempt is counted); the sweeper
+    queues it again then."""
+    session.execute(update(WebhookDelivery).where(
+        WebhookDelivery.id == delivery_id,
+        WebhookDelivery.status.in_((DeliveryStatus.PENDING, DeliveryStatus.QUEUED)),
+        or_(WebhookDelivery.next_attempt_at.is_(None), WebhookDelivery.next_attempt_at <= now),
+    ).values(status=DeliveryStatus.PENDING, next_attempt_at=until, status_changed_at=now))
+
+
+def attempt_in_hand(session: Session, delivery_id: str, attempt: int
+                    ) -> WebhookDelivery | None:
+    """The delivery, locked, if attempt `attempt` still holds it (it is `delivering` and no
+    later attempt has claimed it); None when the attempt's claim was lost."""
+    delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True)
+    if delivery is None or delivery.status != DeliveryStatus.DELIVERING \
+            or delivery.attempts != attempt:
+        return None
+    return delivery
+
+
 def get_delivery(session: Session, delivery_id: str) -> WebhookDelivery:
     delivery = session.get(WebhookDelivery, delivery_id)
     if delivery is None:
@@ -181,17 +211,27 @@ def disable_endpoint(session: Session, endpoint_id: str, now: datetime, reason: 
 
 
 def queue_due(session: Session, now: datetime, stuck_delivering_s: float, stuck_queued_s: float,
-              limit: int) -> int:
-    """Queue the deliveries that have fallen due; put back the ones a dead run left behind."""
+              limit: int, per_tenant: int) -> int:
+    """Queue the deliveries that have fallen due, at most `per_tenant` of each tenant's (the
+    oldest due first), so that a tenant with a long backlog of failing deliveries is offered
+    as much per sweep as any other; put back the ones a dead run left behind (`delivering` for
+    longer than an attempt's lease, `stuck_delivering_s`, which outlasts any attempt: so an
+    attempt is never started while another may still be running)."""
     session.execute(update(WebhookDelivery).where(
         or_((WebhookDelivery.status == DeliveryStatus.DELIVERING)
             & (WebhookDelivery.status_changed_at < now - timedelta(seconds=stuck_delivering_s)),
             (WebhookDelivery.status == DeliveryStatus.QUEUED)
             & (WebhookDelivery.status_changed_at < now - timedelta(seconds=stuck_queued_s))),
     ).values(status=DeliveryStatus.PENDING, status_changed_at=now))
+    ranked = select(WebhookDelivery.id, func.row_number().over(
+        partition_by=WebhookDelivery.tenant_id,
+        order_by=(WebhookDelivery.next_attempt_at, WebhookDelivery.id)).label("rank")).where(
+        WebhookDelivery.status == DeliveryStatus.PENDING,
+        WebhookDelivery.next_attempt_at <= now).subquery()
     due = list(session.scalars(select(WebhookDelivery.id).where(
-        WebhookDelivery.status == DeliveryStatus.PENDING, WebhookDelivery.next_attempt_at <= now)
-        .limit(limit).with_for_update(skip_locked=True)))
+        WebhookDelivery.id.in_(select(ranked.c.id).where(ranked.c.rank <= per_tenant)))
+        .order_by(WebhookDelivery.next_attempt_at).limit(limit)
+        .with_for_update(skip_locked=True)))
     if not due:
         return 0
     queued = list(session.scalars(update(WebhookDelivery).where(
@@ -202,12 +242,22 @@ def queue_due(session: Session, now: datetime, stuck_delivering_s: float, stuck_
     return len(queued)
 
 
-def redeliver(session: Session, tenant_id: str, job_id: str, delivery_id: str
-              ) -> WebhookDelivery:
-    delivery = session.get(WebhookDelivery, delivery_id)
+class AttemptInProgress(Conflict):
+    code = "delivery_attempt_in_progress"
+
+
+def redeliver(session: Session, tenant_id: str, job_id: str, delivery_id: str,
+              lease_s: float) -> WebhookDelivery:
+    """Queue a delivery again now, unless an attempt at it is being made (within its lease)."""
+    delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True) \
+        if len(delivery_id) <= 40 else None
     if delivery is None or delivery.tenant_id != tenant_id or delivery.job_id != job_id:
         raise NotFound(f"no webhook delivery {delivery_id[:60]!r} for this job")
     now = utcnow()
+    if delivery.status == DeliveryStatus.DELIVERING \
+            and delivery.status_changed_at > now - timedelta(seconds=lease_s):
+        raise AttemptInProgress("an attempt at this delivery is being made now; redeliver it "
+                                f"once that attempt ends (within {lease_s:g} s)")
     delivery.status, delivery.next_attempt_at, delivery.status_changed_at = \
         DeliveryStatus.QUEUED, now, now
     session.flush()
@@ -230,13 +280,24 @@ def list_deliveries(session: Session, job_id: str) -> list[tuple[WebhookDelivery
 
 # -- endpoints ----------------------------------------------------------------------------------
 
+class TooManyEndpoints(Conflict):
+    code = "too_many_webhook_endpoints"
+
+
 def create_endpoint(session: Session, tenant_id: str, url: str, events: list[str],
-                    description: str | None) -> WebhookEndpoint:
+                    description: str | None, max_endpoints: int) -> WebhookEndpoint:
+    """Register an endpoint, unless the tenant already has `max_endpoints` (counted with the
+    tenant's row locked, so concurrent registrations cannot pass the limit together)."""
+    changed(session, tenant_id)  # takes the tenant row's lock first
+    have = session.scalar(select(func.count()).select_from(WebhookEndpoint).where(
+        WebhookEndpoint.tenant_id == tenant_id)) or 0
+    if have >= max_endpoints:
+        raise TooManyEndpoints(f"this tenant already has {have} webhook endpoints (the limit "
+                               f"is {max_endpoints}); delete one before registering another")
     ep = WebhookEndpoint(id=new_id("whe"), tenant_id=tenant_id, url=url, events=events,
                          description=description, secret=new_secret())
     session.add(ep)
     session.flush()
-    changed(session, tenant_id)
     return ep
 
 
