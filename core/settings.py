@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     # The sandbox that runs a coding job's tests: CPU seconds and wall-clock seconds per run.
     sandbox_cpu_seconds: int = 60
     sandbox_wall_seconds: float = 120.0
+    # A coding job's repository sent as an archive: at most this many bytes unpacked (a tar's
+    # headers aside), this many members, and this many bytes unpacked per byte of the archive
+    # (checked past the first 64 KiB). Past any of them the job is refused (422).
+    archive_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+    archive_max_members: int = Field(default=1000, ge=1)
+    archive_max_ratio: float = Field(default=100.0, ge=1)
     max_subquestions: int = 4
     default_job_max_total_tokens: int = 20_000
     # Dollars per million tokens by model ("*" for any other), e.g.
