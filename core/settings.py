@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     corpus_max_document_bytes: int = 10 * 1024 * 1024
     corpus_max_document_chars: int = 10_000_000
     corpus_index_cache_size: int = 32
+    # Each document is parsed in a child process: at most this long and this much more memory
+    # (its address space), and at most this many at once per API process (more wait).
+    corpus_parse_timeout_s: float = Field(default=60.0, gt=0)
+    corpus_parse_max_memory_mb: int = Field(default=1024, ge=64)
+    corpus_parse_concurrency: int = Field(default=2, ge=1)
     # Event streams (SSE): heartbeat comment interval, and the slow fallback poll used only when
     # no notification arrives (Redis away).
     sse_heartbeat_s: float = 15.0
