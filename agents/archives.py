@@ -2,14 +2,14 @@
 files, read in memory under hard caps.
 
 Nothing an archive declares is trusted. Every member is decompressed as a stream, a piece at a
-time, and reading stops as soon as a cap is passed: bytes unpacked (a tar's headers included),
-members, unpacked bytes per byte of the archive (the compression ratio) and the size of one
-file. A zip member's declared size and CRC are checked against what comes out of it. Nothing is
-written to disk and only regular files are kept: folders and links inside the repository are
-left out; absolute or climbing paths, links that point outside, device files, encrypted
-members and names that appear twice refuse the archive. A corrupt, truncated or lying archive
-is refused with `ArchiveError` (a `ValueError`, so input validation reports it as a 422),
-never with another exception.
+time, and reading stops as soon as a cap is passed: bytes unpacked (with room for a tar's
+headers), members, unpacked bytes per byte of the archive (the compression ratio) and the size
+of one file. A zip member's declared size and CRC are checked against what comes out of it.
+Nothing is written to disk and only regular files are kept: folders and links inside the
+repository are left out; absolute or climbing paths, links that point outside, device files,
+encrypted members and names that appear twice refuse the archive. A corrupt, truncated or
+lying archive is refused with `ArchiveError` (a `ValueError`, so input validation reports it
+as a 422), never with another exception.
 """
 
 from __future__ import annotations
@@ -122,9 +122,9 @@ def _check_link(name: str, target: str, *, relative_to_member: bool) -> None:
 def _zip_raw(data: bytes, info: zipfile.ZipInfo) -> bytes:
     """A member's compressed bytes, found through its local header."""
     start = info.header_offset
-    header = data[start:start + _ZIP_LOCAL_HEADER.size]
+    header = data[start:start + _ZIP_LOCAL_HEADER.size] if start >= 0 else b""
     if len(header) < _ZIP_LOCAL_HEADER.size:
-        raise ArchiveError(f"{info.filename[:200]} lies past the end of the archive")
+        raise ArchiveError(f"{info.filename[:200]} lies outside the archive")
     fields = _ZIP_LOCAL_HEADER.unpack(header)
     if fields[0] != _ZIP_LOCAL_MAGIC:
         raise ArchiveError(f"{info.filename[:200]} has no valid local header")
@@ -277,8 +277,9 @@ def read_archive(data: bytes, limits: ArchiveLimits) -> dict[str, bytes]:
     """The regular files of a zip or tar archive by their paths (checked, normalized), read
     under `limits`; `ArchiveError` for anything else."""
     budget = _Budget(limits, len(data))
-    guess = not _is_tar(data) and not zipfile.is_zipfile(io.BytesIO(data))
-    if _is_tar(data) or guess:
+    tar = _is_tar(data)
+    guess = not tar and not zipfile.is_zipfile(io.BytesIO(data))  # perhaps an old-style tar
+    if tar or guess:
         kind, members = "tar", _tar_members(data, budget)
     else:
         kind, members = "zip", _zip_members(data, budget)
