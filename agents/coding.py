@@ -11,19 +11,14 @@ final files, a unified diff against the input, the last test report and `passed`
 
 from __future__ import annotations
 
-import base64
-import binascii
 import difflib
-import io
 import re
-import tarfile
-import zipfile
-from collections.abc import Callable, Mapping
-from functools import partial
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agents.archives import ArchiveLimits, unpack_archive
 from agents.base import AgentError, CallSpec, JobKind, Role, StepContext, StepOutputs, StepSpec
 from agents.sandbox import Sandbox, SandboxLimits
 from core.settings import get_settings
@@ -63,15 +58,17 @@ class CodingInput(BaseModel):
                                         "the job earlier).")
     archive: str | None = Field(
         default=None, max_length=1_400_000,
-        description="A small repository as a base64-encoded .zip or .tar.gz; its text files "
-                    "join `files` (which win on the same path). A single top folder is "
-                    "dropped from the paths; binary files are left out.")
+        description="A small repository as a base64-encoded .zip or .tar (.gz, .bz2, .xz); "
+                    "its text files join `files` (which win on the same path). A single top "
+                    "folder is dropped from the paths; binary files, folders and links inside "
+                    "the repository are left out. Refused when it unpacks past the server's "
+                    "caps (bytes, members, compression ratio) or is corrupt or unsafe.")
 
     @model_validator(mode="after")
     def _unpack(self) -> CodingInput:
         if self.archive is None:
             return self
-        unpacked = unpack_archive(self.archive)
+        unpacked = unpack_archive(self.archive, ArchiveLimits.from_settings(MAX_FILE_BYTES))
         merged = {**unpacked, **self.files}
         if len(merged) > MAX_FILES:
             raise ValueError(f"more than {MAX_FILES} files")
@@ -94,55 +91,6 @@ class CodingInput(BaseModel):
         if total > MAX_TOTAL_BYTES:
             raise ValueError(f"the files add up to more than {MAX_TOTAL_BYTES} bytes")
         return out
-
-
-def unpack_archive(encoded: str) -> dict[str, str]:
-    """The text files of a base64 .zip or .tar.gz, read in memory (nothing is extracted to
-    disk, so member names cannot reach outside); every path is checked as input paths are."""
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("archive: not valid base64") from exc
-    members: dict[str, bytes] = {}
-    total = 0
-
-    def add(name: str, read: Callable[[], bytes], size: int) -> None:
-        nonlocal total
-        if size > MAX_FILE_BYTES:
-            raise ValueError(f"archive: {name} is larger than {MAX_FILE_BYTES} bytes")
-        total += size
-        if total > MAX_TOTAL_BYTES or len(members) >= MAX_FILES:
-            raise ValueError(f"archive: more than {MAX_FILES} files or {MAX_TOTAL_BYTES} bytes")
-        members[name] = read()
-
-    if zipfile.is_zipfile(io.BytesIO(data)):
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            for info in zf.infolist():
-                if not info.is_dir():
-                    add(info.filename, partial(zf.read, info), info.file_size)
-    else:
-        try:
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
-                for member in tf.getmembers():
-                    if member.isfile():
-                        handle = tf.extractfile(member)
-                        if handle is not None:
-                            add(member.name, handle.read, member.size)
-        except tarfile.TarError as exc:
-            raise ValueError("archive: neither a .zip nor a .tar.gz archive") from exc
-    names = [check_path(n.removeprefix("./")) for n in members]
-    tops = {n.split("/", 1)[0] for n in names}
-    strip = len(tops) == 1 and all("/" in n for n in names)
-    out: dict[str, str] = {}
-    for raw, name in zip(members, names, strict=True):
-        path = check_path(name.split("/", 1)[1] if strip else name)
-        try:
-            out[path] = members[raw].decode("utf-8")
-        except UnicodeDecodeError:
-            continue  # binary files stay out of a text repository
-    if not out:
-        raise ValueError("archive: no text file in it")
-    return out
 
 
 def parse_files(text: str) -> dict[str, str] | None:

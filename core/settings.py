@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     # The sandbox that runs a coding job's tests: CPU seconds and wall-clock seconds per run.
     sandbox_cpu_seconds: int = 60
     sandbox_wall_seconds: float = 120.0
+    # A coding job's repository sent as an archive: at most this many bytes unpacked (a tar's
+    # headers aside), this many members, and this many bytes unpacked per byte of the archive
+    # (checked past the first 64 KiB). Past any of them the job is refused (422).
+    archive_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+    archive_max_members: int = Field(default=1000, ge=1)
+    archive_max_ratio: float = Field(default=100.0, ge=1)
     max_subquestions: int = 4
     default_job_max_total_tokens: int = 20_000
     # Dollars per million tokens by model ("*" for any other), e.g.
@@ -102,6 +108,11 @@ class Settings(BaseSettings):
     corpus_max_document_bytes: int = 10 * 1024 * 1024
     corpus_max_document_chars: int = 10_000_000
     corpus_index_cache_size: int = 32
+    # Each document is parsed in a child process: at most this long and this much more memory
+    # (its address space), and at most this many at once per API process (more wait).
+    corpus_parse_timeout_s: float = Field(default=60.0, gt=0)
+    corpus_parse_max_memory_mb: int = Field(default=1024, ge=64)
+    corpus_parse_concurrency: int = Field(default=2, ge=1)
     # Event streams (SSE): heartbeat comment interval, and the slow fallback poll used only when
     # no notification arrives (Redis away).
     sse_heartbeat_s: float = 15.0

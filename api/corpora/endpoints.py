@@ -1,15 +1,19 @@
 """`/v1/corpora`: create corpora, upload documents (text, Markdown, HTML, PDF), search them.
 
-HTTP only: extraction, chunking and BM25 retrieval are in `agents.corpus`, the queries in
+HTTP only: extraction, chunking and BM25 retrieval are in `agents.corpus` (a document is
+parsed in a child process under time and memory limits, `agents.parsing`), the queries in
 `core.repositories.corpora`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
@@ -17,6 +21,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agents import corpus as corpus_service
+from agents import parsing
 from agents.corpus import parse_content_type
 from api.corpora import MULTIPART_OVERHEAD
 from api.corpora.schemas import (
@@ -36,6 +41,7 @@ from core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unsup
 from core.models import Corpus, CorpusDocument
 from core.repositories import corpora as corpus_repo
 from core.repositories.corpora import SessionCorpusStore
+from core.settings import get_settings
 
 router = APIRouter(prefix="/v1/corpora", tags=["corpora"], responses=ERRORS)
 
@@ -185,6 +191,22 @@ def _check_corpus(tenant_id: str, corpus_id: str) -> None:
             raise NotFound(f"no corpus {corpus_id[:60]!r}")
 
 
+_parse_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
+    weakref.WeakKeyDictionary())
+
+
+def _parse_limiter() -> anyio.CapacityLimiter:
+    """The running event loop's limit on parses at once (a limiter belongs to one loop)."""
+    loop = asyncio.get_running_loop()
+    total = get_settings().corpus_parse_concurrency
+    limiter = _parse_limiters.get(loop)
+    if limiter is None:
+        limiter = _parse_limiters[loop] = anyio.CapacityLimiter(total)
+    elif limiter.total_tokens != total:
+        limiter.total_tokens = total
+    return limiter
+
+
 def _store(tenant_id: str, corpus_id: str,
            prepared: corpus_service.PreparedDocument) -> DocumentOut:
     try:
@@ -202,7 +224,9 @@ def _store(tenant_id: str, corpus_id: str,
     responses={201: {"headers": {"Location": {"description": "The corpus's URL"}}},
                409: {"model": ErrorResponse,
                      "description": "The corpus already holds this document"},
-               413: {"model": ErrorResponse, "description": "The document is too large"},
+               413: {"model": ErrorResponse,
+                     "description": "The document is too large, or needs more memory to "
+                                    "parse than the server allows"},
                415: {"model": ErrorResponse,
                      "description": "Not a document type accepted: text/plain, "
                                     "text/markdown, text/html, application/pdf"}})
@@ -219,12 +243,17 @@ async def upload_document(
                                     "tells the type when the Content-Type does not.")] = None,
 ) -> DocumentOut:
     """Add a document to a corpus: its text is extracted (HTML without scripts and navigation,
-    PDF with pypdf), cut into passages of about 200 words and indexed for search."""
+    PDF with pypdf), cut into passages of about 200 words and indexed for search. Parsing runs
+    under a time and a memory limit: past them the answer is 422 (`parse_time_limit`) or 413
+    (`parse_memory_limit`)."""
     await run_in_threadpool(_check_corpus, principal.tenant_id, corpus_id)
     upload = await _read_upload(request)
-    prepared = await run_in_threadpool(partial(
-        corpus_service.prepare_document, upload.data, declared_type=upload.content_type,
-        filename=upload.filename or filename, title=upload.title or title))
+    # Parsed in a child process under time and memory limits, on a thread of its own: at
+    # most AGENTQ_CORPUS_PARSE_CONCURRENCY at once, the rest wait without holding a thread.
+    prepared = await anyio.to_thread.run_sync(partial(
+        parsing.prepare_document_bounded, upload.data, declared_type=upload.content_type,
+        filename=upload.filename or filename, title=upload.title or title),
+        limiter=_parse_limiter())
     out = await run_in_threadpool(_store, principal.tenant_id, corpus_id, prepared)
     response.headers["Location"] = f"/v1/corpora/{corpus_id}"
     return out
