@@ -95,7 +95,7 @@ host (/etc, /usr, the project's sources) remain readable (read-only). The tree's
 summed from resident pages every 50 ms (and capped exactly only by a cgroup).
 """
 
-from agents.sandbox.box import Sandbox, slots
+from agents.sandbox.box import Sandbox, host_refusal, slots
 from agents.sandbox.detect import available_modes, describe, isolation, probe
 from agents.sandbox.model import (
     GIVES_UP,
@@ -125,6 +125,7 @@ __all__ = [
     "SandboxUnavailable",
     "available_modes",
     "describe",
+    "host_refusal",
     "isolation",
     "probe",
     "refusal",

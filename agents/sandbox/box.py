@@ -68,6 +68,12 @@ class _Slots:
 slots = _Slots()
 
 
+def host_refusal(weakest: Mode | None = None) -> str | None:
+    """Why this machine must not run untrusted commands: its strongest mode is weaker than
+    `weakest` (by default the `AGENTQ_SANDBOX_WEAKEST_MODE` setting). None: it may."""
+    return refusal(isolation(), weakest or as_mode(get_settings().sandbox_weakest_mode))
+
+
 class Sandbox:
     """A temporary workspace; `with Sandbox(files, limits) as box: result = box.run("pytest -q");
     files = box.files()`.
@@ -84,8 +90,7 @@ class Sandbox:
             if problem is not None:
                 raise SandboxError(f"sandbox mode {mode!r} does not work here: {problem}")
             self.isolation = describe(mode)
-        refused = refusal(self.isolation,
-                          weakest or as_mode(get_settings().sandbox_weakest_mode))
+        refused = refusal(self.isolation, weakest or as_mode(get_settings().sandbox_weakest_mode))
         if refused is not None:
             raise SandboxUnavailable(refused)
         self.limits = limits
