@@ -113,16 +113,33 @@ def _ended(pid: int, started: bytes | None) -> bool:
 
 
 class _Seen:
-    """`plain` mode: every descendant of the launcher seen while it ran (pid, start time), so
-    that those which left it (and their own descendants) are killed too."""
+    """`plain` mode: every descendant of the launcher seen while it ran (pid, start time), and
+    at the end every process of this uid that still holds the run's output pipe, so that those
+    which left the launcher (and their own descendants) are killed too."""
 
-    def __init__(self, root: int) -> None:
+    def __init__(self, root: int, pipe_fd: int) -> None:
         self.root = root
+        self.pipe = f"pipe:[{os.fstat(pipe_fd).st_ino}]"
         self.seen: dict[int, bytes | None] = {}
 
     def scan(self) -> None:
         for pid in launcher.descendants(self.root):
             self.seen.setdefault(pid, _start_time(pid))
+
+    def scan_pipe(self) -> None:
+        me, uid = os.getpid(), os.getuid()
+        for pid in launcher.pids():
+            if int(pid) == me or launcher.task_uid(pid) != uid:
+                continue
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == self.pipe:
+                        self.seen.setdefault(int(pid), _start_time(int(pid)))
+                        break
 
     def kill(self) -> None:
         for _ in range(200):
@@ -268,7 +285,7 @@ def execute(mode: Mode, workspace: Path, command: str, limits: SandboxLimits, ui
     assert proc.stdout is not None
     out = _Output(proc.stdout.fileno(), limits.output_bytes)
     status = _Status(status_r)
-    seen = _Seen(proc.pid) if mode == "plain" else None
+    seen = _Seen(proc.pid, proc.stdout.fileno()) if mode == "plain" else None
     deadline = started + limits.wall_seconds + GRACE_S
     backstop = stopped = False
     try:
@@ -304,6 +321,7 @@ def _kill_tree(proc: subprocess.Popen[bytes], status: _Status, uid: int | None,
         os.killpg(proc.pid, signal.SIGKILL)
     if seen is not None:
         seen.scan()
+        seen.scan_pipe()
         seen.kill()
     if uid is not None:
         kill_uid(uid)

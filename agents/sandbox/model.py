@@ -17,9 +17,11 @@ GIVES_UP: dict[Mode, str] = {
     "netns": "the file system and process isolation: the command can read and write whatever "
              "the worker's user can, including the worker's environment (its database URL and "
              "secrets) and other jobs' workspaces; and the disk quota",
-    "plain": "every isolation: besides what netns gives up, the command reaches the network "
-             "and the host's local services, and a command that kills its launcher can leave "
-             "processes running",
+    "plain": "every isolation: the command reads and writes whatever the worker's user can "
+             "(the worker's environment with its database URL and secrets, other jobs' "
+             "workspaces), reaches the network and the host's local services, has no disk "
+             "quota, and (unless the worker is root) can leave processes running by killing "
+             "its launcher at once",
 }
 
 
