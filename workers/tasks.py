@@ -77,17 +77,20 @@ def _watchdog(consumer: Any) -> None:
             os._exit(70)
 
 
+_announced: list[sandboxes.WorkerSandbox] = []
+
+
 def _announcer(mine: sandboxes.WorkerSandbox) -> None:
     """Say what this worker's sandbox can do, again every sweep interval (it expires)."""
     sandboxes.announce(mine)
     while not _stop.wait(get_settings().outbox_sweep_interval_s):
         sandboxes.announce(mine)
-    sandboxes.withdraw(mine)
 
 
 @worker_ready.connect
 def _start_sweeper(sender: Any = None, **_: Any) -> None:
     mine = sandboxes.log_mode()
+    _announced.append(mine)
     threading.Thread(target=_announcer, args=(mine,), name="agentq-sandbox-announcer",
                      daemon=True).start()
     threading.Thread(target=_sweeper, name="agentq-outbox-sweeper", daemon=True).start()
@@ -99,3 +102,5 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
 @worker_shutdown.connect
 def _stop_sweeper(**_: Any) -> None:
     _stop.set()
+    for mine in _announced:
+        sandboxes.withdraw(mine)
