@@ -2,25 +2,27 @@
 may run.
 
 A worker finds its sandbox mode when it starts, logs it, and announces it (with its refusal,
-if its `AGENTQ_SANDBOX_WEAKEST_MODE` rules that mode out) under a key that expires unless the
-worker renews it every sweep interval. The API refuses a coding job only when every worker up
-refuses untrusted commands; with none up, the job waits in the queue, and a worker that cannot
-run it safely fails it with the same message.
+if its `AGENTQ_SANDBOX_WEAKEST_MODE` rules that mode out) in one Redis hash, with an expiry
+(judged on Redis's clock) that it pushes back every sweep interval. The API refuses a coding job
+only when every worker up refuses untrusted commands; with none up, the job waits in the queue,
+and a worker that cannot run it safely fails it with the same message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 from typing import cast
 
+import redis
 from redis.exceptions import RedisError
 
 from agents.base import WorkerSandbox
 
-__all__ = ["KEY_PREFIX", "LiveDeployment", "WorkerSandbox", "announce", "live", "log_mode",
+__all__ = ["KEY", "LiveDeployment", "WorkerSandbox", "announce", "live", "log_mode",
            "withdraw", "worker_name"]
 from agents.sandbox import host_refusal, isolation
 from core.redis import get_redis
@@ -28,7 +30,7 @@ from core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "agentq:sandbox:"
+KEY = "agentq:sandbox:workers"  # a hash: worker -> {"mode", "refusal", "until"}
 
 
 def worker_name() -> str:
@@ -37,6 +39,11 @@ def worker_name() -> str:
 
 def _ttl_s() -> int:
     return max(3, int(3 * get_settings().outbox_sweep_interval_s))
+
+
+def _now(client: redis.Redis) -> float:
+    seconds, micros = cast(tuple[int, int], client.time())  # one clock for every machine
+    return seconds + micros / 1e6
 
 
 def this_worker() -> WorkerSandbox:
@@ -60,39 +67,49 @@ def log_mode() -> WorkerSandbox:
 
 def announce(mine: WorkerSandbox) -> None:
     """Say (again) what this worker's sandbox can do; it expires unless said again."""
-    body = json.dumps({"worker": mine.worker, "mode": mine.mode, "refusal": mine.refusal})
     try:
-        get_redis().set(KEY_PREFIX + mine.worker, body, ex=_ttl_s())
+        client = get_redis()
+        ttl = _ttl_s()
+        body = json.dumps({"mode": mine.mode, "refusal": mine.refusal,
+                           "until": _now(client) + ttl})
+        pipe = client.pipeline(transaction=False)
+        pipe.hset(KEY, mine.worker, body)
+        pipe.expire(KEY, ttl)
+        pipe.execute()
     except RedisError as exc:
         log.warning("could not announce the sandbox mode: %s", exc)
 
 
 def withdraw(mine: WorkerSandbox) -> None:
-    try:
-        get_redis().delete(KEY_PREFIX + mine.worker)
-    except RedisError:
-        pass
+    with contextlib.suppress(RedisError):
+        get_redis().hdel(KEY, mine.worker)
 
 
 def live() -> list[WorkerSandbox]:
     """What the workers that are up said (empty when none has, or Redis does not answer)."""
-    found: list[WorkerSandbox] = []
     try:
         client = get_redis()
-        keys = list(client.scan_iter(match=KEY_PREFIX + "*", count=500))
-        values = cast(list[bytes | None], client.mget(keys)) if keys else []
+        entries = cast(dict[bytes, bytes], client.hgetall(KEY))
+        now = _now(client)
     except RedisError as exc:
         log.warning("could not read the workers' sandbox modes: %s", exc)
         return []
-    for raw in values:
-        if not raw:
-            continue
+    found: list[WorkerSandbox] = []
+    gone: list[str] = []
+    for key, raw in entries.items():
+        worker = key.decode(errors="replace")
         try:
             data = json.loads(raw)
-            found.append(WorkerSandbox(worker=str(data["worker"]), mode=str(data["mode"]),
+            if float(data["until"]) < now:
+                gone.append(worker)
+                continue
+            found.append(WorkerSandbox(worker=worker, mode=str(data["mode"]),
                                        refusal=data.get("refusal")))
         except (ValueError, KeyError, TypeError):
-            continue
+            gone.append(worker)
+    if gone:
+        with contextlib.suppress(RedisError):
+            client.hdel(KEY, *gone)
     return sorted(found, key=lambda w: w.worker)
 
 
