@@ -56,7 +56,7 @@ def test_memory_is_limited_for_the_whole_tree(mode: Mode) -> None:
 
 def test_one_process_cannot_allocate_past_the_limit() -> None:
     limits = SandboxLimits(memory_bytes=128 * MiB, cpu_seconds=20, wall_seconds=60.0)
-    with Sandbox({}, limits) as box:
+    with Sandbox({}, limits, weakest="plain") as box:
         result = box.run(f"{PY} -c 'block = b\"x\" * (256 << 20)'")
     assert result.exit_code not in (0, None)
     assert "MemoryError" in result.output
@@ -105,7 +105,7 @@ def test_runs_past_the_cap_wait_their_turn() -> None:
     command = "date +%s.%N; sleep 1; date +%s.%N"
 
     def run(name: str) -> None:
-        with Sandbox({}, SandboxLimits(wall_seconds=30.0)) as box:
+        with Sandbox({}, SandboxLimits(wall_seconds=30.0), weakest="plain") as box:
             results[name] = box.run(command)
 
     first = threading.Thread(target=run, args=("first",))
@@ -116,7 +116,7 @@ def test_runs_past_the_cap_wait_their_turn() -> None:
     _wait(lambda: sandbox_slots.waiting == 1)  # the second waits, it does not fail
     stopped = threading.Event()
     cancelled: list[SandboxResult] = []
-    with Sandbox({}) as third:
+    with Sandbox({}, weakest="plain") as third:
         waiter = threading.Thread(target=lambda: cancelled.append(
             third.run("echo never", cancelled=stopped.is_set)))
         waiter.start()
