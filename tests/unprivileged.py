@@ -18,21 +18,11 @@ import stat
 import sys
 
 from agents.sandbox.execute import interpreter_dirs
-from agents.sandbox.launcher import MS_BIND, MS_PRIVATE, MS_REC, check, libc
+from agents.sandbox.launcher.kernel import MS_BIND, MS_PRIVATE, MS_REC, check, libc, mount
 
 NOBODY = 65534
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
-
-
-def _mount(source: str | None, target: str, fstype: str | None, flags: int,
-           data: str | None = None) -> None:
-    def enc(value: str | None) -> bytes | None:
-        return None if value is None else value.encode()
-
-    import ctypes
-    check(libc().mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags),
-                       enc(data)), f"mount {target}")
 
 
 def _closed_ancestor(path: str) -> str | None:
@@ -47,7 +37,7 @@ def _closed_ancestor(path: str) -> str | None:
 
 def _expose_interpreter() -> None:
     check(libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
     dirs = sorted({os.path.realpath(d) for d in interpreter_dirs()}, key=len)
     keep: dict[str, list[tuple[str, int]]] = {}
     for path in dirs:
@@ -56,10 +46,10 @@ def _expose_interpreter() -> None:
                                           keep.get(closed, [])):
             keep.setdefault(closed, []).append((path, os.open(path, os.O_PATH)))
     for closed, binds in keep.items():
-        _mount("tmpfs", closed, "tmpfs", 0, "mode=755,size=1m")
+        mount("tmpfs", closed, "tmpfs", 0, "mode=755,size=1m")
         for path, fd in binds:
             os.makedirs(path, exist_ok=True)
-            _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+            mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
             os.close(fd)
 
 

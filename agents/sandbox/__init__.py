@@ -3,8 +3,9 @@
 `with Sandbox(files, limits) as box: result = box.run("pytest -q"); files = box.files()`
 
 Modules: `model` (limits, results, modes, errors), `detect` (which modes work here), `launcher`
-(the stdlib-only script that runs as PID 1 of each run), `execute` (a run from the parent's
-side: output, wall clock, cancel, tearing the tree down), `cgroups`, `box` (the Sandbox API).
+(the stdlib-only package that runs as PID 1 of each run: `kernel`, `mounts`, `run`), `execute`
+(a run from the parent's side: output, wall clock, cancel, tearing the tree down), `cgroups`,
+`box` (the Sandbox API).
 
 Every `run` starts `/bin/sh -c COMMAND` in the workspace (a fresh temporary directory, mode 0700)
 under the launcher, with:

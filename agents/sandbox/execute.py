@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agents.sandbox import launcher
 from agents.sandbox.cgroups import Cgroups
+from agents.sandbox.launcher import kernel
 from agents.sandbox.model import Limit, Mode, SandboxError, SandboxLimits
 
 # Directories covered with an empty read-only tmpfs inside the mount namespace.
@@ -37,6 +37,7 @@ TMP_DIR = ".sandbox-tmp"
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 GRACE_S = 5.0  # past the wall clock, for the launcher to kill the tree and copy the workspace out
 POLL_S = 0.1
+LAUNCHER = os.path.dirname(os.path.abspath(kernel.__file__))  # run as a directory
 
 _NAMESPACES = ["--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
 UNSHARE_FLAGS: dict[Mode, list[str]] = {
@@ -80,8 +81,8 @@ def sandbox_env(workspace: Path) -> dict[str, str]:
 def count_tasks(uid: int) -> int:
     """Threads (which RLIMIT_NPROC counts) of processes whose real uid is `uid`."""
     total = 0
-    for pid in launcher.pids():
-        if launcher.task_uid(pid) == uid:
+    for pid in kernel.pids():
+        if kernel.task_uid(pid) == uid:
             with contextlib.suppress(OSError):
                 total += len(os.listdir(f"/proc/{pid}/task"))
     return total
@@ -91,8 +92,8 @@ def kill_uid(uid: int) -> None:
     """SIGKILL every process whose real uid is `uid` until none is left."""
     for _ in range(200):
         found = False
-        for pid in launcher.pids():
-            if launcher.task_uid(pid) == uid:
+        for pid in kernel.pids():
+            if kernel.task_uid(pid) == uid:
                 found = True
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(int(pid), signal.SIGKILL)
@@ -102,13 +103,13 @@ def kill_uid(uid: int) -> None:
 
 
 def _start_time(pid: int) -> bytes | None:
-    fields = launcher.stat_fields(pid)
+    fields = kernel.stat_fields(pid)
     return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 def _ended(pid: int, started: bytes | None) -> bool:
     """The process is gone or a zombie (a PID 1 that is a zombie has emptied its namespace)."""
-    fields = launcher.stat_fields(pid)
+    fields = kernel.stat_fields(pid)
     return fields is None or fields[0] in (b"Z", b"X") or fields[19] != started
 
 
@@ -123,13 +124,13 @@ class _Seen:
         self.seen: dict[int, bytes | None] = {}
 
     def scan(self) -> None:
-        for pid in launcher.descendants(self.root):
+        for pid in kernel.descendants(self.root):
             self.seen.setdefault(pid, _start_time(pid))
 
     def scan_pipe(self) -> None:
         me, uid = os.getpid(), os.getuid()
-        for pid in launcher.pids():
-            if int(pid) == me or launcher.task_uid(pid) != uid:
+        for pid in kernel.pids():
+            if int(pid) == me or kernel.task_uid(pid) != uid:
                 continue
             try:
                 fds = os.listdir(f"/proc/{pid}/fd")
@@ -147,7 +148,7 @@ class _Seen:
             if not alive:
                 return
             for pid in alive:
-                for below in launcher.descendants(pid):
+                for below in kernel.descendants(pid):
                     self.seen.setdefault(below, _start_time(below))
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
@@ -263,7 +264,7 @@ def execute(mode: Mode, workspace: Path, command: str, limits: SandboxLimits, ui
         "gid": gid if own_uid else os.getgid(),
         "cgroup_oom": cgroups.oom_file if cgroups is not None else None,
     }
-    argv = [sys.executable, "-I", "-S", os.path.abspath(launcher.__file__), json.dumps(cfg)]
+    argv = [sys.executable, "-I", "-S", "-B", LAUNCHER, json.dumps(cfg)]
     if mode != "plain":
         unshare = unshare_binary()
         if unshare is None:
