@@ -19,8 +19,8 @@ under the launcher, with:
   pump stops when the run is torn down, even if an escaped process still holds the pipe;
 * per process: RLIMIT_CPU (SIGXCPU, then SIGKILL a second later), RLIMIT_AS (`memory_bytes`),
   RLIMIT_FSIZE (a bigger write gets SIGXFSZ), RLIMIT_NPROC, RLIMIT_CORE=0; no_new_privs;
-* for the whole tree, summed by the launcher every 50 ms: CPU time past `cpu_seconds` or
-  resident memory past `memory_bytes` kills every process of the run (`limit` says which,
+* for the whole tree, summed by the launcher every 0.1 s: CPU time past `cpu_seconds` or
+  memory (proportional set size) past `memory_bytes` kills every process of the run (`limit` says which,
   `exit_code` is -9);
 * a wall clock: at `wall_seconds` the launcher kills every process of the run (`timed_out`,
   exit_code None); `cancelled()`, asked every 0.1 s, does the same at once (`cancelled`);
@@ -93,7 +93,8 @@ the parent never saw running.
 Not isolated in any mode: the kernel itself (namespaces are not a VM) and the CPU share (a run
 uses as many cores as it forks processes, within its CPU time). World-readable files of the
 host (/etc, /usr, the project's sources) remain readable (read-only). The tree's memory is
-summed from resident pages every 50 ms (and capped exactly only by a cgroup).
+summed every 0.1 s (a fast allocator can pass the limit in between, by at most `memory_bytes`
+per process: RLIMIT_AS), and capped exactly only by a cgroup (mode `root`).
 """
 
 from agents.sandbox.box import Sandbox, host_refusal, slots

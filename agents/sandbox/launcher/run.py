@@ -42,7 +42,7 @@ from .kernel import (
 from .mounts import clear_dir, copy_tree, loopback_up, owner, setup_mounts
 
 LAUNCHER_FAILED = 125
-POLL_S = 0.05  # how often the tree's CPU time and memory are summed
+POLL_S = 0.1  # how often the tree's CPU time and memory are summed
 
 
 def apply_limits(limits: Mapping[str, int]) -> None:
@@ -101,7 +101,7 @@ def _exec_command(cfg: Mapping[str, Any]) -> None:
 
 
 class _Tree:
-    """Sums the CPU time and resident memory of the processes below the launcher."""
+    """Sums the CPU time and the memory of the processes below the launcher."""
 
     def __init__(self, cgroup_oom: str | None) -> None:
         self.me = int(os.readlink("/proc/self"))  # as the mounted /proc numbers it
@@ -110,18 +110,21 @@ class _Tree:
         self.cgroup_oom = cgroup_oom
 
     def usage(self) -> tuple[float, int]:
-        """(CPU seconds, resident bytes): the reaped children's, plus every live process's
-        own and its reaped children's (each process is counted once, alive or reaped)."""
+        """(CPU seconds, memory bytes). CPU: the reaped children's, plus every live process's
+        own and its reaped children's (each process is counted once, alive or reaped).
+        Memory: the proportional set size of every live process (a page shared by n of them
+        counts 1/n to each), or, where that cannot be read, its resident size."""
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = reaped.ru_utime + reaped.ru_stime
-        rss = 0
+        memory = 0
         for pid in descendants(self.me):
             fields = stat_fields(pid)
             if fields is None or len(fields) < 22:
                 continue
             cpu += sum(int(f) for f in fields[11:15]) / self.tick
-            rss += int(fields[21]) * self.page
-        return cpu, rss
+            pss = _pss(pid)
+            memory += pss if pss is not None else int(fields[21]) * self.page
+        return cpu, memory
 
     def oom_kills(self) -> int:
         if not self.cgroup_oom:
@@ -135,6 +138,17 @@ class _Tree:
         except (OSError, ValueError):
             pass
         return 0
+
+
+def _pss(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _kill_all(pid_namespace: bool) -> None:
@@ -165,6 +179,7 @@ def _supervise(cfg: Mapping[str, Any], child: int) -> tuple[str, int]:
     deadline = time.monotonic() + float(limits["wall_seconds"])
     cpu_limit, memory_limit = float(limits["cpu_seconds"]), int(limits["memory_bytes"])
     oom_before = tree.oom_kills()
+    next_check = 0.0
     while True:
         try:
             while True:
@@ -177,15 +192,17 @@ def _supervise(cfg: Mapping[str, Any], child: int) -> tuple[str, int]:
                     return "exit", os.waitstatus_to_exitcode(status)
         except ChildProcessError:
             return "exit", LAUNCHER_FAILED
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        now = time.monotonic()
+        if now >= deadline:
             return "timeout", 0
-        cpu, rss = tree.usage()
-        if cpu > cpu_limit:
-            return "cpu", 0
-        if rss > memory_limit or tree.oom_kills() > oom_before:
-            return "memory", 0
-        signal.sigtimedwait([signal.SIGCHLD], min(POLL_S, remaining))
+        if now >= next_check:
+            next_check = now + POLL_S
+            cpu, memory = tree.usage()
+            if cpu > cpu_limit:
+                return "cpu", 0
+            if memory > memory_limit or tree.oom_kills() > oom_before:
+                return "memory", 0
+        signal.sigtimedwait([signal.SIGCHLD], max(0.001, min(next_check, deadline) - now))
 
 
 def main(config: str) -> None:
