@@ -20,8 +20,8 @@ under the launcher, with:
 * per process: RLIMIT_CPU (SIGXCPU, then SIGKILL a second later), RLIMIT_AS (`memory_bytes`),
   RLIMIT_FSIZE (a bigger write gets SIGXFSZ), RLIMIT_NPROC, RLIMIT_CORE=0; no_new_privs;
 * for the whole tree, summed by the launcher every 0.1 s: CPU time past `cpu_seconds` or
-  memory (proportional set size) past `memory_bytes` kills every process of the run (`limit` says which,
-  `exit_code` is -9);
+  memory (proportional set size) past `memory_bytes` kills every process of the run (`limit`
+  says which, `exit_code` is -9);
 * a wall clock: at `wall_seconds` the launcher kills every process of the run (`timed_out`,
   exit_code None); `cancelled()`, asked every 0.1 s, does the same at once (`cancelled`);
   5 s past the wall clock the parent kills the tree itself, whatever became of the launcher;
