@@ -19,7 +19,8 @@ GIVES_UP: dict[Mode, str] = {
              "secrets) and other jobs' workspaces; and the disk quota",
     "plain": "every isolation: the command reads and writes whatever the worker's user can "
              "(the worker's environment with its database URL and secrets, other jobs' "
-             "workspaces), reaches the network and the host's local services, has no disk "
+             "workspaces; a root worker runs it as a uid of its own, which reads what any "
+             "user can), reaches the network and the host's local services, has no disk "
              "quota, and (unless the worker is root) can leave processes running by killing "
              "its launcher at once",
 }
@@ -32,7 +33,7 @@ def stronger_or_equal(mode: Mode, weakest: Mode) -> bool:
 @dataclass(frozen=True)
 class SandboxLimits:
     cpu_seconds: int = 30  # CPU time of each process, and of the whole tree together
-    memory_bytes: int = 1024 * 1024 * 1024  # address space per process; resident, whole tree
+    memory_bytes: int = 1024 * 1024 * 1024  # address space per process; PSS of the tree
     file_bytes: int = 16 * 1024 * 1024  # the largest file
     disk_bytes: int = 256 * 1024 * 1024  # the workspace's quota (modes with a mount namespace)
     processes: int = 64
