@@ -45,8 +45,10 @@ those that left the process group or the session. In the new mount namespace the
     files, other sandboxes' workspaces and the sockets under /run and /tmp (the local Postgres
     socket, for one) are not there;
   - mounts a tmpfs of `disk_bytes` where the workspace is (the disk quota: a write past it
-    fails with ENOSPC), copies the workspace in before the command and back out after it
-    (regular files, directories and symbolic links; no set-id bits);
+    fails with ENOSPC), copies the workspace in before the command and back out once every
+    process of the run has ended (regular files, directories and symbolic links; no set-id
+    bits). While a command runs, `path` shows the workspace as it was before; a run that is
+    cancelled, or that the parent had to kill, leaves it so;
   - remounts every other mount read-only and nosuid, and gives the run a private /dev/shm of
     at most 64 MiB;
   - mounts a /proc of the new PID namespace (host processes, the parent's included, are not
