@@ -131,3 +131,19 @@ def test_runs_past_the_cap_wait_their_turn() -> None:
     assert all(r.exit_code == 0 for r in results.values()), results
     assert spans["first"][1] <= spans["second"][0], spans  # one after the other
     assert sandbox_slots.running == 0
+
+
+@pytest.mark.parametrize("mode", MODES_HERE)
+def test_a_workspace_nested_too_deep_is_read_and_removed(mode: Mode) -> None:
+    """A command cannot make the copy back out of its tmpfs, `files()` or the removal of the
+    workspace fail by nesting directories deeper than Python recurses: what lies deeper than
+    100 levels is left out, the rest comes back, and the workspace is removed."""
+    with Sandbox({}, SandboxLimits(wall_seconds=30.0), mode=mode, weakest=mode) as box:
+        result = box.run("echo top > top.txt; "
+                         "i=0; while [ $i -lt 1200 ]; do mkdir d && cd d || exit 3; "
+                         "i=$((i + 1)); done; echo deep > deep.txt")
+        files = box.files()
+        workspace = box.path
+    assert result.exit_code == 0, result.output
+    assert files == {"top.txt": "top\n"}
+    assert not workspace.exists()

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
@@ -27,6 +28,7 @@ from agents.sandbox.model import (
 from core.settings import get_settings
 
 # Not returned by `files()`: caches, VCS metadata and the sandbox's own temp directory.
+_MAX_DEPTH = 100
 _SKIP_DIRS = frozenset({
     "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis", ".tox",
     ".nox", ".cache", ".git", ".hg", ".svn", TMP_DIR,
@@ -203,12 +205,14 @@ class Sandbox:
     def files(self, max_bytes: int = 1_000_000) -> dict[str, str]:
         """The workspace's text files now, {relative path: content}, in path order. Skipped:
         caches and VCS directories, symlinks, non-regular and hard-linked files, binary or
-        non-UTF-8 files, and a file that would take the total past `max_bytes`."""
+        non-UTF-8 files, directories nested more than 100 deep, and a file that would take the
+        total past `max_bytes`."""
         result: dict[str, str] = {}
         total = 0
         base = str(self._path)
         for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+            deep = dirpath.count(os.sep) - base.count(os.sep) >= _MAX_DEPTH
+            dirnames[:] = [] if deep else sorted(d for d in dirnames if d not in _SKIP_DIRS)
             for filename in sorted(filenames):
                 full = os.path.join(dirpath, filename)
                 text = _read_text(full, max_bytes - total)
@@ -288,14 +292,17 @@ def _read_text(path: str, budget: int) -> str | None:
 def _rmtree(path: Path) -> None:
     try:
         shutil.rmtree(path)
+        return
     except FileNotFoundError:
         return
-    except OSError:
-        # Without root, directories the command made unwritable or unreadable block the removal.
-        with contextlib.suppress(OSError):
-            os.chmod(path, 0o700)
-        for dirpath, dirnames, _ in os.walk(path):
-            for name in dirnames:
-                with contextlib.suppress(OSError):
-                    os.chmod(os.path.join(dirpath, name), 0o700, follow_symlinks=False)
-        shutil.rmtree(path, ignore_errors=True)
+    except (OSError, RecursionError):
+        pass
+    # Without root, directories the command made unwritable or unreadable block the removal;
+    # directories nested deeper than Python recurses need rm(1).
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["chmod", "-R", "u+rwx", "--", str(path)], capture_output=True,
+                       timeout=300, check=False)
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)],
+                       capture_output=True, timeout=300, check=False)

@@ -129,11 +129,15 @@ def clear_dir(dir_fd: int) -> None:
             os.unlink(entry.name, dir_fd=dir_fd)
 
 
+MAX_DEPTH = 100  # directories nested deeper are copied empty
+
+
 def copy_tree(src: int, dst: int, owner: tuple[int, int] | None,
-              skip_contents: str | None) -> None:
+              skip_contents: str | None, depth: int = 0) -> None:
     """Copy directory `src` into directory `dst` (descriptors; nothing is followed): regular
     files, directories and symbolic links, with their permission bits (no set-id bits); other
-    kinds are left out. The contents of the directory named `skip_contents` are not copied."""
+    kinds are left out. The contents of the directory named `skip_contents` are not copied,
+    nor those of directories more than MAX_DEPTH levels down."""
     for entry in os.scandir(src):
         name = entry.name
         st = os.stat(name, dir_fd=src, follow_symlinks=False)
@@ -143,8 +147,8 @@ def copy_tree(src: int, dst: int, owner: tuple[int, int] | None,
             sub_src = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=src)
             sub_dst = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dst)
             try:
-                if name != skip_contents:
-                    copy_tree(sub_src, sub_dst, owner, None)
+                if name != skip_contents and depth < MAX_DEPTH:
+                    copy_tree(sub_src, sub_dst, owner, None, depth + 1)
                 if owner is not None:
                     os.fchown(sub_dst, *owner)
                 os.fchmod(sub_dst, mode)
