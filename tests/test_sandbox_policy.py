@@ -28,7 +28,7 @@ SECRET = "postgresql+psycopg://agentq:s3cret-pw-9f2a@db.internal/agentq"
 # A worker process: what mode it finds, whether a Sandbox is refused, and what a command in it
 # can see of the worker and of other workspaces.
 WORKER = """
-import json, os, tempfile
+import json, os, shutil, tempfile
 from agents.sandbox import Sandbox, SandboxLimits, SandboxUnavailable, host_refusal, isolation
 out = {"uid": os.getuid(), "mode": isolation().mode, "refusal": host_refusal()}
 try:
@@ -44,6 +44,7 @@ else:
                          f"cat {other}/other.txt")
         out["output"] = result.output
         out["network_isolated"] = result.network_isolated
+    shutil.rmtree(other)
 print(json.dumps(out))
 """
 
