@@ -27,8 +27,9 @@ from pydantic import BaseModel, ValidationError
 
 from inference.calls import CallSpec
 
-__all__ = ["AgentError", "AnyKind", "CallSpec", "JobKind", "ModelReply", "Passage", "Role",
-           "StepContext", "StepOutputs", "StepSpec", "SubmissionContext"]
+__all__ = ["AgentError", "AnyKind", "CallSpec", "Deployment", "JobKind", "ModelReply", "Passage",
+           "Role", "StepContext", "StepOutputs", "StepSpec", "StepStopped", "SubmissionContext",
+           "WorkerSandbox"]
 
 InputT = TypeVar("InputT", bound=BaseModel)
 ResultT = TypeVar("ResultT", bound=BaseModel)
@@ -40,6 +41,12 @@ class AgentError(Exception):
     that cannot run); the job fails with this message."""
 
     code = "agent_error"
+
+
+class StepStopped(Exception):
+    """The job stopped (cancelled, failed elsewhere), or the run lost its step, while it ran.
+    Raised by the context's model calls, or by an agent whose long work `ctx.stopped()` ended;
+    the step ends cancelled."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +190,11 @@ class StepContext(Protocol):
 
     def complete(self, call: CallSpec) -> ModelReply: ...
 
+    def stopped(self) -> bool:
+        """True once the job has stopped or this run lost its step: long work (a sandboxed
+        command) should end and raise StepStopped."""
+        ...
+
     def search_corpus(self, corpus_id: str, query: str, k: int) -> list[Passage]:
         """The `k` passages of the corpus that best answer the query (BM25), best first."""
         ...
@@ -192,7 +204,24 @@ class StepContext(Protocol):
         ...
 
 
-class SubmissionContext(Protocol):
+@dataclass(frozen=True)
+class WorkerSandbox:
+    """What a worker that is up said of its sandbox for untrusted commands."""
+
+    worker: str
+    mode: str  # the strongest sandbox mode it has (agents.sandbox)
+    refusal: str | None  # why it refuses to run untrusted commands; None: it runs them
+
+
+class Deployment(Protocol):
+    """What a kind may know of the deployment, to say whether it can run now."""
+
+    def worker_sandboxes(self) -> list[WorkerSandbox]:
+        """The sandboxes of the workers that are up (empty when none has said)."""
+        ...
+
+
+class SubmissionContext(Deployment, Protocol):
     """What a kind may check at submission, for the submitting tenant."""
 
     def corpus_exists(self, corpus_id: str) -> bool: ...
@@ -224,6 +253,11 @@ class JobKind(Generic[InputT, ResultT]):
     def check(self, ctx: SubmissionContext, job_input: InputT) -> None:
         """Checks that need stored state, at submission (for example that a corpus the input
         names is the tenant's); raise `core.errors.InvalidInput` to refuse with a 422."""
+
+    def unavailable(self, deployment: Deployment) -> str | None:
+        """Why this deployment cannot run jobs of this kind now (None: it can), shown at
+        `GET /v1/kinds`; a kind whose `check` refuses such jobs says the same there."""
+        return None
 
     def initial_steps(self, job_input: InputT) -> list[StepSpec]:
         raise NotImplementedError

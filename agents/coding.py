@@ -4,9 +4,13 @@ pass, the rounds run out or the budget does.
 Input: a task, the repository's files (path -> text) and the command that runs its tests. Steps:
 `plan` (the model outlines the change), then per round `write-N` (the model returns whole files
 in a strict format, validated; an answer that does not parse is asked of a larger model where
-the catalogue has one) and `test-N` (the test command in a sandbox: its own process, workspace,
-limits, no network, no secrets). A failing `test-N` adds the next round. The result holds the
-final files, a unified diff against the input, the last test report and `passed`.
+the catalogue has one) and `test-N` (the test command in a sandbox: its own process tree,
+workspace, limits, no network, no secrets). A failing `test-N` adds the next round. The result
+holds the final files, a unified diff against the input, the last test report and `passed`.
+
+A worker whose sandbox cannot isolate the command (see `AGENTQ_SANDBOX_WEAKEST_MODE`) fails the
+job with `sandbox_unavailable` before any model call; while every worker that is up is such a
+worker, the API refuses coding jobs with a 422 that says so.
 """
 
 from __future__ import annotations
@@ -19,8 +23,20 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agents.archives import ArchiveLimits, unpack_archive
-from agents.base import AgentError, CallSpec, JobKind, Role, StepContext, StepOutputs, StepSpec
-from agents.sandbox import Sandbox, SandboxLimits
+from agents.base import (
+    AgentError,
+    CallSpec,
+    Deployment,
+    JobKind,
+    Role,
+    StepContext,
+    StepOutputs,
+    StepSpec,
+    StepStopped,
+    SubmissionContext,
+)
+from agents.sandbox import Sandbox, SandboxLimits, SandboxUnavailable, host_refusal
+from core.errors import InvalidInput
 from core.settings import get_settings
 
 MAX_FILES = 200
@@ -187,6 +203,14 @@ class TestOutput(BaseModel):
     output_truncated: bool
     duration_s: float
     network_isolated: bool
+    limit: str | None = Field(default=None, description="The limit of the whole process tree "
+                                                        "that ended the tests: cpu or memory.")
+
+
+class SandboxRefused(AgentError):
+    """This worker cannot isolate the job's commands as the operator requires."""
+
+    code = "sandbox_unavailable"
 
 
 PLANNER = Role("planner", PlanNote, "planning")
@@ -199,6 +223,18 @@ class Coding(JobKind[CodingInput, CodingResult]):
     input_model = CodingInput
     result_model = CodingResult
     roles = (PLANNER, CODER, TESTER)
+
+    def unavailable(self, deployment: Deployment) -> str | None:
+        workers = deployment.worker_sandboxes()
+        if workers and all(w.refusal for w in workers):
+            return (f"no worker that is up can run coding jobs: {len(workers)} worker(s) up, "
+                    f"and for instance {workers[0].worker}: {workers[0].refusal}")
+        return None
+
+    def check(self, ctx: SubmissionContext, job_input: CodingInput) -> None:
+        reason = self.unavailable(ctx)
+        if reason:
+            raise InvalidInput(reason, code="sandbox_unavailable")
 
     def initial_steps(self, job_input: CodingInput) -> list[StepSpec]:
         settings = get_settings()
@@ -225,6 +261,10 @@ class Coding(JobKind[CodingInput, CodingResult]):
         return self._round(output.round + 1, (step_key,))
 
     def run_step(self, ctx: StepContext, job_input: CodingInput) -> BaseModel:
+        # A worker that cannot isolate the tests fails the job before it spends a token.
+        refused = host_refusal()
+        if refused:
+            raise SandboxRefused(refused)
         if ctx.role == PLANNER.name:
             reply = ctx.complete(CallSpec(prompt=plan_prompt(job_input.task, job_input.files),
                                           stop=["\n\n"]))
@@ -262,15 +302,21 @@ class Coding(JobKind[CodingInput, CodingResult]):
         written = ctx.parents.one(CODER)
         settings = get_settings()
         limits = SandboxLimits(cpu_seconds=settings.sandbox_cpu_seconds,
-                               wall_seconds=settings.sandbox_wall_seconds)
-        with Sandbox(written.files, limits) as box:
-            result = box.run(job_input.test_command)
+                               wall_seconds=settings.sandbox_wall_seconds,
+                               disk_bytes=settings.sandbox_disk_bytes)
+        try:
+            with Sandbox(written.files, limits) as box:
+                result = box.run(job_input.test_command, cancelled=ctx.stopped)
+        except SandboxUnavailable as exc:
+            raise SandboxRefused(str(exc)) from exc
+        if result.cancelled:
+            raise StepStopped("the job stopped while its tests ran")
         return TestOutput(round=n, files=written.files, plan=written.plan,
                           passed=result.exit_code == 0, exit_code=result.exit_code,
                           timed_out=result.timed_out, report=result.output[-REPORT_CHARS * 4:],
                           output_truncated=result.output_truncated,
                           duration_s=round(result.duration_s, 3),
-                          network_isolated=result.network_isolated)
+                          network_isolated=result.network_isolated, limit=result.limit)
 
     def result(self, job_input: CodingInput, outputs: StepOutputs) -> CodingResult:
         tests = sorted(outputs.all(TESTER), key=lambda t: t.round)

@@ -70,7 +70,9 @@ class Settings(BaseSettings):
     investigator_max_tokens: int = 128
     synthesiser_max_tokens: int = 256
     coder_max_tokens: int = 1024
-    # The sandbox that runs a coding job's tests: CPU seconds and wall-clock seconds per run.
+    # The sandbox that runs a coding job's tests: CPU seconds (each process, and the whole
+    # tree) and wall-clock seconds per run, the workspace's disk quota, and the most runs one
+    # worker process has at once (more wait; default: the number of CPUs).
     sandbox_cpu_seconds: int = 60
     sandbox_wall_seconds: float = 120.0
     # A coding job's repository sent as an archive: at most this many bytes unpacked (a tar's
@@ -79,6 +81,12 @@ class Settings(BaseSettings):
     archive_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
     archive_max_members: int = Field(default=1000, ge=1)
     archive_max_ratio: float = Field(default=100.0, ge=1)
+    sandbox_disk_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    sandbox_max_concurrent: int | None = Field(default=None, ge=1)
+    # The weakest sandbox mode coding jobs may run in (strongest first: root, userns, netns,
+    # plain; see agents/sandbox). Where this machine only manages a weaker one, coding jobs are
+    # refused. "netns" gives up the file system and process isolation, "plain" every isolation.
+    sandbox_weakest_mode: Literal["root", "userns", "netns", "plain"] = "userns"
     max_subquestions: int = 4
     default_job_max_total_tokens: int = 20_000
     # Dollars per million tokens by model ("*" for any other), e.g.

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from agents.base import StepStopped
 from core.db import after_commit, on_rollback, transaction
 from core.db_errors import db_retrying
 from core.errors import AgentqError
@@ -32,10 +33,6 @@ log = logging.getLogger(__name__)
 
 # How long a call waits for other calls of its job to settle before the budget counts as spent.
 RESERVATION_WAIT_S = 120.0
-
-
-class StepStopped(Exception):
-    """The job stopped (cancelled, failed elsewhere), or the run lost its step, while it ran."""
 
 
 class BudgetExhausted(AgentqError):

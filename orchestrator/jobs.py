@@ -20,13 +20,14 @@ from core.models import Job, JobStatus, Step, StepStatus, utcnow
 from core.repositories import corpora, events, jobs, outbox, steps
 from core.settings import get_settings
 from orchestrator import dag
+from orchestrator.sandboxes import LiveDeployment
 
 
 class TooManyJobs(TooManyRequests):
     code = "too_many_jobs_in_flight"
 
 
-class _Submission:
+class _Submission(LiveDeployment):
     """What a kind may check at submission (`agents.base.SubmissionContext`)."""
 
     def __init__(self, session: Session, tenant_id: str) -> None:
@@ -35,6 +36,18 @@ class _Submission:
 
     def corpus_exists(self, corpus_id: str) -> bool:
         return corpora.corpus_exists(self._session, self._tenant_id, corpus_id)
+
+
+def unavailable_kinds() -> dict[str, str]:
+    """Why each kind that this deployment cannot run now cannot, by kind name."""
+    deployment = LiveDeployment()
+    out: dict[str, str] = {}
+    for name in kind_names():
+        kind = get_kind(name)
+        reason = kind.unavailable(deployment) if kind is not None else None
+        if reason:
+            out[name] = reason
+    return out
 
 
 def kind_of(name: str) -> AnyKind:

@@ -92,7 +92,7 @@ class MeteredContext:
 
     # -- model calls ----------------------------------------------------------------------
 
-    def _cancelled(self) -> bool:
+    def stopped(self) -> bool:
         return stopping.is_stopping(self._run.job_id) \
             or leases.is_lost(self._run.step_id, self._run.attempt)
 
@@ -174,7 +174,7 @@ class MeteredContext:
         checked = time.monotonic()
         while time.monotonic() < deadline:
             time.sleep(0.05)
-            if self._cancelled():
+            if self.stopped():
                 raise StepStopped("job stopped while waiting for an identical call")
             state, other = callcache.lead(job_id, key, request_id)
             if state is Lead.DONE:
@@ -235,7 +235,7 @@ class MeteredContext:
             completion = self._pool.complete(CompletionRequest(
                 call=spec, request_id=request_id, tenant_id=self._tenant_id,
                 job_id=self._run.job_id, affinity_key=self._run.job_id,
-                cancelled=self._cancelled))
+                cancelled=self.stopped))
         except CallCancelled as exc:
             if exc.usage is not None and exc.model is not None:
                 # What the server generated before the abort was spent: it is billed.

@@ -151,3 +151,31 @@ def test_bad_archives_are_422(client: TestClient, tenant_key: str) -> None:
             "kind": "coding", "input": {"task": "t", "archive": archive}})
         assert resp.status_code == 422, resp.text
         assert words in resp.text
+
+
+def test_cancel_ends_a_test_step_whose_command_escaped(client: TestClient, tenant_key: str,
+                                                      standin: Any) -> None:
+    """The test command starts a writer in a session of its own and sleeps; cancelling the
+    job ends the step at once (not at the wall clock), and no process of it is left."""
+    import secrets
+
+    from tests.helpers import wait_until
+    from tests.test_sandbox import processes_with
+
+    marker = f"escape-{secrets.token_hex(6)}"
+    standin.state.replies = {"Changed files:": FIX}
+    resp = client.post("/v1/jobs", headers=auth(tenant_key), json={
+        "kind": "coding", "input": {
+            "task": "Make add() return the sum.", "files": BUGGY, "max_rounds": 1,
+            "test_command": f"setsid sh -c 'while :; do echo x; done # {marker}' & "
+                            f"sleep 600 # {marker}"}})
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    wait_until(lambda: len(processes_with(marker)) >= 2, 120, what="the test command")
+    cancel = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(tenant_key))
+    assert cancel.status_code == 202, cancel.text
+    job = wait_for_job(client, tenant_key, job_id, timeout=30)
+    assert job["status"] == "cancelled", job
+    steps = client.get(f"/v1/jobs/{job_id}/steps", headers=auth(tenant_key)).json()["data"]
+    assert {s["key"]: s["status"] for s in steps}["test-1"] == "cancelled"
+    assert processes_with(marker) == []  # the step ended after its whole tree did

@@ -63,6 +63,9 @@ class FakeContext:
         return ModelReply(text, "stop", len(call.prompt.split()), len(text.split()),
                           model="fake", valid=valid)
 
+    def stopped(self) -> bool:
+        return False
+
     def search_corpus(self, corpus_id: str, query: str, k: int) -> list[Passage]:
         return self._passages[:k]
 

@@ -2,7 +2,8 @@
 
 Needs no Redis, Postgres or model server. What a test can demand depends on what the machine
 allows (`isolation()`); a guarantee the machine cannot give is skipped with the reason, and the
-flags that report it are checked instead.
+flags that report it are checked instead. Escapes, tree limits and the refusal of weak modes
+are tried in test_sandbox_escapes.py, test_sandbox_limits.py and test_sandbox_policy.py.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from agents.sandbox import Sandbox, SandboxLimits, SandboxResult, isolation
+from core.settings import get_settings
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
@@ -56,6 +58,17 @@ def is_signal_death(result: SandboxResult, *signals: int) -> bool:
     """Killed by one of `signals`: -N when the command itself died, 128+N when a shell ran it."""
     codes = {-s for s in signals} | {128 + s for s in signals}
     return result.exit_code in codes
+
+
+@pytest.fixture(autouse=True)
+def any_mode(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """These tests check what this machine's strongest mode gives, whichever it is (and skip
+    what it cannot give); the refusal of weak modes is tried in test_sandbox_policy.py."""
+    monkeypatch.setenv("AGENTQ_SANDBOX_WEAKEST_MODE", "plain")
+    get_settings.cache_clear()
+    yield
+    monkeypatch.undo()
+    get_settings.cache_clear()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from agents.registry import kind_names
 from core.queue import get_celery
 from core.settings import get_settings
-from orchestrator import idempotency, runner, sweeps, webhook_pool, webhooks
+from orchestrator import idempotency, runner, sandboxes, sweeps, webhook_pool, webhooks
 
 log = logging.getLogger(__name__)
 app = get_celery()
@@ -80,8 +80,22 @@ def _watchdog(consumer: Any) -> None:
             os._exit(70)
 
 
+_announced: list[sandboxes.WorkerSandbox] = []
+
+
+def _announcer(mine: sandboxes.WorkerSandbox) -> None:
+    """Say what this worker's sandbox can do, again every sweep interval (it expires)."""
+    sandboxes.announce(mine)
+    while not _stop.wait(get_settings().outbox_sweep_interval_s):
+        sandboxes.announce(mine)
+
+
 @worker_ready.connect
 def _start_sweeper(sender: Any = None, **_: Any) -> None:
+    mine = sandboxes.log_mode()
+    _announced.append(mine)
+    threading.Thread(target=_announcer, args=(mine,), name="agentq-sandbox-announcer",
+                     daemon=True).start()
     threading.Thread(target=_sweeper, name="agentq-outbox-sweeper", daemon=True).start()
     if sender is not None:
         threading.Thread(target=_watchdog, args=(sender,), name="agentq-watchdog",
@@ -94,3 +108,5 @@ def _stop_sweeper(**_: Any) -> None:
     # Attempts under way end by their deadline; deliveries not yet started are left to the
     # sweeper (their rows say so).
     webhook_pool.shutdown(wait=True)
+    for mine in _announced:
+        sandboxes.withdraw(mine)

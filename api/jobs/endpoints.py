@@ -128,7 +128,9 @@ def list_steps(job_id: str, session: DbSession, principal: CurrentPrincipal) -> 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
 def cancel_job(job_id: str, principal: CurrentPrincipal, response: Response) -> JobOut:
     """Cancel a job. Steps that have not started never run; running steps stop at their next
-    model call. The job ends `cancelled` (a job already finished is returned as it is)."""
+    model call, and a running sandboxed command (a coding job's tests) is killed with its whole
+    process tree within about a second. The job ends `cancelled` (a job already finished is
+    returned as it is)."""
     def cancel() -> JobOut:
         with transaction() as session:
             return job_out(job_service.cancel_job(session, principal.tenant_id, job_id))
