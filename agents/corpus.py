@@ -141,6 +141,8 @@ def _decode(data: bytes, charset: str | None) -> str:
             raise InvalidInput(f"unknown charset {charset[:40]!r}") from None
         try:
             return data.decode(codec)
+        except LookupError:  # a codec of bytes, not of text (rot13, zlib, hex)
+            raise InvalidInput(f"charset {charset[:40]!r} is not a text encoding") from None
         except UnicodeDecodeError as exc:
             raise InvalidInput(f"the document is not valid {codec} text: {exc.reason} at "
                                f"byte {exc.start}") from None

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from api import errors
 from api.admin.views import NeedsSignIn, sign_in_redirect
 from api.admin.views import router as admin_pages
+from api.guards import InputGuard
 from api.limits import BodySizeLimit
 from api.router import router
 from core.db import pool_capacity
@@ -40,7 +41,8 @@ def create_app() -> FastAPI:
         lifespan=_lifespan,
     )
     errors.install(app)
-    app.add_middleware(BodySizeLimit)
+    app.add_middleware(InputGuard)
+    app.add_middleware(BodySizeLimit)  # outermost: a body's size is checked before its content
     app.include_router(router)
     app.include_router(admin_pages)
     app.add_exception_handler(NeedsSignIn, sign_in_redirect)

@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     rate_limit: str = "600/minute"
     max_jobs_in_flight: int = 1000
     max_body_bytes: int = 1_048_576
+    # The deepest nesting a JSON request body may have (objects and arrays).
+    max_json_depth: int = Field(default=32, ge=2, le=200)
     # Corpora. The largest document accepted, in bytes as uploaded: upload requests are held to
     # this (plus multipart framing) instead of max_body_bytes. The most text one document may
     # yield (a small PDF can hold a lot of compressed text). How many corpora's search indexes

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from api.deps import AdminPrincipal, DbSession
 from api.jobs.schemas import ErrorResponse
+from api.params import UtcDateTime
 from api.responses import ERRORS
 from core.errors import InvalidInput, NotFound
 from core.repositories import jobs as job_repo
@@ -27,8 +28,8 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], responses={
     **ERRORS, 403: {"model": ErrorResponse, "description": "The key has no admin scope"}})
 
 Format = Literal["json", "csv"]
-Since = Annotated[datetime | None, Query(description="Calls made at or after this time")]
-Until = Annotated[datetime | None, Query(description="Calls made before this time")]
+Since = Annotated[UtcDateTime | None, Query(description="Calls made at or after this time")]
+Until = Annotated[UtcDateTime | None, Query(description="Calls made before this time")]
 FormatQuery = Annotated[Format, Query(description="`json` (default) or `csv`")]
 
 

@@ -8,7 +8,7 @@ Sign-in takes an admin key once and keeps it in an HttpOnly, SameSite=Strict coo
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -89,7 +89,9 @@ def admin_principal(request: Request, session: DbSession) -> Principal:
 def _range(since: date | None, until: date | None) -> tuple[date, date, ReportFilter]:
     today = datetime.now(UTC).date()
     until = until or today
-    since = since or until - timedelta(days=DEFAULT_DAYS - 1)
+    if until >= date.max:
+        raise InvalidInput(f"until: must be before {date.max.isoformat()}")
+    since = since or date.fromordinal(max(1, until.toordinal() - (DEFAULT_DAYS - 1)))
     if until < since:
         raise InvalidInput("the end of the date range is before its start")
     return since, until, day_range(since, until)

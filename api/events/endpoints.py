@@ -15,6 +15,7 @@ from sse_starlette.sse import EventSourceResponse
 from api.deps import CurrentPrincipal, DbSession
 from api.events.hub import hub
 from api.events.schemas import EventList, EventOut
+from api.params import MAX_DB_INT
 from api.responses import ERRORS
 from core.db import read_session_factory
 from core.db_errors import retry_transient
@@ -37,7 +38,8 @@ def list_events(
     job_id: str,
     session: DbSession,
     principal: CurrentPrincipal,
-    after: Annotated[int, Query(ge=0, description="Return events after this cursor.")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_DB_INT,
+                                description="Return events after this cursor.")] = 0,
     limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 100,
 ) -> EventList:
     """The job's events in order, after a cursor."""
@@ -46,6 +48,15 @@ def list_events(
     page = [_out(e) for e in rows[:limit]]
     return EventList(data=page, next_cursor=page[-1].cursor if page else after,
                      has_more=len(rows) > limit)
+
+
+def event_cursor(header: str) -> int:
+    """The cursor a `Last-Event-ID` header names."""
+    value = header.strip()
+    if not value.isascii() or not value.isdigit() or int(value) > MAX_DB_INT:
+        raise InvalidInput("Last-Event-ID: must be an event cursor (a whole number from 0 to "
+                           f"{MAX_DB_INT})")
+    return int(value)
 
 
 def _load(job_id: str, after: int) -> list[EventOut]:
@@ -88,16 +99,15 @@ def stream_events(
     job_id: str,
     session: DbSession,
     principal: CurrentPrincipal,
-    after: Annotated[int, Query(ge=0, description="Start after this cursor.")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_DB_INT,
+                                description="Start after this cursor.")] = 0,
     last_event_id: Annotated[str | None, Header(max_length=20)] = None,
 ) -> EventSourceResponse:
     """Stream the job's events. Reconnect with `Last-Event-ID` (or `after`) to get exactly the
     events after the last one you saw."""
     job = job_service.get_job(session, principal.tenant_id, job_id)
     if last_event_id is not None:
-        if not last_event_id.isdigit():
-            raise InvalidInput("Last-Event-ID: must be an event cursor (a whole number)")
-        after = int(last_event_id)
+        after = event_cursor(last_event_id)
     return EventSourceResponse(_stream(job.id, after), ping=get_settings().sse_heartbeat_s,
                                headers={"Cache-Control": "no-cache",
                                         "X-Accel-Buffering": "no"})

@@ -23,7 +23,6 @@ from api.jobs.serialize import job_out
 from api.responses import ERRORS
 from core.db import transaction
 from core.db_errors import retry_transient
-from core.errors import InvalidInput
 from core.repositories.webhooks import new_secret
 from core.settings import get_settings
 from core.webhook_http import check_url
@@ -93,11 +92,8 @@ def list_jobs(
     status: Annotated[JobStatus | None, Query()] = None,
 ) -> JobList:
     """The tenant's jobs, newest first."""
-    try:
-        rows, next_cursor = job_service.list_jobs(session, principal.tenant_id, limit=limit,
-                                                  cursor=cursor, status=status)
-    except ValueError as exc:
-        raise InvalidInput(f"cursor: {exc}") from exc
+    rows, next_cursor = job_service.list_jobs(session, principal.tenant_id, limit=limit,
+                                              cursor=cursor, status=status)
     return JobList(data=[job_out(j) for j in rows], next_cursor=next_cursor)
 
 
