@@ -146,6 +146,8 @@ def _decode(data: bytes, charset: str | None) -> str:
         except UnicodeDecodeError as exc:
             raise InvalidInput(f"the document is not valid {codec} text: {exc.reason} at "
                                f"byte {exc.start}") from None
+        except UnicodeError as exc:  # punycode, idna, undefined
+            raise InvalidInput(f"the document is not valid {codec} text: {exc}") from None
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
             return data.decode("utf-16")

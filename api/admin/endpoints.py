@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from api.deps import AdminPrincipal, DbSession
 from api.jobs.schemas import ErrorResponse
 from api.params import UtcDateTime
-from api.responses import ERRORS
+from api.responses import ERRORS, Responses
 from core.errors import InvalidInput, NotFound
 from core.repositories import jobs as job_repo
 from core.repositories.reports import GroupBy, ReportFilter, energy_methods
@@ -217,7 +217,11 @@ def _check_range(since: datetime | None, until: datetime | None) -> None:
         raise InvalidInput("'until' must be later than 'since'")
 
 
-@router.get("/tenants", response_model=TenantUsageList)
+# With `?format=csv` every report answers CSV.
+CSV: Responses = {200: {"content": {"text/csv": {"schema": {"type": "string"}}}}}
+
+
+@router.get("/tenants", response_model=TenantUsageList, responses=CSV)
 def list_tenants(session: DbSession, _: AdminPrincipal, since: Since = None, until: Until = None,
                  format: FormatQuery = "json") -> Any:
     """Every tenant with its spend, latency figures and jobs by status."""
@@ -230,7 +234,7 @@ def list_tenants(session: DbSession, _: AdminPrincipal, since: Since = None, unt
     return {"data": rows}
 
 
-@router.get("/usage", response_model=UsageReport)
+@router.get("/usage", response_model=UsageReport, responses=CSV)
 def usage_report(
     session: DbSession,
     _: AdminPrincipal,
@@ -255,7 +259,7 @@ def usage_report(
             "totals": reports.totals(session, f), "data": rows}
 
 
-@router.get("/jobs/{job_id}", response_model=JobDrillDown)
+@router.get("/jobs/{job_id}", response_model=JobDrillDown, responses=CSV)
 def job_drill_down(session: DbSession, _: AdminPrincipal, job_id: str,
                    format: FormatQuery = "json") -> Any:
     """One job of any tenant: its figures, its steps and every model call (CSV: the calls)."""

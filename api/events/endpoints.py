@@ -16,7 +16,7 @@ from api.deps import CurrentPrincipal, DbSession
 from api.events.hub import hub
 from api.events.schemas import EventList, EventOut
 from api.params import MAX_DB_INT
-from api.responses import ERRORS
+from api.responses import ERRORS, link
 from core.db import read_session_factory
 from core.db_errors import retry_transient
 from core.errors import InvalidInput
@@ -33,7 +33,9 @@ def _out(e: Any) -> EventOut:
     return EventOut(cursor=e.seq, type=e.type, data=dict(e.data or {}), created_at=e.created_at)
 
 
-@router.get("/{job_id}/events", response_model=EventList)
+@router.get("/{job_id}/events", response_model=EventList, responses={200: {"links": {
+    "NextPage": link("/v1/jobs/{job_id}/events", "get", "The events that follow",
+                     job_id="$request.path.job_id", after="$response.body#/next_cursor")}}})
 def list_events(
     job_id: str,
     session: DbSession,

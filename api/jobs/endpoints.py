@@ -20,7 +20,7 @@ from api.jobs.schemas import (
     UsageOut,
 )
 from api.jobs.serialize import job_out
-from api.responses import ERRORS
+from api.responses import ERRORS, job_links, link
 from core.db import transaction
 from core.db_errors import retry_transient
 from core.repositories.webhooks import new_secret
@@ -33,7 +33,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
 
 @router.post("", status_code=202, response_model=JobOut,
-             responses={202: {"headers": {"Location": {"description": "The job's URL"}}},
+             responses={202: {"headers": {"Location": {"description": "The job's URL"}},
+                              "links": job_links("$response.body#/id")},
                         409: {"model": ErrorResponse,
                               "description": "The first request with this Idempotency-Key "
                                              "is still in flight"}})
@@ -83,7 +84,9 @@ def submit_job(
     return JSONResponse(out, status_code=202, headers={"Location": f"/v1/jobs/{out['id']}"})
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, responses={200: {"links": {
+    "NextPage": link("/v1/jobs", "get", "The next page (while next_cursor is not null)",
+                     cursor="$response.body#/next_cursor")}}})
 def list_jobs(
     session: DbSession,
     principal: CurrentPrincipal,
@@ -121,7 +124,8 @@ def list_steps(job_id: str, session: DbSession, principal: CurrentPrincipal) -> 
     return StepList(data=data)
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut,
+             responses={202: {"links": job_links("$response.body#/id")}})
 def cancel_job(job_id: str, principal: CurrentPrincipal, response: Response) -> JobOut:
     """Cancel a job. Steps that have not started never run; running steps stop at their next
     model call. The job ends `cancelled` (a job already finished is returned as it is)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from api.deps import CurrentPrincipal, DbSession
-from api.responses import ERRORS
+from api.responses import ERRORS, link
 from api.webhooks.schemas import (
     AttemptOut,
     DeliveryList,
@@ -32,7 +32,14 @@ def _endpoint_out(ep: WebhookEndpoint, show_secret: bool = False) -> EndpointOut
                        secret=ep.secret if show_secret else None)
 
 
-@router.post("/v1/webhook-endpoints", status_code=201, response_model=EndpointOut)
+@router.post("/v1/webhook-endpoints", status_code=201, response_model=EndpointOut,
+             responses={201: {"links": {
+                 "RotateSecret": link("/v1/webhook-endpoints/{endpoint_id}/rotate-secret",
+                                      "post", "A new signing secret",
+                                      endpoint_id="$response.body#/id"),
+                 "DeleteEndpoint": link("/v1/webhook-endpoints/{endpoint_id}", "delete",
+                                        "Remove the endpoint",
+                                        endpoint_id="$response.body#/id")}}})
 def create_endpoint(body: EndpointCreate, principal: CurrentPrincipal) -> EndpointOut:
     """Register a receiver for all of the tenant's jobs' chosen events. The signing secret
     (`whsec_...`) is in this response only."""
