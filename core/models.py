@@ -321,6 +321,11 @@ class IdempotencyKey(Base):
     key: Mapped[str] = mapped_column(String(255))
     request_hash: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(20))  # in_flight | done
+    # The request that holds the key while it is in flight (a random token), and until when
+    # (on the database's clock): the holder renews the lease while it runs; a lease that ran
+    # out (its process died or froze) lets another request take the key over.
+    owner: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     response_body: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)

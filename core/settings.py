@@ -119,6 +119,10 @@ class Settings(BaseSettings):
     webhook_secret_grace_hours: float = 24.0
     # Idempotency keys are kept at least this long.
     idempotency_ttl_hours: float = 24.0
+    # A request holds its Idempotency-Key under a lease of this many seconds, renewed every
+    # third of it while the request runs; a key whose lease ran out (its process died or
+    # froze) is taken over by the next request with it.
+    idempotency_lease_s: float = Field(default=30.0, gt=0)
     # A running step's lease; the worker running it renews it every quarter of this. A step whose
     # lease ran out (its worker died) is queued again by the sweeper.
     step_lease_seconds: float = 60.0

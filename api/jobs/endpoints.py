@@ -48,13 +48,15 @@ def submit_job(
 ) -> JSONResponse:
     """Submit a job. Answers at once with the queued job; poll its `Location`."""
     key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None
+    claim: idempotency.Claim | None = None
     if key is not None:
         request_hash = idempotency.fingerprint(body.model_dump(mode="json"))
-        stored = retry_transient(lambda: idempotency.begin(principal.tenant_id, key,
-                                                           request_hash))
-        if stored is not None:
-            return JSONResponse(stored.body, status_code=stored.status_code, headers={
-                "Location": f"/v1/jobs/{stored.body['id']}", "Idempotent-Replayed": "true"})
+        begun = retry_transient(lambda: idempotency.begin(principal.tenant_id, key,
+                                                          request_hash))
+        if isinstance(begun, idempotency.StoredResponse):
+            return JSONResponse(begun.body, status_code=begun.status_code, headers={
+                "Location": f"/v1/jobs/{begun.body['id']}", "Idempotent-Replayed": "true"})
+        claim = begun
     budget = body.budget.model_dump(exclude_none=True)
 
     def create(webhook: dict[str, Any] | None) -> dict[str, Any]:
@@ -64,23 +66,25 @@ def submit_job(
                 raw_input=body.input, budget=budget, metadata=body.metadata,
                 idempotency_key=key, webhook=webhook)
             out: dict[str, Any] = jsonable_encoder(job_out(job, show_secret=True))
-            if key is not None:
-                idempotency.complete(session, principal.tenant_id, key, 202, out, job.id)
+            if claim is not None:
+                idempotency.complete(session, claim, 202, out, job.id)
         return out
 
-    try:
-        webhook = None
-        if body.webhook is not None:
-            check_url(body.webhook.url,
-                      allow_private=get_settings().webhooks_allow_private_networks)
-            webhook = {"url": body.webhook.url, "events": list(body.webhook.events),
-                       "secret": new_secret()}
-        # One transaction; run again whole if a transient error rolled it back.
-        out = retry_transient(lambda: create(webhook))
-    except BaseException:
-        if key is not None:
-            retry_transient(lambda: idempotency.abandon(principal.tenant_id, key))
-        raise
+    with idempotency.held(claim):
+        try:
+            webhook = None
+            if body.webhook is not None:
+                check_url(body.webhook.url,
+                          allow_private=get_settings().webhooks_allow_private_networks)
+                webhook = {"url": body.webhook.url, "events": list(body.webhook.events),
+                           "secret": new_secret()}
+            # One transaction; run again whole if a transient error rolled it back.
+            out = retry_transient(lambda: create(webhook))
+        except BaseException:
+            if claim is not None:
+                mine = claim
+                retry_transient(lambda: idempotency.abandon(mine))
+            raise
     return JSONResponse(out, status_code=202, headers={"Location": f"/v1/jobs/{out['id']}"})
 
 
