@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     # local endpoint), the measured board power is used.
     endpoint_watts: dict[str, float] = Field(default_factory=dict)
     energy_nvml: bool = True
+    # /readyz asks the pool endpoints at most once per this many seconds (per API process).
+    readyz_pool_cache_s: float = Field(default=5.0, ge=0)
     # When set, scrapes of /metrics must send `Authorization: Bearer <token>`.
     metrics_token: str | None = None
     # Spend fractions of a budget that append a `budget.threshold` event when crossed.
