@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from platformdirs import user_cache_dir, user_data_dir
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     energy_nvml: bool = True
     # /readyz asks the pool endpoints at most once per this many seconds (per API process).
     readyz_pool_cache_s: float = Field(default=5.0, ge=0)
+    # The admin page's sessions: how long one lasts, and the secret that signs them (by default
+    # a random one the deployment makes once and keeps in the database).
+    admin_session_hours: float = Field(default=12.0, gt=0)
+    admin_session_secret: SecretStr | None = None
+    # Proxies whose X-Forwarded-Proto and X-Forwarded-For are believed (comma-separated IPs or
+    # networks, "*" for any): behind a TLS proxy the app then knows a request came over https.
+    trusted_proxies: str = "127.0.0.1"
     # When set, scrapes of /metrics must send `Authorization: Bearer <token>`.
     metrics_token: str | None = None
     # Spend fractions of a budget that append a `budget.threshold` event when crossed.

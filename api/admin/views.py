@@ -1,7 +1,8 @@
 """The admin page: `/admin`, server-rendered HTML with inline SVG charts.
 
-Sign-in takes an admin key once and keeps it in an HttpOnly, SameSite=Strict cookie scoped to
-`/admin`; a `Bearer` header works too. Everything the page shows comes from
+Sign-in takes an admin key once and starts a signed session (`api.admin.session`: an HttpOnly,
+SameSite=Strict cookie scoped to `/admin` that names the key by its id, never holds it, and
+expires); a `Bearer` header works too. Everything the page shows comes from
 `orchestrator.reports` and `core.repositories.reports`, the same functions behind
 `/v1/admin/...`.
 """
@@ -17,8 +18,10 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from api.admin import session as admin_session
 from api.admin.charts import bar_chart, line_chart
 from api.admin.endpoints import csv_response
+from api.admin.session import COOKIE
 from api.deps import DbSession
 from core.errors import InvalidInput, NotFound
 from core.keys import Principal, authenticate, get_tenant
@@ -28,7 +31,6 @@ from core.repositories.reports import GroupBy, ReportFilter, day_range, energy_m
 from core.settings import get_settings
 from orchestrator import reports
 
-COOKIE = "agentq_admin"
 DEFAULT_DAYS = 30
 
 router = APIRouter(prefix="/admin", include_in_schema=False)
@@ -43,7 +45,7 @@ def sign_in_redirect(request: Request, exc: Exception) -> Response:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     resp = RedirectResponse("/admin/login?" + urlencode({"next": target}), status_code=303)
     if request.cookies.get(COOKIE):
-        resp.delete_cookie(COOKIE, path="/admin")
+        admin_session.end(resp)
     return resp
 
 
@@ -74,13 +76,12 @@ templates.env.filters.update(int=_fmt_int, usd=_fmt_usd, num=_fmt_num, sig=_fmt_
 
 
 def admin_principal(request: Request, session: DbSession) -> Principal:
-    raw = request.cookies.get(COOKIE)
     header = request.headers.get("authorization", "")
+    principal: Principal | None = None
     if header.lower().startswith("bearer "):
-        raw = header[7:].strip()
-    if not raw:
-        raise NeedsSignIn()
-    principal = authenticate(session, raw)
+        principal = authenticate(session, header[7:].strip())
+    elif request.cookies.get(COOKIE):
+        principal = admin_session.principal(session, request.cookies[COOKIE])
     if principal is None or not principal.is_admin:
         raise NeedsSignIn()
     return principal
@@ -159,15 +160,14 @@ def login(request: Request, session: DbSession, key: Annotated[str, Form(max_len
         page.status_code = 401 if principal is None else 403
         return page
     resp = RedirectResponse(_safe_next(next), status_code=303)
-    resp.set_cookie(COOKIE, key.strip(), httponly=True, samesite="strict", path="/admin",
-                    secure=request.url.scheme == "https", max_age=12 * 3600)
+    admin_session.start(request, resp, principal)
     return resp
 
 
 @router.post("/logout")
 def logout() -> RedirectResponse:
     resp = RedirectResponse("/admin/login", status_code=303)
-    resp.delete_cookie(COOKIE, path="/admin")
+    admin_session.end(resp)
     return resp
 
 
