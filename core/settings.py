@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     # no notification arrives (Redis away).
     sse_heartbeat_s: float = 15.0
     sse_poll_fallback_s: float = 30.0
+    # Event streams one API key may hold open at once (over every API process), and the longest
+    # a stream stays open: then the server closes it and the client resumes with Last-Event-ID.
+    sse_max_streams_per_key: int = Field(default=20, ge=1)
+    sse_max_stream_s: float = Field(default=3600.0, gt=0)
     # Webhooks.
     webhooks_allow_private_networks: bool = False
     webhook_timeout_s: float = 15.0

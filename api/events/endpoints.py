@@ -5,21 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Header, Query
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
 from api.deps import CurrentPrincipal, DbSession
+from api.events import streams
 from api.events.hub import hub
 from api.events.schemas import EventList, EventOut
 from api.params import MAX_DB_INT
 from api.responses import ERRORS, link
 from core.db import read_session_factory
 from core.db_errors import retry_transient
-from core.errors import InvalidInput
+from core.errors import InvalidInput, TooManyRequests
 from core.repositories import events as event_service
 from core.settings import get_settings
 from orchestrator import jobs as job_service
@@ -70,9 +73,11 @@ def _load(job_id: str, after: int) -> list[EventOut]:
     return retry_transient(load)
 
 
-async def _stream(job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
+async def _stream(job_id: str, after: int, slot: streams.Slot) -> AsyncIterator[dict[str, Any]]:
     settings = get_settings()
     woken = hub.watch(job_id)
+    started = time.monotonic()
+    renewed = started
     try:
         while True:
             woken.clear()
@@ -87,16 +92,27 @@ async def _stream(job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
                     return
             if len(batch) == PAGE_MAX:
                 continue
+            now = time.monotonic()
+            left = settings.sse_max_stream_s - (now - started)
+            if left <= 0:
+                return  # long enough: the client resumes with Last-Event-ID
+            if now - renewed >= streams.RENEW_EVERY_S:
+                await run_in_threadpool(slot.renew)
+                renewed = now
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(woken.wait(), timeout=settings.sse_poll_fallback_s)
+                await asyncio.wait_for(woken.wait(), timeout=min(
+                    settings.sse_poll_fallback_s, streams.RENEW_EVERY_S, left))
     finally:
         hub.unwatch(job_id, woken)
+        with anyio.CancelScope(shield=True):  # also when the client went away (cancelled)
+            await run_in_threadpool(slot.release)
 
 
 @router.get("/{job_id}/events/stream", response_class=EventSourceResponse, responses={200: {
     "content": {"text/event-stream": {}},
     "description": "Server-Sent Events: each event's `id` is its cursor; heartbeats are "
-                   "comment lines; the stream ends after the job's terminal event."}})
+                   "comment lines; the stream ends after the job's terminal event, or after "
+                   "AGENTQ_SSE_MAX_STREAM_S (reconnect with Last-Event-ID)."}})
 def stream_events(
     job_id: str,
     session: DbSession,
@@ -106,10 +122,17 @@ def stream_events(
     last_event_id: Annotated[str | None, Header(max_length=20)] = None,
 ) -> EventSourceResponse:
     """Stream the job's events. Reconnect with `Last-Event-ID` (or `after`) to get exactly the
-    events after the last one you saw."""
+    events after the last one you saw. A key may hold AGENTQ_SSE_MAX_STREAMS_PER_KEY streams
+    open at once (beyond that, 429); a stream is closed after AGENTQ_SSE_MAX_STREAM_S."""
     job = job_service.get_job(session, principal.tenant_id, job_id)
     if last_event_id is not None:
         after = event_cursor(last_event_id)
-    return EventSourceResponse(_stream(job.id, after), ping=get_settings().sse_heartbeat_s,
+    slot = streams.acquire(principal.key_id)
+    if slot is None:
+        limit = get_settings().sse_max_streams_per_key
+        raise TooManyRequests(f"this API key already has {limit} event streams open (the "
+                              "most it may); close one, or poll /events instead",
+                              retry_after=int(streams.RENEW_EVERY_S), code="too_many_streams")
+    return EventSourceResponse(_stream(job.id, after, slot), ping=get_settings().sse_heartbeat_s,
                                headers={"Cache-Control": "no-cache",
                                         "X-Accel-Buffering": "no"})
