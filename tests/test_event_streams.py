@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 import threading
 from contextlib import ExitStack
+from typing import cast
 
 import httpx
 import pytest
@@ -53,7 +54,7 @@ def open_streams(raw_key: str) -> int:
     with transaction() as s:
         principal = authenticate(s, raw_key)
         assert principal is not None
-    return int(get_redis().zcard(PREFIX + principal.key_id))
+    return int(cast(int, get_redis().zcard(PREFIX + principal.key_id)))
 
 
 def test_a_key_holds_a_bounded_number_of_streams(api_server: str, keys: tuple[str, str],
