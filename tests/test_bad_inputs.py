@@ -191,3 +191,20 @@ def test_upload_with_a_charset_that_is_no_text_encoding_is_422(
                      headers={**h, "Content-Type": f"text/plain; charset={charset}"})
     assert resp.status_code == 422, resp.text
     assert charset in resp.json()["error"]["message"]
+
+
+def test_a_csv_export_named_after_any_id_is_served(http: TestClient,
+                                                   keys: dict[str, str]) -> None:
+    resp = http.get("/admin/export.csv", params={"job_id": "job_☃\U000404c1"},
+                    headers=auth(keys["admin"]))
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-disposition"] == 'attachment; filename="job-job___-calls.csv"'
+
+
+def test_sign_in_never_redirects_to_a_header_injection(http: TestClient,
+                                                       keys: dict[str, str]) -> None:
+    resp = http.post("/admin/login", data={"key": keys["admin"],
+                                           "next": "/admin\r\nSet-Cookie: x=1"},
+                     follow_redirects=False)
+    assert resp.status_code == 303
+    assert resp.headers["location"] == "/admin"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import schemathesis
@@ -132,3 +133,37 @@ def test_uploads_in_any_declared_charset_never_fail(fuzz_keys: dict[str, str],
             assert resp.status_code in (201, 409, 415, 422), (declared, data, resp.text)
 
         upload()
+
+
+PAGES = ["/admin", "/admin/tenants/{id}", "/admin/jobs/{id}", "/admin/jobs/{id}/steps/{id}",
+         "/admin/export.csv", "/admin/login"]
+
+
+def test_admin_pages_never_fail(fuzz_keys: dict[str, str]) -> None:
+    """The admin page is not in the OpenAPI document: its routes, with any dates, ids and
+    sign-in form, answer without a server error."""
+    from fastapi.testclient import TestClient
+
+    text = st.text(max_size=30)
+    dates = st.one_of(st.dates().map(str), text)
+    admin = {"Authorization": f"Bearer {fuzz_keys['admin']}"}
+    with TestClient(app, raise_server_exceptions=False, follow_redirects=False) as http:
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=SUPPRESSED,
+                  database=None)
+        @given(st.sampled_from(PAGES), text, dates, dates,
+               st.sampled_from([None, "day", "tenant", "job", "model", "x"]), st.booleans())
+        def visit(page: str, some_id: str, since: str, until: str, group_by: str | None,
+                  signed_in: bool) -> None:
+            CASES["count"] += 1
+            params = {"since": since, "until": until, "group_by": group_by, "job_id": some_id,
+                      "next": some_id}
+            url = page.replace("{id}", quote(some_id, safe="") or "x")
+            resp = http.get(url, params={k: v for k, v in params.items() if v is not None},
+                            headers=admin if signed_in else {})
+            assert resp.status_code < 500, (url, params, resp.text[:300])
+            if page == "/admin/login":
+                resp = http.post(url, data={"key": some_id, "next": "/admin" + some_id})
+                assert resp.status_code < 500, (some_id, resp.text[:300])
+
+        visit()

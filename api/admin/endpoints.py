@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -208,8 +209,10 @@ def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None)
 
 def csv_response(rows: Sequence[dict[str, Any]], filename: str,
                  columns: Sequence[str] | None = None) -> Response:
+    # Only characters any header can carry: the name may hold an id the request gave.
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", filename)
     return Response(to_csv(rows, columns), media_type="text/csv; charset=utf-8",
-                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+                    headers={"Content-Disposition": f'attachment; filename="{safe}"'})
 
 
 def _check_range(since: datetime | None, until: datetime | None) -> None:

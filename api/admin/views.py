@@ -144,7 +144,8 @@ def login_form(request: Request, next: str = "/admin") -> HTMLResponse:  # noqa:
 
 def _safe_next(target: str) -> str:
     """Only paths of this page are followed after sign-in (no open redirect)."""
-    ok = target.startswith("/admin") and "//" not in target and "\\" not in target
+    ok = (target.startswith("/admin") and "//" not in target and "\\" not in target
+          and target.isprintable())  # no control characters (header injection)
     return target if ok else "/admin"
 
 
