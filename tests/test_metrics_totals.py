@@ -24,7 +24,9 @@ JOB = {"kind": "completion", "input": {"prompt": "Say hello"}}
 @pytest.fixture(scope="module", params=BACKENDS)
 def db(request: pytest.FixtureRequest, agentq_env: dict[str, str],
        tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with backend(request.param, tmp_path_factory.mktemp(f"totals-{request.param}")):
+    # A database of its own: the rows written here would show in other tests' global sums.
+    with backend(request.param, tmp_path_factory.mktemp(f"totals-{request.param}"),
+                 fresh=True):
         yield str(request.param)
 
 

@@ -4,9 +4,11 @@ appear in it, whatever the time range, also for an admin key (whose tenant is it
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -44,7 +46,17 @@ def usage(client: TestClient, key: str, **params: str) -> dict[str, Any]:
     return body
 
 
-def test_a_tenant_sees_only_its_own_usage(client: TestClient, quiet_workers: None) -> None:
+@pytest.fixture
+def own_database(agentq_env: dict[str, str]) -> Iterator[None]:
+    """A database of its own: the ledger rows written here would show in other tests' global
+    sums."""
+    from tests.backends import fresh_postgres
+
+    with fresh_postgres():
+        yield
+
+
+def test_a_tenant_sees_only_its_own_usage(client: TestClient, own_database: None) -> None:
     shared_model = f"shared-{secrets.token_hex(3)}"
     a = tenant_with_spend(client, calls=7, tokens=100, model=shared_model)
     b = tenant_with_spend(client, calls=3, tokens=10, model=shared_model)
