@@ -141,13 +141,13 @@ def _decode(data: bytes, charset: str | None) -> str:
             raise InvalidInput(f"unknown charset {charset[:40]!r}") from None
         try:
             return data.decode(codec)
+        except LookupError:  # a codec of bytes, not of text (rot13, zlib, hex)
+            raise InvalidInput(f"charset {charset[:40]!r} is not a text encoding") from None
         except UnicodeDecodeError as exc:
             raise InvalidInput(f"the document is not valid {codec} text: {exc.reason} at "
                                f"byte {exc.start}") from None
-        except UnicodeError:  # a codec that decodes nothing ("undefined")
-            raise InvalidInput(f"the document is not valid {codec} text") from None
-        except LookupError:  # a codec from bytes to bytes or str to str ("zlib", "rot13")
-            raise InvalidInput(f"charset {charset[:40]!r} is not a text encoding") from None
+        except UnicodeError as exc:  # punycode, idna, undefined
+            raise InvalidInput(f"the document is not valid {codec} text: {exc}") from None
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
             return data.decode("utf-16")

@@ -7,13 +7,16 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from api import errors
 from api.admin.views import NeedsSignIn, sign_in_redirect
 from api.admin.views import router as admin_pages
+from api.guards import InputGuard
 from api.limits import BodySizeLimit
 from api.router import router
 from core.db import pool_capacity
+from core.settings import get_settings
 
 
 def bound_threadpool() -> None:
@@ -40,7 +43,11 @@ def create_app() -> FastAPI:
         lifespan=_lifespan,
     )
     errors.install(app)
-    app.add_middleware(BodySizeLimit)
+    app.add_middleware(InputGuard)
+    app.add_middleware(BodySizeLimit)  # a body's size is checked before its content
+    # Outermost: the scheme and client that trusted proxies report (https behind TLS).
+    app.add_middleware(ProxyHeadersMiddleware,
+                       trusted_hosts=get_settings().trusted_proxies)
     app.include_router(router)
     app.include_router(admin_pages)
     app.add_exception_handler(NeedsSignIn, sign_in_redirect)

@@ -1,9 +1,11 @@
 """Prometheus metrics at `/metrics`, read at scrape time from the database and Redis.
 
-Counts come from the job and step tables and the ledger, so every API replica reports the same
-numbers and they agree with the admin page; pool in-flight counts are what each worker process
-last published to Redis (every second, expiring when the process dies); each endpoint's running
-and waiting requests and prefix-cache hit rate are read from its own `/metrics`. Set
+Counts come from the job and step tables and the ledger's running totals (`ledger_totals`, kept
+in the transactions that write the ledger, so a scrape does not read the ledger itself), so
+every API replica reports the same numbers and they agree with the admin page; pool in-flight
+counts are what each worker process last published to Redis (every second, expiring when the
+process dies); each endpoint's running and waiting requests and prefix-cache hit rate are read
+from its own `/metrics`. Set
 `AGENTQ_METRICS_TOKEN` to require `Authorization: Bearer <token>` on scrapes.
 """
 
@@ -26,7 +28,7 @@ from core.errors import Unauthorized
 from core.models import JobStatus, StepStatus
 from core.queue import QUEUE, WEBHOOK_QUEUE, queue_keys
 from core.redis import get_redis
-from core.repositories import reports, reports_counts
+from core.repositories import ledger_totals, reports_counts
 from core.settings import get_settings
 from inference.pool import INFLIGHT_KEY_PREFIX
 
@@ -104,7 +106,8 @@ class AgentqCollector(Collector):
             step_status.update(reports_counts.step_counts(session))
             for status, n in step_status.items():
                 steps.add_metric([status], n)
-            for model, s in reports.sums_by(session, reports.ReportFilter(), "model").items():
+            # Running totals: a scrape reads a few rows per model, not the ledger.
+            for model, s in ledger_totals.by_model(session).items():
                 calls.add_metric([model], s.calls)
                 tokens.add_metric([model, "prompt"], s.prompt_tokens)
                 tokens.add_metric([model, "completion"], s.completion_tokens)

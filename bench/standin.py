@@ -46,6 +46,7 @@ class StandinState:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     requests_total: int = 0
+    models_requests_total: int = 0
     running: int = 0
     max_running: int = 0
     request_ids: list[str] = field(default_factory=list)
@@ -89,6 +90,8 @@ def make_app(state: StandinState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
+        with state.lock:
+            state.models_requests_total += 1
         return {"object": "list", "data": [{"id": state.model, "object": "model"}]}
 
     @app.post("/v1/completions")
@@ -216,6 +219,7 @@ def make_app(state: StandinState) -> FastAPI:
     async def stats() -> dict[str, Any]:
         with state.lock:
             return {"requests_total": state.requests_total,
+                    "models_requests_total": state.models_requests_total,
                     "prompt_tokens_total": state.prompt_tokens_total,
                     "generation_tokens_total": state.generation_tokens_total,
                     "max_running": state.max_running,

@@ -133,6 +133,15 @@ def on_rollback(session: Session, key: str, action: Callable[[], None]) -> None:
 
 
 ON_ROLLBACK = "agentq.on_rollback"
+BEFORE_COMMIT = "agentq.before_commit"
+
+
+def before_commit(session: Session, key: str, action: Callable[[], None]) -> None:
+    """Run `action` in the transaction of `session`, after the rest of its work and just before
+    it commits: for writes to rows that many transactions update (running totals), so that
+    their locks are always taken last and held briefly. One action per `key` and transaction."""
+    actions: dict[str, Callable[[], None]] = session.info.setdefault(BEFORE_COMMIT, {})
+    actions.setdefault(key, action)
 
 
 def pending(session: Session, key: str) -> list[Any]:
@@ -150,6 +159,9 @@ def transaction(*, read_only: bool = False) -> Iterator[Session]:
     session = (read_session_factory() if read_only else session_factory())()
     try:
         yield session
+        last: dict[str, Callable[[], None]] = session.info.pop(BEFORE_COMMIT, {})
+        for write in last.values():
+            write()
         commit(session)
     except BaseException:
         undo: dict[str, Callable[[], None]] = session.info.pop(ON_ROLLBACK, {})

@@ -68,6 +68,19 @@ def authenticate(session: Session, raw: str) -> Principal | None:
     return Principal(tenant.id, tenant.name, key.id, frozenset(key.scope_set))
 
 
+def principal_of(session: Session, key_id: str) -> Principal | None:
+    """The principal of a key by its id, while the key is not revoked."""
+    row = session.execute(
+        select(ApiKey, Tenant)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+    ).first()
+    if row is None:
+        return None
+    key, tenant = row
+    return Principal(tenant.id, tenant.name, key.id, frozenset(key.scope_set))
+
+
 def revoke_key(session: Session, key_id: str) -> bool:
     key = session.get(ApiKey, key_id)
     if key is None or key.revoked_at is not None:

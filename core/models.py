@@ -264,6 +264,35 @@ class ModelCall(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
 
+class LedgerTotal(Base):
+    """Running totals of the ledger per model, kept in the transactions that write ledger rows
+    (`core.repositories.ledger_totals`), so that reading them costs the same however long the
+    ledger grows. Each model's totals are split over a few shards (by job) so that concurrent
+    transactions seldom wait for one another; a model's figures are the sums of its shards."""
+
+    __tablename__ = "ledger_totals"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calls: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    energy_wh: Mapped[float] = mapped_column(default=0.0)
+
+
+class AppSecret(Base):
+    """A secret the deployment generated for itself once (for example the key that signs admin
+    sessions when none is configured), shared by every process through the database."""
+
+    __tablename__ = "app_secrets"
+
+    name: Mapped[str] = mapped_column(String(60), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class Reservation(Base):
     """Tokens and dollars one model call holds against its job's budget while it is in flight.
     Deleted when the call settles (the deletion is what releases it, so it happens once), or
@@ -321,6 +350,11 @@ class IdempotencyKey(Base):
     key: Mapped[str] = mapped_column(String(255))
     request_hash: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(20))  # in_flight | done
+    # The request that holds the key while it is in flight (a random token), and until when
+    # (on the database's clock): the holder renews the lease while it runs; a lease that ran
+    # out (its process died or froze) lets another request take the key over.
+    owner: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     response_body: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
@@ -456,6 +490,7 @@ jobs_table = cast(Table, Job.__table__)
 steps_table = cast(Table, Step.__table__)
 tenants_table = cast(Table, Tenant.__table__)
 model_calls_table = cast(Table, ModelCall.__table__)
+ledger_totals_table = cast(Table, LedgerTotal.__table__)
 reservations_table = cast(Table, Reservation.__table__)
 job_events_table = cast(Table, JobEvent.__table__)
 outbox_table = cast(Table, OutboxMessage.__table__)

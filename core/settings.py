@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from platformdirs import user_cache_dir, user_data_dir
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -99,6 +99,15 @@ class Settings(BaseSettings):
     # local endpoint), the measured board power is used.
     endpoint_watts: dict[str, float] = Field(default_factory=dict)
     energy_nvml: bool = True
+    # /readyz asks the pool endpoints at most once per this many seconds (per API process).
+    readyz_pool_cache_s: float = Field(default=5.0, ge=0)
+    # The admin page's sessions: how long one lasts, and the secret that signs them (by default
+    # a random one the deployment makes once and keeps in the database).
+    admin_session_hours: float = Field(default=12.0, gt=0)
+    admin_session_secret: SecretStr | None = None
+    # Proxies whose X-Forwarded-Proto and X-Forwarded-For are believed (comma-separated IPs or
+    # networks, "*" for any): behind a TLS proxy the app then knows a request came over https.
+    trusted_proxies: str = "127.0.0.1"
     # When set, scrapes of /metrics must send `Authorization: Bearer <token>`.
     metrics_token: str | None = None
     # Spend fractions of a budget that append a `budget.threshold` event when crossed.
@@ -109,6 +118,8 @@ class Settings(BaseSettings):
     rate_limit: str = "600/minute"
     max_jobs_in_flight: int = 1000
     max_body_bytes: int = 1_048_576
+    # The deepest nesting a JSON request body may have (objects and arrays).
+    max_json_depth: int = Field(default=32, ge=2, le=200)
     # Corpora. The largest document accepted, in bytes as uploaded: upload requests are held to
     # this (plus multipart framing) instead of max_body_bytes. The most text one document may
     # yield (a small PDF can hold a lot of compressed text). How many corpora's search indexes
@@ -125,6 +136,10 @@ class Settings(BaseSettings):
     # no notification arrives (Redis away).
     sse_heartbeat_s: float = 15.0
     sse_poll_fallback_s: float = 30.0
+    # Event streams one API key may hold open at once (over every API process), and the longest
+    # a stream stays open: then the server closes it and the client resumes with Last-Event-ID.
+    sse_max_streams_per_key: int = Field(default=20, ge=1)
+    sse_max_stream_s: float = Field(default=3600.0, gt=0)
     # Webhooks.
     webhooks_allow_private_networks: bool = False
     # The whole of one delivery attempt (name lookup, connect, send, response headers and
@@ -146,6 +161,10 @@ class Settings(BaseSettings):
     webhook_secret_grace_hours: float = 24.0
     # Idempotency keys are kept at least this long.
     idempotency_ttl_hours: float = 24.0
+    # A request holds its Idempotency-Key under a lease of this many seconds, renewed every
+    # third of it while the request runs; a key whose lease ran out (its process died or
+    # froze) is taken over by the next request with it.
+    idempotency_lease_s: float = Field(default=30.0, gt=0)
     # A running step's lease; the worker running it renews it every quarter of this. A step whose
     # lease ran out (its worker died) is queued again by the sweeper.
     step_lease_seconds: float = 60.0

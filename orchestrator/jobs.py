@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -17,6 +15,7 @@ from agents.registry import get_kind, kind_names
 from core.errors import InvalidInput, NotFound, TooManyRequests
 from core.ids import new_id
 from core.models import Job, JobStatus, Step, StepStatus, utcnow
+from core.pagination import decode_cursor, encode_cursor
 from core.repositories import corpora, events, jobs, outbox, steps
 from core.settings import get_settings
 from orchestrator import dag
@@ -139,33 +138,14 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
-def _encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, job_id = json.loads(raw)
-        if not isinstance(created, str) or not isinstance(job_id, str) \
-                or not _ID.fullmatch(job_id):
-            raise ValueError("bad cursor fields")
-        when = datetime.fromisoformat(created)
-        if when.tzinfo is None:
-            raise ValueError("cursor time has no zone")
-        return when.astimezone(UTC), job_id
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise ValueError("not a cursor this API returned") from exc
-
-
 def list_jobs(session: Session, tenant_id: str, *, limit: int, cursor: str | None,
               status: str | None) -> tuple[list[Job], str | None]:
     """The tenant's jobs, newest first; keyset pagination with an opaque cursor."""
-    after = _decode_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor) if cursor else None
     rows = jobs.list_for_tenant(session, tenant_id, limit=limit + 1, after=after,
                                 status=status)
-    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    next_cursor = (encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id)
+                   if len(rows) > limit else None)
     return rows[:limit], next_cursor
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -17,7 +18,8 @@ from pydantic import BaseModel, ConfigDict
 
 from api.deps import AdminPrincipal, DbSession
 from api.jobs.schemas import ErrorResponse
-from api.responses import ERRORS
+from api.params import UtcDateTime
+from api.responses import ERRORS, Responses
 from core.errors import InvalidInput, NotFound
 from core.repositories import jobs as job_repo
 from core.repositories.reports import GroupBy, ReportFilter, energy_methods
@@ -27,8 +29,8 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], responses={
     **ERRORS, 403: {"model": ErrorResponse, "description": "The key has no admin scope"}})
 
 Format = Literal["json", "csv"]
-Since = Annotated[datetime | None, Query(description="Calls made at or after this time")]
-Until = Annotated[datetime | None, Query(description="Calls made before this time")]
+Since = Annotated[UtcDateTime | None, Query(description="Calls made at or after this time")]
+Until = Annotated[UtcDateTime | None, Query(description="Calls made before this time")]
 FormatQuery = Annotated[Format, Query(description="`json` (default) or `csv`")]
 
 
@@ -207,8 +209,10 @@ def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None)
 
 def csv_response(rows: Sequence[dict[str, Any]], filename: str,
                  columns: Sequence[str] | None = None) -> Response:
+    # Only characters any header can carry: the name may hold an id the request gave.
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", filename)
     return Response(to_csv(rows, columns), media_type="text/csv; charset=utf-8",
-                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+                    headers={"Content-Disposition": f'attachment; filename="{safe}"'})
 
 
 def _check_range(since: datetime | None, until: datetime | None) -> None:
@@ -216,7 +220,11 @@ def _check_range(since: datetime | None, until: datetime | None) -> None:
         raise InvalidInput("'until' must be later than 'since'")
 
 
-@router.get("/tenants", response_model=TenantUsageList)
+# With `?format=csv` every report answers CSV.
+CSV: Responses = {200: {"content": {"text/csv": {"schema": {"type": "string"}}}}}
+
+
+@router.get("/tenants", response_model=TenantUsageList, responses=CSV)
 def list_tenants(session: DbSession, _: AdminPrincipal, since: Since = None, until: Until = None,
                  format: FormatQuery = "json") -> Any:
     """Every tenant with its spend, latency figures and jobs by status."""
@@ -229,7 +237,7 @@ def list_tenants(session: DbSession, _: AdminPrincipal, since: Since = None, unt
     return {"data": rows}
 
 
-@router.get("/usage", response_model=UsageReport)
+@router.get("/usage", response_model=UsageReport, responses=CSV)
 def usage_report(
     session: DbSession,
     _: AdminPrincipal,
@@ -254,7 +262,7 @@ def usage_report(
             "totals": reports.totals(session, f), "data": rows}
 
 
-@router.get("/jobs/{job_id}", response_model=JobDrillDown)
+@router.get("/jobs/{job_id}", response_model=JobDrillDown, responses=CSV)
 def job_drill_down(session: DbSession, _: AdminPrincipal, job_id: str,
                    format: FormatQuery = "json") -> Any:
     """One job of any tenant: its figures, its steps and every model call (CSV: the calls)."""

@@ -1,14 +1,15 @@
 """The admin page: `/admin`, server-rendered HTML with inline SVG charts.
 
-Sign-in takes an admin key once and keeps it in an HttpOnly, SameSite=Strict cookie scoped to
-`/admin`; a `Bearer` header works too. Everything the page shows comes from
+Sign-in takes an admin key once and starts a signed session (`api.admin.session`: an HttpOnly,
+SameSite=Strict cookie scoped to `/admin` that names the key by its id, never holds it, and
+expires); a `Bearer` header works too. Everything the page shows comes from
 `orchestrator.reports` and `core.repositories.reports`, the same functions behind
 `/v1/admin/...`.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -17,8 +18,10 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from api.admin import session as admin_session
 from api.admin.charts import bar_chart, line_chart
 from api.admin.endpoints import csv_response
+from api.admin.session import COOKIE
 from api.deps import DbSession
 from core.errors import InvalidInput, NotFound
 from core.keys import Principal, authenticate, get_tenant
@@ -28,7 +31,6 @@ from core.repositories.reports import GroupBy, ReportFilter, day_range, energy_m
 from core.settings import get_settings
 from orchestrator import reports
 
-COOKIE = "agentq_admin"
 DEFAULT_DAYS = 30
 
 router = APIRouter(prefix="/admin", include_in_schema=False)
@@ -43,7 +45,7 @@ def sign_in_redirect(request: Request, exc: Exception) -> Response:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     resp = RedirectResponse("/admin/login?" + urlencode({"next": target}), status_code=303)
     if request.cookies.get(COOKIE):
-        resp.delete_cookie(COOKIE, path="/admin")
+        admin_session.end(resp)
     return resp
 
 
@@ -74,13 +76,12 @@ templates.env.filters.update(int=_fmt_int, usd=_fmt_usd, num=_fmt_num, sig=_fmt_
 
 
 def admin_principal(request: Request, session: DbSession) -> Principal:
-    raw = request.cookies.get(COOKIE)
     header = request.headers.get("authorization", "")
+    principal: Principal | None = None
     if header.lower().startswith("bearer "):
-        raw = header[7:].strip()
-    if not raw:
-        raise NeedsSignIn()
-    principal = authenticate(session, raw)
+        principal = authenticate(session, header[7:].strip())
+    elif request.cookies.get(COOKIE):
+        principal = admin_session.principal(session, request.cookies[COOKIE])
     if principal is None or not principal.is_admin:
         raise NeedsSignIn()
     return principal
@@ -89,7 +90,9 @@ def admin_principal(request: Request, session: DbSession) -> Principal:
 def _range(since: date | None, until: date | None) -> tuple[date, date, ReportFilter]:
     today = datetime.now(UTC).date()
     until = until or today
-    since = since or until - timedelta(days=DEFAULT_DAYS - 1)
+    if until >= date.max:
+        raise InvalidInput(f"until: must be before {date.max.isoformat()}")
+    since = since or date.fromordinal(max(1, until.toordinal() - (DEFAULT_DAYS - 1)))
     if until < since:
         raise InvalidInput("the end of the date range is before its start")
     return since, until, day_range(since, until)
@@ -141,7 +144,8 @@ def login_form(request: Request, next: str = "/admin") -> HTMLResponse:  # noqa:
 
 def _safe_next(target: str) -> str:
     """Only paths of this page are followed after sign-in (no open redirect)."""
-    ok = target.startswith("/admin") and "//" not in target and "\\" not in target
+    ok = (target.startswith("/admin") and "//" not in target and "\\" not in target
+          and target.isprintable())  # no control characters (header injection)
     return target if ok else "/admin"
 
 
@@ -157,15 +161,14 @@ def login(request: Request, session: DbSession, key: Annotated[str, Form(max_len
         page.status_code = 401 if principal is None else 403
         return page
     resp = RedirectResponse(_safe_next(next), status_code=303)
-    resp.set_cookie(COOKIE, key.strip(), httponly=True, samesite="strict", path="/admin",
-                    secure=request.url.scheme == "https", max_age=12 * 3600)
+    admin_session.start(request, resp, principal)
     return resp
 
 
 @router.post("/logout")
 def logout() -> RedirectResponse:
     resp = RedirectResponse("/admin/login", status_code=303)
-    resp.delete_cookie(COOKIE, path="/admin")
+    admin_session.end(resp)
     return resp
 
 

@@ -35,7 +35,7 @@ from api.corpora.schemas import (
 )
 from api.deps import CurrentPrincipal, DbSession
 from api.jobs.schemas import ErrorResponse
-from api.responses import ERRORS
+from api.responses import ERRORS, link
 from core.db import read_session_factory, transaction
 from core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, UnsupportedMediaType
 from core.models import Corpus, CorpusDocument
@@ -69,6 +69,14 @@ _UPLOAD_BODY: dict[str, Any] = {
 }
 
 
+_CORPUS_LINKS = [
+    ("GetCorpus", "/v1/corpora/{corpus_id}", "get", "Read the corpus"),
+    ("UploadDocument", "/v1/corpora/{corpus_id}/documents", "post", "Add a document"),
+    ("SearchCorpus", "/v1/corpora/{corpus_id}/search", "get", "Search the corpus"),
+    ("DeleteCorpus", "/v1/corpora/{corpus_id}", "delete", "Delete the corpus"),
+]
+
+
 def _corpus_out(c: Corpus) -> CorpusOut:
     return CorpusOut(id=c.id, name=c.name, description=c.description,
                      document_count=c.document_count, chunk_count=c.chunk_count,
@@ -82,8 +90,10 @@ def _document_out(d: CorpusDocument) -> DocumentOut:
                        created_at=d.created_at)
 
 
-@router.post("", status_code=201, response_model=CorpusOut,
-             responses={201: {"headers": {"Location": {"description": "The corpus's URL"}}}})
+@router.post("", status_code=201, response_model=CorpusOut, responses={201: {
+    "headers": {"Location": {"description": "The corpus's URL"}},
+    "links": {name: link(path, method, text, corpus_id="$response.body#/id")
+              for name, path, method, text in _CORPUS_LINKS}}})
 def create_corpus(body: CorpusCreate, principal: CurrentPrincipal,
                   response: Response) -> CorpusOut:
     """Create an empty corpus; add documents with `POST /v1/corpora/{id}/documents`."""
@@ -221,7 +231,11 @@ def _store(tenant_id: str, corpus_id: str,
 @router.post(
     "/{corpus_id}/documents", status_code=201, response_model=DocumentOut,
     openapi_extra={"requestBody": _UPLOAD_BODY},
-    responses={201: {"headers": {"Location": {"description": "The corpus's URL"}}},
+    responses={201: {"headers": {"Location": {"description": "The corpus's URL"}},
+                     "links": {"DeleteDocument": link(
+                         "/v1/corpora/{corpus_id}/documents/{document_id}", "delete",
+                         "Remove the document", corpus_id="$response.body#/corpus_id",
+                         document_id="$response.body#/id")}},
                409: {"model": ErrorResponse,
                      "description": "The corpus already holds this document"},
                413: {"model": ErrorResponse,

@@ -5,20 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Header, Query
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
 from api.deps import CurrentPrincipal, DbSession
+from api.events import streams
 from api.events.hub import hub
 from api.events.schemas import EventList, EventOut
-from api.responses import ERRORS
+from api.params import MAX_DB_INT
+from api.responses import ERRORS, link
 from core.db import read_session_factory
 from core.db_errors import retry_transient
-from core.errors import InvalidInput
+from core.errors import InvalidInput, TooManyRequests
 from core.repositories import events as event_service
 from core.settings import get_settings
 from orchestrator import jobs as job_service
@@ -32,12 +36,15 @@ def _out(e: Any) -> EventOut:
     return EventOut(cursor=e.seq, type=e.type, data=dict(e.data or {}), created_at=e.created_at)
 
 
-@router.get("/{job_id}/events", response_model=EventList)
+@router.get("/{job_id}/events", response_model=EventList, responses={200: {"links": {
+    "NextPage": link("/v1/jobs/{job_id}/events", "get", "The events that follow",
+                     job_id="$request.path.job_id", after="$response.body#/next_cursor")}}})
 def list_events(
     job_id: str,
     session: DbSession,
     principal: CurrentPrincipal,
-    after: Annotated[int, Query(ge=0, description="Return events after this cursor.")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_DB_INT,
+                                description="Return events after this cursor.")] = 0,
     limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 100,
 ) -> EventList:
     """The job's events in order, after a cursor."""
@@ -46,6 +53,15 @@ def list_events(
     page = [_out(e) for e in rows[:limit]]
     return EventList(data=page, next_cursor=page[-1].cursor if page else after,
                      has_more=len(rows) > limit)
+
+
+def event_cursor(header: str) -> int:
+    """The cursor a `Last-Event-ID` header names."""
+    value = header.strip()
+    if not value.isascii() or not value.isdigit() or int(value) > MAX_DB_INT:
+        raise InvalidInput("Last-Event-ID: must be an event cursor (a whole number from 0 to "
+                           f"{MAX_DB_INT})")
+    return int(value)
 
 
 def _load(job_id: str, after: int) -> list[EventOut]:
@@ -57,9 +73,11 @@ def _load(job_id: str, after: int) -> list[EventOut]:
     return retry_transient(load)
 
 
-async def _stream(job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
+async def _stream(job_id: str, after: int, slot: streams.Slot) -> AsyncIterator[dict[str, Any]]:
     settings = get_settings()
     woken = hub.watch(job_id)
+    started = time.monotonic()
+    renewed = started
     try:
         while True:
             woken.clear()
@@ -74,30 +92,47 @@ async def _stream(job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
                     return
             if len(batch) == PAGE_MAX:
                 continue
+            now = time.monotonic()
+            left = settings.sse_max_stream_s - (now - started)
+            if left <= 0:
+                return  # long enough: the client resumes with Last-Event-ID
+            if now - renewed >= streams.RENEW_EVERY_S:
+                await run_in_threadpool(slot.renew)
+                renewed = now
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(woken.wait(), timeout=settings.sse_poll_fallback_s)
+                await asyncio.wait_for(woken.wait(), timeout=min(
+                    settings.sse_poll_fallback_s, streams.RENEW_EVERY_S, left))
     finally:
         hub.unwatch(job_id, woken)
+        with anyio.CancelScope(shield=True):  # also when the client went away (cancelled)
+            await run_in_threadpool(slot.release)
 
 
 @router.get("/{job_id}/events/stream", response_class=EventSourceResponse, responses={200: {
     "content": {"text/event-stream": {}},
     "description": "Server-Sent Events: each event's `id` is its cursor; heartbeats are "
-                   "comment lines; the stream ends after the job's terminal event."}})
+                   "comment lines; the stream ends after the job's terminal event, or after "
+                   "AGENTQ_SSE_MAX_STREAM_S (reconnect with Last-Event-ID)."}})
 def stream_events(
     job_id: str,
     session: DbSession,
     principal: CurrentPrincipal,
-    after: Annotated[int, Query(ge=0, description="Start after this cursor.")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_DB_INT,
+                                description="Start after this cursor.")] = 0,
     last_event_id: Annotated[str | None, Header(max_length=20)] = None,
 ) -> EventSourceResponse:
     """Stream the job's events. Reconnect with `Last-Event-ID` (or `after`) to get exactly the
-    events after the last one you saw."""
+    events after the last one you saw. A key may hold AGENTQ_SSE_MAX_STREAMS_PER_KEY streams
+    open at once (beyond that, 429); a stream is closed after AGENTQ_SSE_MAX_STREAM_S."""
     job = job_service.get_job(session, principal.tenant_id, job_id)
     if last_event_id is not None:
-        if not last_event_id.isdigit():
-            raise InvalidInput("Last-Event-ID: must be an event cursor (a whole number)")
-        after = int(last_event_id)
-    return EventSourceResponse(_stream(job.id, after), ping=get_settings().sse_heartbeat_s,
+        after = event_cursor(last_event_id)
+    slot = streams.acquire(principal.key_id)
+    if slot is None:
+        limit = get_settings().sse_max_streams_per_key
+        raise TooManyRequests(f"this API key already has {limit} event streams open (the "
+                              "most it may); close one, or poll /events instead",
+                              retry_after=int(streams.RENEW_EVERY_S), code="too_many_streams")
+    return EventSourceResponse(_stream(job.id, after, slot), ping=get_settings().sse_heartbeat_s,
                                headers={"Cache-Control": "no-cache",
                                         "X-Accel-Buffering": "no"})

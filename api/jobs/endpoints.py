@@ -20,10 +20,9 @@ from api.jobs.schemas import (
     UsageOut,
 )
 from api.jobs.serialize import job_out
-from api.responses import ERRORS
+from api.responses import ERRORS, job_links, link
 from core.db import transaction
 from core.db_errors import retry_transient
-from core.errors import InvalidInput
 from core.repositories.webhooks import new_secret
 from core.settings import get_settings
 from core.webhook_http import check_url
@@ -34,7 +33,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
 
 @router.post("", status_code=202, response_model=JobOut,
-             responses={202: {"headers": {"Location": {"description": "The job's URL"}}},
+             responses={202: {"headers": {"Location": {"description": "The job's URL"}},
+                              "links": job_links("$response.body#/id")},
                         409: {"model": ErrorResponse,
                               "description": "The first request with this Idempotency-Key "
                                              "is still in flight"}})
@@ -48,13 +48,15 @@ def submit_job(
 ) -> JSONResponse:
     """Submit a job. Answers at once with the queued job; poll its `Location`."""
     key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None
+    claim: idempotency.Claim | None = None
     if key is not None:
         request_hash = idempotency.fingerprint(body.model_dump(mode="json"))
-        stored = retry_transient(lambda: idempotency.begin(principal.tenant_id, key,
-                                                           request_hash))
-        if stored is not None:
-            return JSONResponse(stored.body, status_code=stored.status_code, headers={
-                "Location": f"/v1/jobs/{stored.body['id']}", "Idempotent-Replayed": "true"})
+        begun = retry_transient(lambda: idempotency.begin(principal.tenant_id, key,
+                                                          request_hash))
+        if isinstance(begun, idempotency.StoredResponse):
+            return JSONResponse(begun.body, status_code=begun.status_code, headers={
+                "Location": f"/v1/jobs/{begun.body['id']}", "Idempotent-Replayed": "true"})
+        claim = begun
     budget = body.budget.model_dump(exclude_none=True)
 
     def create(webhook: dict[str, Any] | None) -> dict[str, Any]:
@@ -64,27 +66,31 @@ def submit_job(
                 raw_input=body.input, budget=budget, metadata=body.metadata,
                 idempotency_key=key, webhook=webhook)
             out: dict[str, Any] = jsonable_encoder(job_out(job, show_secret=True))
-            if key is not None:
-                idempotency.complete(session, principal.tenant_id, key, 202, out, job.id)
+            if claim is not None:
+                idempotency.complete(session, claim, 202, out, job.id)
         return out
 
-    try:
-        webhook = None
-        if body.webhook is not None:
-            check_url(body.webhook.url,
-                      allow_private=get_settings().webhooks_allow_private_networks)
-            webhook = {"url": body.webhook.url, "events": list(body.webhook.events),
-                       "secret": new_secret()}
-        # One transaction; run again whole if a transient error rolled it back.
-        out = retry_transient(lambda: create(webhook))
-    except BaseException:
-        if key is not None:
-            retry_transient(lambda: idempotency.abandon(principal.tenant_id, key))
-        raise
+    with idempotency.held(claim):
+        try:
+            webhook = None
+            if body.webhook is not None:
+                check_url(body.webhook.url,
+                          allow_private=get_settings().webhooks_allow_private_networks)
+                webhook = {"url": body.webhook.url, "events": list(body.webhook.events),
+                           "secret": new_secret()}
+            # One transaction; run again whole if a transient error rolled it back.
+            out = retry_transient(lambda: create(webhook))
+        except BaseException:
+            if claim is not None:
+                mine = claim
+                retry_transient(lambda: idempotency.abandon(mine))
+            raise
     return JSONResponse(out, status_code=202, headers={"Location": f"/v1/jobs/{out['id']}"})
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, responses={200: {"links": {
+    "NextPage": link("/v1/jobs", "get", "The next page (while next_cursor is not null)",
+                     cursor="$response.body#/next_cursor")}}})
 def list_jobs(
     session: DbSession,
     principal: CurrentPrincipal,
@@ -93,11 +99,8 @@ def list_jobs(
     status: Annotated[JobStatus | None, Query()] = None,
 ) -> JobList:
     """The tenant's jobs, newest first."""
-    try:
-        rows, next_cursor = job_service.list_jobs(session, principal.tenant_id, limit=limit,
-                                                  cursor=cursor, status=status)
-    except ValueError as exc:
-        raise InvalidInput(f"cursor: {exc}") from exc
+    rows, next_cursor = job_service.list_jobs(session, principal.tenant_id, limit=limit,
+                                              cursor=cursor, status=status)
     return JobList(data=[job_out(j) for j in rows], next_cursor=next_cursor)
 
 
@@ -125,7 +128,8 @@ def list_steps(job_id: str, session: DbSession, principal: CurrentPrincipal) -> 
     return StepList(data=data)
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut,
+             responses={202: {"links": job_links("$response.body#/id")}})
 def cancel_job(job_id: str, principal: CurrentPrincipal, response: Response) -> JobOut:
     """Cancel a job. Steps that have not started never run; running steps stop at their next
     model call, and a running sandboxed command (a coding job's tests) is killed with its whole

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict
 
 from api.deps import CurrentPrincipal, DbSession
+from api.params import UtcDateTime
 from api.responses import ERRORS
 from orchestrator.usage import tenant_usage
 
@@ -44,8 +44,8 @@ class UsageReport(BaseModel):
 def usage(
     session: DbSession,
     principal: CurrentPrincipal,
-    since: Annotated[datetime | None, Query(description="From this time (ISO 8601)")] = None,
-    until: Annotated[datetime | None, Query(description="Before this time (ISO 8601)")] = None,
+    since: Annotated[UtcDateTime | None, Query(description="From this time (ISO 8601)")] = None,
+    until: Annotated[UtcDateTime | None, Query(description="Before this time (ISO 8601)")] = None,
 ) -> Any:
     """Tokens and model calls spent by this tenant's jobs, by model, and its jobs by status."""
     return tenant_usage(session, principal.tenant_id, since, until)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 
 from api.deps import CurrentPrincipal, DbSession
 from api.jobs.schemas import ErrorResponse
-from api.responses import ERRORS
+from api.responses import ERRORS, link
 from api.webhooks.schemas import (
     AttemptOut,
     DeliveryList,
@@ -34,7 +34,14 @@ def _endpoint_out(ep: WebhookEndpoint, show_secret: bool = False) -> EndpointOut
 
 
 @router.post("/v1/webhook-endpoints", status_code=201, response_model=EndpointOut,
-             responses={409: {"model": ErrorResponse,
+             responses={201: {"links": {
+                 "RotateSecret": link("/v1/webhook-endpoints/{endpoint_id}/rotate-secret",
+                                      "post", "A new signing secret",
+                                      endpoint_id="$response.body#/id"),
+                 "DeleteEndpoint": link("/v1/webhook-endpoints/{endpoint_id}", "delete",
+                                        "Remove the endpoint",
+                                        endpoint_id="$response.body#/id")}},
+                        409: {"model": ErrorResponse,
                               "description": "The tenant has as many endpoints as it may"}})
 def create_endpoint(body: EndpointCreate, principal: CurrentPrincipal) -> EndpointOut:
     """Register a receiver for all of the tenant's jobs' chosen events. The signing secret

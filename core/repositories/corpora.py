@@ -6,19 +6,17 @@ Every query on the corpus tables is here. `SessionCorpusStore` is the store that
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 from collections.abc import Iterator, Sequence
-from datetime import datetime
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from agents.corpus import CorpusRevision, PreparedDocument, StoredChunk
-from core.errors import Conflict, InvalidInput, NotFound
+from core.errors import Conflict, NotFound
 from core.ids import new_id
 from core.models import Corpus, CorpusChunk, CorpusDocument, utcnow
+from core.pagination import decode_cursor, encode_cursor
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
@@ -49,36 +47,18 @@ def corpus_exists(session: Session, tenant_id: str, corpus_id: str) -> bool:
         Corpus.id == corpus_id, Corpus.tenant_id == tenant_id)) is not None
 
 
-def _encode_cursor(corpus: Corpus) -> str:
-    raw = json.dumps([corpus.created_at.isoformat(), corpus.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, corpus_id = json.loads(raw)
-        if not isinstance(created, str) or not isinstance(corpus_id, str):
-            raise ValueError("bad cursor fields")
-        when = datetime.fromisoformat(created)
-        if when.tzinfo is None:
-            raise ValueError("cursor time has no zone")
-        return when, corpus_id
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput("cursor: not a cursor this API returned") from exc
-
-
 def list_corpora(session: Session, tenant_id: str, *, limit: int, cursor: str | None = None
                  ) -> tuple[list[Corpus], str | None]:
     """The tenant's corpora, newest first; keyset pagination with an opaque cursor."""
     query = select(Corpus).where(Corpus.tenant_id == tenant_id)
     if cursor:
-        created, corpus_id = _decode_cursor(cursor)
+        created, corpus_id = decode_cursor(cursor)
         query = query.where((Corpus.created_at < created)
                             | ((Corpus.created_at == created) & (Corpus.id < corpus_id)))
     rows = list(session.scalars(query.order_by(Corpus.created_at.desc(), Corpus.id.desc())
                                 .limit(limit + 1)))
-    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    next_cursor = (encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id)
+                   if len(rows) > limit else None)
     return rows[:limit], next_cursor
 
 

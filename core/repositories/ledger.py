@@ -27,7 +27,7 @@ from core.models import (
     reservations_table,
     utcnow,
 )
-from core.repositories import steps
+from core.repositories import ledger_totals, steps
 from core.repositories.webhooks import HOOK_COLUMNS, Hooks, hooks_of
 
 J = jobs_table.c
@@ -177,6 +177,7 @@ class Usage:
 def insert_calls(session: Session, rows: list[dict[str, Any]]) -> None:
     if rows:
         session.execute(_INSERT_CALL, rows)
+        ledger_totals.add(session, rows)
 
 
 def settle(session: Session, row: dict[str, Any], events: int, budget: Budget,
@@ -210,6 +211,7 @@ def settle(session: Session, row: dict[str, Any], events: int, budget: Budget,
     if released is None:
         row = {**row, "settled_late": "billed" if totals is not None else "unbilled"}
     session.execute(_INSERT_CALL, [row])
+    ledger_totals.add(session, [row])
     if totals is None:
         return None
     return Totals(int(totals[0]), int(totals[1]), int(totals[2]), Decimal(totals[3]),
@@ -223,6 +225,7 @@ def record_cached(session: Session, row: dict[str, Any], again: bool = False) ->
         return
     steps.add_usage(session, row["step_id"], 0, 0, row["model"])
     session.execute(_INSERT_CALL, [row])
+    ledger_totals.add(session, [row])
     session.execute(update(jobs_table).where(J.id == row["job_id"]).values(
         model_calls=J.model_calls + 1, updated_at=utcnow()))
 
