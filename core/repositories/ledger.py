@@ -15,16 +15,29 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import delete, insert, or_, select, tuple_, update
+from sqlalchemy import (
+    DateTime,
+    Numeric,
+    delete,
+    exists,
+    insert,
+    literal,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.orm import Session
 
-from core.db import db_now
+from core.db import db_now, is_postgres
 from core.models import (
     JobStatus,
     ModelCall,
+    StepStatus,
     jobs_table,
     model_calls_table,
     reservations_table,
+    steps_table,
     utcnow,
 )
 from core.repositories import ledger_totals, steps
@@ -32,6 +45,7 @@ from core.repositories.webhooks import HOOK_COLUMNS, Hooks, hooks_of
 
 J = jobs_table.c
 R = reservations_table.c
+S = steps_table.c
 _INSERT_CALL = insert(model_calls_table)
 
 
@@ -71,6 +85,29 @@ def reserve(session: Session, *, request_id: str, job_id: str, step_id: str, att
     transaction whose commit may have gone through (then the reservation is there already)."""
     if again and session.scalar(select(R.request_id).where(R.request_id == request_id)):
         return Reserved.OK
+    if is_postgres(session):
+        # One statement: lock the run's lease (shared), take from the job's budget, insert
+        # the reservation; only when nothing was taken is the reason looked up.
+        held = select(S.lease_expires_at.label("until")).where(
+            S.id == step_id, S.attempt == attempt, S.status == StepStatus.RUNNING,
+        ).with_for_update(read=True).cte("lease")
+        took = update(jobs_table).where(
+            J.id == job_id, J.status == JobStatus.RUNNING, *budget.fits(tokens, cost),
+            exists(select(held.c.until)),
+        ).values(reserved_tokens=J.reserved_tokens + tokens,
+                 reserved_cost_usd=J.reserved_cost_usd + cost).returning(J.id).cte("took")
+        row = select(literal(request_id), literal(job_id), literal(step_id), literal(attempt),
+                     literal(tokens), literal(cost, Numeric()),
+                     literal(utcnow(), DateTime(timezone=True)),
+                     select(held.c.until).scalar_subquery()).where(exists(select(took.c.id)))
+        if session.execute(insert(reservations_table).from_select(
+                ["request_id", "job_id", "step_id", "attempt", "tokens", "cost_usd",
+                 "created_at", "expires_at"], row).returning(R.request_id)).first():
+            return Reserved.OK
+        if steps.lease_of(session, step_id, attempt) is None:
+            return Reserved.STALE
+        status = session.scalar(select(J.status).where(J.id == job_id))
+        return Reserved.NO_ROOM if status == JobStatus.RUNNING else Reserved.STOPPED
     lease = steps.lease_of(session, step_id, attempt, lock=True)
     if lease is None:
         return Reserved.STALE
