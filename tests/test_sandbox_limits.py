@@ -83,6 +83,22 @@ def test_the_workspace_has_a_disk_quota(mode: Mode) -> None:
     assert files == {"keep.txt": "kept\n"}
 
 
+@pytest.mark.parametrize("mode", WITH_QUOTA)
+def test_sparse_files_and_hard_links_do_not_pass_the_quota_on_the_way_out(mode: Mode) -> None:
+    """Sparse files and hard links cost the tmpfs next to nothing; copied back to the host's
+    disk they would be written out in full, once per name (here 40 x 16 MiB + 40 x 4 MiB on
+    an 8 MiB quota). At most the quota comes back."""
+    limits = SandboxLimits(disk_bytes=8 * MiB, file_bytes=16 * MiB, wall_seconds=30.0)
+    with Sandbox({"keep.txt": "kept\n"}, limits, mode=mode, weakest=mode) as box:
+        result = box.run("head -c 4194304 /dev/zero > big && for i in $(seq 1 40); do "
+                         "truncate -s 16M sparse$i && ln big link$i || exit 7; done")
+        written = sum(p.lstat().st_blocks * 512 for p in box.path.rglob("*"))
+        apparent = sum(p.lstat().st_size for p in box.path.rglob("*") if p.is_file())
+    assert result.exit_code == 0, result
+    assert apparent <= limits.disk_bytes
+    assert written <= limits.disk_bytes + MiB  # directories' blocks aside
+
+
 @pytest.fixture
 def one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("AGENTQ_SANDBOX_MAX_CONCURRENT", "1")

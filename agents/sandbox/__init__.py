@@ -47,8 +47,10 @@ those that left the process group or the session. In the new mount namespace the
   - mounts a tmpfs of `disk_bytes` where the workspace is (the disk quota: a write past it
     fails with ENOSPC), copies the workspace in before the command and back out once every
     process of the run has ended (regular files, directories and symbolic links; no set-id
-    bits). While a command runs, `path` shows the workspace as it was before; a run that is
-    cancelled, or that the parent had to kill, leaves it so;
+    bits; at most `disk_bytes` of files, each counted at its full size rounded up to a page,
+    so that sparse files and hard links cannot write more than the quota to the host's disk:
+    files past it are left out). While a command runs, `path` shows the workspace as it was
+    before; a run that is cancelled, or that the parent had to kill, leaves it so;
   - remounts every other mount read-only and nosuid, and gives the run a private /dev/shm of
     at most 64 MiB;
   - mounts a /proc of the new PID namespace (host processes, the parent's included, are not

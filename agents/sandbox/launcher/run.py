@@ -39,7 +39,7 @@ from .kernel import (
     libc,
     stat_fields,
 )
-from .mounts import clear_dir, copy_tree, loopback_up, owner, setup_mounts
+from .mounts import Budget, clear_dir, copy_tree, loopback_up, owner, setup_mounts
 
 LAUNCHER_FAILED = 125
 POLL_S = 0.1  # how often the tree's CPU time and memory are summed
@@ -248,7 +248,9 @@ def main(config: str) -> None:
             inside = os.open(cfg["workspace"], os.O_RDONLY | os.O_DIRECTORY)
             try:
                 clear_dir(host_workspace)
-                copy_tree(inside, host_workspace, owner(cfg), skip_contents=cfg["tmp_dir"])
+                # At most the quota goes back to the host's disk, however sparse or linked.
+                copy_tree(inside, host_workspace, owner(cfg), skip_contents=cfg["tmp_dir"],
+                          budget=Budget(int(cfg["limits"]["disk_bytes"])))
             finally:
                 os.close(inside)
         except Exception as exc:  # noqa: BLE001 - reported to the parent
