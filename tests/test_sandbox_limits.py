@@ -131,6 +131,7 @@ def test_a_command_cannot_mount_a_tmpfs_of_its_own(mode: Mode) -> None:
     assert plain.exit_code == 0, plain
     assert "still runs" in plain.output
 
+
 @pytest.fixture
 def one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("AGENTQ_SANDBOX_MAX_CONCURRENT", "1")
