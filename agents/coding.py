@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -36,6 +36,7 @@ from agents.base import (
     SubmissionContext,
 )
 from agents.sandbox import Sandbox, SandboxLimits, SandboxUnavailable, host_refusal
+from agents.sandbox.execute import TMP_DIR
 from core.errors import InvalidInput
 from core.settings import get_settings
 
@@ -48,13 +49,38 @@ FILE_BLOCK = re.compile(r"^=== FILE: (?P<path>[^\n=]+?) ===\n(?P<body>.*?)^=== E
                         re.MULTILINE | re.DOTALL)
 
 
+MAX_NAME_BYTES = 255  # one part of a path (the file systems' limit)
+MAX_PATH_BYTES = 1024
+MAX_PATH_DEPTH = 64
+
+
 def check_path(path: str) -> str:
-    """A workspace-relative path: no absolute paths, no `..`, no empty parts."""
+    """A workspace-relative path: no absolute paths, no `..`, no empty parts; each part, the
+    whole and its depth within what a workspace can hold; not the sandbox's own directory."""
     p = path.strip()
     parts = p.split("/")
     if not p or p.startswith("/") or "\\" in p or any(part in ("", ".", "..") for part in parts):
-        raise ValueError(f"{path!r} is not a relative path inside the repository")
+        raise ValueError(f"{path[:200]!r} is not a relative path inside the repository")
+    if any(len(part.encode("utf-8")) > MAX_NAME_BYTES for part in parts):
+        raise ValueError(f"{path[:200]!r}: a name in it is longer than {MAX_NAME_BYTES} bytes")
+    if len(p.encode("utf-8")) > MAX_PATH_BYTES or len(parts) > MAX_PATH_DEPTH:
+        raise ValueError(f"{path[:200]!r}: longer than {MAX_PATH_BYTES} bytes or deeper than "
+                         f"{MAX_PATH_DEPTH} folders")
+    if parts[0] == TMP_DIR:
+        raise ValueError(f"{path[:200]!r}: {TMP_DIR} is the sandbox's own directory")
     return p
+
+
+def check_tree(paths: Iterable[str]) -> None:
+    """No path is both a file and a folder of another (`a` and `a/b`)."""
+    files = set(paths)
+    for path in files:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if folder in files:
+                raise ValueError(f"{folder[:200]!r} is both a file and the folder of "
+                                 f"{path[:200]!r}")
 
 
 class CodingInput(BaseModel):
@@ -85,7 +111,8 @@ class CodingInput(BaseModel):
         if self.archive is None:
             return self
         unpacked = unpack_archive(self.archive, ArchiveLimits.from_settings(MAX_FILE_BYTES))
-        merged = {**unpacked, **self.files}
+        merged = {**{check_path(p): c for p, c in unpacked.items()}, **self.files}
+        check_tree(merged)
         if len(merged) > MAX_FILES:
             raise ValueError(f"more than {MAX_FILES} files")
         if sum(len(v.encode("utf-8")) for v in merged.values()) > MAX_TOTAL_BYTES:
@@ -106,6 +133,7 @@ class CodingInput(BaseModel):
             out[check_path(path)] = content
         if total > MAX_TOTAL_BYTES:
             raise ValueError(f"the files add up to more than {MAX_TOTAL_BYTES} bytes")
+        check_tree(out)
         return out
 
 
@@ -291,10 +319,15 @@ class Coding(JobKind[CodingInput, CodingResult]):
         reply = ctx.complete(CallSpec(prompt=prompt,
                                       validate=lambda text: parse_files(text) is not None))
         changed = parse_files(reply.text)
-        if changed is None:
+        problem = None if changed else "the answer held no file in the required format"
+        if changed:
+            try:
+                check_tree({**files, **changed})
+            except ValueError as exc:
+                problem = f"the answer's files do not fit the repository: {exc}"
+        if changed is None or problem is not None:
             return CoderOutput(round=n, files=files, plan=plan, changed=[],
-                               format_error="the answer held no file in the required format",
-                               answer=reply.text[-2000:])
+                               format_error=problem, answer=reply.text[-2000:])
         return CoderOutput(round=n, files={**files, **changed}, plan=plan,
                            changed=sorted(changed))
 

@@ -11,7 +11,9 @@ for what is retried.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +21,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from psycopg.abc import Buffer
+from psycopg.types.string import StrBinaryDumper, StrDumperUnknown
 from sqlalchemy import Engine, any_, bindparam, create_engine, event, func, literal_column
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
@@ -53,6 +57,33 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
+# Postgres stores no NUL character, in text or in JSON; a value that held one (a command's
+# output, a model's answer, a receiver's response) would fail its write every time it is tried.
+# Such values are stored with U+FFFD in its place, as undecodable bytes are.
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def storable_json(value: Any) -> str:
+    """JSON text of `value`, every NUL in its strings replaced by U+FFFD."""
+    return _NUL_ESCAPE.sub(r"\1\\ufffd", json.dumps(value))
+
+
+class _TextDumper(StrDumperUnknown):
+    def dump(self, obj: str) -> Buffer | None:
+        return super().dump(obj.replace("\0", "\ufffd") if "\0" in obj else obj)
+
+
+class _BinaryTextDumper(StrBinaryDumper):
+    def dump(self, obj: str) -> Buffer | None:
+        return super().dump(obj.replace("\0", "\ufffd") if "\0" in obj else obj)
+
+
+def _replace_nul_in_text(dbapi_conn: Any, _record: Any) -> None:
+    # The text one last: it stays the default (type unknown, inferred by the server).
+    dbapi_conn.adapters.register_dumper(str, _BinaryTextDumper)
+    dbapi_conn.adapters.register_dumper(str, _TextDumper)
+
+
 def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -60,6 +91,7 @@ def make_engine(url: str) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url,
+            json_serializer=storable_json,
             connect_args={"check_same_thread": False, "timeout": 30},
             pool_size=20,
             max_overflow=80,
@@ -73,7 +105,9 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(url, pool_size=settings.db_pool_size,
                            max_overflow=settings.db_max_overflow,
                            pool_timeout=settings.db_pool_timeout_s, pool_pre_ping=True,
-                           connect_args=connect_args)
+                           connect_args=connect_args, json_serializer=storable_json)
+    if parsed.get_backend_name() == "postgresql":
+        event.listen(engine, "connect", _replace_nul_in_text)
     retry_connect(engine)
     return engine
 

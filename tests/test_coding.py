@@ -78,6 +78,34 @@ def test_bad_coding_input_is_422(client: TestClient, tenant_key: str) -> None:
     assert resp.status_code == 422
 
 
+@pytest.mark.parametrize(("files", "words"), [
+    ({**BUGGY, "calc.py/x.py": "x"}, "both a file and the folder"),
+    ({**BUGGY, "a" * 300 + ".py": "x"}, "longer than 255 bytes"),
+    ({**BUGGY, "/".join(["d"] * 600) + "/f.py": "x"}, "deeper than"),
+    ({**BUGGY, ".sandbox-tmp/x.py": "x"}, "the sandbox's own directory"),
+])
+def test_paths_a_workspace_cannot_hold_are_422(client: TestClient, tenant_key: str,
+                                               files: dict[str, str], words: str) -> None:
+    """Before, these were accepted and the test step failed with an internal error (a file
+    name too long, not a directory)."""
+    for given in ({"files": files}, {"archive": _archive(files, "tar.gz")}):
+        resp = client.post("/v1/jobs", headers=auth(tenant_key), json={
+            "kind": "coding", "input": {"task": "t", **given}})
+        assert resp.status_code == 422, resp.text
+        assert words in resp.text
+
+
+def test_an_answer_whose_files_clash_with_the_repository_changes_nothing(
+        client: TestClient, tenant_key: str, standin: Any) -> None:
+    """The model answers with `calc.py/evil.py` while `calc.py` is a file: a format error of
+    the round, not an internal error of the job."""
+    standin.state.replies = {
+        "Changed files:": FIX + "=== FILE: calc.py/evil.py ===\nx = 1\n=== END FILE ===\n"}
+    job = submit(client, tenant_key, max_rounds=1)
+    assert job["status"] == "completed", job
+    assert job["result"]["passed"] is False
+    assert job["result"]["files"] == BUGGY
+
 def test_the_file_format_round_trips() -> None:
     assert parse_files(render_files(BUGGY)) == BUGGY
     assert parse_files("=== FILE: ../x ===\nx\n=== END FILE ===\n") is None

@@ -83,6 +83,55 @@ def test_the_workspace_has_a_disk_quota(mode: Mode) -> None:
     assert files == {"keep.txt": "kept\n"}
 
 
+@pytest.mark.parametrize("mode", WITH_QUOTA)
+def test_sparse_files_and_hard_links_do_not_pass_the_quota_on_the_way_out(mode: Mode) -> None:
+    """Sparse files and hard links cost the tmpfs next to nothing; copied back to the host's
+    disk they would be written out in full, once per name (here 40 x 16 MiB + 40 x 4 MiB on
+    an 8 MiB quota). At most the quota comes back."""
+    limits = SandboxLimits(disk_bytes=8 * MiB, file_bytes=16 * MiB, wall_seconds=30.0)
+    with Sandbox({"keep.txt": "kept\n"}, limits, mode=mode, weakest=mode) as box:
+        result = box.run("head -c 4194304 /dev/zero > big && for i in $(seq 1 40); do "
+                         "truncate -s 16M sparse$i && ln big link$i || exit 7; done")
+        written = sum(p.lstat().st_blocks * 512 for p in box.path.rglob("*"))
+        apparent = sum(p.lstat().st_size for p in box.path.rglob("*") if p.is_file())
+    assert result.exit_code == 0, result
+    assert apparent <= limits.disk_bytes
+    assert written <= limits.disk_bytes + MiB  # directories' blocks aside
+
+
+_PRIVATE_TMPFS = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+uid, gid = os.getuid(), os.getgid()
+if libc.unshare(0x10000000 | 0x00020000) != 0:  # CLONE_NEWUSER | CLONE_NEWNS
+    sys.exit(f"refused: {os.strerror(ctypes.get_errno())}")
+for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+    with open(f"/proc/self/{name}", "w") as fh:
+        fh.write(text)
+if libc.mount(b"none", b"/mnt", b"tmpfs", 0, None) != 0:
+    sys.exit(f"no mount: {os.strerror(ctypes.get_errno())}")
+for i in range(4):
+    with open(f"/mnt/part{i}", "wb") as fh:
+        fh.write(bytes(8 << 20))
+print("wrote 32 MiB past the quota")
+"""
+
+
+@pytest.mark.parametrize("mode", WITH_QUOTA)
+def test_a_command_cannot_mount_a_tmpfs_of_its_own(mode: Mode) -> None:
+    """In a user namespace of its own the command could mount a tmpfs of any size: files past
+    the disk quota, in memory that no limit of the run counts. It may make none."""
+    limits = SandboxLimits(disk_bytes=8 * MiB, file_bytes=16 * MiB, wall_seconds=30.0)
+    with Sandbox({"escape.py": _PRIVATE_TMPFS}, limits, mode=mode, weakest=mode) as box:
+        result = box.run(f"{PY} escape.py")
+        plain = box.run("echo still runs")
+    assert "wrote 32 MiB" not in result.output, result
+    assert result.exit_code == 1, result
+    assert "refused" in result.output
+    assert plain.exit_code == 0, plain
+    assert "still runs" in plain.output
+
+
 @pytest.fixture
 def one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("AGENTQ_SANDBOX_MAX_CONCURRENT", "1")

@@ -47,8 +47,10 @@ those that left the process group or the session. In the new mount namespace the
   - mounts a tmpfs of `disk_bytes` where the workspace is (the disk quota: a write past it
     fails with ENOSPC), copies the workspace in before the command and back out once every
     process of the run has ended (regular files, directories and symbolic links; no set-id
-    bits). While a command runs, `path` shows the workspace as it was before; a run that is
-    cancelled, or that the parent had to kill, leaves it so;
+    bits; at most `disk_bytes` of files, each counted at its full size rounded up to a page,
+    so that sparse files and hard links cannot write more than the quota to the host's disk:
+    files past it are left out). While a command runs, `path` shows the workspace as it was
+    before; a run that is cancelled, or that the parent had to kill, leaves it so;
   - remounts every other mount read-only and nosuid, and gives the run a private /dev/shm of
     at most 64 MiB;
   - mounts a /proc of the new PID namespace (host processes, the parent's included, are not
@@ -58,7 +60,10 @@ those that left the process group or the session. In the new mount namespace the
   The command then runs as a uid/gid of its own: random in a high range (no account), one per
   Sandbox, no supplementary groups, no capabilities. That makes RLIMIT_NPROC bind (root is
   exempt from it) and count only this sandbox's processes, keeps root-only files unreadable, and
-  lets the parent kill every process of that uid when the run ends. Where the cgroup v1 (or v2)
+  lets the parent kill every process of that uid when the run ends. It runs inside a user
+  namespace of its own (only its uid mapped; other owners show as nobody) whose
+  `max_user_namespaces` is 0: in a user namespace the command could mount a tmpfs of any size,
+  files past the quota in memory that no limit counts. Where the cgroup v1 (or v2)
   memory and pids controllers are writable, each run also gets a cgroup that caps the memory of
   all its processes together at `memory_bytes` (an OOM kill there ends the run as `memory`)
   and their number. About the interpreter: the running Python may live where that uid cannot
@@ -70,7 +75,8 @@ those that left the process group or the session. In the new mount namespace the
 ``userns`` (not root; unprivileged user namespaces allowed). The same namespaces, mounts and
 quota, made inside a new user namespace where the caller is mapped to root (`unshare --user
 --map-root-user ...`). The command then enters a nested user namespace where it is the caller's
-uid without capabilities over those mounts, so it cannot undo them. Gives up: a separate uid
+uid without capabilities over those mounts, so it cannot undo them; that namespace allows no
+user namespace below it (so no mounts of its own either). Gives up: a separate uid
 (files outside the workspace are read-only, the caller's home is hidden except the
 interpreter's directories) and the cgroup; RLIMIT_NPROC counts the namespace's processes only
 (per-user-namespace accounting, kernels >= 5.14).

@@ -130,14 +130,34 @@ def clear_dir(dir_fd: int) -> None:
 
 
 MAX_DEPTH = 100  # directories nested deeper are copied empty
+PAGE = 4096
+
+
+class Budget:
+    """Bytes a copy may still write. Each regular file costs its size rounded up to a page, so
+    that sparse files and hard links, which cost the tmpfs little or nothing, cannot make the
+    copy back to the host's disk larger than the quota (nor too large to be copied in again)."""
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+        self.skipped = 0
+
+    def take(self, size: int) -> bool:
+        cost = -(-size // PAGE) * PAGE
+        if cost > self.left:
+            self.skipped += 1
+            return False
+        self.left -= cost
+        return True
 
 
 def copy_tree(src: int, dst: int, owner: tuple[int, int] | None,
-              skip_contents: str | None, depth: int = 0) -> None:
+              skip_contents: str | None, depth: int = 0, budget: Budget | None = None) -> None:
     """Copy directory `src` into directory `dst` (descriptors; nothing is followed): regular
     files, directories and symbolic links, with their permission bits (no set-id bits); other
     kinds are left out. The contents of the directory named `skip_contents` are not copied,
-    nor those of directories more than MAX_DEPTH levels down."""
+    nor those of directories more than MAX_DEPTH levels down. With a `budget`, a regular file
+    that would take the copy past it is left out."""
     for entry in os.scandir(src):
         name = entry.name
         st = os.stat(name, dir_fd=src, follow_symlinks=False)
@@ -148,7 +168,7 @@ def copy_tree(src: int, dst: int, owner: tuple[int, int] | None,
             sub_dst = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dst)
             try:
                 if name != skip_contents and depth < MAX_DEPTH:
-                    copy_tree(sub_src, sub_dst, owner, None, depth + 1)
+                    copy_tree(sub_src, sub_dst, owner, None, depth + 1, budget)
                 if owner is not None:
                     os.fchown(sub_dst, *owner)
                 os.fchmod(sub_dst, mode)
@@ -156,6 +176,8 @@ def copy_tree(src: int, dst: int, owner: tuple[int, int] | None,
                 os.close(sub_src)
                 os.close(sub_dst)
         elif stat.S_ISREG(st.st_mode):
+            if budget is not None and not budget.take(st.st_size):
+                continue
             fin = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=src)
             try:
                 fout = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,

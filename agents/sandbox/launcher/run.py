@@ -33,13 +33,14 @@ from typing import Any
 from .kernel import (
     CLONE_NEWUSER,
     PR_SET_CHILD_SUBREAPER,
+    PR_SET_DUMPABLE,
     PR_SET_NO_NEW_PRIVS,
     check,
     descendants,
     libc,
     stat_fields,
 )
-from .mounts import clear_dir, copy_tree, loopback_up, owner, setup_mounts
+from .mounts import Budget, clear_dir, copy_tree, loopback_up, owner, setup_mounts
 
 LAUNCHER_FAILED = 125
 POLL_S = 0.1  # how often the tree's CPU time and memory are summed
@@ -62,20 +63,37 @@ def apply_limits(limits: Mapping[str, int]) -> None:
     cap(resource.RLIMIT_CORE, 0, 0)
 
 
+def _map_and_seal(uid: int, gid: int, outer_uid: int, outer_gid: int) -> None:
+    """In a user namespace just made: map `uid`/`gid` to the outer ids, and allow no user
+    namespace below this one. (In a namespace of its own the command could mount a tmpfs of
+    any size: files past the disk quota, in memory no limit counts.)"""
+    for path, text in (("/proc/self/setgroups", "deny"),
+                       ("/proc/self/uid_map", f"{uid} {outer_uid} 1"),
+                       ("/proc/self/gid_map", f"{gid} {outer_gid} 1"),
+                       ("/proc/sys/user/max_user_namespaces", "0")):
+        with open(path, "w") as fh:
+            fh.write(text)
+
+
 def drop_to(uid: int, gid: int) -> None:
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    # A user namespace where the command keeps its uid and may make none of its own. Where
+    # this uid may not make one (unprivileged user namespaces disabled), neither may the
+    # command, which runs as the same uid without capabilities.
+    # (Changing its ids made this process undumpable, its /proc/self files root's: as after
+    # the command's own execve, it is dumpable again.)
+    check(libc().prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(SET_DUMPABLE)")
+    if libc().unshare(CLONE_NEWUSER) == 0:
+        _map_and_seal(uid, gid, uid, gid)
 
 
 def _enter_nested_userns(uid: int, gid: int) -> None:
     """Leave the launcher's user namespace (which owns the mounts) for one where this process
     is `uid`/`gid` with no capabilities."""
     check(libc().unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} 0 1"),
-                       ("gid_map", f"{gid} 0 1")):
-        with open(f"/proc/self/{name}", "w") as fh:
-            fh.write(text)
+    _map_and_seal(uid, gid, 0, 0)
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
 
@@ -248,7 +266,9 @@ def main(config: str) -> None:
             inside = os.open(cfg["workspace"], os.O_RDONLY | os.O_DIRECTORY)
             try:
                 clear_dir(host_workspace)
-                copy_tree(inside, host_workspace, owner(cfg), skip_contents=cfg["tmp_dir"])
+                # At most the quota goes back to the host's disk, however sparse or linked.
+                copy_tree(inside, host_workspace, owner(cfg), skip_contents=cfg["tmp_dir"],
+                          budget=Budget(int(cfg["limits"]["disk_bytes"])))
             finally:
                 os.close(inside)
         except Exception as exc:  # noqa: BLE001 - reported to the parent
