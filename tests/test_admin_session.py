@@ -75,6 +75,21 @@ def test_revoking_the_key_ends_its_sessions(pages: TestClient, admin: tuple[str,
     assert not signed_in(pages, cookie)
 
 
+def test_signing_out_ends_the_session_on_the_server(pages: TestClient,
+                                                    admin: tuple[str, str]) -> None:
+    """A copy of the cookie taken before signing out is refused afterwards; another session of
+    the same key goes on."""
+    copied = sign_in(pages, admin[0]).cookies["agentq_admin"]
+    other = sign_in(pages, admin[0]).cookies["agentq_admin"]
+    assert copied != other
+    assert signed_in(pages, copied)
+    pages.cookies.clear()
+    pages.cookies.set("agentq_admin", copied)
+    assert pages.post("/admin/logout").status_code == 303
+    assert not signed_in(pages, copied)
+    assert signed_in(pages, other)
+
+
 def test_a_session_expires(pages: TestClient, admin: tuple[str, str],
                            monkeypatch: pytest.MonkeyPatch) -> None:
     from core.settings import get_settings

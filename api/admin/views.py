@@ -166,9 +166,9 @@ def login(request: Request, session: DbSession, key: Annotated[str, Form(max_len
 
 
 @router.post("/logout")
-def logout() -> RedirectResponse:
+def logout(request: Request) -> RedirectResponse:
     resp = RedirectResponse("/admin/login", status_code=303)
-    admin_session.end(resp)
+    admin_session.end(resp, request.cookies.get(COOKIE))
     return resp
 
 
