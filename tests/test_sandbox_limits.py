@@ -54,6 +54,19 @@ def test_memory_is_limited_for_the_whole_tree(mode: Mode) -> None:
     assert result.duration_s < 30, "the memory limit, not the wall clock, ended it"
 
 
+@pytest.mark.skipif("root" not in MODES_HERE, reason="the cgroup memory limit is root mode's")
+def test_memory_in_files_past_the_limit_is_reported_as_memory() -> None:
+    """Files in the workspace's tmpfs are memory no process holds: the cgroup's OOM killer
+    ends the writer, the command goes on and exits. The run still says the memory limit
+    ended it, not that the command failed."""
+    limits = SandboxLimits(memory_bytes=64 * MiB, disk_bytes=256 * MiB, file_bytes=256 * MiB,
+                           wall_seconds=60.0)
+    with Sandbox({}, limits, mode="root", weakest="root") as box:
+        result = box.run("head -c 201326592 /dev/zero > big; echo went on; exit 3")
+    assert result.limit == "memory", result
+    assert not result.timed_out
+
+
 def test_one_process_cannot_allocate_past_the_limit() -> None:
     limits = SandboxLimits(memory_bytes=128 * MiB, cpu_seconds=20, wall_seconds=60.0)
     with Sandbox({}, limits, weakest="plain") as box:

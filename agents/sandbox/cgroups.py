@@ -62,6 +62,21 @@ class Cgroups:
             except OSError:
                 pass
 
+    def oom_kills(self) -> int:
+        """How many processes the cgroup's OOM killer has ended (the cgroup is the run's own:
+        any at all means the run went past its memory limit)."""
+        if not self.oom_file:
+            return 0
+        try:
+            with open(self.oom_file) as fh:
+                for line in fh:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
     def kill(self) -> None:
         """SIGKILL every process in the cgroups until none is left."""
         for _ in range(500):

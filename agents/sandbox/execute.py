@@ -312,7 +312,10 @@ def execute(mode: Mode, workspace: Path, command: str, limits: SandboxLimits, ui
         proc.stdout.close()
         status.read()
         os.close(status_r)
-    return _result(status, proc, out, duration, backstop, stopped)
+    # Memory no process holds (files in the workspace's tmpfs) is charged to the cgroup, whose
+    # OOM killer may then take the launcher itself: the run still ended at its memory limit.
+    oom = cgroups is not None and cgroups.oom_kills() > 0
+    return _result(status, proc, out, duration, backstop, stopped, oom)
 
 
 def _kill_tree(proc: subprocess.Popen[bytes], status: _Status, uid: int | None,
@@ -338,7 +341,7 @@ def _kill_tree(proc: subprocess.Popen[bytes], status: _Status, uid: int | None,
 
 
 def _result(status: _Status, proc: subprocess.Popen[bytes], out: _Output, duration: float,
-            backstop: bool, stopped: bool) -> Run:
+            backstop: bool, stopped: bool, oom: bool = False) -> Run:
     end = status.end or {}
     word = str(end.get("end", ""))
     code = end.get("code")
@@ -352,7 +355,7 @@ def _result(status: _Status, proc: subprocess.Popen[bytes], out: _Output, durati
         run.exit_code = code
     elif word == "signal" and isinstance(code, int):
         run.exit_code = -code
-    elif word in ("cpu", "memory"):
+    elif word in ("cpu", "memory") or oom:
         run.exit_code = -signal.SIGKILL
         run.limit = "cpu" if word == "cpu" else "memory"
     elif word == "timeout" or backstop:
