@@ -19,6 +19,7 @@ from api.responses import ERRORS
 from core.db import read_session_factory
 from core.db_errors import retry_transient
 from core.errors import InvalidInput
+from core.models import JobStatus
 from core.repositories import events as event_service
 from core.settings import get_settings
 from orchestrator import jobs as job_service
@@ -26,6 +27,7 @@ from orchestrator import jobs as job_service
 router = APIRouter(prefix="/v1/jobs", tags=["events"], responses=ERRORS)
 
 PAGE_MAX = 500
+CONTINUED = "job.continued"
 
 
 def _out(e: Any) -> EventOut:
@@ -57,7 +59,10 @@ def _load(job_id: str, after: int) -> list[EventOut]:
     return retry_transient(load)
 
 
-async def _stream(job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
+async def _stream(job_id: str, after: int, ended: bool) -> AsyncIterator[dict[str, Any]]:
+    """The events after `after`, until the job's terminal event; a terminal event that a
+    continuation (`job.continued`) follows does not end the stream. `ended`: the job had
+    ended when the stream was asked for (a stream with nothing after it closes at once)."""
     settings = get_settings()
     woken = hub.watch(job_id)
     try:
@@ -71,9 +76,13 @@ async def _stream(job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
                                            "data": event.data,
                                            "created_at": event.created_at.isoformat()})}
                 if event.type in event_service.TERMINAL_EVENTS:
-                    return
+                    ended = True
+                elif event.type == CONTINUED:
+                    ended = False
             if len(batch) == PAGE_MAX:
                 continue
+            if ended:
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(woken.wait(), timeout=settings.sse_poll_fallback_s)
     finally:
@@ -83,7 +92,8 @@ async def _stream(job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
 @router.get("/{job_id}/events/stream", response_class=EventSourceResponse, responses={200: {
     "content": {"text/event-stream": {}},
     "description": "Server-Sent Events: each event's `id` is its cursor; heartbeats are "
-                   "comment lines; the stream ends after the job's terminal event."}})
+                   "comment lines; the stream ends after the job's terminal event (one "
+                   "that `job.continued` follows does not end it)."}})
 def stream_events(
     job_id: str,
     session: DbSession,
@@ -98,6 +108,7 @@ def stream_events(
         if not last_event_id.isdigit():
             raise InvalidInput("Last-Event-ID: must be an event cursor (a whole number)")
         after = int(last_event_id)
-    return EventSourceResponse(_stream(job.id, after), ping=get_settings().sse_heartbeat_s,
+    ended = JobStatus(job.status).terminal
+    return EventSourceResponse(_stream(job.id, after, ended), ping=get_settings().sse_heartbeat_s,
                                headers={"Cache-Control": "no-cache",
                                         "X-Accel-Buffering": "no"})
