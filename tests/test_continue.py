@@ -519,3 +519,34 @@ def test_cli_continue(client: TestClient, tenant_key: str, standin: Any,
     job = wait_for_job(client, tenant_key, job_id, timeout=60)
     assert job["status"] == "completed"
     assert len(job["result"]["completions"]) == 6
+
+
+def test_a_run_stopped_by_a_stop_that_a_continuation_undid_runs_again(
+        client: TestClient, tenant_key: str, standin: Any) -> None:
+    """A run can stop on a stop signal its process saw before the job was continued (the
+    signal is read every half second): its step is queued again, not left cancelled in a
+    running job that would then never finish."""
+    from agents.registry import get_kind
+    from core.db import session_factory
+    from core.keys import authenticate
+    from core.models import StepStatus
+    from orchestrator import dag
+    from orchestrator.jobs import create_job
+    from orchestrator.runner import _claim
+
+    with session_factory()() as s:
+        principal = authenticate(s, tenant_key)
+        assert principal is not None
+        job_id = create_job(s, tenant_id=principal.tenant_id, kind_name="research",
+                            raw_input={"query": QUERY, "max_subquestions": 2}, budget={},
+                            metadata={}).id
+        s.commit()
+    claimed = _claim(steps_of(job_id)["plan"].id)
+    assert claimed is not None
+    c, _ = claimed
+    with transaction() as s:
+        dag.end(s, c, StepStatus.CANCELLED, None, None, get_kind(c.kind))
+    job = wait_for_job(client, tenant_key, job_id, timeout=60)
+    assert job["status"] == "completed", job
+    assert steps_of(job_id)["plan"].attempt == 2
+    assert "step.cancelled" not in event_types(job_id)

@@ -52,8 +52,9 @@ class Budget(BaseModel):
         examples=[{"investigator": 256}])
     max_seconds: int | None = Field(
         default=None, ge=1, le=7 * 24 * 3600,
-        description="Wall-clock limit from submission; past it the job fails with "
-                    "`deadline_exceeded`.", examples=[600])
+        description="Wall-clock limit from submission (or from the job's last "
+                    "continuation); past it the job fails with `deadline_exceeded`.",
+        examples=[600])
 
 
 EventType = Literal["job.created", "job.started", "job.cancelling", "plan.ready",
