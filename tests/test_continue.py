@@ -40,10 +40,10 @@ def submit(client: TestClient, key: str, **body: Any) -> str:
 
 def continue_once_stopped(client: TestClient, key: str, job_id: str,
                           body: dict[str, Any] | None = None,
-                          headers: dict[str, str] | None = None) -> httpx.Response:
+                          headers: dict[str, str] | None = None) -> Any:
     """Continue the job once the steps that were running when it stopped have stopped (409
-    `job_stopping` until then)."""
-    def attempt() -> httpx.Response | None:
+    `job_stopping` until then); the response."""
+    def attempt() -> Any:
         resp = client.post(f"/v1/jobs/{job_id}/continue", json=body,
                            headers={**auth(key), **(headers or {})})
         if resp.status_code == 409 and resp.json()["error"]["code"] == "job_stopping":
