@@ -489,10 +489,11 @@ def test_cli_continue(client: TestClient, tenant_key: str, standin: Any,
     import subprocess
     import sys
 
-    prompts = [" ".join(["word"] * 40) + f" {i}" for i in range(6)]
+    # Each call spends over 100 tokens; a few fit the budget, not six.
+    prompts = [" ".join(["word"] * 100) + f" {i}" for i in range(6)]
     job_id = submit(client, tenant_key, kind="batch",
                     input={"prompts": prompts, "max_tokens": 16},
-                    budget={"max_total_tokens": 400})
+                    budget={"max_total_tokens": 800})
     job = wait_for_job(client, tenant_key, job_id, timeout=60)
     assert job["status"] == "budget_exhausted", job
     env = {**os.environ, **agentq_env, "AGENTQ_URL": api_server, "AGENTQ_API_KEY": tenant_key}
