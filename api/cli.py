@@ -164,6 +164,39 @@ def cancel(job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "",
     _print_json(job) if as_json else _show_job(job)
 
 
+@app.command("continue")
+def continue_(
+    job_id: str,
+    budget_tokens: Annotated[int | None, typer.Option(
+        "--budget-tokens", help="The new max_total_tokens: a total over the whole job, what "
+                                "it has spent included (not an addition).")] = None,
+    budget_usd: Annotated[float | None, typer.Option(
+        "--budget-usd", help="The new max_cost_usd, likewise a total.")] = None,
+    max_seconds: Annotated[int | None, typer.Option(
+        "--max-seconds", help="A new time limit, counted from now.")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Follow the job to its end.")] = False,
+    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
+    url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "", as_json: JsonOpt = False,
+) -> None:
+    """Continue a stopped job (out of budget, past its deadline, or cancelled); limits not
+    given are kept."""
+    with _client(url, api_key) as aq:
+        try:
+            job = aq.continue_job(job_id, max_total_tokens=budget_tokens,
+                                  max_cost_usd=budget_usd, max_seconds=max_seconds,
+                                  idempotency_key=idempotency_key)
+            if watch:
+                job = _watch(aq, job["id"], as_json)
+        except ApiError as exc:
+            raise _fail(exc) from exc
+    if as_json:
+        _print_json(job)
+    else:
+        _show_job(job)
+        if watch and job.get("result"):
+            _print_result(job)
+
+
 @app.command("list")
 def list_jobs(
     limit: Annotated[int, typer.Option(min=1, max=100)] = 20,

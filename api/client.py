@@ -22,6 +22,7 @@ from httpx_sse import connect_sse
 TERMINAL_EVENTS = frozenset({"job.completed", "job.failed", "job.cancelled",
                              "job.budget_exhausted"})
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "budget_exhausted"})
+CONTINUED_EVENT = "job.continued"
 
 
 class ApiError(Exception):
@@ -92,6 +93,20 @@ class AgentqClient:
         result: dict[str, Any] = self._call("POST", f"/v1/jobs/{job_id}/cancel")
         return result
 
+    def continue_job(self, job_id: str, *, max_total_tokens: int | None = None,
+                     max_cost_usd: float | None = None, max_seconds: int | None = None,
+                     step_max_tokens: dict[str, int] | None = None,
+                     idempotency_key: str | None = None) -> dict[str, Any]:
+        """Continue a stopped job. The limits given are the job's new totals (what it has
+        spent counts against them), not amounts added; those left out are kept."""
+        given = {"max_total_tokens": max_total_tokens, "max_cost_usd": max_cost_usd,
+                 "max_seconds": max_seconds, "step_max_tokens": step_max_tokens}
+        body = {"budget": {k: v for k, v in given.items() if v is not None}}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        result: dict[str, Any] = self._call("POST", f"/v1/jobs/{job_id}/continue", json=body,
+                                            headers=headers)
+        return result
+
     def usage(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/v1/usage")
         return result
@@ -103,12 +118,15 @@ class AgentqClient:
 
     def events(self, job_id: str, after: int = 0, *, max_reconnects: int = 50
                ) -> Iterator[dict[str, Any]]:
-        """Stream the job's events until its terminal event. A dropped connection is resumed
-        with `Last-Event-ID`, so no event is lost or repeated."""
+        """Stream the job's events until its terminal event (one that a continuation,
+        `job.continued`, follows is streamed past). A dropped connection is resumed with
+        `Last-Event-ID`, so no event is lost or repeated."""
         reconnects = 0
+        ended = False
         while True:
             try:
                 headers = {"Last-Event-ID": str(after)} if after else {}
+                seen = 0
                 with connect_sse(self._http, "GET", f"/v1/jobs/{job_id}/events/stream",
                                  headers=headers, timeout=httpx.Timeout(60, read=90)) as src:
                     if src.response.status_code >= 400:
@@ -119,11 +137,16 @@ class AgentqClient:
                             continue
                         event: dict[str, Any] = json.loads(sse.data)
                         after = int(event["cursor"])
-                        reconnects = 0
+                        reconnects, seen = 0, seen + 1
                         yield event
                         if event["type"] in TERMINAL_EVENTS:
-                            return
-                # The server closed the stream without a terminal event: resume.
+                            ended = True
+                        elif event["type"] == CONTINUED_EVENT:
+                            ended = False
+                # The server closes the stream after the job's terminal event; closed at any
+                # other point (or with nothing to send), it is resumed.
+                if ended or (not seen and self.job(job_id)["status"] in TERMINAL_STATUSES):
+                    return
             except (httpx.TransportError, httpx.RemoteProtocolError):
                 pass
             reconnects += 1

@@ -153,8 +153,11 @@ def reserve(run: Run, hold: Hold, carry: Carry | None = None) -> None:
             in_flight = ledger.reserved_in_flight(s, run.job_id)
         if got is Reserved.STOPPED:
             raise StepStopped(f"job is {status}")
+        b = run.budget
+        if not in_flight and _fits(b, spent_tokens, spent_cost, hold) \
+                and time.monotonic() <= deadline:
+            continue  # a call settled between the attempt and this read: room came back
         if not in_flight or time.monotonic() > deadline:
-            b = run.budget
             spent = [f"{spent_tokens} of {b.max_total_tokens} tokens"] \
                 if b.max_total_tokens else []
             if b.max_cost_usd is not None:
@@ -164,6 +167,13 @@ def reserve(run: Run, hold: Hold, carry: Carry | None = None) -> None:
                 f"need up to {hold.tokens} tokens (${hold.cost:.6f})")
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
+
+
+def _fits(budget: Budget, spent_tokens: int, spent_cost: Decimal, hold: Hold) -> bool:
+    """Whether `hold` fits what the job has spent, with nothing else in flight."""
+    return (budget.max_total_tokens is None
+            or spent_tokens + hold.tokens <= budget.max_total_tokens) \
+        and (budget.max_cost_usd is None or spent_cost + hold.cost <= budget.max_cost_usd)
 
 
 def release(run: Run, hold: Hold, carry: Carry | None = None) -> None:

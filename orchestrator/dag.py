@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from agents.base import AnyKind, StepOutputs, StepSpec
+from core.errors import Conflict
 from core.models import JobStatus, StepStatus
 from core.repositories import events, jobs, ledger, outbox, steps
 from core.repositories.steps import ClaimedStep
@@ -139,16 +140,60 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
             {"key": a.key, "role": a.role.name, "depends_on": list(a.depends_on)}
             for a in added]})
     if steps_done >= total:
-        outputs = StepOutputs(steps.outputs(session, c.job_id))
-        try:
-            result = kind.result(job_input, outputs).model_dump(mode="json")
-        except Exception as exc:  # noqa: BLE001 - a kind's bug fails its job, not the worker
-            log.exception("job %s: building the result failed", c.job_id)
-            finish(session, c.job_id, JobStatus.FAILED, error=(
-                "internal_error", f"building the result failed: {exc!r}"))
-            return None
-        finish(session, c.job_id, JobStatus.COMPLETED, result=result)
+        finalise(session, c.job_id, kind, job_input)
+        return None
     return kept
+
+
+def finalise(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel) -> None:
+    """Every step has completed: the job ends `completed` with the result built from all
+    of their outputs."""
+    outputs = StepOutputs(steps.outputs(session, job_id))
+    try:
+        result = kind.result(job_input, outputs).model_dump(mode="json")
+    except Exception as exc:  # noqa: BLE001 - a kind's bug fails its job, not the worker
+        log.exception("job %s: building the result failed", job_id)
+        finish(session, job_id, JobStatus.FAILED, error=(
+            "internal_error", f"building the result failed: {exc!r}"))
+        return
+    finish(session, job_id, JobStatus.COMPLETED, result=result)
+
+
+def reopen(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel,
+           budget: dict[str, Any]) -> int:
+    """Move the DAG of a stopped job on again, once the job (its row locked) is `running`
+    again. A step that completed while its job was stopped was neither counted in its
+    dependants' fan-in nor expanded: each completed step is expanded now (a kind's expansion
+    depends only on the step's output, so the steps it names that exist already are left
+    as they are), the fan-in of every step that did not complete is counted afresh, and
+    those with nothing left to wait for are queued. A job with nothing left to run is
+    finalised. Returns how many steps were queued."""
+    ready = steps.reopen(session, job_id)
+    outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in ready],
+                        outbox.NEW_WORK)
+    outputs = StepOutputs(steps.outputs(session, job_id))
+    known = steps.keys(session, job_id)
+    for key in outputs.keys():
+        try:
+            role = kind.role(outputs.role_of(key))
+            output = outputs.get(role, key)
+            assert output is not None
+            added = [a for a in kind.expand(job_input, key, role, output) if a.key not in known]
+        except Exception as exc:  # noqa: BLE001 - a kind's bug is told, not a 500
+            log.exception("job %s: expanding after %s failed", job_id, key)
+            raise Conflict(f"the job cannot be continued: planning after step {key} failed: "
+                           f"{exc!r}", code="job_not_continuable") from exc
+        if not added:
+            continue
+        known.update(a.key for a in added)
+        add_steps(session, job_id, budget, added, priority=outbox.NEW_WORK)
+        events.append(session, job_id, "plan.ready", {"after": key, "steps": [
+            {"key": a.key, "role": a.role.name, "depends_on": list(a.depends_on)}
+            for a in added]})
+    done, total = jobs.recount_steps(session, job_id)
+    if done >= total:
+        finalise(session, job_id, kind, job_input)
+    return steps.count(session, job_id, [StepStatus.QUEUED])
 
 
 def end(session: Session, c: ClaimedStep, status: StepStatus, error: tuple[str, str] | None,
@@ -158,6 +203,13 @@ def end(session: Session, c: ClaimedStep, status: StepStatus, error: tuple[str, 
     done = steps.finish(session, c.step_id, c.attempt, status,
                         error=error[1] if error else None)
     if done is None:
+        return
+    if status is StepStatus.CANCELLED and job_status is None \
+            and jobs.status_of(session, c.job_id, lock=True) == JobStatus.RUNNING:
+        # Stopped because its job stopped, which has been continued since: the step runs
+        # again (the next attempt, its finished calls replayed from the ledger).
+        if steps.requeue_stopped(session, c.step_id):
+            outbox.enqueue(session, RUN_STEP_TASK, step_id=c.step_id)
         return
     events.append(session, c.job_id, f"step.{status}", {
         "step": c.key, "role": c.role, **({"error": error[1]} if error else {})})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from threading import Lock
 from typing import TypeVar
 
@@ -55,9 +56,14 @@ def _claim(step_id: str) -> tuple[ClaimedStep, StepOutputs] | None:
             # An earlier run died: its reservations that expired are released now.
             ledger.release_expired(s, 1000, step_id=step_id)
         if c.job_status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-            steps.mark_cancelled(s, step_id, c.attempt)
-            dag.maybe_finish_stopping(s, c.job_id)
-            return None
+            # Read again under the job row's lock: a claim that waited for a continuation
+            # of the job to commit saw the job as it was before.
+            found = jobs.get(s, c.job_id, lock=True)
+            if found is None or found.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+                steps.mark_cancelled(s, step_id, c.attempt)
+                dag.maybe_finish_stopping(s, c.job_id)
+                return None
+            c = replace(c, job_status=found.status, budget=dict(found.budget or {}))
         kind = get_kind(c.kind)
         phase = kind.phases.get(c.role, c.role) if kind is not None else c.role
         seq, hooks, started = jobs.started_step(s, c.job_id, phase,

@@ -23,6 +23,7 @@ from api.responses import ERRORS, link
 from core.db import read_session_factory
 from core.db_errors import retry_transient
 from core.errors import InvalidInput, TooManyRequests
+from core.models import JobStatus
 from core.repositories import events as event_service
 from core.settings import get_settings
 from orchestrator import jobs as job_service
@@ -30,6 +31,7 @@ from orchestrator import jobs as job_service
 router = APIRouter(prefix="/v1/jobs", tags=["events"], responses=ERRORS)
 
 PAGE_MAX = 500
+CONTINUED = "job.continued"
 
 
 def _out(e: Any) -> EventOut:
@@ -73,7 +75,11 @@ def _load(job_id: str, after: int) -> list[EventOut]:
     return retry_transient(load)
 
 
-async def _stream(job_id: str, after: int, slot: streams.Slot) -> AsyncIterator[dict[str, Any]]:
+async def _stream(job_id: str, after: int, slot: streams.Slot,
+                  ended: bool) -> AsyncIterator[dict[str, Any]]:
+    """The events after `after`, until the job's terminal event; a terminal event that a
+    continuation (`job.continued`) follows does not end the stream. `ended`: the job had
+    ended when the stream was asked for (a stream with nothing after it closes at once)."""
     settings = get_settings()
     woken = hub.watch(job_id)
     started = time.monotonic()
@@ -89,9 +95,13 @@ async def _stream(job_id: str, after: int, slot: streams.Slot) -> AsyncIterator[
                                            "data": event.data,
                                            "created_at": event.created_at.isoformat()})}
                 if event.type in event_service.TERMINAL_EVENTS:
-                    return
+                    ended = True
+                elif event.type == CONTINUED:
+                    ended = False
             if len(batch) == PAGE_MAX:
                 continue
+            if ended:
+                return
             now = time.monotonic()
             left = settings.sse_max_stream_s - (now - started)
             if left <= 0:
@@ -111,7 +121,8 @@ async def _stream(job_id: str, after: int, slot: streams.Slot) -> AsyncIterator[
 @router.get("/{job_id}/events/stream", response_class=EventSourceResponse, responses={200: {
     "content": {"text/event-stream": {}},
     "description": "Server-Sent Events: each event's `id` is its cursor; heartbeats are "
-                   "comment lines; the stream ends after the job's terminal event, or after "
+                   "comment lines; the stream ends after the job's terminal event (one "
+                   "that `job.continued` follows does not end it), or after "
                    "AGENTQ_SSE_MAX_STREAM_S (reconnect with Last-Event-ID)."}})
 def stream_events(
     job_id: str,
@@ -127,12 +138,14 @@ def stream_events(
     job = job_service.get_job(session, principal.tenant_id, job_id)
     if last_event_id is not None:
         after = event_cursor(last_event_id)
+    ended = JobStatus(job.status).terminal
     slot = streams.acquire(principal.key_id)
     if slot is None:
         limit = get_settings().sse_max_streams_per_key
         raise TooManyRequests(f"this API key already has {limit} event streams open (the "
                               "most it may); close one, or poll /events instead",
                               retry_after=int(streams.RENEW_EVERY_S), code="too_many_streams")
-    return EventSourceResponse(_stream(job.id, after, slot), ping=get_settings().sse_heartbeat_s,
+    return EventSourceResponse(_stream(job.id, after, slot, ended),
+                               ping=get_settings().sse_heartbeat_s,
                                headers={"Cache-Control": "no-cache",
                                         "X-Accel-Buffering": "no"})

@@ -1,4 +1,4 @@
-"""`/v1/jobs`: submit, read, list, inspect steps, cancel."""
+"""`/v1/jobs`: submit, read, list, inspect steps, cancel, continue."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from api.deps import CurrentPrincipal, DbSession
 from api.jobs.schemas import (
     ErrorResponse,
+    JobContinue,
     JobCreate,
     JobList,
     JobOut,
@@ -26,7 +27,7 @@ from core.db_errors import retry_transient
 from core.repositories.webhooks import new_secret
 from core.settings import get_settings
 from core.webhook_http import check_url
-from orchestrator import idempotency
+from orchestrator import continuation, idempotency
 from orchestrator import jobs as job_service
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
@@ -142,3 +143,66 @@ def cancel_job(job_id: str, principal: CurrentPrincipal, response: Response) -> 
     out = retry_transient(cancel)
     response.headers["Location"] = f"/v1/jobs/{out.id}"
     return out
+
+
+@router.post("/{job_id}/continue", status_code=202, response_model=JobOut, responses={
+    202: {"headers": {"Location": {"description": "The job's URL"}}},
+    409: {"model": ErrorResponse,
+          "description": "The job has not stopped (queued, running, cancelling: "
+                         "`job_not_stopped`, `job_stopping`), has completed "
+                         "(`job_completed`), failed for another reason than its deadline "
+                         "(`job_failed`), or its steps are still stopping (`job_stopping`, "
+                         "retry shortly); or the first request with this Idempotency-Key is "
+                         "still in flight"},
+    422: {"model": ErrorResponse,
+          "description": "A limit is not above what the job has already spent "
+                         "(`budget_not_above_spent`), or the body is invalid"}})
+def continue_job(
+    job_id: str,
+    principal: CurrentPrincipal,
+    body: JobContinue | None = None,
+    idempotency_key: Annotated[str | None, Header(
+        max_length=idempotency.MAX_KEY_LENGTH,
+        description="Makes the continuation safe to retry: the same key and body return the "
+                    "first response; another body (or job) is 422; kept 24 hours.")] = None,
+) -> JSONResponse:
+    """Continue a job that stopped: `budget_exhausted`, `failed` with `deadline_exceeded`, or
+    `cancelled`. The limits given in `budget` are the job's new totals (what it has spent so
+    far counts against them), not amounts added; limits left out are kept. The job is
+    `running` again at once (its `result` and `error` are cleared until it ends again) and a
+    `job.continued` event is appended. Completed steps are never run again; failed,
+    cancelled and unstarted steps are queued again, replaying the model calls they had
+    finished from the ledger instead of paying for them again. The deadline
+    (`max_seconds`, given or kept) counts from now. The result it ends with is built from the
+    outputs of every step, before and after the continuation."""
+    body = body or JobContinue()
+    key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None
+    claim: idempotency.Claim | None = None
+    if key is not None:
+        request_hash = idempotency.fingerprint(
+            {"continue": job_id, "body": body.model_dump(mode="json")})
+        begun = retry_transient(lambda: idempotency.begin(principal.tenant_id, key,
+                                                          request_hash))
+        if isinstance(begun, idempotency.StoredResponse):
+            return JSONResponse(begun.body, status_code=begun.status_code, headers={
+                "Location": f"/v1/jobs/{begun.body['id']}", "Idempotent-Replayed": "true"})
+        claim = begun
+    budget = body.budget.model_dump(exclude_none=True)
+
+    def resume() -> dict[str, Any]:
+        with transaction() as session:
+            job = continuation.continue_job(session, principal.tenant_id, job_id, budget)
+            out: dict[str, Any] = jsonable_encoder(job_out(job))
+            if claim is not None:
+                idempotency.complete(session, claim, 202, out, job.id)
+        return out
+
+    with idempotency.held(claim):
+        try:
+            out = retry_transient(resume)
+        except BaseException:
+            if claim is not None:
+                mine = claim
+                retry_transient(lambda: idempotency.abandon(mine))
+            raise
+    return JSONResponse(out, status_code=202, headers={"Location": f"/v1/jobs/{out['id']}"})

@@ -52,14 +52,15 @@ class Budget(BaseModel):
         examples=[{"investigator": 256}])
     max_seconds: int | None = Field(
         default=None, ge=1, le=7 * 24 * 3600,
-        description="Wall-clock limit from submission; past it the job fails with "
-                    "`deadline_exceeded`.", examples=[600])
+        description="Wall-clock limit from submission (or from the job's last "
+                    "continuation); past it the job fails with `deadline_exceeded`.",
+        examples=[600])
 
 
 EventType = Literal["job.created", "job.started", "job.cancelling", "plan.ready",
                     "step.started", "step.completed", "step.failed", "step.cancelled",
                     "job.usage", "budget.threshold", "job.completed", "job.failed",
-                    "job.cancelled", "job.budget_exhausted"]
+                    "job.cancelled", "job.budget_exhausted", "job.continued"]
 
 
 TERMINAL_EVENTS: tuple[EventType, ...] = ("job.completed", "job.failed", "job.cancelled",
@@ -73,7 +74,7 @@ class WebhookSpec(BaseModel):
     url: str = Field(max_length=2048, description="Where to POST the job's events (http or "
                                                   "https, a public address).")
     events: list[EventType] = Field(
-        default_factory=lambda: list(TERMINAL_EVENTS), min_length=1, max_length=14,
+        default_factory=lambda: list(TERMINAL_EVENTS), min_length=1, max_length=15,
         description="Which events to send (default: the terminal ones).")
 
 
@@ -121,6 +122,22 @@ class JobCreate(BaseModel):
         if len(json.dumps(value)) > MAX_METADATA_BYTES:
             raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
         return value
+
+
+class JobContinue(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"budget": {"max_total_tokens": 40000,
+                                                    "max_seconds": 600}}]},
+    )
+
+    budget: Budget = Field(
+        default_factory=Budget,
+        description="The job's new limits. Each limit given is the job's new TOTAL over its "
+                    "whole life (what it has spent so far counts against it), not an amount "
+                    "added, and must be above what the job has spent (else 422); limits left "
+                    "out keep their current values; `step_max_tokens` replaces the roles it "
+                    "names. `max_seconds` (given, or kept) counts from the continuation.")
 
 
 class Progress(BaseModel):

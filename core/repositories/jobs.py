@@ -11,7 +11,17 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.models import JOB_ACTIVE, JOB_TERMINAL, Job, JobStatus, Tenant, jobs_table, utcnow
+from core.models import (
+    JOB_ACTIVE,
+    JOB_TERMINAL,
+    Job,
+    JobStatus,
+    StepStatus,
+    Tenant,
+    jobs_table,
+    steps_table,
+    utcnow,
+)
 from core.repositories.webhooks import HOOK_COLUMNS, Hooks, hooks_of
 
 J = jobs_table.c
@@ -139,3 +149,25 @@ def status_of(session: Session, job_id: str, lock: bool = False) -> str | None:
     if lock:
         q = q.with_for_update()
     return session.scalar(q)
+
+
+def resume(session: Session, job_id: str, budget: dict[str, Any],
+           deadline_at: datetime | None) -> None:
+    """A stopped job runs again under `budget`: its result and error are cleared until it
+    ends again."""
+    session.execute(update(jobs_table).where(J.id == job_id).values(
+        status=JobStatus.RUNNING, phase=JobStatus.RUNNING, budget=budget,
+        deadline_at=deadline_at, result=None, error_code=None, error_message=None,
+        finished_at=None, updated_at=utcnow()))
+
+
+def recount_steps(session: Session, job_id: str) -> tuple[int, int]:
+    """Set the job's step counts from its steps; returns (completed, total)."""
+    S = steps_table.c
+    row = session.execute(update(jobs_table).where(J.id == job_id).values(
+        steps_total=select(func.count()).where(S.job_id == job_id).scalar_subquery(),
+        steps_done=select(func.count()).where(S.job_id == job_id,
+                                              S.status == StepStatus.COMPLETED)
+        .scalar_subquery(),
+    ).returning(J.steps_done, J.steps_total)).one()
+    return int(row[0]), int(row[1])

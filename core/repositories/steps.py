@@ -256,5 +256,64 @@ def requeue_run(session: Session, step_id: str, attempt: int) -> bool:
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
+def requeue_stopped(session: Session, step_id: str) -> bool:
+    """Queue again a step that was just cancelled (its job stopped, and was continued)."""
+    res = session.execute(update(steps_table).where(
+        S.id == step_id, S.status == StepStatus.CANCELLED,
+    ).values(status=StepStatus.QUEUED, finished_at=None, enqueued_at=utcnow()))
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def live_runs(session: Session, job_id: str) -> int:
+    """How many steps of the job a run holds under a live lease."""
+    return int(session.scalar(select(func.count()).select_from(Step).where(
+        S.job_id == job_id, S.status == StepStatus.RUNNING,
+        S.lease_expires_at > db_now(session))) or 0)
+
+
+def keys(session: Session, job_id: str) -> set[str]:
+    return set(session.scalars(select(S.key).where(S.job_id == job_id)))
+
+
+def set_max_tokens(session: Session, job_id: str, per_role: dict[str, int]) -> None:
+    """New `max_tokens` for the steps of these roles that have not completed."""
+    for role, tokens in per_role.items():
+        session.execute(update(steps_table).where(
+            S.job_id == job_id, S.role == role, S.status != StepStatus.COMPLETED,
+        ).values(max_tokens=tokens))
+
+
+def reopen(session: Session, job_id: str) -> list[str]:
+    """Every step of a stopped job that did not complete (failed, cancelled, never started,
+    or `running` under a lease that expired: its run is gone) waits again: queued when its
+    dependencies have all completed, else pending with its fan-in counted afresh. The attempt
+    is kept, so the next claim takes the next one and the runs before it stay fenced out.
+    Returns the ids of the queued steps."""
+    now = db_now(session)
+    reopenable = or_(S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.FAILED,
+                                   StepStatus.CANCELLED)),
+                     and_(S.status == StepStatus.RUNNING, S.lease_expires_at < now))
+    done = completed_keys(session, job_id)
+    rows = session.execute(select(S.id, S.depends_on).where(S.job_id == job_id, reopenable)
+                           .with_for_update()).all()
+    if not rows:
+        return []
+    waiting = {sid: len([d for d in (deps or []) if d not in done]) for sid, deps in rows}
+    ready = [sid for sid, n in waiting.items() if n == 0]
+    fresh = {"error": None, "output": None, "finished_at": None, "lease_expires_at": None}
+    by_count: dict[int, list[str]] = {}
+    for sid, n in waiting.items():
+        if n:
+            by_count.setdefault(n, []).append(sid)
+    for n, ids in by_count.items():
+        session.execute(update(steps_table).where(one_of(session, S.id, ids)).values(
+            status=StepStatus.PENDING, deps_remaining=n, enqueued_at=None, **fresh))
+    if not ready:
+        return []
+    return list(session.scalars(update(steps_table).where(one_of(session, S.id, ready)).values(
+        status=StepStatus.QUEUED, deps_remaining=0, enqueued_at=utcnow(), **fresh,
+    ).returning(S.id)))
+
+
 def get(session: Session, step_id: str) -> Step | None:
     return session.get(Step, step_id)
