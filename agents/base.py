@@ -25,10 +25,11 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from inference.calls import CallSpec
+from inference.calls import CallSpec, ChatMessage, ToolCall, ToolSchema
 
-__all__ = ["AgentError", "AnyKind", "CallSpec", "JobKind", "ModelReply", "Passage", "Role",
-           "StepContext", "StepOutputs", "StepSpec", "SubmissionContext"]
+__all__ = ["AgentError", "AnyKind", "CallSpec", "ChatMessage", "Document", "JobKind",
+           "ModelReply", "Passage", "Role", "StepContext", "StepOutputs", "StepSpec",
+           "SubmissionContext", "ToolCall", "ToolSchema"]
 
 InputT = TypeVar("InputT", bound=BaseModel)
 ResultT = TypeVar("ResultT", bound=BaseModel)
@@ -82,6 +83,9 @@ class ModelReply:
     # answer did not (the call escalated).
     valid: bool | None = None
     escalated_from: str | None = None
+    # The tools the model chose to call (a conversation's turn); its final answer is a call of
+    # the call's `answer` tool.
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,15 @@ class Passage:
     document_title: str
     text: str
     score: float
+
+
+@dataclass(frozen=True)
+class Document:
+    """A whole document of a corpus: its text as extracted, rebuilt from its chunks."""
+
+    document_id: str
+    title: str
+    text: str
 
 
 class StepOutputs:
@@ -191,6 +204,16 @@ class StepContext(Protocol):
         """The text of these chunks of the corpus, by chunk id (unknown ids are left out)."""
         ...
 
+    def read_document(self, corpus_id: str, document_id: str) -> Document | None:
+        """A whole document of the corpus; None when the corpus holds no such document."""
+        ...
+
+    def job_tokens_left(self) -> int | None:
+        """About how many tokens the job's budget has left (None: it has no token budget),
+        as last seen by this step: other steps spend meanwhile, and the reservation before
+        each call is what holds the budget."""
+        ...
+
 
 class SubmissionContext(Protocol):
     """What a kind may check at submission, for the submitting tenant."""
@@ -224,6 +247,11 @@ class JobKind(Generic[InputT, ResultT]):
     def check(self, ctx: SubmissionContext, job_input: InputT) -> None:
         """Checks that need stored state, at submission (for example that a corpus the input
         names is the tenant's); raise `core.errors.InvalidInput` to refuse with a 422."""
+
+    def default_max_total_tokens(self, job_input: InputT) -> int | None:
+        """The job's token budget when the request sets none (None:
+        `AGENTQ_DEFAULT_JOB_MAX_TOTAL_TOKENS`)."""
+        return None
 
     def initial_steps(self, job_input: InputT) -> list[StepSpec]:
         raise NotImplementedError

@@ -1,7 +1,9 @@
-"""The model pool: OpenAI-compatible `/v1/completions` endpoints behind one call.
+"""The model pool: OpenAI-compatible endpoints behind one call.
 
-Agents never build HTTP requests; they hand the pool a prompt, a `max_tokens` taken from the step
-budget, optional structured-output constraints and accounting ids, and get back text and usage.
+Agents never build HTTP requests; they hand the pool a `CallSpec` (a prompt or a conversation
+with tools, a `max_tokens` taken from the step budget, optional structured-output constraints)
+and accounting ids, and get back text, tool calls and usage. How the call is shaped for the
+model it lands on (`/v1/completions` or `/v1/chat/completions`) is `inference.shapes`.
 
 - Every request sets `max_tokens` (vLLM's completions default is 16 tokens).
 - Usage is required: a response without it is an error, never zero spend.
@@ -46,7 +48,8 @@ from core.catalogue import Catalogue, ModelSpec, load_catalogue
 from core.errors import AgentqError
 from core.settings import Settings, get_settings
 from inference.admission import Admission, AdmissionCancelled, AdmissionTimeout, Slot
-from inference.calls import CallSpec
+from inference.calls import CallSpec, ToolCall
+from inference.shapes import Shape, StreamReader, build, shape_of
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,7 @@ class Completion:
     energy_wh: float | None = None
     energy_method: str | None = None
     queued_ms: float = 0.0
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class CallCancelled(InferenceError):
@@ -197,6 +201,10 @@ AFFINITY_MAX = 10_000
 # more: under steady load the endpoints' counts wander by more than a fixed few.
 AFFINITY_MARGIN = 8
 AFFINITY_RELATIVE_MARGIN = 0.5
+
+
+# An endpoint that can serve a call, the model name to ask it for, and its catalogue entry.
+Choice = tuple[Endpoint, str | None, ModelSpec | None]
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -307,19 +315,20 @@ class Pool:
 
     # -- routing ----------------------------------------------------------------------------
 
-    def _candidates(self, req: CompletionRequest) -> list[tuple[Endpoint, str | None]]:
-        """Endpoints that can serve the request, each with the model name to ask for."""
+    def _candidates(self, req: CompletionRequest) -> list[Choice]:
+        """Endpoints that can serve the request, each with the model name to ask for and its
+        catalogue entry."""
         wanted = req.call.model
         if wanted is not None:
             spec = self.catalogue.spec(wanted)
             if spec is not None:
-                return [(self._by_url[u], wanted) for u in spec.endpoints]
+                return [(self._by_url[u], wanted, spec) for u in spec.endpoints]
             serving = [e for e in self.endpoints if not e.models or wanted in e.models]
-            return [(e, wanted) for e in serving or self.endpoints]
-        out: dict[str, tuple[Endpoint, str | None]] = {}
+            return [(e, wanted, None) for e in serving or self.endpoints]
+        out: dict[str, Choice] = {}
         for spec in self.catalogue.for_size(req.call.size):
             for u in spec.endpoints:
-                out.setdefault(u, (self._by_url[u], spec.name))
+                out.setdefault(u, (self._by_url[u], spec.name, spec))
         return list(out.values())
 
     def _loads(self, urls: list[str]) -> dict[str, int]:
@@ -335,17 +344,17 @@ class Pool:
         with self._lock:
             return {u: self._by_url[u].in_flight for u in urls}
 
-    def _pick(self, req: CompletionRequest, avoid: set[str]) -> tuple[Endpoint, str | None]:
+    def _pick(self, req: CompletionRequest, avoid: set[str]) -> Choice:
         options = self._candidates(req)
         fresh = [o for o in options if o[0].base_url not in avoid] or options
-        loads = self._loads([e.base_url for e, _ in fresh])
+        loads = self._loads([o[0].base_url for o in fresh])
         now = time.monotonic()
         with self._lock:
             usable = [o for o in fresh if o[0].available(now)]
             if not usable:
                 usable = [o for o in options if o[0].available(now)]
             if not usable:
-                wait = min(e.open_until for e, _ in options) - now
+                wait = min(o[0].open_until for o in options) - now
                 raise TransientInferenceError(
                     f"no pool endpoint is available: all {len(options)} are failing (circuit "
                     f"open; next probe in {max(wait, 0):.0f} s)", code="pool_unavailable")
@@ -445,32 +454,8 @@ class Pool:
 
     # -- calls ------------------------------------------------------------------------------
 
-    def _body(self, req: CompletionRequest, model: str) -> dict[str, Any]:
-        call = req.call
-        body: dict[str, Any] = {
-            "model": model,
-            "prompt": call.prompt,
-            "max_tokens": req.max_tokens,
-            "temperature": call.temperature,
-            "stream": True,
-            # Usage on every chunk: a call aborted half-way is still counted exactly.
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-        }
-        if call.stop:
-            body["stop"] = list(call.stop)
-        structured: dict[str, Any] = {}
-        if call.regex is not None:
-            structured["regex"] = call.regex
-        if call.json_schema is not None:
-            structured["json"] = dict(call.json_schema)
-        if call.choice is not None:
-            structured["choice"] = list(call.choice)
-        if structured:
-            body["structured_outputs"] = structured
-        return body
-
     def _attempt(self, req: CompletionRequest, avoid: set[str]) -> Completion:
-        ep, spec_model = self._pick(req, avoid)
+        ep, spec_model, spec = self._pick(req, avoid)
         outcome = "ok"
         try:
             try:
@@ -495,7 +480,7 @@ class Pool:
             with self._admitted(ep, req) as slot:
                 share_start, started = self._start(ep)
                 try:
-                    result = self._send(req, ep, model, started)
+                    result = self._send(req, ep, model, shape_of(req.call, spec), started)
                 finally:
                     # Latency and energy cover the same interval, read under the same lock.
                     share_end, ended = self._finish(ep)
@@ -520,13 +505,17 @@ class Pool:
             avoid.add(ep.base_url)
             self._release(ep, outcome)
 
-    def _send(self, req: CompletionRequest, ep: Endpoint, model: str,
+    def _send(self, req: CompletionRequest, ep: Endpoint, model: str, shape: Shape,
               started: float) -> Completion:
+        try:
+            path, body = build(req.call, model, req.max_tokens, shape)
+        except ValueError as exc:
+            raise InferenceError(f"cannot shape the call for {model}: {exc}") from exc
         try:
             with self._http.stream(
                 "POST",
-                f"{ep.base_url}/v1/completions",
-                json=self._body(req, model),
+                f"{ep.base_url}{path}",
+                json=body,
                 headers={"X-Request-Id": req.request_id},
             ) as resp:
                 if resp.status_code == 429 or resp.status_code >= 500:
@@ -536,7 +525,8 @@ class Pool:
                     raise InferenceError(f"{ep.base_url} refused the request "
                                          f"({resp.status_code}): {resp.read()[:300]!r}")
                 # Leaving this block closes the connection: a cancelled call is aborted.
-                return self._read_stream(resp, ep.base_url, model, started, req.cancelled)
+                return self._read_stream(resp, ep.base_url, model, started, req.cancelled,
+                                         req.call, shape)
         except httpx.TimeoutException as exc:
             raise TransientInferenceError(f"{ep.base_url} timed out: {exc}") from exc
         except httpx.HTTPError as exc:
@@ -554,11 +544,11 @@ class Pool:
 
     @classmethod
     def _read_stream(cls, resp: httpx.Response, endpoint: str, model: str, started: float,
-                     cancelled: Callable[[], bool] | None = None) -> Completion:
-        """Read an OpenAI-style completion stream: text chunks (each with the usage so far),
-        then a usage chunk."""
-        parts: list[str] = []
-        finish_reason: str | None = None
+                     cancelled: Callable[[], bool] | None = None, call: CallSpec | None = None,
+                     shape: Shape = Shape.COMPLETION) -> Completion:
+        """Read an OpenAI-style completion or chat completion stream: text or tool-call
+        chunks (each with the usage so far), then a usage chunk."""
+        reader = StreamReader()
         usage: Usage | None = None
         served_model = model
         ttft_ms: float | None = None
@@ -584,12 +574,8 @@ class Pool:
                 raise TransientInferenceError(f"{endpoint} failed mid-stream: "
                                               f"{str(chunk['error'])[:300]}")
             served_model = str(chunk.get("model") or served_model)
-            for choice in chunk.get("choices") or []:
-                text = choice.get("text") or ""
-                if text and ttft_ms is None:
-                    ttft_ms = (time.monotonic() - started) * 1000
-                parts.append(text)
-                finish_reason = choice.get("finish_reason") or finish_reason
+            if reader.feed(chunk) and ttft_ms is None:
+                ttft_ms = (time.monotonic() - started) * 1000
             usage = cls._usage(chunk.get("usage")) or usage
         latency_ms = (time.monotonic() - started) * 1000
         if not done:
@@ -598,14 +584,15 @@ class Pool:
             raise InferenceError(f"{endpoint} sent a completion without usage; refusing to "
                                  "count it as zero", code="usage_missing")
         return Completion(
-            text="".join(parts),
+            text=reader.text,
             usage=usage,
-            finish_reason=finish_reason,
+            finish_reason=reader.finish_reason,
             model=served_model,
             endpoint=endpoint,
             latency_ms=latency_ms,
             attempts=1,
             ttft_ms=ttft_ms if ttft_ms is not None else latency_ms,
+            tool_calls=reader.tool_calls(call, shape) if call is not None else (),
         )
 
     def complete(self, req: CompletionRequest) -> Completion:

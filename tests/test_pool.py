@@ -121,9 +121,11 @@ def test_no_endpoint_answering_fails_within_bounded_time() -> None:
 
 
 def test_structured_outputs_are_passed_through(server: StandinServer) -> None:
-    pool = Pool([server.url], settings())
-    body = pool._body(req(regex=r"\[.*\]", choice=["a", "b"], json_schema={"type": "object"}),
-                      "m")
+    from inference.shapes import Shape, build
+
+    call = req(regex=r"\[.*\]", choice=["a", "b"], json_schema={"type": "object"})
+    path, body = build(call.call, "m", call.max_tokens, Shape.COMPLETION)
+    assert path == "/v1/completions"
     assert body["structured_outputs"] == {"regex": r"\[.*\]", "choice": ["a", "b"],
                                           "json": {"type": "object"}}
     assert body["max_tokens"] == 5

@@ -1,0 +1,239 @@
+"""The agent loop: a step that calls the model, runs the tool it chose, shows it the result and
+calls it again, until it gives its final answer or its step budget or turn limit runs out.
+
+- An `Agent` declares its instructions, its tools and the model of its final answer. The
+  final answer is one more tool (`answer`), validated against that model; an answer that does
+  not fit goes back to the model as the tool's error, like any other.
+- The step budget counts the tokens (prompt and completion) of every call of the step. Before
+  each turn the loop makes sure that what is left pays for the turn and, after it, for one last
+  short call (`final_max_tokens`) in which the agent answers with what it has. When it does
+  not, or when the turn limit comes, that last call is made now: the model is told it has no
+  turns left and may only answer. Each call's `max_tokens` is cut to what the step and the
+  job have left.
+- Prompt tokens are bounded before a call without a tokenizer: the first call's by its bytes
+  (no token is shorter than a byte), each later one's by the previous call's real prompt and
+  completion tokens plus the bytes of what was added since. The sum of the step's ledger rows
+  therefore never passes its budget.
+- One action per turn: a second tool call in the same answer is not run (the model is told).
+- Every call goes through `ctx.complete`: reserved, metered, cached, cancelled and recorded
+  with its turn number. A re-run step replays its finished calls from the ledger: at
+  temperature 0 with deterministic tools the same transcript forms again, call by call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from agents.base import CallSpec, ChatMessage, ModelReply, StepContext, ToolCall, ToolSchema
+from agents.tools import EnvT, Tool, cap, run_tool
+from core.settings import get_settings
+from inference.transcript import prompt_bound
+
+log = logging.getLogger(__name__)
+
+AnswerT = TypeVar("AnswerT", bound=BaseModel)
+
+ANSWER_TOOL = "final_answer"
+# Tokens a message adds beyond its own text (role markers, labels, a chat template's wrapping).
+MESSAGE_SLACK = 32
+# A regular turn that could write fewer tokens than this cannot hold an action: answer instead.
+MIN_TURN_TOKENS = 24
+# The job's budget is held per call by the bytes of its prompt: a turn's answer, written back
+# into the next prompt, is counted at this many bytes per token when the loop plans for the job.
+BYTES_PER_TOKEN = 4
+LAST_TURN = ("You have no turns left. Give your final answer now, from what you have found: "
+             "call " + ANSWER_TOOL + ".")
+NOT_AN_ACTION = ("error: your reply was not an action. Reply with one tool call, or call "
+                 + ANSWER_TOOL + " with your final answer.")
+ONE_ACTION = "\n(Only the first tool call of a turn is run.)"
+
+
+class Stop(StrEnum):
+    ANSWERED = "answered"  # the agent answered before any limit
+    TURN_LIMIT = "turn_limit"  # its last turn came: it was told to answer
+    STEP_BUDGET = "step_budget"  # its step budget had room only for the last call
+    JOB_BUDGET = "job_budget"  # the job's budget had room only for the last call
+
+
+@dataclass(frozen=True)
+class Agent(Generic[EnvT, AnswerT]):
+    """A role's agent loop. `instructions` come first in every prompt and never change (the
+    model server's prefix cache keeps them, with the tools' descriptions). `fallback` makes an
+    answer when the last call gave none that fits (it sees the loop's messages and the last
+    reply's text)."""
+
+    instructions: str
+    tools: Sequence[Tool[EnvT, Any]]
+    answer: type[AnswerT]
+    answer_description: str
+    fallback: Callable[[list[ChatMessage], str], AnswerT]
+    turn_max_tokens: int = 256
+    final_max_tokens: int = 256
+    size: str | None = None
+
+    def answer_schema(self) -> ToolSchema:
+        return ToolSchema(ANSWER_TOOL, self.answer_description, self.answer.model_json_schema())
+
+
+@dataclass
+class LoopResult(Generic[AnswerT]):
+    answer: AnswerT
+    stopped: Stop
+    turns: int  # model calls made (or replayed)
+    tokens: int  # their prompt and completion tokens, as billed
+    fallback: bool = False  # no answer of the model fitted: `Agent.fallback` made this one
+    messages: list[ChatMessage] = field(default_factory=list)
+
+
+def turn_limit(ctx: StepContext) -> int:
+    """The step's turn limit: its kind's choice (`turn_limit` in the step's input), else
+    `AGENTQ_LOOP_TURN_LIMIT`; capped per role by `AGENTQ_LOOP_TURN_LIMITS`."""
+    settings = get_settings()
+    asked = ctx.step_input.get("turn_limit")
+    limit = int(asked) if asked else settings.loop_turn_limit
+    role_cap = settings.loop_turn_limits.get(ctx.role)
+    return max(1, min(limit, role_cap) if role_cap else limit)
+
+
+def _message_bound(message: ChatMessage) -> int:
+    """Tokens a message adds to a prompt, at most: its text in bytes, plus slack."""
+    size = len(message.content.encode("utf-8"))
+    size += sum(len(c.name) + len(c.arguments.encode("utf-8")) for c in message.tool_calls)
+    return size + MESSAGE_SLACK
+
+
+class _Loop(Generic[EnvT, AnswerT]):
+    def __init__(self, ctx: StepContext, agent: Agent[EnvT, AnswerT], env: EnvT, task: str,
+                 turns: int) -> None:
+        self.ctx, self.agent, self.env, self.turns = ctx, agent, env, turns
+        self.messages = [ChatMessage("system", agent.instructions), ChatMessage("user", task)]
+        self.tools = [t.schema() for t in agent.tools]
+        self.answer_tool = agent.answer_schema()
+        self.result_bytes = get_settings().loop_tool_result_bytes
+        self.spent = 0
+        self.made = 0
+        # An upper bound of the prompt so far in tokens, once a call has told its real size.
+        self.known: int | None = None
+
+    # -- budget -----------------------------------------------------------------------------
+
+    def add(self, message: ChatMessage) -> None:
+        self.messages.append(message)
+        if self.known is not None:
+            self.known += _message_bound(message)
+
+    def call(self, max_tokens: int, final: bool) -> CallSpec:
+        return CallSpec(messages=tuple(self.messages), tools=tuple(self.tools),
+                        answer=self.answer_tool,
+                        tool_choice=ANSWER_TOOL if final else "required",
+                        max_tokens=max_tokens, size=self.agent.size, turn=self.made + 1,
+                        fit_to_job=True)
+
+    def prompt_tokens(self, call: CallSpec) -> int:
+        """An upper bound of the call's prompt tokens."""
+        if self.known is None:
+            return prompt_bound(call)
+        return self.known + MESSAGE_SLACK
+
+    def step_left(self) -> int:
+        return self.ctx.step_max_tokens - self.spent
+
+    def plan_turn(self) -> tuple[int, Stop | None]:
+        """The `max_tokens` of a regular turn now, or why the last call comes instead: the
+        turn and, after it, the last call must fit what the step (and the job) has left."""
+        if self.made + 1 >= self.turns:
+            return 0, Stop.TURN_LIMIT
+        probe = self.call(1, final=False)
+        prompt = self.prompt_tokens(probe)
+        # After this turn: its answer, one tool result, the last-turn note, then the answer.
+        after = MESSAGE_SLACK * 4 + self.result_bytes + len(LAST_TURN) \
+            + self.agent.final_max_tokens
+        room = (self.step_left() - 2 * prompt - after) // 2
+        max_tokens = min(self.agent.turn_max_tokens, room)
+        if max_tokens < MIN_TURN_TOKENS:
+            return 0, Stop.STEP_BUDGET
+        job_left = self.ctx.job_tokens_left()
+        if job_left is not None:
+            held = prompt_bound(probe)
+            need = 2 * (held + max_tokens) + max_tokens * (BYTES_PER_TOKEN - 1) + after
+            if need > job_left:
+                return 0, Stop.JOB_BUDGET
+        return max_tokens, None
+
+    # -- turns ------------------------------------------------------------------------------
+
+    def complete(self, call: CallSpec) -> ModelReply:
+        reply = self.ctx.complete(call)
+        self.made += 1
+        self.spent += reply.prompt_tokens + reply.completion_tokens
+        # A call answered from the job's call cache tells no size: bound by bytes again.
+        self.known = reply.prompt_tokens + reply.completion_tokens + MESSAGE_SLACK \
+            if reply.prompt_tokens > 0 else None
+        calls = reply.tool_calls[:1]
+        self.messages.append(ChatMessage("assistant", reply.text, calls))
+        return reply
+
+    def read_answer(self, call: ToolCall) -> AnswerT | str:
+        try:
+            return self.agent.answer.model_validate_json(call.arguments or "{}")
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'answer'}: "
+                                 f"{e['msg']}" for e in exc.errors()[:4])
+            return f"error: the answer does not fit: {problems}"
+
+    def run(self) -> LoopResult[AnswerT]:
+        while True:
+            max_tokens, stop = self.plan_turn()
+            if stop is not None:
+                return self.last(stop)
+            reply = self.complete(self.call(max_tokens, final=False))
+            if not reply.tool_calls:
+                self.add(ChatMessage("user", NOT_AN_ACTION))
+                continue
+            chosen = reply.tool_calls[0]
+            extra = ONE_ACTION if len(reply.tool_calls) > 1 else ""
+            if chosen.name == ANSWER_TOOL:
+                answer = self.read_answer(chosen)
+                if not isinstance(answer, str):
+                    return self.result(answer, Stop.ANSWERED)
+                text = answer
+            else:
+                result = run_tool(self.agent.tools, self.env, chosen,
+                                  self.result_bytes - len(extra))
+                text = result.text
+            self.add(ChatMessage("tool", cap(text + extra, self.result_bytes),
+                                 tool_call_id=chosen.id, name=chosen.name))
+
+    def last(self, stop: Stop) -> LoopResult[AnswerT]:
+        """The last, short call: the agent may only answer."""
+        self.add(ChatMessage("user", LAST_TURN))
+        probe = self.call(1, final=True)
+        max_tokens = min(self.agent.final_max_tokens, self.step_left() - self.prompt_tokens(probe))
+        if max_tokens < 1:
+            log.info("step %s: no room for a last call; the answer is the fallback",
+                     self.ctx.step_key)
+            return self.result(self.agent.fallback(self.messages, ""), stop, fallback=True)
+        reply = self.complete(self.call(max_tokens, final=True))
+        for chosen in reply.tool_calls:
+            if chosen.name == ANSWER_TOOL:
+                answer = self.read_answer(chosen)
+                if not isinstance(answer, str):
+                    return self.result(answer, stop)
+        return self.result(self.agent.fallback(self.messages, reply.text), stop, fallback=True)
+
+    def result(self, answer: AnswerT, stop: Stop, fallback: bool = False) -> LoopResult[AnswerT]:
+        return LoopResult(answer, stop, self.made, self.spent, fallback, list(self.messages))
+
+
+def run_loop(ctx: StepContext, agent: Agent[EnvT, AnswerT], env: EnvT, task: str,
+             turns: int | None = None) -> LoopResult[AnswerT]:
+    """Run the step as an agent loop on `task` (the step's own text, after the agent's
+    instructions) under the step's budget (`ctx.step_max_tokens`, the tokens of all its
+    calls) and turn limit (`turns`, by default `turn_limit(ctx)`)."""
+    return _Loop(ctx, agent, env, task, turns if turns is not None else turn_limit(ctx)).run()
