@@ -208,6 +208,10 @@ class StepContext(Protocol):
         """A whole document of the corpus; None when the corpus holds no such document."""
         ...
 
+    def prompt_tokens_bound(self, call: CallSpec) -> int:
+        """An upper bound of the call's prompt tokens on whichever model may take it."""
+        ...
+
     def job_tokens_left(self) -> int | None:
         """About how many tokens the job's budget has left (None: it has no token budget),
         as last seen by this step: other steps spend meanwhile, and the reservation before

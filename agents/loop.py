@@ -33,7 +33,6 @@ from pydantic import BaseModel, ValidationError
 from agents.base import CallSpec, ChatMessage, ModelReply, StepContext, ToolCall, ToolSchema
 from agents.tools import EnvT, Tool, cap, run_tool
 from core.settings import get_settings
-from inference.transcript import prompt_bound
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +137,7 @@ class _Loop(Generic[EnvT, AnswerT]):
     def prompt_tokens(self, call: CallSpec) -> int:
         """An upper bound of the call's prompt tokens."""
         if self.known is None:
-            return prompt_bound(call)
+            return self.ctx.prompt_tokens_bound(call)
         return self.known + MESSAGE_SLACK
 
     def step_left(self) -> int:
@@ -160,7 +159,7 @@ class _Loop(Generic[EnvT, AnswerT]):
             return 0, Stop.STEP_BUDGET
         job_left = self.ctx.job_tokens_left()
         if job_left is not None:
-            held = prompt_bound(probe)
+            held = self.ctx.prompt_tokens_bound(probe)
             need = 2 * (held + max_tokens) + max_tokens * (BYTES_PER_TOKEN - 1) + after
             if need > job_left:
                 return 0, Stop.JOB_BUDGET

@@ -58,8 +58,13 @@ class StandinState:
     scripts: dict[str, list[str]] = field(default_factory=dict)
     # Seconds to wait before answering a step's n-th call, by n (from 0).
     delay_by_index: dict[int, float] = field(default_factory=dict)
-    # The bodies of chat requests received, newest last (the last 200).
-    chat_bodies: list[dict[str, Any]] = field(default_factory=list)
+    # The bodies of requests received (with their path under "_path" and request id under
+    # "_request_id"), newest last (the last 500).
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+
+    def keep(self, path: str, request_id: str, body: dict[str, Any]) -> None:
+        """Keep a request's body (call with the lock)."""
+        self.bodies = [*self.bodies[-499:], {**body, "_path": path, "_request_id": request_id}]
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     requests_total: int = 0
@@ -139,15 +144,26 @@ def fit_to_schema(text: str, schema: dict[str, Any], root: dict[str, Any] | None
     return text.strip()
 
 
+def _offers_tools(schema: dict[str, Any]) -> bool:
+    options = schema.get("anyOf") or schema.get("oneOf") or [schema]
+    return any("tool" in (o.get("properties") or {}) for o in options)
+
+
 def constrained(text: str, schema: dict[str, Any] | None) -> str:
-    """The answer under a JSON-schema constraint: JSON as it is, other text fitted."""
+    """The answer under a JSON-schema constraint: JSON as it is (arguments that do not fit and
+    tools that do not exist included), other text fitted; a tool call where the schema offers
+    no tool at all (only a final answer) is fitted too."""
     if schema is None:
         return text
     try:
-        json.loads(text)
-        return text
+        parsed = json.loads(text)
     except ValueError:
-        return json.dumps(fit_to_schema(text, schema), separators=(",", ":"))
+        parsed = None
+    else:
+        if not (isinstance(parsed, dict) and "tool" in parsed and not _offers_tools(schema)):
+            return text
+    return json.dumps(fit_to_schema(text if parsed is None else default_text(12), schema),
+                      separators=(",", ":"))
 
 
 def default_text(max_tokens: int) -> str:
@@ -190,6 +206,7 @@ def make_app(state: StandinState) -> FastAPI:
         with state.lock:
             state.requests_total += 1
             state.request_ids.append(request.headers.get("x-request-id", ""))
+            state.keep("/v1/completions", request.headers.get("x-request-id", ""), body)
             if state.fail_next > 0:
                 state.fail_next -= 1
                 return JSONResponse({"error": {"message": "injected failure"}},
@@ -286,7 +303,7 @@ def make_app(state: StandinState) -> FastAPI:
         with state.lock:
             state.requests_total += 1
             state.request_ids.append(request.headers.get("x-request-id", ""))
-            state.chat_bodies = [*state.chat_bodies[-199:], body]
+            state.keep("/v1/chat/completions", request.headers.get("x-request-id", ""), body)
             if state.fail_next > 0:
                 state.fail_next -= 1
                 return JSONResponse({"error": {"message": "injected failure"}},
@@ -306,8 +323,10 @@ def make_app(state: StandinState) -> FastAPI:
         if tools:
             call = tool_call(text, tools, body.get("tool_choice"), max_tokens, index)
         if call is None:
-            text = constrained(text if text is not None else default_text(max_tokens),
-                               structured.get("json"))
+            if text is None:
+                text = state.plan_text if structured.get("regex") and "Sub-questions:" in said \
+                    else default_text(max_tokens)
+            text = constrained(text, structured.get("json"))
         await pause_for(index)
         pieces = re.findall(r"\s*\S+", call["arguments"] if call else str(text))[:max_tokens]
         finish = "length" if len(pieces) >= max_tokens else (

@@ -49,7 +49,7 @@ from core.errors import AgentqError
 from core.settings import Settings, get_settings
 from inference.admission import Admission, AdmissionCancelled, AdmissionTimeout, Slot
 from inference.calls import CallSpec, ToolCall
-from inference.shapes import Shape, StreamReader, build, shape_of
+from inference.shapes import Shape, StreamReader, build, prompt_bound, shape_of
 
 log = logging.getLogger(__name__)
 
@@ -315,10 +315,10 @@ class Pool:
 
     # -- routing ----------------------------------------------------------------------------
 
-    def _candidates(self, req: CompletionRequest) -> list[Choice]:
-        """Endpoints that can serve the request, each with the model name to ask for and its
+    def _candidates(self, call: CallSpec) -> list[Choice]:
+        """Endpoints that can serve the call, each with the model name to ask for and its
         catalogue entry."""
-        wanted = req.call.model
+        wanted = call.model
         if wanted is not None:
             spec = self.catalogue.spec(wanted)
             if spec is not None:
@@ -326,10 +326,15 @@ class Pool:
             serving = [e for e in self.endpoints if not e.models or wanted in e.models]
             return [(e, wanted, None) for e in serving or self.endpoints]
         out: dict[str, Choice] = {}
-        for spec in self.catalogue.for_size(req.call.size):
+        for spec in self.catalogue.for_size(call.size):
             for u in spec.endpoints:
                 out.setdefault(u, (self._by_url[u], spec.name, spec))
         return list(out.values())
+
+    def prompt_bound(self, call: CallSpec) -> int:
+        """An upper bound of the call's prompt tokens on whichever model of the catalogue
+        may take it (in the shape that model takes it)."""
+        return prompt_bound(call, {shape_of(call, spec) for _, _, spec in self._candidates(call)})
 
     def _loads(self, urls: list[str]) -> dict[str, int]:
         """Calls running and waiting at each endpoint: over every process when admission is
@@ -345,7 +350,7 @@ class Pool:
             return {u: self._by_url[u].in_flight for u in urls}
 
     def _pick(self, req: CompletionRequest, avoid: set[str]) -> Choice:
-        options = self._candidates(req)
+        options = self._candidates(req.call)
         fresh = [o for o in options if o[0].base_url not in avoid] or options
         loads = self._loads([o[0].base_url for o in fresh])
         now = time.monotonic()

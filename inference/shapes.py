@@ -37,6 +37,13 @@ def shape_of(call: CallSpec, spec: ModelSpec | None) -> Shape:
     return Shape.CHAT
 
 
+def prompt_bound(call: CallSpec, shapes: set[Shape]) -> int:
+    """An upper bound of the call's prompt tokens in any of these shapes."""
+    bounds = [transcript.plain_bound(call) if shape is Shape.COMPLETION
+              else transcript.chat_bound(call, shape is Shape.CHAT_TOOLS) for shape in shapes]
+    return max(bounds) if bounds else transcript.prompt_bound(call)
+
+
 def _structured(call: CallSpec, action: bool) -> dict[str, Any]:
     """vLLM's `structured_outputs`, passed through as the call sets them (vLLM takes one)."""
     if action:

@@ -182,15 +182,32 @@ def parse_action(text: str, answer: ToolSchema | None, turn: int | None = None
     return ()
 
 
-def prompt_bound(call: CallSpec) -> int:
-    """An upper bound of the call's prompt tokens, whichever way it reaches a model: every
-    token is at least one byte; a chat template adds some tokens of its own."""
+def _size(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def plain_bound(call: CallSpec) -> int:
+    """Prompt tokens of the call as a plain prompt or transcript, at most: every token is at
+    least one byte."""
+    return _size(render(call) if call.messages is not None else call.prompt) + 8
+
+
+def chat_bound(call: CallSpec, with_tools: bool) -> int:
+    """Prompt tokens of the call under a chat template, at most: its texts in bytes, some
+    tokens per message, and, with OpenAI tools, their schemas and what a template adds."""
     if call.messages is None:
-        return len(call.prompt.encode("utf-8")) + 8
-    plain = len(render(call).encode("utf-8")) + 8
-    as_chat = len(json.dumps([m.as_json() for m in call.messages]).encode("utf-8")) \
-        + MESSAGE_OVERHEAD_TOKENS * len(call.messages)
+        return _size(call.prompt) + 2 * MESSAGE_OVERHEAD_TOKENS
+    if not with_tools:
+        messages = chat_messages(call)
+        return sum(_size(m["content"]) for m in messages) \
+            + MESSAGE_OVERHEAD_TOKENS * (len(messages) + 1)
+    size = sum(_size(m.content) + sum(_size(c.name) + _size(c.arguments) for c in m.tool_calls)
+               for m in call.messages)
     tools = [t.as_json() for t in call.tools] + ([call.answer.as_json()] if call.answer else [])
-    if tools:
-        as_chat += len(json.dumps(tools).encode("utf-8")) + TOOLS_OVERHEAD_TOKENS
-    return max(plain, as_chat)
+    return size + MESSAGE_OVERHEAD_TOKENS * (len(call.messages) + 1) \
+        + _size(json.dumps(tools)) + TOOLS_OVERHEAD_TOKENS
+
+
+def prompt_bound(call: CallSpec) -> int:
+    """An upper bound of the call's prompt tokens, whichever way it reaches a model."""
+    return max(plain_bound(call), chat_bound(call, False), chat_bound(call, True))

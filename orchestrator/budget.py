@@ -57,10 +57,11 @@ class Hold:
         return Hold.for_spec(request_id, CallSpec(prompt=prompt, max_tokens=max_tokens))
 
     @staticmethod
-    def for_spec(request_id: str, call: CallSpec) -> Hold:
-        # Every token is at least one byte, plus special tokens (`prompt_bound`).
+    def for_spec(request_id: str, call: CallSpec, bound: int | None = None) -> Hold:
+        """`bound`: of the prompt's tokens, when known better than for any model (every token
+        is at least one byte, plus special tokens: `prompt_bound`)."""
         assert call.max_tokens is not None
-        tokens = prompt_bound(call) + call.max_tokens
+        tokens = (bound if bound is not None else prompt_bound(call)) + call.max_tokens
         return Hold(request_id, tokens,
                     highest_price().cost(tokens - call.max_tokens, call.max_tokens))
 

@@ -30,7 +30,6 @@ from core.repositories.corpora import SessionCorpusStore
 from core.settings import get_settings
 from inference.pool import CallCancelled, Completion, CompletionRequest, Pool
 from inference.shapes import decode_tool_calls, encode_tool_calls
-from inference.transcript import prompt_bound
 from orchestrator import budget, callcache
 from orchestrator.budget import Carry, Hold, Run, StepStopped
 from orchestrator.callcache import Lead
@@ -108,6 +107,9 @@ class MeteredContext:
         limit = self._run.budget.max_total_tokens
         return None if limit is None else max(0, limit - self._committed)
 
+    def prompt_tokens_bound(self, call: CallSpec) -> int:
+        return self._pool.prompt_bound(call)
+
     def _fit_to_job(self, spec: CallSpec) -> CallSpec:
         """The call with `max_tokens` cut to what the job's budget has room for (its
         reservation holds the prompt's bound as well)."""
@@ -115,7 +117,7 @@ class MeteredContext:
         assert spec.max_tokens is not None
         if left is None:
             return spec
-        room = left - prompt_bound(spec)
+        room = left - self.prompt_tokens_bound(spec)
         return spec.settled(max(1, min(spec.max_tokens, room)))
 
     # -- model calls ----------------------------------------------------------------------
@@ -260,7 +262,7 @@ class MeteredContext:
 
     def _make_call(self, spec: CallSpec, request_id: str, index: int, key: str | None,
                    escalated_from: str | None) -> ModelReply:
-        hold = Hold.for_spec(request_id, spec)
+        hold = Hold.for_spec(request_id, spec, self.prompt_tokens_bound(spec))
         committed = budget.reserve(self._run, hold, self.carry)
         if committed is not None:
             self._committed = committed - hold.tokens

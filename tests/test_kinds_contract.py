@@ -37,7 +37,7 @@ from agents.research import (
     ResearchResult,
 )
 from bench.standin import constrained
-from inference.transcript import action_schema, parse_action
+from inference.transcript import action_schema, parse_action, prompt_bound
 from orchestrator.metering import MeteredContext
 
 Answer = Callable[[CallSpec], str]
@@ -84,6 +84,9 @@ class FakeContext:
 
     def job_tokens_left(self) -> int | None:
         return None
+
+    def prompt_tokens_bound(self, call: CallSpec) -> int:
+        return prompt_bound(call)
 
 
 def _as_step_context(ctx: FakeContext) -> StepContext:
