@@ -25,11 +25,11 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from inference.calls import CallSpec, ChatMessage, ToolCall, ToolSchema
+from inference.calls import CallSpec, ChatMessage, PromptSize, ToolCall, ToolSchema
 
 __all__ = ["AgentError", "AnyKind", "CallSpec", "ChatMessage", "Document", "JobKind",
-           "ModelReply", "Passage", "Role", "StepContext", "StepOutputs", "StepSpec",
-           "SubmissionContext", "ToolCall", "ToolSchema"]
+           "ModelReply", "Passage", "PromptSize", "Role", "StepContext", "StepOutputs",
+           "StepSpec", "SubmissionContext", "ToolCall", "ToolSchema"]
 
 InputT = TypeVar("InputT", bound=BaseModel)
 ResultT = TypeVar("ResultT", bound=BaseModel)
@@ -208,8 +208,9 @@ class StepContext(Protocol):
         """A whole document of the corpus; None when the corpus holds no such document."""
         ...
 
-    def prompt_tokens_bound(self, call: CallSpec) -> int:
-        """An upper bound of the call's prompt tokens on whichever model may take it."""
+    def prompt_size(self, call: CallSpec) -> PromptSize:
+        """The call's prompt in tokens on whichever model may take it (counted by its server
+        where it can, else an upper bound), and that model's context."""
         ...
 
     def job_tokens_left(self) -> int | None:

@@ -6,14 +6,16 @@ calls it again, until it gives its final answer or its step budget or turn limit
   not fit goes back to the model as the tool's error, like any other.
 - The step budget counts the tokens (prompt and completion) of every call of the step. Before
   each turn the loop makes sure that what is left pays for the turn and, after it, for one last
-  short call (`final_max_tokens`) in which the agent answers with what it has. When it does
-  not, or when the turn limit comes, that last call is made now: the model is told it has no
-  turns left and may only answer. Each call's `max_tokens` is cut to what the step and the
-  job have left.
-- Prompt tokens are bounded before a call without a tokenizer: the first call's by its bytes
-  (no token is shorter than a byte), each later one's by the previous call's real prompt and
-  completion tokens plus the bytes of what was added since. The sum of the step's ledger rows
-  therefore never passes its budget.
+  short call (`final_max_tokens`) in which the agent answers with what it has; the model's
+  context must hold that last call too. When it does not, or when the turn limit comes, that
+  last call is made now: the model is told it has no turns left and may only answer. A tool's
+  result is cut to what leaves room for the last call. Each call's `max_tokens` is cut to what
+  the step, the model's context and the job have left.
+- A prompt's tokens are counted before the call by the model server's tokenizer where it has
+  one (`ctx.prompt_size`); else bounded: the first call's by its bytes (no token is shorter
+  than a byte), each later one's by the previous call's real prompt and completion tokens plus
+  the bytes of what was added since. The sum of the step's ledger rows never passes its
+  budget.
 - One action per turn: a second tool call in the same answer is not run (the model is told).
 - Every call goes through `ctx.complete`: reserved, metered, cached, cancelled and recorded
   with its turn number. A re-run step replays its finished calls from the ledger: at
@@ -24,13 +26,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from agents.base import CallSpec, ChatMessage, ModelReply, StepContext, ToolCall, ToolSchema
+from agents.base import (
+    CallSpec,
+    ChatMessage,
+    ModelReply,
+    PromptSize,
+    StepContext,
+    ToolCall,
+    ToolSchema,
+)
 from agents.tools import EnvT, Tool, cap, run_tool
 from core.settings import get_settings
 
@@ -41,11 +51,8 @@ AnswerT = TypeVar("AnswerT", bound=BaseModel)
 ANSWER_TOOL = "final_answer"
 # Tokens a message adds beyond its own text (role markers, labels, a chat template's wrapping).
 MESSAGE_SLACK = 32
-# A regular turn that could write fewer tokens than this cannot hold an action: answer instead.
-MIN_TURN_TOKENS = 24
-# The job's budget is held per call by the bytes of its prompt: a turn's answer, written back
-# into the next prompt, is counted at this many bytes per token when the loop plans for the job.
-BYTES_PER_TOKEN = 4
+# A turn is made only if its tool's result can show at least this many tokens (bytes).
+MIN_RESULT_TOKENS = 128
 LAST_TURN = ("You have no turns left. Give your final answer now, from what you have found: "
              "call " + ANSWER_TOOL + ".")
 NOT_AN_ACTION = ("error: your reply was not an action. Reply with one tool call, or call "
@@ -57,6 +64,7 @@ class Stop(StrEnum):
     ANSWERED = "answered"  # the agent answered before any limit
     TURN_LIMIT = "turn_limit"  # its last turn came: it was told to answer
     STEP_BUDGET = "step_budget"  # its step budget had room only for the last call
+    CONTEXT = "context"  # the model's context had room only for the last call
     JOB_BUDGET = "job_budget"  # the job's budget had room only for the last call
 
 
@@ -119,6 +127,7 @@ class _Loop(Generic[EnvT, AnswerT]):
         self.made = 0
         # An upper bound of the prompt so far in tokens, once a call has told its real size.
         self.known: int | None = None
+        self.context: int | None = None  # the model's, as last measured
 
     # -- budget -----------------------------------------------------------------------------
 
@@ -134,36 +143,44 @@ class _Loop(Generic[EnvT, AnswerT]):
                         max_tokens=max_tokens, size=self.agent.size, turn=self.made + 1,
                         fit_to_job=True)
 
-    def prompt_tokens(self, call: CallSpec) -> int:
-        """An upper bound of the call's prompt tokens."""
-        if self.known is None:
-            return self.ctx.prompt_tokens_bound(call)
-        return self.known + MESSAGE_SLACK
+    def measure(self, call: CallSpec) -> PromptSize:
+        """The call's prompt size: counted, or the tighter of two bounds."""
+        size = self.ctx.prompt_size(call)
+        self.context = size.context
+        if not size.exact and self.known is not None:
+            return replace(size, tokens=min(size.tokens, self.known + MESSAGE_SLACK))
+        return size
 
     def step_left(self) -> int:
         return self.ctx.step_max_tokens - self.spent
 
-    def plan_turn(self) -> tuple[int, Stop | None]:
-        """The `max_tokens` of a regular turn now, or why the last call comes instead: the
-        turn and, after it, the last call must fit what the step (and the job) has left."""
+    def plan_turn(self) -> Stop | None:
+        """Why the last call comes now instead of a regular turn, if it does: the turn and,
+        after it, the last call must fit what the step, the model's context and the job have
+        left (the last call's prompt: this one, the turn's answer, a result of at least
+        `MIN_RESULT_TOKENS`, the last-turn note)."""
         if self.made + 1 >= self.turns:
-            return 0, Stop.TURN_LIMIT
-        probe = self.call(1, final=False)
-        prompt = self.prompt_tokens(probe)
-        # After this turn: its answer, one tool result, the last-turn note, then the answer.
-        after = MESSAGE_SLACK * 4 + self.result_bytes + len(LAST_TURN) \
-            + self.agent.final_max_tokens
-        room = (self.step_left() - 2 * prompt - after) // 2
-        max_tokens = min(self.agent.turn_max_tokens, room)
-        if max_tokens < MIN_TURN_TOKENS:
-            return 0, Stop.STEP_BUDGET
+            return Stop.TURN_LIMIT
+        turn, final = self.agent.turn_max_tokens, self.agent.final_max_tokens
+        size = self.measure(self.call(turn, final=False))
+        last = size.tokens + turn + MIN_RESULT_TOKENS + len(LAST_TURN) + MESSAGE_SLACK * 4
+        if size.tokens + turn + last + final > self.step_left():
+            return Stop.STEP_BUDGET
+        if size.context is not None and last + final > size.context:
+            return Stop.CONTEXT
         job_left = self.ctx.job_tokens_left()
-        if job_left is not None:
-            held = self.ctx.prompt_tokens_bound(probe)
-            need = 2 * (held + max_tokens) + max_tokens * (BYTES_PER_TOKEN - 1) + after
-            if need > job_left:
-                return 0, Stop.JOB_BUDGET
-        return max_tokens, None
+        if job_left is not None and size.tokens + turn + last + final > job_left:
+            return Stop.JOB_BUDGET
+        return None
+
+    def result_bytes_left(self) -> int:
+        """The most bytes the turn's tool result may take so that the last call still fits
+        (the prompt so far, the result, the last-turn note, the answer)."""
+        prompt = self.known if self.known is not None else \
+            self.measure(self.call(1, final=True)).tokens
+        room = self.step_left() if self.context is None else min(self.step_left(), self.context)
+        room -= prompt + len(LAST_TURN) + MESSAGE_SLACK * 3 + self.agent.final_max_tokens
+        return max(0, min(self.result_bytes, room))
 
     # -- turns ------------------------------------------------------------------------------
 
@@ -188,10 +205,10 @@ class _Loop(Generic[EnvT, AnswerT]):
 
     def run(self) -> LoopResult[AnswerT]:
         while True:
-            max_tokens, stop = self.plan_turn()
+            stop = self.plan_turn()
             if stop is not None:
                 return self.last(stop)
-            reply = self.complete(self.call(max_tokens, final=False))
+            reply = self.complete(self.call(self.agent.turn_max_tokens, final=False))
             if not reply.tool_calls:
                 self.add(ChatMessage("user", NOT_AN_ACTION))
                 continue
@@ -203,17 +220,18 @@ class _Loop(Generic[EnvT, AnswerT]):
                     return self.result(answer, Stop.ANSWERED)
                 text = answer
             else:
-                result = run_tool(self.agent.tools, self.env, chosen,
-                                  self.result_bytes - len(extra))
-                text = result.text
-            self.add(ChatMessage("tool", cap(text + extra, self.result_bytes),
-                                 tool_call_id=chosen.id, name=chosen.name))
+                room = self.result_bytes_left()
+                text = run_tool(self.agent.tools, self.env, chosen,
+                                max(0, room - len(extra))).text
+                text = cap(text + extra, room)
+            self.add(ChatMessage("tool", text, tool_call_id=chosen.id, name=chosen.name))
 
     def last(self, stop: Stop) -> LoopResult[AnswerT]:
         """The last, short call: the agent may only answer."""
         self.add(ChatMessage("user", LAST_TURN))
-        probe = self.call(1, final=True)
-        max_tokens = min(self.agent.final_max_tokens, self.step_left() - self.prompt_tokens(probe))
+        size = self.measure(self.call(1, final=True))
+        room = self.step_left() if size.context is None else min(self.step_left(), size.context)
+        max_tokens = min(self.agent.final_max_tokens, room - size.tokens)
         if max_tokens < 1:
             log.info("step %s: no room for a last call; the answer is the fallback",
                      self.ctx.step_key)

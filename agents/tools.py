@@ -81,9 +81,10 @@ def cap(text: str, max_bytes: int) -> str:
     data = text.encode("utf-8")
     if len(data) <= max_bytes:
         return text
-    note = f"\n[cut: results are limited to {max_bytes} bytes]"
-    kept = data[:max(0, max_bytes - len(note.encode()))].decode("utf-8", errors="ignore")
-    return kept + note
+    note = f"\n[cut at {max_bytes} bytes]"
+    if len(note) > max_bytes:
+        return data[:max_bytes].decode("utf-8", errors="ignore")
+    return data[:max_bytes - len(note)].decode("utf-8", errors="ignore") + note
 
 
 def run_tool(tools: Sequence[Tool[EnvT, Any]], env: EnvT, call: ToolCall,

@@ -58,6 +58,11 @@ class StandinState:
     scripts: dict[str, list[str]] = field(default_factory=dict)
     # Seconds to wait before answering a step's n-th call, by n (from 0).
     delay_by_index: dict[int, float] = field(default_factory=dict)
+    # `/tokenize` answers (as vLLM's does) with this context length; or, when set, fails with
+    # this status.
+    tokenize_status: int | None = None
+    context: int = 32768
+    tokenize_total: int = 0
     # The bodies of requests received (with their path under "_path" and request id under
     # "_request_id"), newest last (the last 500).
     bodies: list[dict[str, Any]] = field(default_factory=list)
@@ -164,6 +169,13 @@ def constrained(text: str, schema: dict[str, Any] | None) -> str:
             return text
     return json.dumps(fit_to_schema(text if parsed is None else default_text(12), schema),
                       separators=(",", ":"))
+
+
+def chat_text(messages: list[dict[str, Any]]) -> str:
+    """What a chat prompt says: its messages' texts and tool calls' arguments."""
+    return "\n".join(str(m.get("content") or "") + "".join(
+        str((c.get("function") or {}).get("arguments") or "")
+        for c in m.get("tool_calls") or []) for m in messages)
 
 
 def default_text(max_tokens: int) -> str:
@@ -297,6 +309,21 @@ def make_app(state: StandinState) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Any:
+        with state.lock:
+            state.tokenize_total += 1
+        if state.tokenize_status is not None:
+            return JSONResponse({"error": {"message": "no tokenizer here"}},
+                                status_code=state.tokenize_status)
+        body = await request.json()
+        if "messages" in body:
+            said = chat_text(body.get("messages") or [])
+            count = count_tokens(said + json.dumps(body.get("tools") or []))
+        else:
+            count = count_tokens(str(body.get("prompt", "")))
+        return {"count": count, "max_model_len": state.context, "tokens": list(range(count))}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         body = await request.json()
@@ -310,10 +337,7 @@ def make_app(state: StandinState) -> FastAPI:
                                     status_code=state.fail_status)
             state.running += 1
             state.max_running = max(state.max_running, state.running)
-        messages = body.get("messages") or []
-        said = "\n".join(str(m.get("content") or "") + "".join(
-            str((c.get("function") or {}).get("arguments") or "")
-            for c in m.get("tool_calls") or []) for m in messages)
+        said = chat_text(body.get("messages") or [])
         tools = body.get("tools") or []
         max_tokens = int(body.get("max_tokens") or 16)
         index = call_index(request.headers.get("x-request-id", ""))
@@ -430,7 +454,7 @@ def make_app(state: StandinState) -> FastAPI:
             for key, value in changes.items():
                 if key in {"delay_s", "token_delay_s", "hold_until_running", "hold_timeout_s",
                            "fail_next", "fail_status", "omit_usage", "plan_text", "replies",
-                           "scripts"}:
+                           "scripts", "tokenize_status", "context"}:
                     setattr(state, key, value)
         return {"ok": True}
 

@@ -71,6 +71,16 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
+class PromptSize:
+    """A call's prompt in tokens, before it is made: counted by the model server's tokenizer
+    (`exact`), else an upper bound; and the context of the model it will run on, when known."""
+
+    tokens: int
+    context: int | None = None
+    exact: bool = False
+
+
+@dataclass(frozen=True)
 class CallSpec:
     """One model call.
 
@@ -113,6 +123,17 @@ class CallSpec:
     def settled(self, max_tokens: int, size: str | None = None) -> CallSpec:
         """This call with its `max_tokens` (and, for an escalation, its size class) settled."""
         return replace(self, max_tokens=max_tokens, size=size if size is not None else self.size)
+
+    def prompt_key(self) -> str:
+        """A digest of the prompt alone (what the model reads, wherever it runs)."""
+        parts = [self.prompt, self.size, self.model]
+        if self.messages is not None:
+            parts.append(json.dumps({
+                "messages": [m.as_json() for m in self.messages],
+                "tools": [t.as_json() for t in self.tools],
+                "answer": self.answer.as_json() if self.answer else None,
+                "tool_choice": self.tool_choice}, sort_keys=True))
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def key(self) -> str | None:
         """What determines the answer of a deterministic (temperature 0) call, as a digest:

@@ -48,8 +48,9 @@ from core.catalogue import Catalogue, ModelSpec, load_catalogue
 from core.errors import AgentqError
 from core.settings import Settings, get_settings
 from inference.admission import Admission, AdmissionCancelled, AdmissionTimeout, Slot
-from inference.calls import CallSpec, ToolCall
-from inference.shapes import Shape, StreamReader, build, prompt_bound, shape_of
+from inference.calls import CallSpec, PromptSize, ToolCall
+from inference.shapes import Shape, StreamReader, build, shape_of
+from inference.tokens import PromptMeter
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,7 @@ class Pool:
                                 connect=self.settings.connect_timeout_s)
         limits = httpx.Limits(max_connections=512, max_keepalive_connections=256)
         self._http = httpx.Client(timeout=timeout, limits=limits, follow_redirects=False)
+        self._meter = PromptMeter(self._http, self.settings.connect_timeout_s + 5)
         self._reporter: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -331,10 +333,18 @@ class Pool:
                 out.setdefault(u, (self._by_url[u], spec.name, spec))
         return list(out.values())
 
-    def prompt_bound(self, call: CallSpec) -> int:
-        """An upper bound of the call's prompt tokens on whichever model of the catalogue
-        may take it (in the shape that model takes it)."""
-        return prompt_bound(call, {shape_of(call, spec) for _, _, spec in self._candidates(call)})
+    def prompt_size(self, call: CallSpec) -> PromptSize:
+        """The call's prompt tokens on whichever model of the catalogue may take it (in the
+        shape that model takes it): counted by its server where it can, else bounded; and
+        that model's context."""
+        now = time.monotonic()
+        options = [(e.base_url, name, spec) for e, name, spec in self._candidates(call)
+                   if e.available(now)] or \
+            [(e.base_url, name, spec) for e, name, spec in self._candidates(call)]
+        return self._meter.size(call, options, self._model_names)
+
+    def _model_names(self, url: str) -> list[str]:
+        return self._models_of(self._by_url[url])
 
     def _loads(self, urls: list[str]) -> dict[str, int]:
         """Calls running and waiting at each endpoint: over every process when admission is

@@ -75,7 +75,7 @@ def _chat_tools(call: CallSpec) -> tuple[list[dict[str, Any]], Any]:
     return tools, choice
 
 
-def _chat_message(message: Any) -> dict[str, Any]:
+def chat_message(message: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.tool_calls:
         out["content"] = message.content or None
@@ -109,7 +109,7 @@ def build(call: CallSpec, model: str, max_tokens: int, shape: Shape) -> tuple[st
     else:
         path = "/v1/chat/completions"
         if shape is Shape.CHAT_TOOLS:
-            body["messages"] = [_chat_message(m) for m in call.messages or ()]
+            body["messages"] = [chat_message(m) for m in call.messages or ()]
             body["tools"], body["tool_choice"] = _chat_tools(call)
             body["parallel_tool_calls"] = False
         elif call.is_conversation:

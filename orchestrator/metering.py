@@ -19,7 +19,7 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
-from agents.base import CallSpec, Document, ModelReply, Passage, StepOutputs
+from agents.base import CallSpec, Document, ModelReply, Passage, PromptSize, StepOutputs
 from agents.corpus import retrieve
 from core.db import transaction
 from core.db_errors import db_retrying
@@ -107,8 +107,8 @@ class MeteredContext:
         limit = self._run.budget.max_total_tokens
         return None if limit is None else max(0, limit - self._committed)
 
-    def prompt_tokens_bound(self, call: CallSpec) -> int:
-        return self._pool.prompt_bound(call)
+    def prompt_size(self, call: CallSpec) -> PromptSize:
+        return self._pool.prompt_size(call)
 
     def _fit_to_job(self, spec: CallSpec) -> CallSpec:
         """The call with `max_tokens` cut to what the job's budget has room for (its
@@ -117,7 +117,7 @@ class MeteredContext:
         assert spec.max_tokens is not None
         if left is None:
             return spec
-        room = left - self.prompt_tokens_bound(spec)
+        room = left - self.prompt_size(spec).tokens
         return spec.settled(max(1, min(spec.max_tokens, room)))
 
     # -- model calls ----------------------------------------------------------------------
@@ -262,7 +262,7 @@ class MeteredContext:
 
     def _make_call(self, spec: CallSpec, request_id: str, index: int, key: str | None,
                    escalated_from: str | None) -> ModelReply:
-        hold = Hold.for_spec(request_id, spec, self.prompt_tokens_bound(spec))
+        hold = Hold.for_spec(request_id, spec, self.prompt_size(spec).tokens)
         committed = budget.reserve(self._run, hold, self.carry)
         if committed is not None:
             self._committed = committed - hold.tokens

@@ -97,10 +97,14 @@ def two_questions(standin: Any) -> None:
 
 
 @pytest.mark.usefixtures("two_questions")
+@pytest.mark.parametrize(("tokenizer", "step_budget"), [(None, 3000), (503, 5000)])
 def test_a_loop_stops_at_its_step_budget_and_answers_from_its_last_call(
-        client: TestClient, tenant_key: str, standin: Any, corpus: str) -> None:
+        client: TestClient, tenant_key: str, standin: Any, corpus: str,
+        tokenizer: int | None, step_budget: int) -> None:
+    """With the server's tokenizer prompts are counted before each call; when it does not
+    answer they are bounded by their bytes, and the same turns need a larger budget."""
     standin.state.scripts = {MARKER: [SEARCH]}  # it would search for ever
-    step_budget = 9000
+    standin.state.tokenize_status = tokenizer
     job_id = submit(client, tenant_key, corpus, "max", max_total_tokens=200_000,
                     step_max_tokens={"investigator": step_budget})
     job = wait_for_job(client, tenant_key, job_id, timeout=90)

@@ -17,6 +17,7 @@ from agents.base import (
     JobKind,
     ModelReply,
     Passage,
+    PromptSize,
     Role,
     StepContext,
     StepOutputs,
@@ -85,8 +86,8 @@ class FakeContext:
     def job_tokens_left(self) -> int | None:
         return None
 
-    def prompt_tokens_bound(self, call: CallSpec) -> int:
-        return prompt_bound(call)
+    def prompt_size(self, call: CallSpec) -> PromptSize:
+        return PromptSize(prompt_bound(call))
 
 
 def _as_step_context(ctx: FakeContext) -> StepContext:
