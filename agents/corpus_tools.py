@@ -20,6 +20,9 @@ from agents.tools import Tool, ToolError
 SNIPPET_CHARS = 400
 # Characters of a document one read shows.
 DOCUMENT_CHARS = 2400
+# The highest passage number a model may write (bounded numbers keep a small model, under a
+# JSON-schema constraint, from writing digits until its tokens run out).
+MAX_PASSAGE = 999
 
 
 @dataclass
@@ -67,15 +70,17 @@ class SearchArgs(BaseModel):
 class PassageArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    passage: int = Field(ge=1, description="The number of a passage shown, like 3 for [3].")
+    passage: int = Field(ge=1, le=MAX_PASSAGE,
+                         description="The number of a passage shown, like 3 for [3].")
 
 
 class DocumentArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    passage: int = Field(ge=1, description="The number of a passage shown: its document is "
-                                           "read.")
-    offset: int = Field(default=0, ge=0, description="Where to start, in characters.")
+    passage: int = Field(ge=1, le=MAX_PASSAGE,
+                         description="The number of a passage shown: its document is read.")
+    offset: int = Field(default=0, ge=0, le=100_000_000,
+                        description="Where to start, in characters.")
 
 
 def search(env: CorpusEnv, args: SearchArgs) -> str:

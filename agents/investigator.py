@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from agents.base import ChatMessage, Passage, StepContext
-from agents.corpus_tools import CORPUS_TOOLS, CorpusEnv
+from agents.corpus_tools import CORPUS_TOOLS, MAX_PASSAGE, CorpusEnv
 from agents.loop import Agent, LoopResult, Stop, run_loop
 
 INSTRUCTIONS = (
@@ -32,9 +33,9 @@ class Findings(BaseModel):
 
     answer: str = Field(description="The findings: a short factual paragraph; every claim "
                                     "marked with its passage number, like [1].")
-    passages: list[int] = Field(default_factory=list,
-                                description="The numbers of the passages the findings rest "
-                                            "on.")
+    passages: list[Annotated[int, Field(ge=1, le=MAX_PASSAGE)]] = Field(
+        default_factory=list, max_length=20,
+        description="The numbers of the passages the findings rest on.")
 
 
 def _salvage(messages: list[ChatMessage], text: str) -> Findings:
