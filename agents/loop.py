@@ -84,6 +84,12 @@ class Agent(Generic[EnvT, AnswerT]):
     final_max_tokens: int = 256
     size: str | None = None
 
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tools]
+        if len(set(names)) != len(names) or ANSWER_TOOL in names:
+            raise ValueError(f"an agent's tools need names of their own, not {ANSWER_TOOL!r}: "
+                             f"{names}")
+
     def answer_schema(self) -> ToolSchema:
         return ToolSchema(ANSWER_TOOL, self.answer_description, self.answer.model_json_schema())
 
@@ -218,7 +224,7 @@ class _Loop(Generic[EnvT, AnswerT]):
                 answer = self.read_answer(chosen)
                 if not isinstance(answer, str):
                     return self.result(answer, Stop.ANSWERED)
-                text = answer
+                text = cap(answer, self.result_bytes_left())
             else:
                 room = self.result_bytes_left()
                 text = run_tool(self.agent.tools, self.env, chosen,
