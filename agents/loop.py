@@ -41,7 +41,7 @@ from agents.base import (
     ToolCall,
     ToolSchema,
 )
-from agents.tools import EnvT, Tool, cap, run_tool
+from agents.tools import EnvT, Tool, cap, describe, run_tool
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -205,9 +205,7 @@ class _Loop(Generic[EnvT, AnswerT]):
         try:
             return self.agent.answer.model_validate_json(call.arguments or "{}")
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'answer'}: "
-                                 f"{e['msg']}" for e in exc.errors()[:4])
-            return f"error: the answer does not fit: {problems}"
+            return f"error: the answer does not fit: {describe(exc)}"
 
     def run(self) -> LoopResult[AnswerT]:
         while True:

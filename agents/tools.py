@@ -71,7 +71,8 @@ class ToolResult:
     error: bool
 
 
-def _errors(exc: ValidationError) -> str:
+def describe(exc: ValidationError) -> str:
+    """A validation error in a line a model can act on."""
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}"
                      for e in exc.errors()[:4])
 
@@ -100,7 +101,7 @@ def run_tool(tools: Sequence[Tool[EnvT, Any]], env: EnvT, call: ToolCall,
         args = tool.args.model_validate_json(call.arguments or "{}")
     except ValidationError as exc:
         return ToolResult(cap(f"error: the arguments of {tool.name} do not fit: "
-                              f"{_errors(exc)}", max_bytes), True)
+                              f"{describe(exc)}", max_bytes), True)
     try:
         text = tool.fn(env, args)
     except ToolError as exc:

@@ -28,7 +28,7 @@ from core.repositories import events, ledger
 from core.repositories.ledger import Budget, Reserved
 from core.settings import get_settings
 from inference.calls import CallSpec
-from inference.transcript import prompt_bound
+from inference.transcript import plain_bound, prompt_bound
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ class Hold:
 
     @staticmethod
     def for_call(request_id: str, prompt: str, max_tokens: int) -> Hold:
-        return Hold.for_spec(request_id, CallSpec(prompt=prompt, max_tokens=max_tokens))
+        """A plain prompt's hold on a completions model."""
+        call = CallSpec(prompt=prompt, max_tokens=max_tokens)
+        return Hold.for_spec(request_id, call, plain_bound(call))
 
     @staticmethod
     def for_spec(request_id: str, call: CallSpec, bound: int | None = None) -> Hold:
