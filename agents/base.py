@@ -25,11 +25,13 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from inference.calls import CallSpec
+from core.errors import StepInterrupted
+from inference.calls import CallSpec, ChatMessage, PromptSize, ToolCall, ToolSchema
 
-__all__ = ["AgentError", "AnyKind", "CallSpec", "Deployment", "JobKind", "ModelReply", "Passage",
-           "Role", "StepContext", "StepOutputs", "StepSpec", "StepStopped", "SubmissionContext",
-           "WorkerSandbox"]
+__all__ = ["AgentError", "AnyKind", "CallSpec", "ChatMessage", "Deployment", "Document",
+           "JobKind", "ModelReply", "Passage", "PromptSize", "Role", "StepContext",
+           "StepOutputs", "StepSpec", "StepStopped", "SubmissionContext", "ToolCall",
+           "ToolSchema", "WorkerSandbox"]
 
 InputT = TypeVar("InputT", bound=BaseModel)
 ResultT = TypeVar("ResultT", bound=BaseModel)
@@ -43,7 +45,7 @@ class AgentError(Exception):
     code = "agent_error"
 
 
-class StepStopped(Exception):
+class StepStopped(StepInterrupted):
     """The job stopped (cancelled, failed elsewhere), or the run lost its step, while it ran.
     Raised by the context's model calls, or by an agent whose long work `ctx.stopped()` ended;
     the step ends cancelled."""
@@ -89,6 +91,9 @@ class ModelReply:
     # answer did not (the call escalated).
     valid: bool | None = None
     escalated_from: str | None = None
+    # The tools the model chose to call (a conversation's turn); its final answer is a call of
+    # the call's `answer` tool.
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,15 @@ class Passage:
     document_title: str
     text: str
     score: float
+
+
+@dataclass(frozen=True)
+class Document:
+    """A whole document of a corpus: its text as extracted, rebuilt from its chunks."""
+
+    document_id: str
+    title: str
+    text: str
 
 
 class StepOutputs:
@@ -203,6 +217,21 @@ class StepContext(Protocol):
         """The text of these chunks of the corpus, by chunk id (unknown ids are left out)."""
         ...
 
+    def read_document(self, corpus_id: str, document_id: str) -> Document | None:
+        """A whole document of the corpus; None when the corpus holds no such document."""
+        ...
+
+    def prompt_size(self, call: CallSpec) -> PromptSize:
+        """The call's prompt in tokens on whichever model may take it (counted by its server
+        where it can, else an upper bound), and that model's context."""
+        ...
+
+    def job_tokens_left(self) -> int | None:
+        """About how many tokens the job's budget has left (None: it has no token budget),
+        as last seen by this step: other steps spend meanwhile, and the reservation before
+        each call is what holds the budget."""
+        ...
+
 
 @dataclass(frozen=True)
 class WorkerSandbox:
@@ -257,6 +286,11 @@ class JobKind(Generic[InputT, ResultT]):
     def unavailable(self, deployment: Deployment) -> str | None:
         """Why this deployment cannot run jobs of this kind now (None: it can), shown at
         `GET /v1/kinds`; a kind whose `check` refuses such jobs says the same there."""
+        return None
+
+    def default_max_total_tokens(self, job_input: InputT) -> int | None:
+        """The job's token budget when the request sets none (None:
+        `AGENTQ_DEFAULT_JOB_MAX_TOTAL_TOKENS`)."""
         return None
 
     def initial_steps(self, job_input: InputT) -> list[StepSpec]:

@@ -1,5 +1,10 @@
 """Research jobs: plan into sub-questions, investigate each in parallel, synthesise a brief;
-over a corpus, investigators cite retrieved passages and a verifier checks the citations.
+over a corpus, investigators are agent loops (`agents.investigator`) that search, read and cite
+passages, and a verifier checks the citations.
+
+`effort` sets how many sub-questions there are and, over a corpus, each investigator's turn
+limit and step budget (`EFFORTS`). Without a corpus an investigator has no tool to use and
+answers in one call.
 
 Prompts are laid out prefix-stable: the shared part (instructions and the question) comes first
 and the per-step part last, so the model server's prefix cache serves a job's sub-agents.
@@ -9,7 +14,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
@@ -24,6 +30,8 @@ from agents.base import (
     SubmissionContext,
 )
 from agents.citations import renumber, section_citations, verify
+from agents.investigator import investigate
+from agents.loop import turn_limit
 from core.errors import InvalidInput
 from core.settings import get_settings
 
@@ -56,6 +64,29 @@ def plan_prompt(query: str) -> str:
     )
 
 
+Effort = Literal["low", "medium", "high", "max"]
+
+
+@dataclass(frozen=True)
+class EffortLevel:
+    """What an effort level buys. `subquestions` None: `AGENTQ_MAX_SUBQUESTIONS`. Over a corpus:
+    each investigator's turn limit and step budget (the tokens of all its calls), and the
+    job's budget when the request sets none."""
+
+    subquestions: int | None
+    turns: int
+    step_tokens: int
+    job_tokens: int | None  # None: `AGENTQ_DEFAULT_JOB_MAX_TOTAL_TOKENS`
+
+
+EFFORTS: dict[str, EffortLevel] = {
+    "low": EffortLevel(subquestions=3, turns=1, step_tokens=6_000, job_tokens=None),
+    "medium": EffortLevel(subquestions=None, turns=4, step_tokens=16_000, job_tokens=80_000),
+    "high": EffortLevel(subquestions=6, turns=8, step_tokens=32_000, job_tokens=240_000),
+    "max": EffortLevel(subquestions=8, turns=12, step_tokens=64_000, job_tokens=600_000),
+}
+
+
 class ResearchInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -69,7 +100,12 @@ class ResearchInput(BaseModel):
                     "passages with numbered citations, and a verifier checks them. Without "
                     "one, the brief comes from the model's own knowledge.")
     passages_per_question: int = Field(default=4, ge=1, le=8,
-                                       description="Passages retrieved per sub-question.")
+                                       description="Passages retrieved per search.")
+    effort: Effort = Field(
+        default="medium",
+        description="How hard to work: the number of sub-questions and, over a corpus, each "
+                    "investigator's turns and step budget (low: 3 sub-questions, one call "
+                    "each; medium: 4, up to 4 turns; high: 6, up to 8; max: 8, up to 12).")
 
 
 class _Compact(BaseModel):
@@ -144,6 +180,13 @@ class InvestigationOutput(BaseModel):
     citations: list[SectionCitation] | None = None
     retrieved: list[str] = Field(default_factory=list)
     passages: list[SourcePassage] = Field(default_factory=list)
+    # Over a corpus, the agent loop: the chunks its answer says it rests on, its turns, why
+    # it stopped (`answered`, `turn_limit`, `step_budget`, `job_budget`) and whether its
+    # answer is the fallback (no answer of the model fitted).
+    rests_on: list[str] = Field(default_factory=list)
+    turns: int | None = None
+    stopped: str | None = None
+    fallback: bool = False
 
 
 class SynthesisOutput(BaseModel):
@@ -269,7 +312,11 @@ class Research(JobKind[ResearchInput, ResearchResult]):
                                f"{job_input.corpus_id!r}")
 
     def _n(self, job_input: ResearchInput) -> int:
-        return job_input.max_subquestions or get_settings().max_subquestions
+        return (job_input.max_subquestions or EFFORTS[job_input.effort].subquestions
+                or get_settings().max_subquestions)
+
+    def default_max_total_tokens(self, job_input: ResearchInput) -> int | None:
+        return EFFORTS[job_input.effort].job_tokens if job_input.corpus_id else None
 
     def initial_steps(self, job_input: ResearchInput) -> list[StepSpec]:
         return [StepSpec(key="plan", role=PLANNER,
@@ -280,10 +327,14 @@ class Research(JobKind[ResearchInput, ResearchResult]):
         if not isinstance(output, PlanOutput):
             return []
         settings = get_settings()
+        effort = EFFORTS[job_input.effort]
+        # Over a corpus an investigator is an agent loop: its budget is all its calls'.
+        loop = {"turn_limit": effort.turns} if job_input.corpus_id else {}
         investigate = [
             StepSpec(key=f"investigate-{i + 1}", role=INVESTIGATOR,
-                     max_tokens=settings.investigator_max_tokens, depends_on=(step_key,),
-                     input={"question": q})
+                     max_tokens=effort.step_tokens if job_input.corpus_id
+                     else settings.investigator_max_tokens, depends_on=(step_key,),
+                     input={"question": q, **loop})
             for i, q in enumerate(output.subquestions)
         ]
         synth = StepSpec(key="synthesise", role=SYNTHESISER,
@@ -330,23 +381,20 @@ class Research(JobKind[ResearchInput, ResearchResult]):
 
     def _investigate_corpus(self, ctx: StepContext, job_input: ResearchInput,
                             corpus_id: str, question: str) -> InvestigationOutput:
-        found = ctx.search_corpus(corpus_id, question, job_input.passages_per_question)
+        found = investigate(ctx, corpus_id, job_input.query, question,
+                            job_input.passages_per_question, turn_limit(ctx))
+        if found is None:
+            return InvestigationOutput(question=question, answer=NOTHING_FOUND, citations=[])
         passages = [SourcePassage(chunk_id=p.chunk_id, document_id=p.document_id,
                                   document=p.document_title, text=p.text[:PASSAGE_CHARS])
-                    for p in found]
-        if not passages:
-            return InvestigationOutput(question=question, answer=NOTHING_FOUND, citations=[])
-        sources = "".join(f"[{i + 1}] {p.text}\n" for i, p in enumerate(passages))
-        prompt = (_cited_prefix(job_input.query) + f"Sources:\n{sources}\n"
-                  f"Section: {question}\nAnswer:")
-        reply = ctx.complete(CallSpec(prompt=prompt, stop=["\n"]))
-        answer = reply.text.strip()
-        cited = section_citations(answer, [{"chunk_id": p.chunk_id} for p in passages])
+                    for p in found.passages]
+        cited = section_citations(found.answer, [{"chunk_id": p.chunk_id} for p in passages])
         return InvestigationOutput(
-            question=question, answer=answer,
+            question=question, answer=found.answer,
             citations=[SectionCitation.model_validate(c) for c in cited],
             retrieved=[p.chunk_id for p in passages], passages=passages,
-            finish_reason=reply.finish_reason)
+            rests_on=found.rests_on, turns=found.turns, stopped=str(found.stopped),
+            fallback=found.fallback)
 
     def _synthesise(self, ctx: StepContext, job_input: ResearchInput) -> SynthesisOutput:
         investigations = _investigations(ctx.parents)

@@ -1,10 +1,21 @@
 """A fast stand-in for an OpenAI-compatible model server, for tests and benchmarks.
 
-It speaks the subset of vLLM's API that agentq uses (`/v1/models`, `/v1/completions`, streamed
-or not, `/metrics` with vLLM's counter names), answers deterministically, counts "tokens" as
-whitespace-separated words, reports prompt words it has seen before as cached (in blocks of
-four, like a prefix cache), and can be told to be slow, to fail, or to omit usage
-(`POST /_control`). `python -m bench.standin --port 8199` runs one on its own.
+It speaks the subset of vLLM's API that agentq uses (`/v1/models`, `/v1/completions` and
+`/v1/chat/completions`, streamed or not, `/metrics` with vLLM's counter names), answers
+deterministically, counts "tokens" as whitespace-separated words, reports prompt words it has
+seen before as cached (in blocks of four, like a prefix cache), and can be told to be slow, to
+fail, or to omit usage (`POST /_control`). `python -m bench.standin --port 8199` runs one on
+its own.
+
+Answers can be scripted: `replies` maps a marker to the answer of every request whose prompt
+(or messages) holds it; `scripts` maps a marker to a sequence of answers, the n-th for the
+n-th call of a step (the call index in its `X-Request-Id`, `{step}:{attempt}:{index}`; the
+last answer repeats). Under a JSON-schema constraint, an answer that is JSON is sent as it is
+(a test may send arguments that do not fit) and any other text is fitted into the schema, as a
+constrained decoder would (a choice between a tool call and a final answer takes the final
+answer). On the chat endpoint with `tools`, an answer `{"tool": name, "arguments": {...}}` comes
+back as a tool call; a forced tool (`tool_choice` naming one) is called with the text fitted to
+its parameters.
 """
 
 from __future__ import annotations
@@ -43,6 +54,22 @@ class StandinState:
     plan_text: str = json.dumps(DEFAULT_PLAN)
     # Scripted answers: the first whose marker occurs in the prompt is the answer.
     replies: dict[str, str] = field(default_factory=dict)
+    # Scripted sequences: the n-th answer for a step's n-th call (see the module's doc).
+    scripts: dict[str, list[str]] = field(default_factory=dict)
+    # Seconds to wait before answering a step's n-th call, by n (from 0).
+    delay_by_index: dict[int, float] = field(default_factory=dict)
+    # `/tokenize` answers (as vLLM's does) with this context length; or, when set, fails with
+    # this status.
+    tokenize_status: int | None = None
+    context: int = 32768
+    tokenize_total: int = 0
+    # The bodies of requests received (with their path under "_path" and request id under
+    # "_request_id"), newest last (the last 500).
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+
+    def keep(self, path: str, request_id: str, body: dict[str, Any]) -> None:
+        """Keep a request's body (call with the lock)."""
+        self.bodies = [*self.bodies[-499:], {**body, "_path": path, "_request_id": request_id}]
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     requests_total: int = 0
@@ -76,6 +103,87 @@ def count_tokens(text: str) -> int:
     return len(text.split()) + 1  # a <bos> token, as a real tokenizer adds
 
 
+def call_index(request_id: str) -> int:
+    """A step's call index from its request id (`{step}:{attempt}:{index}`); 0 otherwise."""
+    last = request_id.rsplit(":", 1)[-1]
+    return int(last) if ":" in request_id and last.isdigit() else 0
+
+
+def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part, {})
+        return dict(target)
+    return schema
+
+
+def fit_to_schema(text: str, schema: dict[str, Any], root: dict[str, Any] | None = None
+                  ) -> Any:
+    """A value of the schema made from `text`: strings are the text, numbers 0, lists empty,
+    objects their required fields; of alternatives, one with a `final` field if any."""
+    root = root if root is not None else schema
+    schema = _resolve(schema, root)
+    options = schema.get("anyOf") or schema.get("oneOf")
+    if options:
+        chosen = next((o for o in options if "final" in (_resolve(o, root).get("properties")
+                                                          or {})), options[0])
+        return fit_to_schema(text, chosen, root)
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties") or {}
+        return {name: fit_to_schema(text, props[name], root)
+                for name in schema.get("required") or [] if name in props}
+    if kind == "array":
+        return []
+    if kind in ("integer", "number"):
+        return 0
+    if kind == "boolean":
+        return False
+    if kind == "null":
+        return None
+    return text.strip()
+
+
+def _offers_tools(schema: dict[str, Any]) -> bool:
+    options = schema.get("anyOf") or schema.get("oneOf") or [schema]
+    return any("tool" in (o.get("properties") or {}) for o in options)
+
+
+def constrained(text: str, schema: dict[str, Any] | None) -> str:
+    """The answer under a JSON-schema constraint: JSON as it is (arguments that do not fit and
+    tools that do not exist included), other text fitted; a tool call where the schema offers
+    no tool at all (only a final answer) is fitted too."""
+    if schema is None:
+        return text
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    else:
+        if not (isinstance(parsed, dict) and "tool" in parsed and not _offers_tools(schema)):
+            return text
+    return json.dumps(fit_to_schema(text if parsed is None else default_text(12), schema),
+                      separators=(",", ":"))
+
+
+def chat_text(messages: list[dict[str, Any]]) -> str:
+    """What a chat prompt says: its messages' texts and tool calls' arguments."""
+    return "\n".join(str(m.get("content") or "") + "".join(
+        str((c.get("function") or {}).get("arguments") or "")
+        for c in m.get("tool_calls") or []) for m in messages)
+
+
+def default_text(max_tokens: int) -> str:
+    words = [f"w{i}" for i in range(max(1, min(max_tokens, 12)))]
+    return " Stand-in answer: " + " ".join(words)
+
+
 def make_app(state: StandinState) -> FastAPI:
     app = FastAPI(title="agentq stand-in model server")
 
@@ -87,6 +195,19 @@ def make_app(state: StandinState) -> FastAPI:
                 await asyncio.sleep(0.02)
         if state.delay_s:
             await asyncio.sleep(state.delay_s)
+
+    def scripted_answer(prompt: str, index: int) -> str | None:
+        with state.lock:
+            for marker, answers in state.scripts.items():
+                if marker in prompt and answers:
+                    return answers[min(index, len(answers) - 1)]
+            return next((reply for marker, reply in state.replies.items() if marker in prompt),
+                        None)
+
+    async def pause_for(index: int) -> None:
+        wait = state.delay_by_index.get(index, 0.0)
+        if wait:
+            await asyncio.sleep(wait)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -100,6 +221,7 @@ def make_app(state: StandinState) -> FastAPI:
         with state.lock:
             state.requests_total += 1
             state.request_ids.append(request.headers.get("x-request-id", ""))
+            state.keep("/v1/completions", request.headers.get("x-request-id", ""), body)
             if state.fail_next > 0:
                 state.fail_next -= 1
                 return JSONResponse({"error": {"message": "injected failure"}},
@@ -109,15 +231,16 @@ def make_app(state: StandinState) -> FastAPI:
         prompt = str(body.get("prompt", ""))
         max_tokens = int(body.get("max_tokens") or 16)
         structured = body.get("structured_outputs") or {}
-        scripted = next((reply for marker, reply in state.replies.items() if marker in prompt),
-                        None)
+        index = call_index(request.headers.get("x-request-id", ""))
+        scripted = scripted_answer(prompt, index)
         if scripted is not None:
             text = scripted
         elif structured.get("regex") and "Sub-questions:" in prompt:
             text = state.plan_text
         else:
-            words = [f"w{i}" for i in range(max(1, min(max_tokens, 12)))]
-            text = " Stand-in answer: " + " ".join(words)
+            text = default_text(max_tokens)
+        text = constrained(text, structured.get("json"))
+        await pause_for(index)
         # "Tokens" are words with the whitespace before them, so text comes back as written.
         pieces = re.findall(r"\s*\S+", text)[:max_tokens]
         text = "".join(pieces)
@@ -189,6 +312,128 @@ def make_app(state: StandinState) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Any:
+        with state.lock:
+            state.tokenize_total += 1
+        if state.tokenize_status is not None:
+            return JSONResponse({"error": {"message": "no tokenizer here"}},
+                                status_code=state.tokenize_status)
+        body = await request.json()
+        if "messages" in body:
+            said = chat_text(body.get("messages") or [])
+            count = count_tokens(said + json.dumps(body.get("tools") or []))
+        else:
+            count = count_tokens(str(body.get("prompt", "")))
+        return {"count": count, "max_model_len": state.context, "tokens": list(range(count))}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = await request.json()
+        with state.lock:
+            state.requests_total += 1
+            state.request_ids.append(request.headers.get("x-request-id", ""))
+            state.keep("/v1/chat/completions", request.headers.get("x-request-id", ""), body)
+            if state.fail_next > 0:
+                state.fail_next -= 1
+                return JSONResponse({"error": {"message": "injected failure"}},
+                                    status_code=state.fail_status)
+            state.running += 1
+            state.max_running = max(state.max_running, state.running)
+        said = chat_text(body.get("messages") or [])
+        tools = body.get("tools") or []
+        max_tokens = int(body.get("max_tokens") or 16)
+        index = call_index(request.headers.get("x-request-id", ""))
+        text = scripted_answer(said, index)
+        structured = body.get("structured_outputs") or {}
+        call: dict[str, Any] | None = None
+        if tools:
+            call = tool_call(text, tools, body.get("tool_choice"), max_tokens, index)
+        if call is None:
+            if text is None:
+                text = state.plan_text if structured.get("regex") and "Sub-questions:" in said \
+                    else default_text(max_tokens)
+            text = constrained(text, structured.get("json"))
+        await pause_for(index)
+        pieces = re.findall(r"\s*\S+", call["arguments"] if call else str(text))[:max_tokens]
+        finish = "length" if len(pieces) >= max_tokens else (
+            "tool_calls" if call else "stop")
+        prompt_tokens = count_tokens(said + json.dumps(tools))
+        with state.lock:
+            cached = state.cached_tokens(said)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces),
+                 "total_tokens": prompt_tokens + len(pieces),
+                 "prompt_tokens_details": {"cached_tokens": cached}}
+        created = int(time.time())
+        cmpl_id = f"chatcmpl-{state.requests_total}"
+
+        def finish_request(generated: int) -> None:
+            with state.lock:
+                state.running -= 1
+                state.prompt_tokens_total += prompt_tokens
+                state.generation_tokens_total += generated
+
+        def delta(i: int, piece: str) -> dict[str, Any]:
+            if call is None:
+                return {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+            fn: dict[str, Any] = {"arguments": piece}
+            entry: dict[str, Any] = {"index": 0, "function": fn}
+            if i == 0:
+                fn["name"] = call["name"]
+                entry.update(id=f"call_{index}", type="function")
+            return {"tool_calls": [entry]}
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            return "data: " + json.dumps({"id": cmpl_id, "object": "chat.completion.chunk",
+                                          "created": created, "model": state.model,
+                                          "choices": choices, **extra}) + "\n\n"
+
+        async def events() -> Any:
+            generated = 0
+            try:
+                await pause()
+                for i, piece in enumerate(pieces):
+                    generated += 1
+                    last = i == len(pieces) - 1
+                    yield chunk([{"index": 0, "delta": delta(i, piece),
+                                  "finish_reason": finish if last else None}],
+                                usage={**usage, "completion_tokens": generated,
+                                       "total_tokens": prompt_tokens + generated})
+                    if state.token_delay_s:
+                        await asyncio.sleep(state.token_delay_s)
+                if not state.omit_usage:
+                    yield chunk([], usage=usage)
+                yield "data: [DONE]\n\n"
+            finally:
+                finish_request(generated)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def tool_call(text: str | None, tools: list[dict[str, Any]], choice: Any,
+                  max_tokens: int, index: int) -> dict[str, Any] | None:
+        """The tool call to answer with: the scripted one, the forced one, or (under
+        `required`) the last tool offered; None to answer with text."""
+        functions = {t["function"]["name"]: t["function"] for t in tools}
+        forced = (choice.get("function") or {}).get("name") if isinstance(choice, dict) \
+            else None
+        wanted: dict[str, Any] | None = None
+        if text is not None:
+            try:
+                parsed = json.loads(text)
+                if isinstance(parsed, dict) and isinstance(parsed.get("tool"), str):
+                    wanted = parsed
+            except ValueError:
+                pass
+        if wanted is not None and (forced is None or wanted["tool"] == forced):
+            return {"name": wanted["tool"],
+                    "arguments": json.dumps(wanted.get("arguments", {}))}
+        name = forced or (list(functions)[-1] if choice == "required" else None)
+        if name is None or name not in functions:
+            return None
+        filler = text if text is not None and wanted is None else default_text(max_tokens)
+        params = functions[name].get("parameters") or {}
+        return {"name": name, "arguments": json.dumps(fit_to_schema(filler, params))}
+
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         lines = [
@@ -211,7 +456,8 @@ def make_app(state: StandinState) -> FastAPI:
         with state.lock:
             for key, value in changes.items():
                 if key in {"delay_s", "token_delay_s", "hold_until_running", "hold_timeout_s",
-                           "fail_next", "fail_status", "omit_usage", "plan_text", "replies"}:
+                           "fail_next", "fail_status", "omit_usage", "plan_text", "replies",
+                           "scripts", "tokenize_status", "context"}:
                     setattr(state, key, value)
         return {"ok": True}
 

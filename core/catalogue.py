@@ -8,11 +8,18 @@ Set `AGENTQ_MODELS` to a JSON list (or `AGENTQ_MODELS_FILE` to a JSON file holdi
       "prices": {"input": 0.02, "cached_input": 0.01, "output": 0.04}},
      {"name": "qwen3-32b", "endpoints": ["http://10.0.0.6:8000", "http://10.0.0.7:8000"],
       "size": "large", "context": 32768, "max_in_flight": 128,
-      "prices": {"input": 0.2, "cached_input": 0.1, "output": 0.6}}]
+      "prices": {"input": 0.2, "cached_input": 0.1, "output": 0.6},
+      "api": "chat", "tool_calling": true}]
 
 Without one, the catalogue is one model of size `small` served by every endpoint in
 `AGENTQ_POOL_ENDPOINTS`, under whatever name the servers report, priced by
 `AGENTQ_MODEL_PRICES`. Agents ask for a size class; the pool picks the model and endpoint.
+
+`api` says how a model is called: `completions` (the default: `/v1/completions`, right for a
+base model such as the embedded one, which has no chat template) or `chat`
+(`/v1/chat/completions`). `tool_calling`: the chat server parses tool calls (vLLM started with
+`--enable-auto-tool-choice` and a `--tool-call-parser`); agent loops then send OpenAI `tools`.
+Without it a model chooses its action under a JSON-schema constraint.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, field_validator
 
@@ -42,6 +50,8 @@ class ModelSpec(BaseModel):
     context: int = Field(default=2048, ge=1)
     max_in_flight: int | None = Field(default=None, ge=1)
     prices: ModelPrices | None = None
+    api: Literal["completions", "chat"] = "completions"
+    tool_calling: bool = False
 
     @field_validator("endpoints")
     @classmethod

@@ -57,3 +57,8 @@ class TooManyRequests(AgentqError):
     def __init__(self, message: str, *, retry_after: int = 5, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after = retry_after
+
+
+class StepInterrupted(Exception):
+    """The platform stopped a running step (its job stopped, or its run lost the step). Agents
+    let it through: a tool never hands it to the model as a tool error."""

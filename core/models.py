@@ -229,6 +229,8 @@ class ModelCall(Base):
     # replays a finished call found at the same position with the same `call_key`.
     attempt: Mapped[int | None] = mapped_column(Integer, nullable=True)
     call_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The call's turn in its step's agent loop, from 1 (None: a call outside a loop).
+    turn: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Set when the run that made the call had lost its step (a stale run whose reservation had
     # expired): "billed" when the job's budget still had room, "unbilled" when it had not (the
     # tokens were spent at the server, and show here, but not in the job's usage).
@@ -259,6 +261,8 @@ class ModelCall(Base):
     energy_wh: Mapped[float | None] = mapped_column(nullable=True)
     energy_method: Mapped[str | None] = mapped_column(String(20), nullable=True)
     output_text: Mapped[str] = mapped_column(Text)
+    # The tools the model chose to call ([{"id", "name", "arguments"}]); None when none.
+    tool_calls: Mapped[list[dict[str, str]] | None] = mapped_column(JSONType, nullable=True)
     # Priced when the call was made: a later price change never rewrites it.
     cost_usd: Mapped[Decimal | None] = mapped_column(Money, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     investigator_max_tokens: int = 128
     synthesiser_max_tokens: int = 256
     coder_max_tokens: int = 1024
+    # Agent loops (a step of model calls and tool calls): the most turns (model calls) a step
+    # takes, unless its job kind chooses (research `effort`); per role, a cap on that
+    # ({"investigator": 4}); and the most bytes of a tool's result one turn shows the model.
+    loop_turn_limit: int = Field(default=6, ge=1, le=100)
+    loop_turn_limits: dict[str, int] = Field(default_factory=dict)
+    loop_tool_result_bytes: int = Field(default=3000, ge=200, le=200_000)
     # The sandbox that runs a coding job's tests: CPU seconds (each process, and the whole
     # tree) and wall-clock seconds per run, the workspace's disk quota, and the most runs one
     # worker process has at once (more wait; default: the number of CPUs).

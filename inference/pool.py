@@ -1,7 +1,9 @@
-"""The model pool: OpenAI-compatible `/v1/completions` endpoints behind one call.
+"""The model pool: OpenAI-compatible endpoints behind one call.
 
-Agents never build HTTP requests; they hand the pool a prompt, a `max_tokens` taken from the step
-budget, optional structured-output constraints and accounting ids, and get back text and usage.
+Agents never build HTTP requests; they hand the pool a `CallSpec` (a prompt or a conversation
+with tools, a `max_tokens` taken from the step budget, optional structured-output constraints)
+and accounting ids, and get back text, tool calls and usage. How the call is shaped for the
+model it lands on (`/v1/completions` or `/v1/chat/completions`) is `inference.shapes`.
 
 - Every request sets `max_tokens` (vLLM's completions default is 16 tokens).
 - Usage is required: a response without it is an error, never zero spend.
@@ -46,7 +48,9 @@ from core.catalogue import Catalogue, ModelSpec, load_catalogue
 from core.errors import AgentqError
 from core.settings import Settings, get_settings
 from inference.admission import Admission, AdmissionCancelled, AdmissionTimeout, Slot
-from inference.calls import CallSpec
+from inference.calls import CallSpec, PromptSize, ToolCall
+from inference.shapes import Shape, StreamReader, build, shape_of
+from inference.tokens import PromptMeter
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +114,7 @@ class Completion:
     energy_wh: float | None = None
     energy_method: str | None = None
     queued_ms: float = 0.0
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class CallCancelled(InferenceError):
@@ -199,6 +204,10 @@ AFFINITY_MARGIN = 8
 AFFINITY_RELATIVE_MARGIN = 0.5
 
 
+# An endpoint that can serve a call, the model name to ask it for, and its catalogue entry.
+Choice = tuple[Endpoint, str | None, ModelSpec | None]
+
+
 def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TransientInferenceError)
 
@@ -242,6 +251,7 @@ class Pool:
                                 connect=self.settings.connect_timeout_s)
         limits = httpx.Limits(max_connections=512, max_keepalive_connections=256)
         self._http = httpx.Client(timeout=timeout, limits=limits, follow_redirects=False)
+        self._meter = PromptMeter(self._http, self.settings.connect_timeout_s + 5)
         self._reporter: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -307,20 +317,34 @@ class Pool:
 
     # -- routing ----------------------------------------------------------------------------
 
-    def _candidates(self, req: CompletionRequest) -> list[tuple[Endpoint, str | None]]:
-        """Endpoints that can serve the request, each with the model name to ask for."""
-        wanted = req.call.model
+    def _candidates(self, call: CallSpec) -> list[Choice]:
+        """Endpoints that can serve the call, each with the model name to ask for and its
+        catalogue entry."""
+        wanted = call.model
         if wanted is not None:
             spec = self.catalogue.spec(wanted)
             if spec is not None:
-                return [(self._by_url[u], wanted) for u in spec.endpoints]
+                return [(self._by_url[u], wanted, spec) for u in spec.endpoints]
             serving = [e for e in self.endpoints if not e.models or wanted in e.models]
-            return [(e, wanted) for e in serving or self.endpoints]
-        out: dict[str, tuple[Endpoint, str | None]] = {}
-        for spec in self.catalogue.for_size(req.call.size):
+            return [(e, wanted, None) for e in serving or self.endpoints]
+        out: dict[str, Choice] = {}
+        for spec in self.catalogue.for_size(call.size):
             for u in spec.endpoints:
-                out.setdefault(u, (self._by_url[u], spec.name))
+                out.setdefault(u, (self._by_url[u], spec.name, spec))
         return list(out.values())
+
+    def prompt_size(self, call: CallSpec) -> PromptSize:
+        """The call's prompt tokens on whichever model of the catalogue may take it (in the
+        shape that model takes it): counted by its server where it can, else bounded; and
+        that model's context."""
+        now = time.monotonic()
+        options = [(e.base_url, name, spec) for e, name, spec in self._candidates(call)
+                   if e.available(now)] or \
+            [(e.base_url, name, spec) for e, name, spec in self._candidates(call)]
+        return self._meter.size(call, options, self._model_names)
+
+    def _model_names(self, url: str) -> list[str]:
+        return self._models_of(self._by_url[url])
 
     def _loads(self, urls: list[str]) -> dict[str, int]:
         """Calls running and waiting at each endpoint: over every process when admission is
@@ -335,17 +359,17 @@ class Pool:
         with self._lock:
             return {u: self._by_url[u].in_flight for u in urls}
 
-    def _pick(self, req: CompletionRequest, avoid: set[str]) -> tuple[Endpoint, str | None]:
-        options = self._candidates(req)
+    def _pick(self, req: CompletionRequest, avoid: set[str]) -> Choice:
+        options = self._candidates(req.call)
         fresh = [o for o in options if o[0].base_url not in avoid] or options
-        loads = self._loads([e.base_url for e, _ in fresh])
+        loads = self._loads([o[0].base_url for o in fresh])
         now = time.monotonic()
         with self._lock:
             usable = [o for o in fresh if o[0].available(now)]
             if not usable:
                 usable = [o for o in options if o[0].available(now)]
             if not usable:
-                wait = min(e.open_until for e, _ in options) - now
+                wait = min(o[0].open_until for o in options) - now
                 raise TransientInferenceError(
                     f"no pool endpoint is available: all {len(options)} are failing (circuit "
                     f"open; next probe in {max(wait, 0):.0f} s)", code="pool_unavailable")
@@ -445,32 +469,8 @@ class Pool:
 
     # -- calls ------------------------------------------------------------------------------
 
-    def _body(self, req: CompletionRequest, model: str) -> dict[str, Any]:
-        call = req.call
-        body: dict[str, Any] = {
-            "model": model,
-            "prompt": call.prompt,
-            "max_tokens": req.max_tokens,
-            "temperature": call.temperature,
-            "stream": True,
-            # Usage on every chunk: a call aborted half-way is still counted exactly.
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-        }
-        if call.stop:
-            body["stop"] = list(call.stop)
-        structured: dict[str, Any] = {}
-        if call.regex is not None:
-            structured["regex"] = call.regex
-        if call.json_schema is not None:
-            structured["json"] = dict(call.json_schema)
-        if call.choice is not None:
-            structured["choice"] = list(call.choice)
-        if structured:
-            body["structured_outputs"] = structured
-        return body
-
     def _attempt(self, req: CompletionRequest, avoid: set[str]) -> Completion:
-        ep, spec_model = self._pick(req, avoid)
+        ep, spec_model, spec = self._pick(req, avoid)
         outcome = "ok"
         try:
             try:
@@ -495,7 +495,7 @@ class Pool:
             with self._admitted(ep, req) as slot:
                 share_start, started = self._start(ep)
                 try:
-                    result = self._send(req, ep, model, started)
+                    result = self._send(req, ep, model, shape_of(req.call, spec), started)
                 finally:
                     # Latency and energy cover the same interval, read under the same lock.
                     share_end, ended = self._finish(ep)
@@ -520,13 +520,17 @@ class Pool:
             avoid.add(ep.base_url)
             self._release(ep, outcome)
 
-    def _send(self, req: CompletionRequest, ep: Endpoint, model: str,
+    def _send(self, req: CompletionRequest, ep: Endpoint, model: str, shape: Shape,
               started: float) -> Completion:
+        try:
+            path, body = build(req.call, model, req.max_tokens, shape)
+        except ValueError as exc:
+            raise InferenceError(f"cannot shape the call for {model}: {exc}") from exc
         try:
             with self._http.stream(
                 "POST",
-                f"{ep.base_url}/v1/completions",
-                json=self._body(req, model),
+                f"{ep.base_url}{path}",
+                json=body,
                 headers={"X-Request-Id": req.request_id},
             ) as resp:
                 if resp.status_code == 429 or resp.status_code >= 500:
@@ -536,7 +540,8 @@ class Pool:
                     raise InferenceError(f"{ep.base_url} refused the request "
                                          f"({resp.status_code}): {resp.read()[:300]!r}")
                 # Leaving this block closes the connection: a cancelled call is aborted.
-                return self._read_stream(resp, ep.base_url, model, started, req.cancelled)
+                return self._read_stream(resp, ep.base_url, model, started, req.cancelled,
+                                         req.call, shape)
         except httpx.TimeoutException as exc:
             raise TransientInferenceError(f"{ep.base_url} timed out: {exc}") from exc
         except httpx.HTTPError as exc:
@@ -554,11 +559,11 @@ class Pool:
 
     @classmethod
     def _read_stream(cls, resp: httpx.Response, endpoint: str, model: str, started: float,
-                     cancelled: Callable[[], bool] | None = None) -> Completion:
-        """Read an OpenAI-style completion stream: text chunks (each with the usage so far),
-        then a usage chunk."""
-        parts: list[str] = []
-        finish_reason: str | None = None
+                     cancelled: Callable[[], bool] | None = None, call: CallSpec | None = None,
+                     shape: Shape = Shape.COMPLETION) -> Completion:
+        """Read an OpenAI-style completion or chat completion stream: text or tool-call
+        chunks (each with the usage so far), then a usage chunk."""
+        reader = StreamReader()
         usage: Usage | None = None
         served_model = model
         ttft_ms: float | None = None
@@ -584,12 +589,8 @@ class Pool:
                 raise TransientInferenceError(f"{endpoint} failed mid-stream: "
                                               f"{str(chunk['error'])[:300]}")
             served_model = str(chunk.get("model") or served_model)
-            for choice in chunk.get("choices") or []:
-                text = choice.get("text") or ""
-                if text and ttft_ms is None:
-                    ttft_ms = (time.monotonic() - started) * 1000
-                parts.append(text)
-                finish_reason = choice.get("finish_reason") or finish_reason
+            if reader.feed(chunk) and ttft_ms is None:
+                ttft_ms = (time.monotonic() - started) * 1000
             usage = cls._usage(chunk.get("usage")) or usage
         latency_ms = (time.monotonic() - started) * 1000
         if not done:
@@ -598,14 +599,15 @@ class Pool:
             raise InferenceError(f"{endpoint} sent a completion without usage; refusing to "
                                  "count it as zero", code="usage_missing")
         return Completion(
-            text="".join(parts),
+            text=reader.text,
             usage=usage,
-            finish_reason=finish_reason,
+            finish_reason=reader.finish_reason,
             model=served_model,
             endpoint=endpoint,
             latency_ms=latency_ms,
             attempts=1,
             ttft_ms=ttft_ms if ttft_ms is not None else latency_ms,
+            tool_calls=reader.tool_calls(call, shape) if call is not None else (),
         )
 
     def complete(self, req: CompletionRequest) -> Completion:

@@ -28,6 +28,8 @@ from core.pricing import highest_price
 from core.repositories import events, ledger
 from core.repositories.ledger import Budget, Reserved
 from core.settings import get_settings
+from inference.calls import CallSpec
+from inference.transcript import plain_bound, prompt_bound
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,18 @@ class Hold:
 
     @staticmethod
     def for_call(request_id: str, prompt: str, max_tokens: int) -> Hold:
-        # Every token is at least one byte, plus special tokens.
-        tokens = len(prompt.encode("utf-8")) + 8 + max_tokens
-        return Hold(request_id, tokens, highest_price().cost(tokens - max_tokens, max_tokens))
+        """A plain prompt's hold on a completions model."""
+        call = CallSpec(prompt=prompt, max_tokens=max_tokens)
+        return Hold.for_spec(request_id, call, plain_bound(call))
+
+    @staticmethod
+    def for_spec(request_id: str, call: CallSpec, bound: int | None = None) -> Hold:
+        """`bound`: of the prompt's tokens, when known better than for any model (every token
+        is at least one byte, plus special tokens: `prompt_bound`)."""
+        assert call.max_tokens is not None
+        tokens = (bound if bound is not None else prompt_bound(call)) + call.max_tokens
+        return Hold(request_id, tokens,
+                    highest_price().cost(tokens - call.max_tokens, call.max_tokens))
 
 
 @dataclass(frozen=True)
@@ -130,9 +141,11 @@ class Carry:
 CARRY_FLUSH_S = 0.2
 
 
-def reserve(run: Run, hold: Hold, carry: Carry | None = None) -> None:
+def reserve(run: Run, hold: Hold, carry: Carry | None = None) -> int | None:
     """Reserve; while other calls of the job hold reservations that may yet settle below
-    their bound, wait for them instead of giving up on budget that is not really spent."""
+    their bound, wait for them instead of giving up on budget that is not really spent.
+    Returns the job's committed tokens (spent and reserved, this hold's included) as the
+    reservation left them, when known."""
     deadline = time.monotonic() + RESERVATION_WAIT_S
     delay = 0.02
     while True:
@@ -140,12 +153,12 @@ def reserve(run: Run, hold: Hold, carry: Carry | None = None) -> None:
             with attempt, transaction() as s:
                 if carry is not None:
                     carry.write(s)
-                got = ledger.reserve(s, request_id=hold.request_id, job_id=run.job_id,
-                                     step_id=run.step_id, attempt=run.attempt,
-                                     tokens=hold.tokens, cost=hold.cost, budget=run.budget,
-                                     again=attempt.retry_state.attempt_number > 1)
+                got, committed = ledger.reserve(
+                    s, request_id=hold.request_id, job_id=run.job_id, step_id=run.step_id,
+                    attempt=run.attempt, tokens=hold.tokens, cost=hold.cost,
+                    budget=run.budget, again=attempt.retry_state.attempt_number > 1)
         if got is Reserved.OK:
-            return
+            return committed
         if got is Reserved.STALE:
             raise StepStopped("this run no longer holds its step")
         with transaction(read_only=True) as s:

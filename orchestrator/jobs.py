@@ -78,7 +78,8 @@ def create_job(
     kind.check(_Submission(session, tenant_id), job_input)
     settings = get_settings()
     budget = dict(budget)
-    budget.setdefault("max_total_tokens", settings.default_job_max_total_tokens)
+    budget.setdefault("max_total_tokens", kind.default_max_total_tokens(job_input)
+                      or settings.default_job_max_total_tokens)
     roles = kind.phases
     unknown = sorted(set(budget.get("step_max_tokens") or {}) - set(roles))
     if unknown:

@@ -6,6 +6,8 @@ it, never by the agent itself.
   distinct between runs of the step. A re-run step replays a finished call of an earlier run
   found at the same position with the same content (a changed prompt is a new call).
 - Identical deterministic calls of one job are made once (`orchestrator.callcache`).
+- The job's remaining token budget is known without a read of its own: from the claim, then
+  from each reservation's update, then from each call's usage.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
-from agents.base import CallSpec, ModelReply, Passage, StepOutputs
+from agents.base import CallSpec, Document, ModelReply, Passage, PromptSize, StepOutputs
 from agents.corpus import retrieve
 from core.db import transaction
 from core.db_errors import db_retrying
@@ -27,6 +29,7 @@ from core.repositories import ledger, steps
 from core.repositories.corpora import SessionCorpusStore
 from core.settings import get_settings
 from inference.pool import CallCancelled, Completion, CompletionRequest, Pool
+from inference.shapes import decode_tool_calls, encode_tool_calls
 from orchestrator import budget, callcache
 from orchestrator.budget import Carry, Hold, Run, StepStopped
 from orchestrator.callcache import Lead
@@ -38,7 +41,8 @@ log = logging.getLogger(__name__)
 def _reply(row: ModelCall, replayed: bool = False) -> ModelReply:
     return ModelReply(row.output_text, row.finish_reason, row.prompt_tokens,
                       row.completion_tokens, replayed=replayed, model=row.model,
-                      cached=row.cached_from is not None, escalated_from=row.escalated_from)
+                      cached=row.cached_from is not None, escalated_from=row.escalated_from,
+                      tool_calls=decode_tool_calls(row.tool_calls))
 
 
 class MeteredContext:
@@ -46,7 +50,7 @@ class MeteredContext:
 
     def __init__(self, *, run: Run, tenant_id: str, step_key: str, role: str,
                  step_input: Mapping[str, Any], max_tokens: int, parents: StepOutputs,
-                 pool: Pool) -> None:
+                 pool: Pool, job_tokens_committed: int = 0) -> None:
         self._run = run
         self._tenant_id = tenant_id
         self._step_key = step_key
@@ -57,6 +61,8 @@ class MeteredContext:
         self._pool = pool
         self._index = 0
         self._replay: dict[tuple[int, str | None], ModelCall] | None = None
+        # The job's tokens spent and reserved by others, as last seen.
+        self._committed = job_tokens_committed
         # Finished calls whose ledger rows ride on the run's next transaction.
         self.carry = Carry(run)
 
@@ -89,6 +95,30 @@ class MeteredContext:
     def read_passages(self, corpus_id: str, chunk_ids: Sequence[str]) -> dict[str, str]:
         with transaction(read_only=True) as s:
             return SessionCorpusStore(s, self._tenant_id).texts(corpus_id, chunk_ids)
+
+    def read_document(self, corpus_id: str, document_id: str) -> Document | None:
+        with transaction(read_only=True) as s:
+            found = SessionCorpusStore(s, self._tenant_id).document(corpus_id, document_id)
+        return None if found is None else Document(document_id, found[0], found[1])
+
+    # -- budget ---------------------------------------------------------------------------
+
+    def job_tokens_left(self) -> int | None:
+        limit = self._run.budget.max_total_tokens
+        return None if limit is None else max(0, limit - self._committed)
+
+    def prompt_size(self, call: CallSpec) -> PromptSize:
+        return self._pool.prompt_size(call)
+
+    def _fit_to_job(self, spec: CallSpec) -> CallSpec:
+        """The call with `max_tokens` cut to what the job's budget has room for (its
+        reservation holds the prompt's bound as well)."""
+        left = self.job_tokens_left()
+        assert spec.max_tokens is not None
+        if left is None:
+            return spec
+        room = left - self.prompt_size(spec).tokens
+        return spec.settled(max(1, min(spec.max_tokens, room)))
 
     # -- model calls ----------------------------------------------------------------------
 
@@ -129,6 +159,9 @@ class MeteredContext:
             done = self._replay.get((index, key))
             if done is not None:
                 return _reply(done, replayed=True)
+        if call.fit_to_job:
+            # After the key: a re-run finds this call whatever the job had left then.
+            spec = self._fit_to_job(spec)
         if key is None:
             return self._make_call(spec, request_id, index, key, escalated_from)
         state, other = callcache.lead(run.job_id, key, request_id)
@@ -208,7 +241,8 @@ class MeteredContext:
         return {"request_id": request_id, "tenant_id": self._tenant_id, "job_id": run.job_id,
                 "step_id": run.step_id, "attempt": run.attempt, "call_index": index,
                 "role": self._role, "max_tokens": spec.max_tokens, "call_key": key,
-                "created_at": utcnow(), "settled_late": None, **fields}
+                "turn": spec.turn, "created_at": utcnow(), "settled_late": None,
+                "tool_calls": None, **fields}
 
     def _answer_from_cache(self, request_id: str, index: int, spec: CallSpec, key: str,
                            earlier: ModelCall) -> ModelReply:
@@ -219,7 +253,7 @@ class MeteredContext:
                         latency_ms=0.0, ttft_ms=None, attempts=0, cache_hit=None,
                         energy_wh=None, energy_method=None, output_text=earlier.output_text,
                         cost_usd=Decimal(0), cached_from=earlier.request_id,
-                        escalated_from=earlier.escalated_from)
+                        escalated_from=earlier.escalated_from, tool_calls=earlier.tool_calls)
         for attempt in db_retrying(get_settings().settle_retry_s):
             with attempt, transaction() as s:
                 self.carry.write(s)
@@ -228,9 +262,10 @@ class MeteredContext:
 
     def _make_call(self, spec: CallSpec, request_id: str, index: int, key: str | None,
                    escalated_from: str | None) -> ModelReply:
-        assert spec.max_tokens is not None
-        hold = Hold.for_call(request_id, spec.prompt, spec.max_tokens)
-        budget.reserve(self._run, hold, self.carry)
+        hold = Hold.for_spec(request_id, spec, self.prompt_size(spec).tokens)
+        committed = budget.reserve(self._run, hold, self.carry)
+        if committed is not None:
+            self._committed = committed - hold.tokens
         try:
             completion = self._pool.complete(CompletionRequest(
                 call=spec, request_id=request_id, tenant_id=self._tenant_id,
@@ -252,9 +287,11 @@ class MeteredContext:
             raise
         # Written with the run's next transaction (the next reservation, or the step's end).
         self.carry.add(self._row_of(request_id, index, spec, key, escalated_from, completion))
+        self._committed += completion.usage.total_tokens
         return ModelReply(completion.text, completion.finish_reason,
                           completion.usage.prompt_tokens, completion.usage.completion_tokens,
-                          model=completion.model, escalated_from=escalated_from)
+                          model=completion.model, escalated_from=escalated_from,
+                          tool_calls=completion.tool_calls)
 
     def _row_of(self, request_id: str, index: int, spec: CallSpec, key: str | None,
                 escalated_from: str | None, c: Completion) -> dict[str, Any]:
@@ -269,4 +306,5 @@ class MeteredContext:
             ttft_ms=c.ttft_ms, attempts=c.attempts,
             cache_hit=None if u.cached_tokens is None else u.cached_tokens > 0,
             energy_wh=c.energy_wh, energy_method=c.energy_method, output_text=c.text,
-            cost_usd=cost, cached_from=None, escalated_from=escalated_from)
+            cost_usd=cost, cached_from=None, escalated_from=escalated_from,
+            tool_calls=encode_tool_calls(c.tool_calls))

@@ -146,7 +146,8 @@ def job_steps(session: Session, job_id: str) -> list[dict[str, Any]]:
     return out
 
 
-CALL_COLUMNS = ("request_id", "created_at", "tenant_id", "job_id", "step_id", "role", "model",
+CALL_COLUMNS = ("request_id", "created_at", "tenant_id", "job_id", "step_id", "role", "turn",
+                "model",
                 "endpoint", "prompt_tokens", "cached_tokens", "completion_tokens",
                 "total_tokens", "max_tokens", "finish_reason", "latency_ms", "ttft_ms",
                 "attempts", "cache_hit", "escalated_from", "cached_from", "cost_usd",
@@ -160,6 +161,8 @@ def calls(session: Session, f: ReportFilter, limit: int = 1000) -> list[dict[str
         out.append({
             "request_id": c.request_id, "created_at": c.created_at.isoformat(),
             "tenant_id": c.tenant_id, "job_id": c.job_id, "step_id": c.step_id, "role": c.role,
+            "turn": c.turn,
+            "tool_calls": [t.get("name", "") for t in c.tool_calls or []],
             "model": c.model, "endpoint": c.endpoint, "prompt_tokens": c.prompt_tokens,
             "cached_tokens": c.cached_tokens, "completion_tokens": c.completion_tokens,
             "total_tokens": c.prompt_tokens + c.completion_tokens, "max_tokens": c.max_tokens,

@@ -13,13 +13,16 @@ from pydantic import BaseModel
 
 from agents.base import (
     CallSpec,
+    Document,
     JobKind,
     ModelReply,
     Passage,
+    PromptSize,
     Role,
     StepContext,
     StepOutputs,
     StepSpec,
+    ToolCall,
 )
 from agents.batch import Batch, BatchInput, BatchResult
 from agents.coding import Coding, CodingInput, CodingResult
@@ -34,6 +37,8 @@ from agents.research import (
     ResearchInput,
     ResearchResult,
 )
+from bench.standin import constrained
+from inference.transcript import action_schema, parse_action, prompt_bound
 from orchestrator.metering import MeteredContext
 
 Answer = Callable[[CallSpec], str]
@@ -60,8 +65,13 @@ class FakeContext:
         self.calls.append(call)
         text = self._answer(call)
         valid = call.validate(text) if call.validate is not None else None
-        return ModelReply(text, "stop", len(call.prompt.split()), len(text.split()),
-                          model="fake", valid=valid)
+        tool_calls: tuple[ToolCall, ...] = ()
+        if call.is_conversation:
+            # As a server under the action's JSON-schema constraint would answer.
+            text = constrained(text, action_schema(call))
+            tool_calls = parse_action(text, call.answer, call.turn)
+        return ModelReply(text, "stop", len(call.prompt.split()) + 1, len(text.split()),
+                          model="fake", valid=valid, tool_calls=tool_calls)
 
     def stopped(self) -> bool:
         return False
@@ -71,6 +81,16 @@ class FakeContext:
 
     def read_passages(self, corpus_id: str, chunk_ids: Sequence[str]) -> dict[str, str]:
         return {c: self._chunks[c] for c in chunk_ids if c in self._chunks}
+
+    def read_document(self, corpus_id: str, document_id: str) -> Document | None:
+        texts = [p.text for p in self._passages if p.document_id == document_id]
+        return Document(document_id, "fake", " ".join(texts)) if texts else None
+
+    def job_tokens_left(self) -> int | None:
+        return None
+
+    def prompt_size(self, call: CallSpec) -> PromptSize:
+        return PromptSize(prompt_bound(call))
 
 
 def _as_step_context(ctx: FakeContext) -> StepContext:

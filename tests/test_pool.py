@@ -121,9 +121,11 @@ def test_no_endpoint_answering_fails_within_bounded_time() -> None:
 
 
 def test_structured_outputs_are_passed_through(server: StandinServer) -> None:
-    pool = Pool([server.url], settings())
-    body = pool._body(req(regex=r"\[.*\]", choice=["a", "b"], json_schema={"type": "object"}),
-                      "m")
+    from inference.shapes import Shape, build
+
+    call = req(regex=r"\[.*\]", choice=["a", "b"], json_schema={"type": "object"})
+    path, body = build(call.call, "m", call.max_tokens, Shape.COMPLETION)
+    assert path == "/v1/completions"
     assert body["structured_outputs"] == {"regex": r"\[.*\]", "choice": ["a", "b"],
                                           "json": {"type": "object"}}
     assert body["max_tokens"] == 5
@@ -319,3 +321,46 @@ def test_a_busy_home_spills_a_call_without_moving_the_job() -> None:
     finally:
         a.stop()
         b.stop()
+
+
+def _conversation(text: str) -> CallSpec:
+    from inference.calls import ChatMessage, ToolSchema
+
+    answer = ToolSchema("final_answer", "Answer.", {
+        "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]})
+    return CallSpec(messages=(ChatMessage("system", "Be brief."), ChatMessage("user", text)),
+                    answer=answer, max_tokens=40)
+
+
+def test_a_conversation_is_counted_by_the_servers_tokenizer(server: StandinServer) -> None:
+    pool = Pool([server.url], settings())
+    call = _conversation("one two three")
+    size = pool.prompt_size(call)
+    assert size.exact
+    assert size.context == server.state.context  # the catalogue left it at its default
+    made = pool.complete(CompletionRequest(call=call, request_id="t-1"))
+    assert made.usage.prompt_tokens == size.tokens
+    assert pool.prompt_size(call) == size  # kept: the server is not asked again
+    assert server.state.tokenize_total == 1
+    assert made.tool_calls[0].name == "final_answer"
+    # plain prompts are bounded by their bytes, never counted
+    plain = pool.prompt_size(CallSpec(prompt="one two three", max_tokens=5))
+    assert not plain.exact
+    assert plain.tokens == len("one two three") + 8
+    assert server.state.tokenize_total == 1
+
+
+def test_prompts_are_bounded_where_the_server_has_no_tokenizer(server: StandinServer) -> None:
+    server.state.tokenize_status = 503  # it may answer later: asked again each time
+    pool = Pool([server.url], settings())
+    first = pool.prompt_size(_conversation("alpha beta"))
+    assert not first.exact
+    made = pool.complete(CompletionRequest(call=_conversation("alpha beta"), request_id="b-1"))
+    assert made.usage.prompt_tokens <= first.tokens
+    assert first.context == 2048  # the catalogue's default for an undeclared model
+    pool.prompt_size(_conversation("gamma"))
+    assert server.state.tokenize_total == 2
+    server.state.tokenize_status = 404  # it has none: asked once more, then never
+    for word in ("delta", "epsilon", "zeta"):
+        assert not pool.prompt_size(_conversation(word)).exact
+    assert server.state.tokenize_total == 3

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import AdminPrincipal, DbSession
 from api.jobs.schemas import ErrorResponse
@@ -145,7 +145,8 @@ class StepUsage(Figures):
 
 CALL_EXAMPLE: dict[str, Any] = {
     "request_id": "stp_1:0", "created_at": "2026-11-22T05:00:00+00:00", "tenant_id": "ten_1",
-    "job_id": "job_1", "step_id": "stp_1", "role": "planner", "model": "gemma-3-270m",
+    "job_id": "job_1", "step_id": "stp_1", "role": "planner", "turn": None,
+    "tool_calls": [], "model": "gemma-3-270m",
     "endpoint": "http://127.0.0.1:8100", "prompt_tokens": 80, "cached_tokens": 64,
     "completion_tokens": 30, "total_tokens": 110, "max_tokens": 160, "finish_reason": "stop",
     "latency_ms": 900.0, "ttft_ms": 120.0, "attempts": 1, "cache_hit": True,
@@ -162,6 +163,9 @@ class CallRow(BaseModel):
     job_id: str
     step_id: str
     role: str
+    turn: int | None = Field(description="The call's turn in its step's agent loop, from 1; "
+                                         "null for a call outside a loop.")
+    tool_calls: list[str] = Field(description="The names of the tools the model called.")
     model: str
     endpoint: str
     prompt_tokens: int

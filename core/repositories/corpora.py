@@ -185,6 +185,32 @@ def chunk_texts(session: Session, corpus_id: str, chunk_ids: Sequence[str]) -> d
             CorpusChunk.corpus_id == corpus_id, CorpusChunk.id.in_(set(chunk_ids))))}
 
 
+def document_text(session: Session, corpus_id: str, document_id: str
+                  ) -> tuple[str, str] | None:
+    """A document of the corpus as its title and extracted text, rebuilt from its chunks
+    (which overlap a little where a chunk ends inside a paragraph); None when the corpus holds
+    no such document."""
+    if not _ID.fullmatch(document_id):
+        return None
+    title = session.scalar(select(CorpusDocument.title).where(
+        CorpusDocument.id == document_id, CorpusDocument.corpus_id == corpus_id))
+    if title is None:
+        return None
+    parts: list[str] = []
+    end = 0
+    for text, start, stop in session.execute(
+            select(CorpusChunk.text, CorpusChunk.char_start, CorpusChunk.char_end)
+            .where(CorpusChunk.document_id == document_id).order_by(CorpusChunk.ordinal)):
+        if start >= end:
+            # What lay between two chunks was white space: a paragraph break or a space.
+            gap = "" if not parts else " " if start - end <= 1 else "\n\n"
+            parts.append(gap + text)
+        elif stop > end:  # the overlap is there already
+            parts.append(text[end - start:])
+        end = max(end, stop)
+    return str(title), "".join(parts)
+
+
 class SessionCorpusStore:
     """`agents.corpus.CorpusStore` over a session. With a `tenant_id`, only that tenant's
     corpora can be read: another's is as one that does not exist."""
@@ -214,3 +240,8 @@ class SessionCorpusStore:
         if not self._may_read(corpus_id):
             return {}
         return chunk_texts(self._session, corpus_id, chunk_ids)
+
+    def document(self, corpus_id: str, document_id: str) -> tuple[str, str] | None:
+        if not self._may_read(corpus_id):
+            return None
+        return document_text(self._session, corpus_id, document_id)

@@ -79,12 +79,15 @@ class Reserved(StrEnum):
 
 
 def reserve(session: Session, *, request_id: str, job_id: str, step_id: str, attempt: int,
-            tokens: int, cost: Decimal, budget: Budget, again: bool = False) -> Reserved:
+            tokens: int, cost: Decimal, budget: Budget, again: bool = False
+            ) -> tuple[Reserved, int | None]:
     """Hold `tokens` and `cost` against the job for one call of run `attempt`. The
     reservation expires with the run's lease, and is renewed with it. `again`: a retry of a
-    transaction whose commit may have gone through (then the reservation is there already)."""
+    transaction whose commit may have gone through (then the reservation is there already).
+    With `Reserved.OK` comes the job's committed tokens (spent and reserved, this call's
+    included) as the update left them, when it was made now."""
     if again and session.scalar(select(R.request_id).where(R.request_id == request_id)):
-        return Reserved.OK
+        return Reserved.OK, None
     if is_postgres(session):
         # One statement: lock the run's lease (shared), take from the job's budget, insert
         # the reservation; only when nothing was taken is the reason looked up.
@@ -95,33 +98,39 @@ def reserve(session: Session, *, request_id: str, job_id: str, step_id: str, att
             J.id == job_id, J.status == JobStatus.RUNNING, *budget.fits(tokens, cost),
             exists(select(held.c.until)),
         ).values(reserved_tokens=J.reserved_tokens + tokens,
-                 reserved_cost_usd=J.reserved_cost_usd + cost).returning(J.id).cte("took")
+                 reserved_cost_usd=J.reserved_cost_usd + cost).returning(
+            (J.prompt_tokens + J.completion_tokens + J.reserved_tokens).label("committed"),
+        ).cte("took")
         row = select(literal(request_id), literal(job_id), literal(step_id), literal(attempt),
                      literal(tokens), literal(cost, Numeric()),
                      literal(utcnow(), DateTime(timezone=True)),
-                     select(held.c.until).scalar_subquery()).where(exists(select(took.c.id)))
-        if session.execute(insert(reservations_table).from_select(
-                ["request_id", "job_id", "step_id", "attempt", "tokens", "cost_usd",
-                 "created_at", "expires_at"], row).returning(R.request_id)).first():
-            return Reserved.OK
+                     select(held.c.until).scalar_subquery(),
+                     ).where(exists(select(took.c.committed)))
+        committed = session.scalar(insert(reservations_table).from_select(
+            ["request_id", "job_id", "step_id", "attempt", "tokens", "cost_usd",
+             "created_at", "expires_at"], row).returning(
+            select(took.c.committed).scalar_subquery()))
+        if committed is not None:
+            return Reserved.OK, int(committed)
         if steps.lease_of(session, step_id, attempt) is None:
-            return Reserved.STALE
+            return Reserved.STALE, None
         status = session.scalar(select(J.status).where(J.id == job_id))
-        return Reserved.NO_ROOM if status == JobStatus.RUNNING else Reserved.STOPPED
+        return (Reserved.NO_ROOM if status == JobStatus.RUNNING else Reserved.STOPPED), None
     lease = steps.lease_of(session, step_id, attempt, lock=True)
     if lease is None:
-        return Reserved.STALE
-    res = session.execute(update(jobs_table).where(
+        return Reserved.STALE, None
+    committed = session.scalar(update(jobs_table).where(
         J.id == job_id, J.status == JobStatus.RUNNING, *budget.fits(tokens, cost),
     ).values(reserved_tokens=J.reserved_tokens + tokens,
-             reserved_cost_usd=J.reserved_cost_usd + cost))
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+             reserved_cost_usd=J.reserved_cost_usd + cost
+             ).returning(J.prompt_tokens + J.completion_tokens + J.reserved_tokens))
+    if committed is None:
         status = session.scalar(select(J.status).where(J.id == job_id))
-        return Reserved.NO_ROOM if status == JobStatus.RUNNING else Reserved.STOPPED
+        return (Reserved.NO_ROOM if status == JobStatus.RUNNING else Reserved.STOPPED), None
     session.execute(insert(reservations_table).values(
         request_id=request_id, job_id=job_id, step_id=step_id, attempt=attempt, tokens=tokens,
         cost_usd=cost, created_at=utcnow(), expires_at=lease))
-    return Reserved.OK
+    return Reserved.OK, int(committed)
 
 
 def take(session: Session, request_id: str) -> tuple[int, Decimal] | None:

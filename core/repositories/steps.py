@@ -39,12 +39,15 @@ class ClaimedStep:
     job_status: str
     job_input: dict[str, Any]
     budget: dict[str, Any]
+    # The job's tokens spent and reserved when the step was claimed.
+    job_tokens_committed: int = 0
 
 
 S = steps_table.c
 _STEP_COLS = (S.job_id, S.key, S.role, S.attempt, S.max_tokens, S.input, S.depends_on)
 _JOB_COLS = (jobs_table.c.tenant_id, jobs_table.c.kind, jobs_table.c.status, jobs_table.c.input,
-             jobs_table.c.budget)
+             jobs_table.c.budget, jobs_table.c.prompt_tokens + jobs_table.c.completion_tokens
+             + jobs_table.c.reserved_tokens)
 
 
 def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
@@ -70,7 +73,7 @@ def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
         job = tuple(session.execute(select(*_JOB_COLS).where(jobs_table.c.id == step[0])).one())
     return ClaimedStep(step_id, step[0], step[1], step[2], int(step[3]), int(step[4]),
                        dict(step[5] or {}), list(step[6] or []), job[0], job[1], job[2],
-                       dict(job[3] or {}), dict(job[4] or {}))
+                       dict(job[3] or {}), dict(job[4] or {}), int(job[5] or 0))
 
 
 def lease_of(session: Session, step_id: str, attempt: int, lock: bool = False

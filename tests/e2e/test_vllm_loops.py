@@ -1,0 +1,78 @@
+"""Agent loops on real vLLM servers with the embedded base model: research investigators over
+a corpus choose their actions under a JSON-schema constraint from a plain transcript, their
+prompts are counted by the server's tokenizer, every call stays within the model's 2048-token
+context and each step within its budget, and the tokens billed are the tokens the servers
+counted."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.e2e.conftest import Platform, VllmServer
+from tests.helpers import TERMINAL, auth, metric
+
+pytestmark = pytest.mark.e2e
+
+DOCUMENTS = {
+    "bees.txt": "Honey bees make honey from flower nectar. Worker bees carry the nectar to the "
+                "hive, where they evaporate its water by fanning their wings and store it in "
+                "wax cells sealed with a cap of wax.",
+    "wax.txt": "Beeswax is made by young worker bees from glands on their abdomen. They build "
+               "the hexagonal cells of the comb with it; the cells hold honey, pollen and the "
+               "brood.",
+}
+
+
+def test_research_over_a_corpus_runs_loops_on_a_real_vllm_server(
+        vllm_servers: list[VllmServer], platform: Platform) -> None:
+    def counted(name: str) -> float:
+        return sum(metric(s.url, name) for s in vllm_servers)
+
+    prompt_before = counted("vllm:prompt_tokens_total")
+    gen_before = counted("vllm:generation_tokens_total")
+    with httpx.Client(base_url=platform.api, headers=auth(platform.key), timeout=30) as http:
+        corpus_id = http.post("/v1/corpora", json={"name": "bees"}).json()["id"]
+        for name, body in DOCUMENTS.items():
+            resp = http.post(f"/v1/corpora/{corpus_id}/documents",
+                             files={"file": (name, body.encode(), "text/plain")})
+            assert resp.status_code in (200, 201), resp.text
+        resp = http.post("/v1/jobs", json={"kind": "research", "input": {
+            "query": "How do bees make and keep honey?", "max_subquestions": 2,
+            "corpus_id": corpus_id, "effort": "medium"}})
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["id"]
+        deadline = time.monotonic() + 900
+        while True:
+            job = http.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] in TERMINAL:
+                break
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+    assert job["status"] == "completed", job
+    assert job["result"]["sources"] == "corpus"
+    assert len(job["result"]["sections"]) == 2
+    engine = create_engine(platform.db_url)
+    with engine.connect() as conn:
+        steps = list(conn.execute(text(
+            "SELECT id, max_tokens, prompt_tokens + completion_tokens FROM steps "
+            "WHERE job_id = :j AND role = 'investigator'"), {"j": job_id}))
+        rows = {step_id: list(conn.execute(text(
+            "SELECT turn, prompt_tokens, completion_tokens, max_tokens FROM model_calls "
+            "WHERE step_id = :s ORDER BY call_index"), {"s": step_id}))
+            for step_id, _, _ in steps}
+        prompt, completion = conn.execute(text(
+            "SELECT SUM(prompt_tokens), SUM(completion_tokens) FROM model_calls "
+            "WHERE job_id = :j"), {"j": job_id}).one()
+    engine.dispose()
+    for step_id, budget, spent in steps:
+        calls = rows[step_id]
+        assert [c[0] for c in calls] == list(range(1, len(calls) + 1))
+        assert 1 <= len(calls) <= 4  # medium: up to 4 turns
+        assert spent == sum(c[1] + c[2] for c in calls) <= budget
+        assert all(c[1] + c[3] <= 2048 for c in calls)  # the model's context
+    assert prompt == counted("vllm:prompt_tokens_total") - prompt_before
+    assert completion == counted("vllm:generation_tokens_total") - gen_before
