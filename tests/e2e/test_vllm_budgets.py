@@ -18,8 +18,10 @@ from tests.helpers import TERMINAL, auth, metric
 pytestmark = pytest.mark.e2e
 
 PROMPTS = 120
-MAX_TOKENS = 32
-BUDGET = 4800  # room for about 55 reservations at once; well short of 120 calls' real tokens
+MAX_TOKENS = 64
+# Room for about 65 reservations at once (a reservation holds the prompt's bytes plus
+# `max_tokens`), so the worker's 64 slots can all be calling; about 90 calls' real tokens.
+BUDGET = 7000
 
 
 def _in_flight(servers: list[VllmServer]) -> float:
@@ -44,7 +46,7 @@ def test_a_budget_binding_under_fifty_parallel_calls_is_never_exceeded(
                 peak[0] = max(peak[0], _in_flight(vllm_servers))
             except httpx.HTTPError:
                 pass
-            stop.wait(0.05)
+            stop.wait(0.02)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
