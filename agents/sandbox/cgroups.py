@@ -10,6 +10,8 @@ import signal
 import time
 from collections.abc import Mapping
 
+from agents.sandbox.launcher import kernel
+
 
 class Cgroups:
     def __init__(self, name: str, memory_bytes: int, processes: int) -> None:
@@ -69,13 +71,9 @@ class Cgroups:
             return 0
         try:
             with open(self.oom_file) as fh:
-                for line in fh:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
-                        return int(value)
-        except (OSError, ValueError):
-            pass
-        return 0
+                return kernel.oom_kills(fh.read())
+        except OSError:
+            return 0
 
     def kill(self) -> None:
         """SIGKILL every process in the cgroups until none is left."""

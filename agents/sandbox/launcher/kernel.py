@@ -90,3 +90,16 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int,
 
     ret = libc().mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
     check(ret, f"mount {target}")
+
+
+def oom_kills(text: str) -> int:
+    """The `oom_kill` count of a memory cgroup's `memory.events` (v2) or `memory.oom_control`
+    (v1) text; 0 when it has none."""
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0

@@ -38,6 +38,7 @@ from .kernel import (
     check,
     descendants,
     libc,
+    oom_kills,
     stat_fields,
 )
 from .mounts import Budget, clear_dir, copy_tree, loopback_up, owner, setup_mounts
@@ -121,11 +122,12 @@ def _exec_command(cfg: Mapping[str, Any]) -> None:
 class _Tree:
     """Sums the CPU time and the memory of the processes below the launcher."""
 
-    def __init__(self, cgroup_oom: str | None) -> None:
+    def __init__(self, oom_fd: int | None) -> None:
         self.me = int(os.readlink("/proc/self"))  # as the mounted /proc numbers it
         self.tick = os.sysconf("SC_CLK_TCK")
         self.page = os.sysconf("SC_PAGE_SIZE")
-        self.cgroup_oom = cgroup_oom
+        # The cgroup's OOM counter, opened before the sandbox's mounts hide /sys.
+        self.oom_fd = oom_fd
 
     def usage(self) -> tuple[float, int]:
         """(CPU seconds, memory bytes). CPU: the reaped children's, plus every live process's
@@ -145,17 +147,21 @@ class _Tree:
         return cpu, memory
 
     def oom_kills(self) -> int:
-        if not self.cgroup_oom:
+        if self.oom_fd is None:
             return 0
         try:
-            with open(self.cgroup_oom) as fh:
-                for line in fh:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
-                        return int(value)
-        except (OSError, ValueError):
-            pass
-        return 0
+            return oom_kills(os.pread(self.oom_fd, 65536, 0).decode())
+        except OSError:
+            return 0
+
+
+def _open_oom_counter(path: str | None) -> int | None:
+    if not path:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def _pss(pid: int) -> int | None:
@@ -189,11 +195,11 @@ def _kill_all(pid_namespace: bool) -> None:
         time.sleep(0.005)
 
 
-def _supervise(cfg: Mapping[str, Any], child: int) -> tuple[str, int]:
+def _supervise(cfg: Mapping[str, Any], child: int, oom_fd: int | None) -> tuple[str, int]:
     """Wait for the command; ('exit'|'signal', N), or ('timeout'|'cpu'|'memory', 0) when a
     limit ended it first."""
     limits = cfg["limits"]
-    tree = _Tree(cfg.get("cgroup_oom"))
+    tree = _Tree(oom_fd)
     deadline = time.monotonic() + float(limits["wall_seconds"])
     cpu_limit, memory_limit = float(limits["cpu_seconds"]), int(limits["memory_bytes"])
     oom_before = tree.oom_kills()
@@ -238,6 +244,7 @@ def main(config: str) -> None:
         os._exit(LAUNCHER_FAILED)
 
     report(f"pid {os.readlink('/proc/self')}")
+    oom_fd = _open_oom_counter(cfg.get("cgroup_oom"))
     host_workspace = -1
     try:
         if not pid_namespace:
@@ -259,7 +266,7 @@ def main(config: str) -> None:
         except BaseException as exc:  # noqa: BLE001
             os.write(2, f"sandbox: cannot start the command: {exc}\n".encode())
         os._exit(127)
-    end, code = _supervise(cfg, child)
+    end, code = _supervise(cfg, child, oom_fd)
     _kill_all(pid_namespace)
     if host_workspace >= 0:
         try:
