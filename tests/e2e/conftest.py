@@ -17,7 +17,8 @@ from bench.standin import free_port
 from tests.conftest import REDIS_URL, migrate
 from tests.helpers import Proc, start_worker, wait_until
 
-E2E_REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + "/10"
+E2E_REDIS_URL = os.environ.get("AGENTQ_TEST_E2E_REDIS_URL",
+                               REDIS_URL.rsplit("/", 1)[0] + "/10")
 
 
 class VllmServer:
