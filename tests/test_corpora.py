@@ -536,7 +536,7 @@ def test_search_route(client: TestClient, known_corpus: tuple[str, str, dict[str
 
 
 def test_index_follows_changes_and_is_cached(client: TestClient, tenant_key: str) -> None:
-    from agents import corpus as corpus_mod
+    from agents.corpus import retrieval as corpus_mod
     from core.db import transaction
     from core.repositories.corpora import SessionCorpusStore
 
