@@ -18,7 +18,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.db import transaction
+from core.db_errors import retry_transient
 from core.errors import Conflict, InvalidInput
 from core.models import utcnow
 from core.repositories import idempotency as keys
@@ -188,3 +189,44 @@ def sweep_expired() -> int:
     cutoff = utcnow() - timedelta(hours=get_settings().idempotency_ttl_hours)
     with transaction() as s:
         return keys.delete_created_before(s, cutoff)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A request's response body (holding the job's `id`) and whether it is the stored
+    response of an earlier request with the same key."""
+
+    status_code: int
+    body: dict[str, Any]
+    replayed: bool = False
+
+
+def once(tenant_id: str, key: str | None, request: dict[str, Any],
+         work: Callable[[Session], dict[str, Any]], status_code: int = 202) -> Outcome:
+    """Run `work` (which writes the job in the session it is given and returns the response
+    body) in one transaction, run again whole when a transient error rolled it back. With a
+    key: at most once per key and `request`; a repeat gets the stored response, and the key
+    is freed again when `work` fails."""
+    if key is None:
+        def plain() -> dict[str, Any]:
+            with transaction() as session:
+                return work(session)
+        return Outcome(status_code, retry_transient(plain))
+    request_hash = fingerprint(request)
+    begun = retry_transient(lambda: begin(tenant_id, key, request_hash))
+    if isinstance(begun, StoredResponse):
+        return Outcome(begun.status_code, begun.body, replayed=True)
+    claim = begun
+
+    def keyed() -> dict[str, Any]:
+        with transaction() as session:
+            body = work(session)
+            complete(session, claim, status_code, body, str(body["id"]))
+        return body
+
+    with held(claim):
+        try:
+            return Outcome(status_code, retry_transient(keyed))
+        except BaseException:
+            retry_transient(lambda: abandon(claim))
+            raise

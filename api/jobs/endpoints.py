@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
 from api.deps import CurrentPrincipal, DbSession
 from api.jobs.schemas import (
@@ -49,44 +50,30 @@ def submit_job(
 ) -> JSONResponse:
     """Submit a job. Answers at once with the queued job; poll its `Location`."""
     key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None
-    claim: idempotency.Claim | None = None
-    if key is not None:
-        request_hash = idempotency.fingerprint(body.model_dump(mode="json"))
-        begun = retry_transient(lambda: idempotency.begin(principal.tenant_id, key,
-                                                          request_hash))
-        if isinstance(begun, idempotency.StoredResponse):
-            return JSONResponse(begun.body, status_code=begun.status_code, headers={
-                "Location": f"/v1/jobs/{begun.body['id']}", "Idempotent-Replayed": "true"})
-        claim = begun
+    webhook = None
+    if body.webhook is not None:
+        check_url(body.webhook.url, allow_private=get_settings().webhooks_allow_private_networks)
+        # Made once: a transaction run again keeps the same secret.
+        webhook = {"url": body.webhook.url, "events": list(body.webhook.events),
+                   "secret": new_secret()}
     budget = body.budget.model_dump(exclude_none=True)
 
-    def create(webhook: dict[str, Any] | None) -> dict[str, Any]:
-        with transaction() as session:
-            job = job_service.create_job(
-                session, tenant_id=principal.tenant_id, kind_name=body.kind,
-                raw_input=body.input, budget=budget, metadata=body.metadata,
-                idempotency_key=key, webhook=webhook)
-            out: dict[str, Any] = jsonable_encoder(job_out(job, show_secret=True))
-            if claim is not None:
-                idempotency.complete(session, claim, 202, out, job.id)
+    def create(session: Session) -> dict[str, Any]:
+        job = job_service.create_job(
+            session, tenant_id=principal.tenant_id, kind_name=body.kind, raw_input=body.input,
+            budget=budget, metadata=body.metadata, idempotency_key=key, webhook=webhook)
+        out: dict[str, Any] = jsonable_encoder(job_out(job, show_secret=True))
         return out
 
-    with idempotency.held(claim):
-        try:
-            webhook = None
-            if body.webhook is not None:
-                check_url(body.webhook.url,
-                          allow_private=get_settings().webhooks_allow_private_networks)
-                webhook = {"url": body.webhook.url, "events": list(body.webhook.events),
-                           "secret": new_secret()}
-            # One transaction; run again whole if a transient error rolled it back.
-            out = retry_transient(lambda: create(webhook))
-        except BaseException:
-            if claim is not None:
-                mine = claim
-                retry_transient(lambda: idempotency.abandon(mine))
-            raise
-    return JSONResponse(out, status_code=202, headers={"Location": f"/v1/jobs/{out['id']}"})
+    return _answer(idempotency.once(principal.tenant_id, key, body.model_dump(mode="json"),
+                                    create))
+
+
+def _answer(outcome: idempotency.Outcome) -> JSONResponse:
+    headers = {"Location": f"/v1/jobs/{outcome.body['id']}"}
+    if outcome.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
 
 
 @router.get("", response_model=JobList, responses={200: {"links": {
@@ -177,32 +164,13 @@ def continue_job(
     outputs of every step, before and after the continuation."""
     body = body or JobContinue()
     key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None
-    claim: idempotency.Claim | None = None
-    if key is not None:
-        request_hash = idempotency.fingerprint(
-            {"continue": job_id, "body": body.model_dump(mode="json")})
-        begun = retry_transient(lambda: idempotency.begin(principal.tenant_id, key,
-                                                          request_hash))
-        if isinstance(begun, idempotency.StoredResponse):
-            return JSONResponse(begun.body, status_code=begun.status_code, headers={
-                "Location": f"/v1/jobs/{begun.body['id']}", "Idempotent-Replayed": "true"})
-        claim = begun
     budget = body.budget.model_dump(exclude_none=True)
 
-    def resume() -> dict[str, Any]:
-        with transaction() as session:
-            job = continuation.continue_job(session, principal.tenant_id, job_id, budget)
-            out: dict[str, Any] = jsonable_encoder(job_out(job))
-            if claim is not None:
-                idempotency.complete(session, claim, 202, out, job.id)
+    def resume(session: Session) -> dict[str, Any]:
+        job = continuation.continue_job(session, principal.tenant_id, job_id, budget)
+        out: dict[str, Any] = jsonable_encoder(job_out(job))
         return out
 
-    with idempotency.held(claim):
-        try:
-            out = retry_transient(resume)
-        except BaseException:
-            if claim is not None:
-                mine = claim
-                retry_transient(lambda: idempotency.abandon(mine))
-            raise
-    return JSONResponse(out, status_code=202, headers={"Location": f"/v1/jobs/{out['id']}"})
+    return _answer(idempotency.once(
+        principal.tenant_id, key, {"continue": job_id, "body": body.model_dump(mode="json")},
+        resume))
