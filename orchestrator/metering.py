@@ -7,7 +7,9 @@ it, never by the agent itself.
   found at the same position with the same content (a changed prompt is a new call).
 - Identical deterministic calls of one job are made once (`orchestrator.callcache`).
 - The job's remaining token budget is known without a read of its own: from the claim, then
-  from each reservation's update, then from each call's usage.
+  from each reservation's update, then from each call's usage. A job with a dollar budget has
+  its dollars read when a call is fitted to what the job has left: a call's `max_tokens` is
+  cut to both, at the highest price any model may charge.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from agents.corpus import retrieve
 from core.db import transaction
 from core.db_errors import db_retrying
 from core.models import ModelCall, utcnow
-from core.pricing import price_for
+from core.pricing import MILLION, highest_price, price_for
 from core.repositories import ledger, steps
 from core.repositories.corpora import SessionCorpusStore
 from core.settings import get_settings
@@ -105,20 +107,46 @@ class MeteredContext:
 
     def job_tokens_left(self) -> int | None:
         limit = self._run.budget.max_total_tokens
-        return None if limit is None else max(0, limit - self._committed)
+        left = None if limit is None else max(0, limit - self._committed)
+        dollars = self._dollars_left()
+        if dollars is not None:
+            # What the dollars left buy of the dearer kind of token, at the highest price.
+            price = highest_price()
+            dearest = max(price.input, price.output)
+            if dearest > 0:
+                affordable = int(dollars * MILLION / dearest)
+                left = affordable if left is None else min(left, affordable)
+        return left
+
+    def _dollars_left(self) -> Decimal | None:
+        limit = self._run.budget.max_cost_usd
+        if limit is None:
+            return None
+        with transaction(read_only=True) as s:
+            committed = ledger.committed_cost(s, self._run.job_id)
+        return max(Decimal(0), limit - committed)
 
     def prompt_size(self, call: CallSpec) -> PromptSize:
         return self._pool.prompt_size(call)
 
     def _fit_to_job(self, spec: CallSpec) -> CallSpec:
-        """The call with `max_tokens` cut to what the job's budget has room for (its
-        reservation holds the prompt's bound as well)."""
-        left = self.job_tokens_left()
+        """The call with `max_tokens` cut to what the job's budget has room for: its tokens,
+        and its dollars at the highest price (its reservation holds the prompt's bound as
+        well)."""
         assert spec.max_tokens is not None
-        if left is None:
+        limit = self._run.budget
+        if limit.max_total_tokens is None and limit.max_cost_usd is None:
             return spec
-        room = left - self.prompt_size(spec).tokens
-        return spec.settled(max(1, min(spec.max_tokens, room)))
+        prompt = self.prompt_size(spec).tokens
+        max_tokens = spec.max_tokens
+        if limit.max_total_tokens is not None:
+            max_tokens = min(max_tokens, limit.max_total_tokens - self._committed - prompt)
+        dollars = self._dollars_left()
+        price = highest_price()
+        if dollars is not None and price.output > 0:
+            room = dollars - price.cost(prompt, 0)
+            max_tokens = min(max_tokens, int(room * MILLION / price.output))
+        return spec.settled(max(1, max_tokens))
 
     # -- model calls ----------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,31 @@ def test_the_turn_limit_holds(client: TestClient, tenant_key: str, standin: Any,
     # the other investigator answered at once, in its first turn
     other = calls_of(investigator(job_id, "investigate-2").id)
     assert [r.turn for r in other] == [1]
+
+
+@pytest.mark.usefixtures("two_questions")
+def test_a_dollar_budget_ends_a_loop_with_its_last_call_and_is_never_exceeded(
+        client: TestClient, tenant_key: str, standin: Any, corpus: str) -> None:
+    """Each call is fitted to the job's dollars as well as its tokens: the loop sees the
+    dollars run low and makes its last, short call instead of failing its step."""
+    standin.state.scripts = {MARKER: [SEARCH]}  # it would search for ever
+    cap = Decimal("0.00025")
+    job_id = submit(client, tenant_key, corpus, "max", max_cost_usd=float(cap))
+    job = wait_for_job(client, tenant_key, job_id, timeout=90)
+    # The synthesis may or may not find room after the loop: either way the loop answered.
+    assert job["status"] in ("completed", "budget_exhausted"), job
+    step = investigator(job_id)
+    rows = calls_of(step.id)
+    assert step.output is not None, step.error
+    assert step.output["stopped"] == "job_budget", [
+        (r.prompt_tokens, r.completion_tokens, r.cost_usd) for r in rows]
+    assert step.output["fallback"] is False
+    assert 2 <= len(rows) < 12
+    assert [c["name"] for c in rows[-1].tool_calls or []] == [ANSWER_TOOL]
+    with transaction() as s:
+        spent = sum(r.cost_usd for r in s.scalars(
+            select(ModelCall).where(ModelCall.job_id == job_id)))
+    assert Decimal(0) < spent <= cap
 
 
 @pytest.mark.usefixtures("two_questions")

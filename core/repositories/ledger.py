@@ -173,6 +173,12 @@ def reserved_in_flight(session: Session, job_id: str) -> int:
     return int(session.scalar(select(J.reserved_tokens).where(J.id == job_id)) or 0)
 
 
+def committed_cost(session: Session, job_id: str) -> Decimal:
+    """The job's dollars spent and reserved."""
+    return Decimal(session.scalar(select(J.cost_usd + J.reserved_cost_usd)
+                                  .where(J.id == job_id)) or 0)
+
+
 def spent(session: Session, job_id: str) -> tuple[str, int, Decimal]:
     row = session.execute(select(J.status, J.prompt_tokens + J.completion_tokens,
                                  J.cost_usd).where(J.id == job_id)).one()
