@@ -182,7 +182,7 @@ def test_a_dollar_budget_ends_a_loop_with_its_last_call_and_is_never_exceeded(
     assert 2 <= len(rows) < 12
     assert [c["name"] for c in rows[-1].tool_calls or []] == [ANSWER_TOOL]
     with transaction() as s:
-        spent = sum(r.cost_usd for r in s.scalars(
+        spent = sum(r.cost_usd or Decimal(0) for r in s.scalars(
             select(ModelCall).where(ModelCall.job_id == job_id)))
     assert Decimal(0) < spent <= cap
 
