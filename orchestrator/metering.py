@@ -17,9 +17,23 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
-from agents.base import CallSpec, Document, ModelReply, Passage, PromptSize, StepOutputs
+from pydantic import BaseModel
+
+from agents.base import (
+    AgentError,
+    CallSpec,
+    Child,
+    Document,
+    ModelReply,
+    Passage,
+    PromptSize,
+    SpawnRefused,
+    StepOutputs,
+    StepSpec,
+    StepSuspended,
+)
 from agents.corpus import retrieve
 from core.db import transaction
 from core.db_errors import db_retrying
@@ -36,6 +50,7 @@ from orchestrator.callcache import Lead
 from orchestrator.watchers import leases, stopping
 
 log = logging.getLogger(__name__)
+OutputT = TypeVar("OutputT", bound=BaseModel)
 
 
 def _reply(row: ModelCall, replayed: bool = False) -> ModelReply:
@@ -50,7 +65,9 @@ class MeteredContext:
 
     def __init__(self, *, run: Run, tenant_id: str, step_key: str, role: str,
                  step_input: Mapping[str, Any], max_tokens: int, parents: StepOutputs,
-                 pool: Pool, job_tokens_committed: int = 0) -> None:
+                 pool: Pool, job_tokens_committed: int = 0,
+                 spawns: Sequence[Child[Any, Any]] = (),
+                 step_budgets: Mapping[str, int] | None = None) -> None:
         self._run = run
         self._tenant_id = tenant_id
         self._step_key = step_key
@@ -65,6 +82,11 @@ class MeteredContext:
         self._committed = job_tokens_committed
         # Finished calls whose ledger rows ride on the run's next transaction.
         self.carry = Carry(run)
+        # What the step's role may spawn, the job's step budgets by role, and the children
+        # this run's spawns have already been given (by key).
+        self._spawns = tuple(spawns)
+        self._step_budgets = dict(step_budgets or {})
+        self._given: set[str] = set()
 
     @property
     def step_key(self) -> str:
@@ -100,6 +122,66 @@ class MeteredContext:
         with transaction(read_only=True) as s:
             found = SessionCorpusStore(s, self._tenant_id).document(corpus_id, document_id)
         return None if found is None else Document(document_id, found[0], found[1])
+
+    # -- sub-agents -----------------------------------------------------------------------
+
+    def spawn(self, child: Child[Any, OutputT], tasks: Sequence[BaseModel]) -> list[OutputT]:
+        if child not in self._spawns:
+            raise AgentError(f"a {self._role} step may not spawn {child.role.name} steps")
+        if not tasks:
+            raise SpawnRefused("give at least one task")
+        inputs = [child.step_input(t) for t in tasks]
+        with transaction(read_only=True) as s:
+            found = steps.spawned(s, self._run.job_id)
+        mine = [f for f in found if f.spawned_by == self._step_key]
+        # Each task is matched to a child spawned for the same task before (by an earlier
+        # run of this step: the same call, replayed) and not given to another spawn since.
+        matched: list[steps.SpawnedStep | None] = []
+        taken = set(self._given)
+        for wanted in inputs:
+            hit = next((f for f in mine if f.key not in taken and f.role == child.role.name
+                        and f.input == wanted), None)
+            if hit is not None:
+                taken.add(hit.key)
+            matched.append(hit)
+        if all(m is not None and m.status == "completed" for m in matched):
+            done = [m for m in matched if m is not None]
+            self._given.update(m.key for m in done)
+            return [child.role.parse(m.output) for m in done]
+        new = [i for i, m in enumerate(matched) if m is None]
+        if new:
+            self._check_spawn(child, len(new), len(mine), len(found))
+        numbers = [int(k.rsplit(".", 1)[1]) for k in (f.key for f in mine)
+                   if k.rsplit(".", 1)[-1].isdigit()]
+        first = max(numbers, default=0) + 1
+        children = [StepSpec(key=f"{self._step_key}.{first + n}", role=child.role,
+                             max_tokens=child.max_tokens, input=inputs[i],
+                             spawned_by=self._step_key) for n, i in enumerate(new)]
+        waiting = [m.key for m in matched if m is not None and m.status != "completed"]
+        log.info("step %s spawns %d %s step(s) and waits for %d", self._run.step_id,
+                 len(children), child.role.name, len(waiting) + len(children))
+        raise StepSuspended(children, [*waiting, *(c.key for c in children)])
+
+    def _check_spawn(self, child: Child[Any, Any], n: int, of_step: int, of_job: int) -> None:
+        """Refuse `n` more children past the step's or the job's cap, or the job's budget."""
+        settings = get_settings()
+        most = settings.spawn_max_children
+        if of_step + n > most:
+            raise SpawnRefused(
+                f"this step may spawn at most {most} sub-agents (AGENTQ_SPAWN_MAX_CHILDREN) "
+                f"and has spawned {of_step}; {n} more were asked for")
+        most = settings.spawn_max_per_job
+        if of_job + n > most:
+            raise SpawnRefused(
+                f"this job may have at most {most} sub-agents (AGENTQ_SPAWN_MAX_PER_JOB) and "
+                f"has {of_job}; {n} more were asked for")
+        each = self._step_budgets.get(child.role.name, child.max_tokens)
+        left = self.job_tokens_left()
+        if left is not None and n * each > left:
+            fits = left // each if each else n
+            raise SpawnRefused(
+                f"the job's budget has about {left} tokens left: {n} sub-agents of "
+                f"{each} tokens each need {n * each}; at most {fits} fit")
 
     # -- budget ---------------------------------------------------------------------------
 
