@@ -64,10 +64,15 @@ class StepSuspended(StepInterrupted):
     the step depends on them, and it runs again once they have all completed, replaying its
     finished model calls from the ledger, when `spawn` returns their outputs."""
 
-    def __init__(self, children: Sequence[StepSpec], waiting_for: Sequence[str]) -> None:
+    def __init__(self, children: Sequence[StepSpec], waiting_for: Sequence[str],
+                 spawned_before: int = 0) -> None:
         super().__init__(f"waiting for {len(waiting_for)} spawned step(s)")
         self.children = tuple(children)
         self.waiting_for = tuple(waiting_for)
+        # The children this step's earlier spawns (in its transcript) were given: with the
+        # other steps' spawned steps, what the job's cap is checked against again as the
+        # children are added.
+        self.spawned_before = spawned_before
 
 
 class SpawnRefused(Exception):

@@ -148,13 +148,16 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
 
 
 def suspend(session: Session, c: ClaimedStep, kind: AnyKind | None,
-            children: Sequence[StepSpec], waiting_for: Sequence[str]) -> str | None:
+            children: Sequence[StepSpec], waiting_for: Sequence[str],
+            spawned_before: int) -> str | None:
     """A run ends waiting for the children it spawned: they are added (queued at once), the
     step depends on them as well and is `pending` until the fan-in of their completions
     queues it again; it holds no lease and no worker meanwhile. The job's cap on spawned
-    steps is checked again under the job row's lock: of two steps spawning at once, one may
-    find it full, and is queued again (its next run, replaying its calls, is refused the
-    spawn and tells its model). Returns a child to run next in this thread (`keep`)."""
+    steps is checked again under the job row's lock, counting the other steps' spawned steps
+    and the `spawned_before` this step's transcript holds (as the spawn counted them). Of two
+    steps spawning at once, one may find the cap full, and is queued
+    again (its next run, replaying its calls, is refused the spawn and tells its model).
+    Returns a child to run next in this thread (`keep`)."""
     if steps.lease_of(session, c.step_id, c.attempt, lock=True) is None:
         return None  # the run lost its step
     status = jobs.status_of(session, c.job_id, lock=True)
@@ -162,7 +165,8 @@ def suspend(session: Session, c: ClaimedStep, kind: AnyKind | None,
         end(session, c, StepStatus.CANCELLED, None, None, kind)
         return None
     cap = get_settings().spawn_max_per_job
-    if steps.count_spawned(session, c.job_id) + len(children) > cap:
+    others = steps.count_spawned(session, c.job_id, besides=c.key)
+    if children and others + spawned_before + len(children) > cap:
         log.info("step %s: the job's %d spawned steps are taken meanwhile; running it again",
                  c.step_id, cap)
         if steps.requeue_run(session, c.step_id, c.attempt):

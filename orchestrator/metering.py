@@ -149,8 +149,12 @@ class MeteredContext:
             self._given.update(m.key for m in done)
             return [child.role.parse(m.output) for m in done]
         new = [i for i, m in enumerate(matched) if m is None]
+        # Counted as the step's transcript stood at this call: its children spawned by later
+        # calls of an earlier run (which will be given to those calls) are left out, so a
+        # re-run refuses, or not, in the same words, and the same transcript forms again.
+        others = len(found) - len(mine)
         if new:
-            self._check_spawn(child, len(new), len(mine), len(found))
+            self._check_spawn(child, len(new), len(self._given), others + len(self._given))
         numbers = [int(k.rsplit(".", 1)[1]) for k in (f.key for f in mine)
                    if k.rsplit(".", 1)[-1].isdigit()]
         first = max(numbers, default=0) + 1
@@ -160,7 +164,8 @@ class MeteredContext:
         waiting = [m.key for m in matched if m is not None and m.status != "completed"]
         log.info("step %s spawns %d %s step(s) and waits for %d", self._run.step_id,
                  len(children), child.role.name, len(waiting) + len(children))
-        raise StepSuspended(children, [*waiting, *(c.key for c in children)])
+        raise StepSuspended(children, [*waiting, *(c.key for c in children)],
+                            spawned_before=len(self._given))
 
     def _check_spawn(self, child: Child[Any, Any], n: int, of_step: int, of_job: int) -> None:
         """Refuse `n` more children past the step's or the job's cap, or the job's budget."""
@@ -178,10 +183,9 @@ class MeteredContext:
         each = self._step_budgets.get(child.role.name, child.max_tokens)
         left = self.job_tokens_left()
         if left is not None and n * each > left:
-            fits = left // each if each else n
             raise SpawnRefused(
-                f"the job's budget has about {left} tokens left: {n} sub-agents of "
-                f"{each} tokens each need {n * each}; at most {fits} fit")
+                f"the job's budget has too few tokens left for {n} sub-agents of {each} "
+                f"tokens each ({n * each} in all); ask for fewer")
 
     # -- budget ---------------------------------------------------------------------------
 

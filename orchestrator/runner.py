@@ -155,8 +155,9 @@ def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry
     except StepSuspended as waits:
         # It spawned children: it waits for them, holding no lease and no worker.
         children, waiting_for = waits.children, waits.waiting_for
+        before = waits.spawned_before
         return _in_transaction(run, carry, lambda s: dag.suspend(
-            s, c, kind, children, waiting_for))
+            s, c, kind, children, waiting_for, before))
     except StepStopped:
         _end(c, run, carry, StepStatus.CANCELLED, None, None, kind)
     except BudgetExhausted as exc:

@@ -344,9 +344,13 @@ def spawned(session: Session, job_id: str) -> list[SpawnedStep]:
                 .order_by(S.created_at, S.key))]
 
 
-def count_spawned(session: Session, job_id: str) -> int:
-    return int(session.scalar(select(func.count()).select_from(Step).where(
-        S.job_id == job_id, S.spawned_by.is_not(None))) or 0)
+def count_spawned(session: Session, job_id: str, besides: str | None = None) -> int:
+    """The job's spawned steps (`besides`: leaving out those that step spawned)."""
+    q = select(func.count()).select_from(Step).where(S.job_id == job_id,
+                                                     S.spawned_by.is_not(None))
+    if besides is not None:
+        q = q.where(S.spawned_by != besides)
+    return int(session.scalar(q) or 0)
 
 
 def wait_for(session: Session, step_id: str, attempt: int, depends_on: Sequence[str],
