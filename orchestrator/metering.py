@@ -82,11 +82,11 @@ class MeteredContext:
         self._committed = job_tokens_committed
         # Finished calls whose ledger rows ride on the run's next transaction.
         self.carry = Carry(run)
-        # What the step's role may spawn, the job's step budgets by role, and the children
-        # this run's spawns have already been given (by key).
+        # What the step's role may spawn, the job's step budgets by role, and how many
+        # spawns this run has made.
         self._spawns = tuple(spawns)
         self._step_budgets = dict(step_budgets or {})
-        self._given: set[str] = set()
+        self._spawn_calls = 0
 
     @property
     def step_key(self) -> str:
@@ -128,33 +128,33 @@ class MeteredContext:
     def spawn(self, child: Child[Any, OutputT], tasks: Sequence[BaseModel]) -> list[OutputT]:
         if child not in self._spawns:
             raise AgentError(f"a {self._role} step may not spawn {child.role.name} steps")
+        # The spawn's place in the step's transcript (its m-th spawn): a re-run, forming the
+        # same transcript, makes the same spawns in the same order.
+        call = self._spawn_calls
+        self._spawn_calls += 1
         if not tasks:
             raise SpawnRefused("give at least one task")
-        inputs = [child.step_input(t) for t in tasks]
+        inputs = [{**child.step_input(t), "spawn_call": call} for t in tasks]
         with transaction(read_only=True) as s:
             found = steps.spawned(s, self._run.job_id)
         mine = [f for f in found if f.spawned_by == self._step_key]
-        # Each task is matched to a child spawned for the same task before (by an earlier
-        # run of this step: the same call, replayed) and not given to another spawn since.
+        # Each task is matched to a child that the same spawn of an earlier run of this step
+        # made for the same task.
         matched: list[steps.SpawnedStep | None] = []
-        taken = set(self._given)
         for wanted in inputs:
-            hit = next((f for f in mine if f.key not in taken and f.role == child.role.name
-                        and f.input == wanted), None)
-            if hit is not None:
-                taken.add(hit.key)
+            hit = next((f for f in mine if f.input == wanted and f.role == child.role.name
+                        and all(f is not m for m in matched)), None)
             matched.append(hit)
         if all(m is not None and m.status == "completed" for m in matched):
-            done = [m for m in matched if m is not None]
-            self._given.update(m.key for m in done)
-            return [child.role.parse(m.output) for m in done]
+            return [child.role.parse(m.output) for m in matched if m is not None]
         new = [i for i, m in enumerate(matched) if m is None]
-        # Counted as the step's transcript stood at this call: its children spawned by later
-        # calls of an earlier run (which will be given to those calls) are left out, so a
-        # re-run refuses, or not, in the same words, and the same transcript forms again.
+        # Counted as the step's transcript stood at this spawn: children of its later spawns
+        # (made by an earlier run) are left out, so a re-run refuses, or not, in the same
+        # words, and the same transcript forms again.
+        before = len([f for f in mine if int(f.input.get("spawn_call") or 0) < call])
         others = len(found) - len(mine)
         if new:
-            self._check_spawn(child, len(new), len(self._given), others + len(self._given))
+            self._check_spawn(child, len(new), before, others + before)
         numbers = [int(k.rsplit(".", 1)[1]) for k in (f.key for f in mine)
                    if k.rsplit(".", 1)[-1].isdigit()]
         first = max(numbers, default=0) + 1
@@ -165,7 +165,7 @@ class MeteredContext:
         log.info("step %s spawns %d %s step(s) and waits for %d", self._run.step_id,
                  len(children), child.role.name, len(waiting) + len(children))
         raise StepSuspended(children, [*waiting, *(c.key for c in children)],
-                            spawned_before=len(self._given))
+                            spawned_before=before)
 
     def _check_spawn(self, child: Child[Any, Any], n: int, of_step: int, of_job: int) -> None:
         """Refuse `n` more children past the step's or the job's cap, or the job's budget."""
