@@ -46,11 +46,11 @@ def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 def stack(database_url: str, agentq_env: dict[str, str], plugin_path: str,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A deployment of its own (so no worker without the kind takes its messages): the API
-    and one worker, with the kind installed; the worker lets a step spawn two children and a
-    job have three."""
+    and one worker of two slots, with the kind installed; the worker lets a step spawn two
+    children and a job have three."""
     with isolated_stack(database_url, agentq_env, tmp_path_factory.mktemp("spawn"), "_spawn",
                         PYTHONPATH=plugin_path) as s:
-        s.worker("worker", PYTHONPATH=plugin_path, AGENTQ_SPAWN_MAX_CHILDREN="2",
+        s.worker("worker", 2, PYTHONPATH=plugin_path, AGENTQ_SPAWN_MAX_CHILDREN="2",
                  AGENTQ_SPAWN_MAX_PER_JOB="3")
         yield s
 
@@ -260,7 +260,8 @@ def test_cancelling_the_job_stops_the_children_and_the_waiting_lead(
     lead = steps["lead-1"]
     # The lead waits for its helpers without a lease (no worker holds it) ...
     assert (lead.status, lead.deps_remaining, lead.lease_expires_at) == ("pending", 2, None)
-    # ... while they run in parallel, each in a model call.
+    # ... while they run in parallel, each in a model call: the worker has two slots, so
+    # the waiting lead holds none.
     assert [steps[k].status for k in ("lead-1.1", "lead-1.2")] == ["running", "running"]
     resp = http.post(f"/v1/jobs/{job_id}/cancel", headers=auth(key))
     assert resp.status_code == 202
