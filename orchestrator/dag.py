@@ -155,9 +155,9 @@ def suspend(session: Session, c: ClaimedStep, kind: AnyKind | None,
     queues it again; it holds no lease and no worker meanwhile. The job's cap on spawned
     steps is checked again under the job row's lock, counting the other steps' spawned steps
     and the `spawned_before` this step's transcript holds (as the spawn counted them). Of two
-    steps spawning at once, one may find the cap full, and is queued
-    again (its next run, replaying its calls, is refused the spawn and tells its model).
-    Returns a child to run next in this thread (`keep`)."""
+    steps spawning at once, one may find the cap full, and is queued again (its next run,
+    replaying its calls, is refused the spawn and tells its model). Returns a child to run
+    next in this thread (`keep`)."""
     if steps.lease_of(session, c.step_id, c.attempt, lock=True) is None:
         return None  # the run lost its step
     status = jobs.status_of(session, c.job_id, lock=True)
