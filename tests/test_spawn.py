@@ -82,9 +82,10 @@ def final(answer: str) -> str:
 
 
 def submit(http: httpx.Client, key: str, question: str, rounds: int = 1,
-           **budget: Any) -> str:
+           parallel: bool = False, **budget: Any) -> str:
     resp = http.post("/v1/jobs", headers=auth(key), json={
-        "kind": "delegate", "input": {"question": question, "rounds": rounds},
+        "kind": "delegate", "input": {"question": question, "rounds": rounds,
+                                      "parallel": parallel},
         "budget": budget})
     assert resp.status_code == 202, resp.text
     return str(resp.json()["id"])
@@ -212,6 +213,33 @@ def test_spawns_past_the_settings_come_back_to_the_model_as_errors(
     # Each lead's refused call and its spawn were made once; only the answer came after.
     for lead in (first, second):
         assert sent(standin, lead.id) == [f"{lead.id}:1:0", f"{lead.id}:1:1", f"{lead.id}:2:2"]
+    assert_billed_once(db, job_id)
+
+
+def test_leads_spawning_at_once_share_the_jobs_cap(
+        http: httpx.Client, key: str, standin: Any, db: Engine) -> None:
+    """Two leads at once each ask for two helpers, then one; the job may have three. Whichever
+    spawns first gets two (its second ask passes the step's cap); the other is refused (by the
+    check before its spawn, or, if both checked at once, by the check as the helpers are
+    added, when its next run, replaying, is refused) and then gets one."""
+    standin.state.scripts = {
+        f"Round {n} of 2. Question: Who goes first?": [
+            spawn(f"{n}a", f"{n}b"), spawn(f"{n}a"), final(f"lead {n}")] for n in (1, 2)}
+    job_id = submit(http, key, "Who goes first?", rounds=2, parallel=True)
+    job = wait_for_job(http, key, job_id, timeout=90)
+    assert job["status"] == "completed", job
+    steps = step_rows(db, job_id)
+    children = {k: s.spawned_by for k, s in steps.items() if s.spawned_by}
+    assert len(children) == 3
+    by_lead = {lead: sorted(k for k, b in children.items() if b == lead)
+               for lead in ("lead-1", "lead-2")}
+    first, second = sorted(by_lead, key=lambda lead: -len(by_lead[lead]))
+    assert by_lead[first] == [f"{first}.1", f"{first}.2"]
+    assert by_lead[second] == [f"{second}.1"]
+    last = {lead: prompts(standin, steps[lead].id)[-1] for lead in by_lead}
+    assert "error: this step may spawn at most 2 sub-agents" in last[first]
+    assert "error: this job may have at most 3 sub-agents (AGENTQ_SPAWN_MAX_PER_JOB) and " \
+           "has 2; 2 more were asked for" in last[second]
     assert_billed_once(db, job_id)
 
 

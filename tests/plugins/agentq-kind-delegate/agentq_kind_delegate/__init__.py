@@ -32,6 +32,8 @@ class DelegateInput(BaseModel):
 
     question: str = Field(min_length=1, max_length=300)
     rounds: int = Field(default=1, ge=1, le=3, description="Leads, one after the other.")
+    parallel: bool = Field(default=False, description="The leads run at once, each on its "
+                                                      "own, instead of one after the other.")
 
 
 class HelperTask(BaseModel):
@@ -100,7 +102,8 @@ class Delegate(JobKind[DelegateInput, DelegateResult]):
 
     def initial_steps(self, job_input: DelegateInput) -> list[StepSpec]:
         return [StepSpec(key=lead_key(n), role=LEAD, max_tokens=4000,
-                         depends_on=(lead_key(n - 1),) if n > 1 else (),
+                         depends_on=(lead_key(n - 1),) if n > 1 and not job_input.parallel
+                         else (),
                          input={"round": n})
                 for n in range(1, job_input.rounds + 1)]
 
@@ -113,7 +116,7 @@ class Delegate(JobKind[DelegateInput, DelegateResult]):
         if ctx.role == LEAD.name:
             n = int(ctx.step_input.get("round", 1))
             text = f"Round {n} of {job_input.rounds}. Question: {job_input.question}"
-            if n > 1:
+            if n > 1 and not job_input.parallel:
                 text += f"\nThe answer so far: {ctx.parents.one(LEAD).answer}"
             result = run_loop(ctx, AGENT, LeadEnv(ctx), text)
             # Its finished children are among its parents, read as the helper's model.
