@@ -13,6 +13,12 @@ Renaming a field of an output model is then a type error at every reader, not a 
 time. Agents never open database sessions: model calls, corpus search and passage reading all go
 through the `StepContext`.
 
+A role may spawn sub-agents: it lists the roles it may add as child steps, each with the
+model of the child's task (`Role(..., spawns=(Child(WORKER, WorkerTask, ...),))`); an agent
+calls `ctx.spawn(child, tasks)` (or lets its model call the `spawn` tool, `agents.spawn`),
+its step waits, holding no worker, while the children run as steps of their own, and its next
+run gets their outputs as `child.role`'s model.
+
 Kinds are found through the `agentq.kinds` entry-point group (see `agents.registry`), so a
 package of one's own adds a kind without editing agentq.
 """
@@ -28,14 +34,15 @@ from pydantic import BaseModel, ValidationError
 from core.errors import StepInterrupted
 from inference.calls import CallSpec, ChatMessage, PromptSize, ToolCall, ToolSchema
 
-__all__ = ["AgentError", "AnyKind", "CallSpec", "ChatMessage", "Deployment", "Document",
-           "JobKind", "ModelReply", "Passage", "PromptSize", "Role", "StepContext",
-           "StepOutputs", "StepSpec", "StepStopped", "SubmissionContext", "ToolCall",
-           "ToolSchema", "WorkerSandbox"]
+__all__ = ["AgentError", "AnyKind", "CallSpec", "ChatMessage", "Child", "Deployment",
+           "Document", "JobKind", "ModelReply", "Passage", "PromptSize", "Role",
+           "SpawnRefused", "StepContext", "StepOutputs", "StepSpec", "StepStopped",
+           "StepSuspended", "SubmissionContext", "ToolCall", "ToolSchema", "WorkerSandbox"]
 
 InputT = TypeVar("InputT", bound=BaseModel)
 ResultT = TypeVar("ResultT", bound=BaseModel)
 OutputT = TypeVar("OutputT", bound=BaseModel)
+TaskT = TypeVar("TaskT", bound=BaseModel)
 
 
 class AgentError(Exception):
@@ -51,17 +58,68 @@ class StepStopped(StepInterrupted):
     the step ends cancelled."""
 
 
+class StepSuspended(StepInterrupted):
+    """The step waits for the children it spawned (raised by `StepContext.spawn`; agents let
+    it through). The run ends without an output: the children are added to the job's DAG,
+    the step depends on them, and it runs again once they have all completed, replaying its
+    finished model calls from the ledger, when `spawn` returns their outputs."""
+
+    def __init__(self, children: Sequence[StepSpec], waiting_for: Sequence[str],
+                 spawned_before: int = 0) -> None:
+        super().__init__(f"waiting for {len(waiting_for)} spawned step(s)")
+        self.children = tuple(children)
+        self.waiting_for = tuple(waiting_for)
+        # The children this step's earlier spawns (in its transcript) were given: with the
+        # other steps' spawned steps, what the job's cap is checked against again as the
+        # children are added.
+        self.spawned_before = spawned_before
+
+
+class SpawnRefused(Exception):
+    """A spawn the limits forbid (too many children for the step or the job, or a budget
+    without room for them); the message says which and is the model's to read."""
+
+
 @dataclass(frozen=True)
 class Role(Generic[OutputT]):
     """A kind of step: its name (as stored on the step), the model of its output, and the
-    phase a job shows while steps of this role run."""
+    phase a job shows while steps of this role run. `spawns`: the children its steps may
+    add to the job (see `Child`)."""
 
     name: str
     output: type[OutputT]
     phase: str
+    spawns: tuple[Child[Any, Any], ...] = ()
 
     def parse(self, raw: Mapping[str, Any] | None) -> OutputT:
         return self.output.model_validate(raw or {})
+
+
+@dataclass(frozen=True)
+class Child(Generic[TaskT, OutputT]):
+    """A role whose steps another role may spawn: the child's role, the model of the task it
+    is given, its step budget (`max_tokens`, overridden by the job's `step_max_tokens` for
+    its role), and what the model is told of it (the `spawn` tool's description). A child
+    step reads its task with `task_of(ctx)`; `turn_limit` is its agent loop's turn limit."""
+
+    role: Role[OutputT]
+    task: type[TaskT]
+    max_tokens: int
+    description: str
+    tool: str = "spawn"
+    turn_limit: int | None = None
+
+    def step_input(self, task: BaseModel) -> dict[str, Any]:
+        """The child step's input: its task (validated against the task model)."""
+        parsed = self.task.model_validate(task.model_dump(mode="json"))
+        out: dict[str, Any] = {"task": parsed.model_dump(mode="json")}
+        if self.turn_limit is not None:
+            out["turn_limit"] = self.turn_limit
+        return out
+
+    def task_of(self, ctx: StepContext) -> TaskT:
+        """In a child step: the task it was spawned with."""
+        return self.task.model_validate(ctx.step_input.get("task") or {})
 
 
 @dataclass(frozen=True)
@@ -74,6 +132,8 @@ class StepSpec:
     max_tokens: int
     depends_on: Sequence[str] = ()
     input: Mapping[str, Any] = field(default_factory=dict)
+    # The step that spawned this one (its key), for a spawned child.
+    spawned_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -232,6 +292,17 @@ class StepContext(Protocol):
         each call is what holds the budget."""
         ...
 
+    def spawn(self, child: Child[Any, OutputT], tasks: Sequence[BaseModel]) -> list[OutputT]:
+        """Run one child step of `child.role` per task, in parallel, and return their outputs
+        in the order of `tasks`. The first time, the children are added to the job and
+        `StepSuspended` is raised: the step ends waiting (no worker held) and runs again,
+        replaying its finished calls, once they have all completed; then the same call finds
+        them and returns their outputs. A child's key is `<this step's key>.<n>`. Raises
+        `SpawnRefused` when the children would pass `AGENTQ_SPAWN_MAX_CHILDREN` (per step),
+        `AGENTQ_SPAWN_MAX_PER_JOB` or what the job's budget has left for their step
+        budgets; `child` must be one this step's role declares (else `AgentError`)."""
+        ...
+
 
 @dataclass(frozen=True)
 class WorkerSandbox:
@@ -265,6 +336,18 @@ class JobKind(Generic[InputT, ResultT]):
     # The shape of `result(...)`, published at `GET /v1/kinds`.
     result_model: type[ResultT]
     roles: ClassVar[Sequence[Role[Any]]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        roles = getattr(cls, "roles", None)
+        if roles is None:
+            return
+        names = {r.name for r in roles}
+        for r in roles:
+            for child in r.spawns:
+                if child.role.name not in names:
+                    raise TypeError(f"{cls.__name__}: role {r.name!r} spawns "
+                                    f"{child.role.name!r}, which is not one of its roles")
 
     def role(self, name: str) -> Role[Any]:
         for r in self.roles:

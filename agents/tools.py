@@ -8,7 +8,8 @@ its validated arguments, and returns text for the model to read.
 Whatever goes wrong on the model's side comes back to the model as the tool's result, and the
 step goes on: a tool it named that does not exist, arguments that do not fit, a tool that
 raises. Failures of the platform itself are not the model's to read and end the run as they
-would anywhere: the step was stopped (`StepInterrupted`), the budget ran out or a model call
+would anywhere: the step was stopped, or waits for the sub-agents it spawned
+(`StepInterrupted`: `StepStopped`, `StepSuspended`), the budget ran out or a model call
 failed (`AgentqError`), the database or Redis failed, or the agent gave up (`AgentError`).
 
     class SearchArgs(BaseModel):

@@ -58,6 +58,13 @@ class StandinState:
     scripts: dict[str, list[str]] = field(default_factory=dict)
     # Seconds to wait before answering a step's n-th call, by n (from 0).
     delay_by_index: dict[int, float] = field(default_factory=dict)
+    # Pause between streamed tokens of a call whose prompt (or messages) holds the marker.
+    token_delay_by_marker: dict[str, float] = field(default_factory=dict)
+
+    def token_delay(self, prompt: str) -> float:
+        with self.lock:
+            return self.token_delay_s + sum(
+                s for marker, s in self.token_delay_by_marker.items() if marker in prompt)
     # `/tokenize` answers (as vLLM's does) with this context length; or, when set, fails with
     # this status.
     tokenize_status: int | None = None
@@ -284,6 +291,8 @@ def make_app(state: StandinState) -> FastAPI:
                                           "created": created, "model": state.model,
                                           "choices": choices, **extra}) + "\n\n"
 
+        pace = state.token_delay(prompt)
+
         async def events() -> Any:
             completed = False
             generated = 0
@@ -298,8 +307,8 @@ def make_app(state: StandinState) -> FastAPI:
                     generated += 1
                     yield chunk([{"index": 0, "text": piece,
                                   "finish_reason": finish if last else None}], **extra)
-                    if state.token_delay_s:
-                        await asyncio.sleep(state.token_delay_s)
+                    if pace:
+                        await asyncio.sleep(pace)
                 if include_usage and not state.omit_usage:
                     yield chunk([], usage=usage)
                 yield "data: [DONE]\n\n"
@@ -388,6 +397,8 @@ def make_app(state: StandinState) -> FastAPI:
                                           "created": created, "model": state.model,
                                           "choices": choices, **extra}) + "\n\n"
 
+        pace = state.token_delay(said)
+
         async def events() -> Any:
             generated = 0
             try:
@@ -399,8 +410,8 @@ def make_app(state: StandinState) -> FastAPI:
                                   "finish_reason": finish if last else None}],
                                 usage={**usage, "completion_tokens": generated,
                                        "total_tokens": prompt_tokens + generated})
-                    if state.token_delay_s:
-                        await asyncio.sleep(state.token_delay_s)
+                    if pace:
+                        await asyncio.sleep(pace)
                 if not state.omit_usage:
                     yield chunk([], usage=usage)
                 yield "data: [DONE]\n\n"

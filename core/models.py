@@ -211,6 +211,8 @@ class Step(Base):
     # When the step was last queued (published); a step queued long ago whose message was lost
     # (a Redis restart) is published again.
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # For a sub-agent: the key of the step that spawned it (which depends on it).
+    spawned_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
 
 
 class ModelCall(Base):

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     loop_turn_limit: int = Field(default=6, ge=1, le=100)
     loop_turn_limits: dict[str, int] = Field(default_factory=dict)
     loop_tool_result_bytes: int = Field(default=3000, ge=200, le=200_000)
+    # Sub-agents (the `spawn` tool): the most child steps one step may spawn, and the most
+    # spawned steps a job may have in all.
+    spawn_max_children: int = Field(default=4, ge=0, le=64)
+    spawn_max_per_job: int = Field(default=16, ge=0, le=1000)
     # The sandbox that runs a coding job's tests: CPU seconds (each process, and the whole
     # tree) and wall-clock seconds per run, the workspace's disk quota, and the most runs one
     # worker process has at once (more wait; default: the number of CPUs).

@@ -11,6 +11,7 @@ them sees the last step done and finalises.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -22,6 +23,7 @@ from core.errors import Conflict
 from core.models import JobStatus, StepStatus
 from core.repositories import events, jobs, ledger, outbox, steps
 from core.repositories.steps import ClaimedStep
+from core.settings import get_settings
 from orchestrator.budget import Carry, settle_in, usage_events
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list
         depends_on = list(dict.fromkeys(spec.depends_on))
         rows.append({"key": spec.key, "role": spec.role.name, "depends_on": depends_on,
                      "deps_remaining": len([d for d in depends_on if d not in done]),
-                     "input": dict(spec.input),
+                     "input": dict(spec.input), "spawned_by": spec.spawned_by,
                      "max_tokens": per_role.get(spec.role.name, spec.max_tokens)})
     queued = steps.add(session, job_id, rows)
     jobs.add_steps_total(session, job_id, len(specs))
@@ -142,6 +144,49 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
     if steps_done >= total:
         finalise(session, c.job_id, kind, job_input)
         return None
+    return kept
+
+
+def suspend(session: Session, c: ClaimedStep, kind: AnyKind | None,
+            children: Sequence[StepSpec], waiting_for: Sequence[str],
+            spawned_before: int) -> str | None:
+    """A run ends waiting for the children it spawned: they are added (queued at once), the
+    step depends on them as well and is `pending` until the fan-in of their completions
+    queues it again; it holds no lease and no worker meanwhile. The job's cap on spawned
+    steps is checked again under the job row's lock, counting the other steps' spawned steps
+    and the `spawned_before` this step's transcript holds (as the spawn counted them). Of two
+    steps spawning at once, one may find the cap full, and is queued again (its next run,
+    replaying its calls, is refused the spawn and tells its model). Returns a child to run
+    next in this thread (`keep`)."""
+    if steps.lease_of(session, c.step_id, c.attempt, lock=True) is None:
+        return None  # the run lost its step
+    status = jobs.status_of(session, c.job_id, lock=True)
+    if status != JobStatus.RUNNING:
+        end(session, c, StepStatus.CANCELLED, None, None, kind)
+        return None
+    cap = get_settings().spawn_max_per_job
+    others = steps.count_spawned(session, c.job_id, besides=c.key)
+    if children and others + spawned_before + len(children) > cap:
+        log.info("step %s: the job's %d spawned steps are taken meanwhile; running it again",
+                 c.step_id, cap)
+        if steps.requeue_run(session, c.step_id, c.attempt):
+            outbox.enqueue(session, RUN_STEP_TASK, step_id=c.step_id)
+        return None
+    done = steps.completed_keys(session, c.job_id)
+    depends_on = list(dict.fromkeys([*c.depends_on, *waiting_for]))
+    remaining = len([k for k in depends_on if k not in done])
+    if remaining == 0 and not children:  # nothing to wait for after all: run again
+        if steps.requeue_run(session, c.step_id, c.attempt):
+            outbox.enqueue(session, RUN_STEP_TASK, step_id=c.step_id)
+        return None
+    steps.wait_for(session, c.step_id, c.attempt, depends_on, remaining)
+    kept = add_steps(session, c.job_id, c.budget, list(children), keep=True)
+    if children:
+        events.append(session, c.job_id, "plan.ready", {"after": c.key, "steps": [
+            {"key": a.key, "role": a.role.name, "depends_on": list(a.depends_on),
+             "spawned_by": a.spawned_by} for a in children]})
+    events.append(session, c.job_id, "step.waiting", {
+        "step": c.key, "role": c.role, "waiting_for": list(waiting_for)})
     return kept
 
 

@@ -5,7 +5,9 @@
    the same transaction appends `step.started` and reads the parents' outputs.
 2. The agent runs; its model calls are metered by `orchestrator.metering`.
 3. One transaction saves the output, counts fan-in and queues the dependants
-   (`orchestrator.dag.complete`), fenced on the attempt.
+   (`orchestrator.dag.complete`), fenced on the attempt. A step that spawned sub-agents
+   instead ends waiting for them (`orchestrator.dag.suspend`): it is `pending` on its
+   children, and their fan-in queues it again.
 4. One step that became ready runs next in the same thread, straight after the commit; the
    others are published to the broker for other slots. A job's chain of steps thus moves on
    without a trip through the broker, as a warm worker would take it.
@@ -26,7 +28,7 @@ from typing import TypeVar
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from agents.base import AgentError, AnyKind, StepOutputs
+from agents.base import AgentError, AnyKind, StepOutputs, StepSuspended
 from agents.registry import get_kind
 from core.db import transaction
 from core.db_errors import TRANSIENT_DB_ERRORS, db_retrying
@@ -143,12 +145,19 @@ def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry
             run=run,
             tenant_id=c.tenant_id, step_key=c.key, role=c.role, step_input=c.input,
             max_tokens=c.max_tokens, parents=parents, pool=pool,
-            job_tokens_committed=c.job_tokens_committed)
+            job_tokens_committed=c.job_tokens_committed, spawns=role.spawns,
+            step_budgets=c.budget.get("step_max_tokens"))
         ctx.carry = carry
         output = kind.run_step(ctx, job_input)
         if not isinstance(output, role.output):
             raise AgentError(f"a {c.role} step returned {type(output).__name__}, not "
                              f"{role.output.__name__}")
+    except StepSuspended as waits:
+        # It spawned children: it waits for them, holding no lease and no worker.
+        children, waiting_for = waits.children, waits.waiting_for
+        before = waits.spawned_before
+        return _in_transaction(run, carry, lambda s: dag.suspend(
+            s, c, kind, children, waiting_for, before))
     except StepStopped:
         _end(c, run, carry, StepStatus.CANCELLED, None, None, kind)
     except BudgetExhausted as exc:

@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from pydantic import BaseModel
 
 from agents.base import (
     CallSpec,
+    Child,
     Document,
     JobKind,
     ModelReply,
     Passage,
     PromptSize,
     Role,
+    SpawnRefused,
     StepContext,
     StepOutputs,
     StepSpec,
@@ -42,6 +44,8 @@ from inference.transcript import action_schema, parse_action, prompt_bound
 from orchestrator.metering import MeteredContext
 
 Answer = Callable[[CallSpec], str]
+
+OutputT = TypeVar("OutputT", bound=BaseModel)
 
 
 class FakeContext:
@@ -88,6 +92,9 @@ class FakeContext:
 
     def job_tokens_left(self) -> int | None:
         return None
+
+    def spawn(self, child: Child[Any, OutputT], tasks: Sequence[BaseModel]) -> list[OutputT]:
+        raise SpawnRefused("no sub-agents in this fake")
 
     def prompt_size(self, call: CallSpec) -> PromptSize:
         return PromptSize(prompt_bound(call))

@@ -6,9 +6,9 @@ would."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from pydantic import BaseModel, ConfigDict
@@ -16,19 +16,25 @@ from pydantic import BaseModel, ConfigDict
 from agents.base import (
     CallSpec,
     ChatMessage,
+    Child,
     Document,
     ModelReply,
     Passage,
     PromptSize,
+    Role,
+    SpawnRefused,
     StepContext,
     StepOutputs,
     ToolCall,
 )
 from agents.loop import ANSWER_TOOL, NOT_AN_ACTION, ONE_ACTION, Agent, Stop, run_loop
+from agents.spawn import spawn_tool
 from agents.tools import Tool, ToolError
 from bench.standin import constrained
 from core.errors import StepInterrupted
 from inference.transcript import action_schema, parse_action, plain_bound, render
+
+OutputT = TypeVar("OutputT", bound=BaseModel)
 
 
 class Args(BaseModel):
@@ -62,6 +68,9 @@ class ScriptedContext:
     role: str = "tester"
     step_input: Mapping[str, Any] = field(default_factory=dict)
     parents: StepOutputs = field(default_factory=lambda: StepOutputs({}))
+    # How a spawned child answers its task (None: spawns are refused).
+    children: Callable[[BaseModel], dict[str, Any]] | None = None
+    spawned: list[BaseModel] = field(default_factory=list)
 
     def _tokens(self, text: str) -> int:
         return len(text.encode()) + 1 if self.bytes_as_tokens else len(text.split()) + 1
@@ -101,6 +110,13 @@ class ScriptedContext:
 
     def job_tokens_left(self) -> int | None:
         return self.job_left
+
+    def spawn(self, child: Child[Any, OutputT], tasks: Sequence[BaseModel]) -> list[OutputT]:
+        """Children answer at once: each output made from its task by `children`."""
+        if self.children is None:
+            raise SpawnRefused("no sub-agents here")
+        self.spawned.extend(tasks)
+        return [child.role.output.model_validate(self.children(t)) for t in tasks]
 
 
 @dataclass
@@ -284,3 +300,44 @@ def test_counted_prompts_let_the_same_budget_go_further_than_bounds() -> None:
         assert result.stopped is Stop.STEP_BUDGET
         turns[counted] = result.turns
     assert turns[True] > turns[False] >= 1
+
+
+class HelperTask(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    topic: str
+
+
+class HelperNote(BaseModel):
+    topic: str
+    note: str
+
+
+HELPER = Role("helper", HelperNote, "helping")
+ASK = Child(HELPER, HelperTask, max_tokens=100, description="Ask helpers about topics.")
+SPAWNING: Agent[Env, Answer] = Agent(
+    instructions="Delegate.", tools=(spawn_tool(ASK),), answer=Answer,
+    answer_description="Answer.", fallback=fallback, turn_max_tokens=64, final_max_tokens=64)
+
+
+def test_the_spawn_tool_shows_the_childrens_typed_outputs_and_refusals_are_tool_errors(
+        ) -> None:
+    ctx = ScriptedContext(
+        [call("spawn", tasks=[{"topic": "bees"}, {"topic": "wax"}]),
+         call("spawn", tasks=[]), call("spawn", tasks=[{"subject": "x"}]), FINAL],
+        children=lambda t: {"topic": t.model_dump()["topic"], "note": "noted"})
+    result = run_loop(ctx, SPAWNING, Env(ctx), "Do it.", turns=10)
+    assert result.answer == Answer(answer="done")
+    assert ctx.spawned == [HelperTask(topic="bees"), HelperTask(topic="wax")]
+    spawned, empty, wrong = tool_results(ctx)
+    assert spawned.splitlines() == [
+        "2 sub-agent(s) finished. Their answers, in the order of the tasks:",
+        '[1] {"topic":"bees","note":"noted"}', '[2] {"topic":"wax","note":"noted"}']
+    assert empty.startswith("error: the arguments of spawn do not fit: tasks: List should "
+                            "have at least 1 item")
+    assert wrong.startswith("error: the arguments of spawn do not fit: tasks.0.topic:")
+    schema = ctx.calls[0].tools[0].parameters
+    assert schema["properties"]["tasks"]["items"] == {"$ref": "#/$defs/HelperTask"}
+    refused = ScriptedContext([call("spawn", tasks=[{"topic": "bees"}]), FINAL])
+    run_loop(refused, SPAWNING, Env(refused), "Do it.", turns=5)
+    assert tool_results(refused) == ["error: no sub-agents here"]

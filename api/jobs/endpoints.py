@@ -112,7 +112,7 @@ def list_steps(job_id: str, session: DbSession, principal: CurrentPrincipal) -> 
                            total_tokens=s.prompt_tokens + s.completion_tokens,
                            model_calls=s.model_calls),
             created_at=s.created_at, started_at=s.started_at, finished_at=s.finished_at,
-            duration_ms=duration, error=s.error))
+            duration_ms=duration, error=s.error, spawned_by=s.spawned_by))
     return StepList(data=data)
 
 

@@ -58,7 +58,8 @@ class Budget(BaseModel):
 
 
 EventType = Literal["job.created", "job.started", "job.cancelling", "plan.ready",
-                    "step.started", "step.completed", "step.failed", "step.cancelled",
+                    "step.started", "step.waiting", "step.completed", "step.failed",
+                    "step.cancelled",
                     "job.usage", "budget.threshold", "job.completed", "job.failed",
                     "job.cancelled", "job.budget_exhausted", "job.continued"]
 
@@ -74,7 +75,7 @@ class WebhookSpec(BaseModel):
     url: str = Field(max_length=2048, description="Where to POST the job's events (http or "
                                                   "https, a public address).")
     events: list[EventType] = Field(
-        default_factory=lambda: list(TERMINAL_EVENTS), min_length=1, max_length=15,
+        default_factory=lambda: list(TERMINAL_EVENTS), min_length=1, max_length=16,
         description="Which events to send (default: the terminal ones).")
 
 
@@ -228,6 +229,7 @@ _STEP_EXAMPLE: dict[str, Any] = {
               "model_calls": 1},
     "created_at": "2026-11-22T10:00:02Z", "started_at": "2026-11-22T10:00:02Z",
     "finished_at": "2026-11-22T10:00:04Z", "duration_ms": 2012.5, "error": None,
+    "spawned_by": None,
 }
 
 
@@ -248,6 +250,9 @@ class StepOut(BaseModel):
     finished_at: datetime | None
     duration_ms: float | None
     error: str | None
+    spawned_by: str | None = Field(
+        default=None, description="For a sub-agent: the key of the step that spawned it (and "
+                                  "waits for it).")
 
 
 class StepList(BaseModel):

@@ -320,3 +320,46 @@ def reopen(session: Session, job_id: str) -> list[str]:
 
 def get(session: Session, step_id: str) -> Step | None:
     return session.get(Step, step_id)
+
+
+@dataclass(frozen=True)
+class SpawnedStep:
+    """A step an agent spawned: its key, the key of the step that spawned it, its role, its
+    input, status and output."""
+
+    key: str
+    spawned_by: str
+    role: str
+    input: dict[str, Any]
+    status: str
+    output: dict[str, Any] | None
+
+
+def spawned(session: Session, job_id: str) -> list[SpawnedStep]:
+    """The job's spawned steps, in the order they were added."""
+    return [SpawnedStep(str(k), str(b), str(r), dict(i or {}), str(st), o)
+            for k, b, r, i, st, o in session.execute(
+                select(S.key, S.spawned_by, S.role, S.input, S.status, S.output)
+                .where(S.job_id == job_id, S.spawned_by.is_not(None))
+                .order_by(S.created_at, S.key))]
+
+
+def count_spawned(session: Session, job_id: str, besides: str | None = None) -> int:
+    """The job's spawned steps (`besides`: leaving out those that step spawned)."""
+    q = select(func.count()).select_from(Step).where(S.job_id == job_id,
+                                                     S.spawned_by.is_not(None))
+    if besides is not None:
+        q = q.where(S.spawned_by != besides)
+    return int(session.scalar(q) or 0)
+
+
+def wait_for(session: Session, step_id: str, attempt: int, depends_on: Sequence[str],
+             deps_remaining: int) -> bool:
+    """Run `attempt` of the step ends waiting: the step is `pending` on `depends_on` (its
+    children added), with `deps_remaining` of them still to complete, and holds no lease.
+    False when the run no longer holds the step (the write is refused)."""
+    res = session.execute(update(steps_table).where(
+        S.id == step_id, S.attempt == attempt, S.status == StepStatus.RUNNING,
+    ).values(status=StepStatus.PENDING, depends_on=list(depends_on),
+             deps_remaining=deps_remaining, lease_expires_at=None, enqueued_at=None))
+    return res.rowcount == 1  # type: ignore[attr-defined]
