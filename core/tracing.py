@@ -236,11 +236,3 @@ def fail(current: Span | None, message: str) -> None:
 def now_ns() -> int:
     return time.time_ns()
 
-
-def flush(timeout_ms: int = 5000) -> bool:
-    """Export what is pending (tests, and processes about to exit)."""
-    if not enabled():
-        return True
-    provider = trace.get_tracer_provider()
-    force = getattr(provider, "force_flush", None)
-    return bool(force(timeout_ms)) if force is not None else True

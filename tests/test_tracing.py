@@ -10,20 +10,19 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine
 
 from core import tracing
 from core.db import transaction
 from core.models import Job
 from tests.helpers import ROOT, auth, wait_for_job, wait_until
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
-from tests.stack import isolated_stack
+from tests.stack import Stack, isolated_stack
 from tests.test_agent_loops import ANSWER, MARKER, SEARCH, make_corpus
 
 SERVICE = "agentq-under-test"
@@ -72,15 +71,33 @@ def test_an_untraced_job_keeps_no_trace_context(client: Any, tenant_key: str) ->
         assert job.trace_context is None
 
 
-@pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    found = OtlpReceiver().start()
-    yield found
-    found.stop()
+@dataclass
+class Traced:
+    stack: Stack
+    receiver: OtlpReceiver
+    key: str
 
 
-def _ledger(engine: Engine, job_id: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any],
-                                                  list[dict[str, Any]]]:
+@pytest.fixture(scope="module")
+def traced(database_url: str, agentq_env: dict[str, str],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    """An API process and two workers that export traces to a receiver in this process."""
+    receiver = OtlpReceiver().start()
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": SERVICE,
+            "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    try:
+        with isolated_stack(database_url, agentq_env, tmp_path_factory.mktemp("otel"), "_otel",
+                            **otel) as stack:
+            for name in ("worker-a", "worker-b"):
+                stack.worker(name, concurrency=4, **otel)
+            yield Traced(stack, receiver, stack.key("traced"))
+    finally:
+        receiver.stop()
+
+
+def _ledger(url: str, job_id: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any],
+                                           list[dict[str, Any]]]:
+    engine = create_engine(url)
     with engine.connect() as conn:
         calls = {r["request_id"]: dict(r) for r in conn.execute(text(
             "SELECT request_id, step_id, model, prompt_tokens, completion_tokens, max_tokens,"
@@ -92,54 +109,56 @@ def _ledger(engine: Engine, job_id: str) -> tuple[dict[str, dict[str, Any]], dic
         steps = [dict(r) for r in conn.execute(text(
             "SELECT id, key, role, attempt, status FROM steps WHERE job_id = :j"),
             {"j": job_id}).mappings()]
+    engine.dispose()
     return calls, job, steps
 
 
-def test_a_research_job_is_one_connected_trace(database_url: str, agentq_env: dict[str, str],
-                                               tmp_path: Path, standin: Any,
-                                               receiver: OtlpReceiver) -> None:
+def _spans_of(traced: Traced, trace_id: str, model_calls: int, root: str
+              ) -> list[ReceivedSpan]:
+    """The trace's spans, once its `root` and all its model calls' spans have arrived."""
+    def arrived() -> list[ReceivedSpan] | None:
+        mine = [s for s in traced.receiver.spans() if s.trace_id == trace_id]
+        done = root in [s.name for s in mine] and sum(
+            "gen_ai.usage.input_tokens" in s.attributes for s in mine) == model_calls
+        return mine if done else None
+
+    found: list[ReceivedSpan] = wait_until(arrived, 30, what="the job's spans at the receiver")
+    return found
+
+
+def _one_tree(spans: list[ReceivedSpan], root_id: str) -> dict[str, ReceivedSpan]:
+    """The spans by id, checked to be one tree: one root, `root_id`, and every other span's
+    parent there."""
+    by_id = {s.span_id: s for s in spans}
+    assert len(by_id) == len(spans), "a span id was used twice"
+    assert [s.span_id for s in spans if not s.parent_span_id] == [root_id]
+    orphans = [s.name for s in spans if s.parent_span_id and s.parent_span_id not in by_id]
+    assert orphans == []
+    return by_id
+
+
+def test_a_research_job_is_one_connected_trace(traced: Traced, standin: Any) -> None:
     standin.state.plan_text = json.dumps([MARKER.split(": ", 1)[1],
                                           "Where do bees store their honey?"])
     standin.state.scripts = {MARKER: [SEARCH, ANSWER]}
-    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": SERVICE,
-            "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    with isolated_stack(database_url, agentq_env, tmp_path, "_otel", **otel) as stack:
-        for name in ("worker-a", "worker-b"):
-            stack.worker(name, concurrency=4, **otel)
-        key = stack.key("traced")
-        with httpx.Client(base_url=stack.api, timeout=30) as http:
-            corpus_id = make_corpus(http, key)
-            resp = http.post("/v1/jobs", headers=auth(key), json={
-                "kind": "research", "input": {"query": "How do bees make and keep honey?",
-                                              "max_subquestions": 2, "corpus_id": corpus_id}})
-            assert resp.status_code == 202, resp.text
-            job_id = str(resp.json()["id"])
-            assert wait_for_job(http, key, job_id, timeout=90)["status"] == "completed"
-        engine = create_engine(stack.env["AGENTQ_DATABASE_URL"])
-        calls, job, steps = _ledger(engine, job_id)
-        engine.dispose()
-        trace_id, job_span_id = job["trace_context"].split("-")[1:3]
+    key = traced.key
+    with httpx.Client(base_url=traced.stack.api, timeout=30) as http:
+        corpus_id = make_corpus(http, key)
+        resp = http.post("/v1/jobs", headers=auth(key), json={
+            "kind": "research", "input": {"query": "How do bees make and keep honey?",
+                                          "max_subquestions": 2, "corpus_id": corpus_id}})
+        assert resp.status_code == 202, resp.text
+        job_id = str(resp.json()["id"])
+        assert wait_for_job(http, key, job_id, timeout=90)["status"] == "completed"
+    calls, job, steps = _ledger(traced.stack.env["AGENTQ_DATABASE_URL"], job_id)
+    trace_id, job_span_id = job["trace_context"].split("-")[1:3]
+    spans = _spans_of(traced, trace_id, len(calls), "job research")
 
-        def arrived() -> list[ReceivedSpan] | None:
-            mine = [s for s in receiver.spans() if s.trace_id == trace_id]
-            names = [s.name for s in mine]
-            done = "job research" in names and sum(
-                "gen_ai.usage.input_tokens" in s.attributes for s in mine) == len(calls)
-            return mine if done else None
-
-        spans = wait_until(arrived, 30, what="the job's spans at the receiver")
-
-    by_id = {s.span_id: s for s in spans}
-    assert len(by_id) == len(spans), "a span id was used twice"
-    # Nothing of the job went to another trace.
-    assert all(s.trace_id == trace_id for s in receiver.spans()
+    # One tree under the job's span; nothing of the job went to another trace.
+    by_id = _one_tree(spans, job_span_id)
+    assert all(s.trace_id == trace_id for s in traced.receiver.spans()
                if s.attributes.get("agentq.job.id") == job_id)
-    # One tree: one root, the job's span, and every other span's parent is there.
-    roots = [s for s in spans if not s.parent_span_id]
-    assert [r.span_id for r in roots] == [job_span_id]
-    orphans = [s.name for s in spans if s.parent_span_id and s.parent_span_id not in by_id]
-    assert orphans == []
-    root = roots[0]
+    root = by_id[job_span_id]
     assert root.name == "job research"
     assert root.attributes["agentq.job.status"] == "completed"
     assert root.attributes["agentq.usage.prompt_tokens"] == job["prompt_tokens"]
@@ -205,3 +224,41 @@ def test_a_research_job_is_one_connected_trace(database_url: str, agentq_env: di
     for tool in tools:
         assert tool.attributes["gen_ai.tool.name"] == "search"
         assert by_id[tool.parent_span_id].name == "step investigator"
+
+
+def test_a_continued_job_stays_in_its_trace(traced: Traced) -> None:
+    """A job that ran out of budget and was continued: its span ends with the first stop (an
+    error), the continued run is a span under it, and the steps of both runs stay in the
+    tree."""
+    key = traced.key
+    with httpx.Client(base_url=traced.stack.api, timeout=30) as http:
+        resp = http.post("/v1/jobs", headers=auth(key), json={
+            "kind": "research", "input": {"query": "How do tides work?", "max_subquestions": 2},
+            "budget": {"max_total_tokens": 100}})
+        assert resp.status_code == 202, resp.text
+        job_id = str(resp.json()["id"])
+        stopped = wait_for_job(http, key, job_id, timeout=60)
+        assert stopped["status"] == "budget_exhausted", stopped
+        resp = http.post(f"/v1/jobs/{job_id}/continue", headers=auth(key),
+                         json={"budget": {"max_total_tokens": 50_000}})
+        assert resp.status_code == 202, resp.text
+        assert wait_for_job(http, key, job_id, timeout=90)["status"] == "completed"
+    calls, job, _ = _ledger(traced.stack.env["AGENTQ_DATABASE_URL"], job_id)
+    trace_id, job_span_id = job["trace_context"].split("-")[1:3]
+    spans = _spans_of(traced, trace_id, len(calls), "job research continued")
+    by_id = _one_tree(spans, job_span_id)
+    root = by_id[job_span_id]
+    assert root.name == "job research"
+    assert root.attributes["agentq.job.status"] == "budget_exhausted"
+    assert root.status_code == 2  # error
+    continued = [s for s in spans if s.name == "job research continued"]
+    assert len(continued) == 1
+    assert continued[0].parent_span_id == job_span_id
+    assert continued[0].attributes["agentq.job.status"] == "completed"
+    assert continued[0].attributes["agentq.budget.max_total_tokens"] == 50_000
+    assert continued[0].start_ns >= root.end_ns
+    planner_runs = sorted((s for s in spans if s.name == "step planner"),
+                          key=lambda s: s.start_ns)
+    assert [s.attributes["agentq.step.status"] for s in planner_runs] == ["failed", "completed"]
+    assert sum(s.attributes["gen_ai.usage.input_tokens"] for s in spans
+               if "gen_ai.usage.input_tokens" in s.attributes) == job["prompt_tokens"]

@@ -28,8 +28,8 @@ def _tick_step(end_ms: float) -> float:
     return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
 
 
-def _fmt_ms(ms: float) -> str:
-    return f"{ms / 1000:g} s" if ms >= 1000 else f"{ms:g} ms"
+def _fmt_ms(ms: float, seconds: bool) -> str:
+    return f"{ms / 1000:g} s" if seconds else f"{ms:g} ms"
 
 
 def _bar(seg: Segment, y_mid: float, scale: float) -> str:
@@ -50,12 +50,12 @@ def gantt(timeline: Timeline) -> Markup:
             f'aria-label="Timeline of job {escape(timeline.job_id)}" '
             f'viewBox="0 0 {WIDTH} {height}" width="100%">')
     parts = [head]
-    x = LABEL_W
+    x = 8
     for phase, label in PHASES.items():  # the legend
         parts.append(f'<rect x="{x}" y="4" width="10" height="10" fill="{COLOURS[phase]}"/>'
                      f'<text x="{x + 14}" y="13" font-size="11" fill="#374151">'
                      f'{escape(label)}</text>')
-        x += 22 + 6 * len(label)
+        x += 26 + 7 * len(label)
     if not lanes:
         parts.append(f'<text x="{WIDTH / 2}" y="{TOP + 12}" text-anchor="middle" '
                      'fill="#6b7280">no steps</text></svg>')
@@ -69,7 +69,7 @@ def gantt(timeline: Timeline) -> Markup:
         parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{TOP - 6}" y2="{height - 8}" '
                      f'stroke="#e5e7eb"/><text x="{tx:.1f}" y="{TOP - 10}" '
                      f'text-anchor="middle" font-size="11" fill="#6b7280">'
-                     f'{escape(_fmt_ms(round(tick, 6)))}</text>')
+                     f'{escape(_fmt_ms(round(tick, 6), step >= 1000 or end >= 2000))}</text>')
         tick += step
     for i, lane in enumerate(lanes):
         y_mid = TOP + ROW_H * i + ROW_H / 2
