@@ -32,6 +32,7 @@ from redis import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from agents.base import AgentError, StepContext, ToolCall, ToolSchema
+from core import tracing
 from core.errors import AgentqError, StepInterrupted
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,19 @@ def cap(text: str, max_bytes: int) -> str:
 
 def run_tool(tools: Sequence[Tool[EnvT, Any]], env: EnvT, call: ToolCall,
              max_bytes: int) -> ToolResult:
-    """Run the tool the model called; what went wrong on the model's side is the result."""
+    """Run the tool the model called; what went wrong on the model's side is the result.
+    Traced as an `execute_tool` span (GenAI semantic conventions) when tracing is on."""
+    with tracing.span(f"execute_tool {call.name}", {
+            "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": call.name,
+            "gen_ai.tool.call.id": call.id}) as span:
+        result = _run_tool(tools, env, call, max_bytes)
+        if result.error:
+            tracing.fail(span, result.text)
+        return result
+
+
+def _run_tool(tools: Sequence[Tool[EnvT, Any]], env: EnvT, call: ToolCall,
+              max_bytes: int) -> ToolResult:
     by_name: Mapping[str, Tool[EnvT, Any]] = {t.name: t for t in tools}
     tool = by_name.get(call.name)
     if tool is None:

@@ -178,6 +178,9 @@ class Job(Base):
     # From budget.max_seconds: the job fails with `deadline_exceeded` after this.
     deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True,
                                                          index=True)
+    # The W3C traceparent of the job's span when tracing is on (`core.tracing`): every step,
+    # whichever process runs it, is traced under it. None when tracing was off at submission.
+    trace_context: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Step(Base):
@@ -267,6 +270,10 @@ class ModelCall(Base):
     tool_calls: Mapped[list[dict[str, str]] | None] = mapped_column(JSONType, nullable=True)
     # Priced when the call was made: a later price change never rewrites it.
     cost_usd: Mapped[Decimal | None] = mapped_column(Money, nullable=True)
+    # When the call was handed to the pool (before waiting for a slot, and any retries), and
+    # when it was written (its end): with `latency_ms` and `ttft_ms` the call's timeline.
+    # None for rows written before it was recorded.
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
 

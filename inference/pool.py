@@ -115,6 +115,8 @@ class Completion:
     energy_method: str | None = None
     queued_ms: float = 0.0
     tool_calls: tuple[ToolCall, ...] = ()
+    # Sent as a chat completion (`/v1/chat/completions`), not a plain completion.
+    chat: bool = False
 
 
 class CallCancelled(InferenceError):
@@ -608,6 +610,7 @@ class Pool:
             attempts=1,
             ttft_ms=ttft_ms if ttft_ms is not None else latency_ms,
             tool_calls=reader.tool_calls(call, shape) if call is not None else (),
+            chat=shape is not Shape.COMPLETION,
         )
 
     def complete(self, req: CompletionRequest) -> Completion:

@@ -24,6 +24,7 @@ from core.models import JobStatus, StepStatus
 from core.repositories import events, jobs, ledger, outbox, steps
 from core.repositories.steps import ClaimedStep
 from core.settings import get_settings
+from orchestrator import traces
 from orchestrator.budget import Carry, settle_in, usage_events
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def finish(session: Session, job_id: str, status: JobStatus, *,
     if not jobs.finish(session, job_id, status, result=result, error=error):
         return
     steps.cancel_unstarted(session, job_id)
+    traces.job_ended(session, job_id)
     data: dict[str, Any] = {"status": str(status)}
     if error is not None:
         data["error"] = {"code": error[0], "message": error[1]}

@@ -67,6 +67,7 @@ def create_job(
     metadata: Mapping[str, Any],
     idempotency_key: str | None = None,
     webhook: dict[str, Any] | None = None,
+    trace_context: str | None = None,
 ) -> Job:
     kind = kind_of(kind_name)
     try:
@@ -100,6 +101,7 @@ def create_job(
         webhook=webhook, prompt_tokens=0, completion_tokens=0, model_calls=0,
         reserved_tokens=0, steps_total=0, steps_done=0, event_seq=0, created_at=now,
         updated_at=now, deadline_at=now + timedelta(seconds=max_seconds) if max_seconds else None,
+        trace_context=trace_context,
     )
     jobs.add(session, job)
     events.append(session, job.id, "job.created", {"kind": kind_name})

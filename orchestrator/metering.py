@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -46,7 +47,7 @@ from core.repositories.corpora import SessionCorpusStore
 from core.settings import get_settings
 from inference.pool import CallCancelled, Completion, CompletionRequest, Pool
 from inference.shapes import decode_tool_calls, encode_tool_calls
-from orchestrator import budget, callcache
+from orchestrator import budget, callcache, traces
 from orchestrator.budget import Carry, Hold, Run, StepStopped
 from orchestrator.callcache import Lead
 from orchestrator.watchers import leases, stopping
@@ -350,17 +351,19 @@ class MeteredContext:
             return steps.running_under_lease(s, parts[0], attempt)
 
     def _row(self, request_id: str, index: int, spec: CallSpec, key: str | None,
-             **fields: Any) -> dict[str, Any]:
+             started_at: datetime | None = None, **fields: Any) -> dict[str, Any]:
         run = self._run
+        now = utcnow()
         return {"request_id": request_id, "tenant_id": self._tenant_id, "job_id": run.job_id,
                 "step_id": run.step_id, "attempt": run.attempt, "call_index": index,
                 "role": self._role, "max_tokens": spec.max_tokens, "call_key": key,
-                "turn": spec.turn, "created_at": utcnow(), "settled_late": None,
-                "tool_calls": None, **fields}
+                "turn": spec.turn, "started_at": started_at or now, "created_at": now,
+                "settled_late": None, "tool_calls": None, **fields}
 
     def _answer_from_cache(self, request_id: str, index: int, spec: CallSpec, key: str,
                            earlier: ModelCall) -> ModelReply:
         """Record the call as answered from the job's call cache: no tokens, no cost."""
+        span = traces.call_started()
         row = self._row(request_id, index, spec, key, model=earlier.model,
                         endpoint=earlier.endpoint, prompt_tokens=0, cached_tokens=None,
                         completion_tokens=0, finish_reason=earlier.finish_reason,
@@ -372,6 +375,7 @@ class MeteredContext:
             with attempt, transaction() as s:
                 self.carry.write(s)
                 ledger.record_cached(s, row, again=attempt.retry_state.attempt_number > 1)
+        traces.call_ended(span, spec, row)
         return replace(_reply(earlier), prompt_tokens=0, completion_tokens=0, cached=True)
 
     def _make_call(self, spec: CallSpec, request_id: str, index: int, key: str | None,
@@ -380,6 +384,7 @@ class MeteredContext:
         committed = budget.reserve(self._run, hold, self.carry)
         if committed is not None:
             self._committed = committed - hold.tokens
+        started_at, span = utcnow(), traces.call_started()
         try:
             completion = self._pool.complete(CompletionRequest(
                 call=spec, request_id=request_id, tenant_id=self._tenant_id,
@@ -388,19 +393,25 @@ class MeteredContext:
         except CallCancelled as exc:
             if exc.usage is not None and exc.model is not None:
                 # What the server generated before the abort was spent: it is billed.
-                budget.settle(self._run, self._row_of(
+                row = self._row_of(
                     request_id, index, spec, key, escalated_from, Completion(
                         text="", usage=exc.usage, finish_reason="cancelled", model=exc.model,
-                        endpoint=exc.endpoint or "", latency_ms=exc.latency_ms, attempts=1)),
-                    self.carry)
+                        endpoint=exc.endpoint or "", latency_ms=exc.latency_ms, attempts=1),
+                    started_at)
+                traces.call_ended(span, spec, row, error="cancelled")
+                budget.settle(self._run, row, self.carry)
             else:
+                traces.call_ended(span, spec, None, error="cancelled")
                 budget.release(self._run, hold, self.carry)
             raise StepStopped("job stopped during a model call") from exc
-        except BaseException:
+        except BaseException as exc:
+            traces.call_ended(span, spec, None, error=f"{type(exc).__name__}: {exc}")
             budget.release(self._run, hold, self.carry)
             raise
+        row = self._row_of(request_id, index, spec, key, escalated_from, completion, started_at)
+        traces.call_ended(span, spec, row, chat=completion.chat)
         # Written with the run's next transaction (the next reservation, or the step's end).
-        self.carry.add(self._row_of(request_id, index, spec, key, escalated_from, completion))
+        self.carry.add(row)
         self._committed += completion.usage.total_tokens
         return ModelReply(completion.text, completion.finish_reason,
                           completion.usage.prompt_tokens, completion.usage.completion_tokens,
@@ -408,12 +419,14 @@ class MeteredContext:
                           tool_calls=completion.tool_calls)
 
     def _row_of(self, request_id: str, index: int, spec: CallSpec, key: str | None,
-                escalated_from: str | None, c: Completion) -> dict[str, Any]:
+                escalated_from: str | None, c: Completion,
+                started_at: datetime | None = None) -> dict[str, Any]:
         u = c.usage
         cost = price_for(c.model).cost(u.prompt_tokens, u.completion_tokens,
                                        u.cached_tokens or 0)
         return self._row(
-            request_id, index, spec, key, model=c.model[:200], endpoint=c.endpoint[:300],
+            request_id, index, spec, key, started_at, model=c.model[:200],
+            endpoint=c.endpoint[:300],
             prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens,
             completion_tokens=u.completion_tokens,
             finish_reason=(c.finish_reason or "")[:40] or None, latency_ms=c.latency_ms,

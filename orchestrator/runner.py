@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from agents.base import AgentError, AnyKind, StepOutputs, StepSuspended
 from agents.registry import get_kind
+from core import tracing
 from core.db import transaction
 from core.db_errors import TRANSIENT_DB_ERRORS, db_retrying
 from core.errors import AgentqError
@@ -39,7 +40,7 @@ from core.repositories.ledger import Budget
 from core.repositories.steps import ClaimedStep
 from core.settings import get_settings
 from inference.pool import Pool, get_pool
-from orchestrator import dag
+from orchestrator import dag, traces
 from orchestrator.budget import BudgetExhausted, Carry, Run, StepStopped
 from orchestrator.metering import MeteredContext
 from orchestrator.watchers import carries, leases, stopping
@@ -97,23 +98,27 @@ def _job_input(kind: AnyKind, c: ClaimedStep) -> BaseModel:
     return parsed
 
 
-def run_step(step_id: str, pool: Pool | None = None) -> None:
+def run_step(step_id: str, pool: Pool | None = None, link: str | None = None) -> None:
     """Run the step, then, in the same thread, the step its completion made ready (one of
-    them, when several: the others go through the broker to other slots), and so on."""
+    them, when several: the others go through the broker to other slots), and so on.
+    `link`: the traceparent of the span that published the step, if its message had one."""
     next_id: str | None = step_id
     while next_id is not None:
-        next_id = _run_one(next_id, pool or get_pool())
+        next_id, link = _run_one(next_id, pool or get_pool(), link)
 
 
-def _run_one(step_id: str, pool: Pool) -> str | None:
+def _run_one(step_id: str, pool: Pool, link: str | None) -> tuple[str | None, str | None]:
+    claiming = tracing.now_ns()
     claimed = _claim(step_id)
     if claimed is None:
-        return None
+        return None, None
     c, parents = claimed
     leases.add(c.step_id, c.attempt)
     stopping.add(c.job_id)
     try:
-        return _run(c, parents, pool)
+        with traces.step(c, claiming, link):
+            # The step made ready here (if any) is linked to this one.
+            return _run(c, parents, pool), tracing.current_traceparent()
     finally:
         stopping.remove(c.job_id)
         leases.remove(c.step_id, c.attempt)
@@ -171,6 +176,7 @@ def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry
                 f"({exc.__class__.__name__})"), JobStatus.FAILED, kind)
         else:
             log.warning("step %s met a database error; running it again: %s", c.step_id, exc)
+            traces.step_outcome("requeued")
             _hand_back(c, run, carry)
     except (AgentqError, AgentError) as exc:
         code = exc.code
@@ -184,6 +190,7 @@ def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry
              ("internal_error", f"step {c.role} failed: {exc!r}"), JobStatus.FAILED, kind)
     else:
         assert kind is not None
+        traces.step_outcome(StepStatus.COMPLETED)
         return _in_transaction(
             run, carry, lambda s: dag.complete(s, c, kind, job_input, output, carry, keep=True),
             write_carry=False)
@@ -193,6 +200,7 @@ def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry
 def _end(c: ClaimedStep, run: Run, carry: Carry, status: StepStatus,
          error: tuple[str, str] | None, job_status: JobStatus | None,
          kind: AnyKind | None) -> None:
+    traces.step_outcome(status, error[1] if error else None)
     _in_transaction(run, carry, lambda s: dag.end(s, c, status, error, job_status, kind))
 
 

@@ -1,6 +1,7 @@
 """The admin page in a real headless browser (Debian's chromium driven by playwright-core, see
 `tests/browser/admin_check.mjs`): sign in, read the figures and tables, filter by date, drill down
-tenant → job → step, and check that everything shown equals the model-call ledger."""
+tenant → job → step, read a research job's timeline, and check that everything shown equals the
+model-call ledger."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from sqlalchemy import func, select
 
 from core.db import transaction
 from core.keys import create_key
-from core.models import ModelCall
+from core.models import Job, ModelCall, Step
 from tests.helpers import ROOT, auth, wait_for_job
+from tests.test_agent_loops import ANSWER, MARKER, Q1, SEARCH, make_corpus
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -70,12 +72,12 @@ def ledger_calls(*where: Any) -> dict[str, tuple[int, int, Decimal | None]]:
             for request_id, prompt, completion, cost in rows}
 
 
-def run_browser(base_url: str, admin_key: str) -> dict[str, Any]:
+def run_browser(base_url: str, admin_key: str, timeline_job: str) -> dict[str, Any]:
     cmd, env = browser_command()
     ARTIFACTS.mkdir(exist_ok=True)
     try:
-        proc = subprocess.run([*cmd, base_url, admin_key, str(ARTIFACTS)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([*cmd, base_url, admin_key, str(ARTIFACTS), timeline_job],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired as exc:
         err = exc.stderr
         text = err.decode(errors="replace") if isinstance(err, bytes) else str(err or "")
@@ -103,7 +105,67 @@ def check_figures(figures: dict[str, Any], sums: Sums, where: str,
             f"{where}: figure cost_usd {figures['cost_usd']} != ledger {sums['cost_usd']}")
 
 
-def submit(client: TestClient, key: str, kind: str, payload: dict[str, str]) -> str:
+def check_timeline(timeline: dict[str, Any], job_id: str) -> None:
+    """The Gantt chart of the job shows every step and every ledger call with the ledger's
+    timings: the call's wait, time to first token and generation, the tool time between an
+    investigator's calls, each step's queue wait and run."""
+    assert timeline["job_id"] == job_id
+    with transaction() as s:
+        steps = {st.id: st for st in s.scalars(select(Step).where(Step.job_id == job_id))}
+        calls = {c.request_id: c for c in s.scalars(select(ModelCall).where(
+            ModelCall.job_id == job_id))}
+        job = s.get(Job, job_id)
+        assert job is not None
+        origin = job.created_at
+    lanes = {lane["step_id"]: lane for lane in timeline["lanes"]}
+    assert set(lanes) == set(steps)
+    shown: dict[str, dict[str, dict[str, Any]]] = {}
+    for step_id, lane in lanes.items():
+        st = steps[step_id]
+        bars = lane["bars"]
+        assert all(b["ms"] >= 0 and b["width"] >= 1 for b in bars), lane
+        run = [b for b in bars if b["phase"] == "run"]
+        assert len(run) == 1, lane
+        assert st.started_at is not None
+        assert st.finished_at is not None
+        queue = [b for b in bars if b["phase"] == "queue"]
+        if st.enqueued_at is not None and st.enqueued_at < st.started_at:
+            assert len(queue) == 1, lane
+            assert queue[0]["ms"] == pytest.approx(
+                (st.started_at - st.enqueued_at).total_seconds() * 1000, abs=0.01)
+        else:
+            assert queue == [], lane
+        assert run[0]["start_ms"] == pytest.approx(
+            (st.started_at - origin).total_seconds() * 1000, abs=0.01)
+        assert run[0]["ms"] == pytest.approx(
+            (st.finished_at - st.started_at).total_seconds() * 1000, abs=0.01)
+        for b in bars:
+            if b["call_id"] and b["phase"] != "tool":
+                assert calls[b["call_id"]].step_id == step_id
+                shown.setdefault(b["call_id"], {})[b["phase"]] = b
+    assert set(shown) == set(calls), "the timeline does not show every call of the ledger"
+    for request_id, phases in shown.items():
+        c = calls[request_id]
+        assert c.started_at is not None
+        end = (c.created_at - origin).total_seconds() * 1000
+        if c.cached_from is not None:
+            assert set(phases) == {"cached"}
+            continue
+        assert c.ttft_ms is not None
+        assert phases["ttft"]["ms"] == pytest.approx(c.ttft_ms, abs=0.01)
+        assert phases["generation"]["ms"] == pytest.approx(c.latency_ms - c.ttft_ms, abs=0.01)
+        assert phases["generation"]["start_ms"] + phases["generation"]["ms"] == pytest.approx(
+            end, abs=0.01)
+        started = (c.started_at - origin).total_seconds() * 1000
+        first = phases.get("wait", phases["ttft"])
+        assert first["start_ms"] == pytest.approx(started, abs=0.01)
+        assert c.model in phases["generation"]["title"]
+    tools = [b for lane in lanes.values() for b in lane["bars"] if b["phase"] == "tool"]
+    assert tools, "no tool time on the timeline of a job whose investigator searched"
+    assert all(b["title"].startswith("tool: search") for b in tools), tools
+
+
+def submit(client: TestClient, key: str, kind: str, payload: dict[str, Any]) -> str:
     resp = client.post("/v1/jobs", json={"kind": kind, "input": payload}, headers=auth(key))
     assert resp.status_code == 202, resp.text
     return str(resp.json()["id"])
@@ -118,9 +180,15 @@ def test_admin_page_in_a_browser_matches_the_ledger(client: TestClient, api_serv
         key_b, key_b_row = create_key(s, f"browser-b-{suffix}")
         tenant_a, tenant_b = key_a_row.tenant_id, key_b_row.tenant_id
 
+    # A research job over a corpus whose first investigator searches once, then answers.
+    standin.state.plan_text = json.dumps([Q1, "Where do bees store their honey?"])
+    standin.state.scripts = {MARKER: [SEARCH, ANSWER]}
+    research = submit(client, key_a, "research", {
+        "query": "How do bees make and keep honey?", "max_subquestions": 2,
+        "corpus_id": make_corpus(client, key_a)})
     jobs = [
         (key_a, submit(client, key_a, "completion", {"prompt": "Say hello to the admin page."})),
-        (key_a, submit(client, key_a, "research", {"query": "How do tides work?"})),
+        (key_a, research),
         (key_b, submit(client, key_b, "completion", {"prompt": "Count to three."})),
         (key_b, submit(client, key_b, "completion", {"prompt": "Name a colour."})),
     ]
@@ -132,7 +200,7 @@ def test_admin_page_in_a_browser_matches_the_ledger(client: TestClient, api_serv
     # be settling, so read again until it stood still for the whole run.
     for _ in range(3):
         before = ledger_sums()
-        report = run_browser(api_server, admin_key)
+        report = run_browser(api_server, admin_key, research)
         totals = ledger_sums()
         if totals == before:
             break
@@ -186,7 +254,9 @@ def test_admin_page_in_a_browser_matches_the_ledger(client: TestClient, api_serv
                              "total_tokens": prompt + completion, "model_calls": 1,
                              "cost_usd": cost}, f"step page call row {request_id}")
 
-    for name in ("admin.png", "tenant.png", "job.png", "step.png"):
+    check_timeline(report["timeline"], research)
+
+    for name in ("admin.png", "tenant.png", "job.png", "step.png", "timeline.png"):
         shot = ARTIFACTS / name
         assert shot.is_file(), f"no screenshot {name}"
         assert shot.stat().st_size > 0, f"empty screenshot {name}"

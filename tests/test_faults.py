@@ -121,7 +121,7 @@ CRASHER = textwrap.dedent("""
 
     def crash_before_marking_sent(messages):
         from core.queue import get_celery
-        for _, task, payload, priority in messages:
+        for _, task, payload, priority, _headers in messages:
             get_celery().send_task(task, kwargs=payload, priority=priority)
         os._exit(17)  # sent, but the outbox rows still look unsent
 

@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Any
 
+from celery import Task
 from celery.signals import worker_ready, worker_shutdown
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
@@ -15,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from agents.registry import kind_names
 from core.queue import get_celery
 from core.settings import get_settings
+from core.tracing import TRACEPARENT
 from orchestrator import idempotency, runner, sandboxes, sweeps, webhook_pool, webhooks
 
 log = logging.getLogger(__name__)
@@ -26,11 +28,13 @@ kind_names()
 
 # Database or broker hiccups outside a model call are retried with backoff (a new message; the
 # task is idempotent). Failures inside a step are recorded on the step by the orchestrator.
-@app.task(name="steps.run", acks_late=True, reject_on_worker_lost=True,
+# A message may carry the W3C traceparent of the span that sent it (`core.tracing`).
+@app.task(name="steps.run", bind=True, acks_late=True, reject_on_worker_lost=True,
           autoretry_for=(SQLAlchemyError, RedisError), retry_backoff=1, retry_backoff_max=60,
           retry_jitter=True, max_retries=12)
-def run_step(step_id: str) -> None:
-    runner.run_step(step_id)
+def run_step(self: Task, step_id: str) -> None:
+    link = self.request.get(TRACEPARENT)
+    runner.run_step(step_id, link=link if isinstance(link, str) else None)
 
 
 # Deliveries come on their own queue (`agentq.webhooks`). The task only hands the delivery to

@@ -25,6 +25,7 @@ from agents.sandbox.model import (
     as_mode,
     refusal,
 )
+from core import tracing
 from core.settings import get_settings
 
 # Not returned by `files()`: caches, VCS metadata and the sandbox's own temp directory.
@@ -231,6 +232,20 @@ class Sandbox:
         when it says True the whole run is killed and the result says `cancelled`."""
         if self._closed:
             raise SandboxError("the sandbox is closed")
+        with tracing.span("sandbox run", {"agentq.sandbox.mode": self.isolation.mode}) as span:
+            result = self._run_in_slot(command, cancelled)
+            if span is not None:
+                span.set_attributes({
+                    "agentq.sandbox.exit_code": -1 if result.exit_code is None
+                    else result.exit_code,
+                    "agentq.sandbox.timed_out": result.timed_out,
+                    "agentq.sandbox.cancelled": result.cancelled,
+                    "agentq.sandbox.limit": result.limit or "",
+                    "agentq.sandbox.duration_s": result.duration_s})
+            return result
+
+    def _run_in_slot(self, command: str, cancelled: Callable[[], bool] | None
+                     ) -> SandboxResult:
         if not slots.acquire(cancelled):
             return SandboxResult(exit_code=None, output="", timed_out=False,
                                  output_truncated=False, duration_s=0.0,

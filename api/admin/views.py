@@ -21,6 +21,7 @@ from fastapi.templating import Jinja2Templates
 from api.admin import session as admin_session
 from api.admin.charts import bar_chart, line_chart
 from api.admin.endpoints import csv_response
+from api.admin.gantt import gantt
 from api.admin.session import COOKIE
 from api.deps import DbSession
 from core.errors import InvalidInput, NotFound
@@ -30,6 +31,7 @@ from core.repositories import steps as step_repo
 from core.repositories.reports import GroupBy, ReportFilter, day_range, energy_methods
 from core.settings import get_settings
 from orchestrator import reports
+from orchestrator.timeline import job_timeline
 
 DEFAULT_DAYS = 30
 
@@ -210,9 +212,11 @@ def job_page(request: Request, session: DbSession, job_id: str) -> HTMLResponse:
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     f = ReportFilter(job_id=job_id)
+    timeline = job_timeline(session, job)
     return _render(request, "job.html", job=job, tenant=get_tenant(session, job.tenant_id),
                    totals=reports.totals(session, f), steps=reports.job_steps(session, job_id),
-                   methods=energy_methods(session, f))
+                   methods=energy_methods(session, f), timeline=timeline,
+                   timeline_chart=gantt(timeline))
 
 
 @router.get("/jobs/{job_id}/steps/{step_id}", response_class=HTMLResponse)

@@ -23,12 +23,13 @@ from api.jobs.schemas import (
 )
 from api.jobs.serialize import job_out
 from api.responses import ERRORS, job_links, link
+from core import tracing
 from core.db import transaction
 from core.db_errors import retry_transient
 from core.repositories.webhooks import new_secret
 from core.settings import get_settings
 from core.webhook_http import check_url
-from orchestrator import continuation, idempotency
+from orchestrator import continuation, idempotency, traces
 from orchestrator import jobs as job_service
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
@@ -58,15 +59,25 @@ def submit_job(
                    "secret": new_secret()}
     budget = body.budget.model_dump(exclude_none=True)
 
+    # The job's trace: the submission (and the first steps' messages, sent as its
+    # transaction commits) under the job's span.
+    trace_context = traces.new_job()
+
     def create(session: Session) -> dict[str, Any]:
         job = job_service.create_job(
             session, tenant_id=principal.tenant_id, kind_name=body.kind, raw_input=body.input,
-            budget=budget, metadata=body.metadata, idempotency_key=key, webhook=webhook)
+            budget=budget, metadata=body.metadata, idempotency_key=key, webhook=webhook,
+            trace_context=trace_context)
+        if submitting is not None:
+            submitting.set_attributes({"agentq.job.id": job.id, "agentq.job.kind": job.kind,
+                                       "agentq.tenant.id": job.tenant_id})
         out: dict[str, Any] = jsonable_encoder(job_out(job, show_secret=True))
         return out
 
-    return _answer(idempotency.once(principal.tenant_id, key, body.model_dump(mode="json"),
-                                    create))
+    with tracing.span("submit", parent=trace_context) as submitting:
+        outcome = idempotency.once(principal.tenant_id, key, body.model_dump(mode="json"),
+                                   create)
+    return _answer(outcome)
 
 
 def _answer(outcome: idempotency.Outcome) -> JSONResponse:

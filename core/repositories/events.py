@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from redis.exceptions import RedisError
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from core.db import after_commit, pending
@@ -79,3 +80,9 @@ def list_events(session: Session, job_id: str, after: int, limit: int) -> list[J
     return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id,
                                                        JobEvent.seq > after)
                                 .order_by(JobEvent.seq).limit(limit)))
+
+
+def last_at(session: Session, job_id: str, type_: str) -> datetime | None:
+    """When the job's last event of this type was appended; None when it has none."""
+    return session.scalar(select(func.max(JobEvent.created_at)).where(
+        JobEvent.job_id == job_id, JobEvent.type == type_))

@@ -171,3 +171,35 @@ def recount_steps(session: Session, job_id: str) -> tuple[int, int]:
         .scalar_subquery(),
     ).returning(J.steps_done, J.steps_total)).one()
     return int(row[0]), int(row[1])
+
+
+@dataclass(frozen=True)
+class TraceFacts:
+    """What a job's span says of it (`orchestrator.traces`)."""
+
+    job_id: str
+    tenant_id: str
+    kind: str
+    status: str
+    trace_context: str | None
+    budget: dict[str, Any]
+    prompt_tokens: int
+    completion_tokens: int
+    model_calls: int
+    cost_usd: Decimal
+    error_code: str | None
+    error_message: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+def trace_facts(session: Session, job_id: str) -> TraceFacts | None:
+    row = session.execute(select(
+        J.id, J.tenant_id, J.kind, J.status, J.trace_context, J.budget, J.prompt_tokens,
+        J.completion_tokens, J.model_calls, J.cost_usd, J.error_code, J.error_message,
+        J.created_at, J.finished_at).where(J.id == job_id)).first()
+    if row is None:
+        return None
+    return TraceFacts(str(row[0]), str(row[1]), str(row[2]), str(row[3]), row[4],
+                      dict(row[5] or {}), int(row[6]), int(row[7]), int(row[8]),
+                      Decimal(row[9] or 0), row[10], row[11], row[12], row[13])

@@ -11,6 +11,7 @@ released (a run that was stopped past its lease) is billed only if the budget st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Numeric,
     delete,
     exists,
+    func,
     insert,
     literal,
     or_,
@@ -312,3 +314,39 @@ def earlier_answer(session: Session, job_id: str, key: str) -> ModelCall | None:
         ModelCall.job_id == job_id, ModelCall.call_key == key, ModelCall.cached_from.is_(None),
         or_(ModelCall.finish_reason.is_(None), ModelCall.finish_reason != "cancelled"))
         .order_by(ModelCall.created_at).limit(1)).first()
+
+
+@dataclass(frozen=True)
+class TimedCall:
+    """A ledger row's timing: handed to the pool at `started_at`, answered at `ended_at`
+    (the row's `created_at`), the last `latency_ms` of it generating, the first token
+    `ttft_ms` into that."""
+
+    request_id: str
+    step_id: str
+    attempt: int | None
+    call_index: int | None
+    model: str
+    started_at: datetime | None
+    ended_at: datetime
+    latency_ms: float
+    ttft_ms: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+    cached_from: str | None
+    tools: tuple[str, ...]
+
+
+def timed_calls(session: Session, job_id: str, limit: int = 5000) -> list[TimedCall]:
+    """The job's calls with their timings, in the order they were made."""
+    M = model_calls_table.c
+    rows = session.execute(select(
+        M.request_id, M.step_id, M.attempt, M.call_index, M.model, M.started_at, M.created_at,
+        M.latency_ms, M.ttft_ms, M.prompt_tokens, M.completion_tokens, M.finish_reason,
+        M.cached_from, M.tool_calls).where(M.job_id == job_id)
+        .order_by(func.coalesce(M.started_at, M.created_at), M.request_id).limit(limit)).all()
+    return [TimedCall(r[0], r[1], r[2], r[3], r[4], r[5], r[6], float(r[7] or 0.0), r[8],
+                      int(r[9]), int(r[10]), r[11], r[12],
+                      tuple(str(t.get("name", "")) for t in r[13] or []))
+            for r in rows]

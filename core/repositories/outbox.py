@@ -19,13 +19,16 @@ from typing import Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
+from core import tracing
 from core.db import after_commit, pending, transaction
 from core.models import OutboxMessage, utcnow
 from core.queue import get_celery
 
 log = logging.getLogger(__name__)
 
-Message = tuple[int, str, dict[str, Any], int | None]
+# (row id, task, payload, priority, headers): the headers carry the W3C traceparent of the span
+# that wrote the message, when tracing is on (a republished message carries none).
+Message = tuple[int, str, dict[str, Any], int | None, dict[str, str] | None]
 # Broker priorities (Redis lists are read in this order: 0 first). Work that moves a running job
 # on (its next steps, deliveries, recovery) goes before new jobs' first steps, so a flood of
 # submissions does not stand between a running job and its next step.
@@ -49,7 +52,8 @@ def enqueue_many(session: Session, task: str, payloads: Iterable[Mapping[str, An
     ids = session.scalars(insert(OutboxMessage).returning(
         OutboxMessage.id, sort_by_parameter_order=True), rows).all()
     messages: list[Message] = pending(session, _KEY)
-    messages.extend((row_id, task, dict(p), priority)
+    headers = tracing.message_headers()
+    messages.extend((row_id, task, dict(p), priority, headers)
                     for row_id, p in zip(ids, payloads_, strict=True))
     after_commit(session, _KEY, lambda: _publish_pending(messages))
 
@@ -65,9 +69,9 @@ def publish(messages: list[Message]) -> int:
         return 0
     app = get_celery()
     sent: list[int] = []
-    for row_id, task, payload, priority in messages:
+    for row_id, task, payload, priority, headers in messages:
         try:
-            app.send_task(task, kwargs=payload, priority=priority or CONTINUE)
+            app.send_task(task, kwargs=payload, priority=priority or CONTINUE, headers=headers)
         except Exception as exc:  # noqa: BLE001 - broker down: the sweeper republishes later
             log.warning("could not publish %s (outbox %s): %s", task, row_id, exc)
             continue
@@ -123,7 +127,7 @@ def take_unsent(older_than_s: float, limit: int = 500) -> list[Message]:
             # Pushed forward so that another sweeper does not take them again at once.
             s.execute(update(OutboxMessage).where(OutboxMessage.id.in_([r[0] for r in rows]))
                       .values(created_at=utcnow()))
-    return [(r[0], r[1], dict(r[2]), r[3]) for r in rows]
+    return [(r[0], r[1], dict(r[2]), r[3], None) for r in rows]
 
 
 def sweep(older_than_s: float, limit: int = 500) -> int:

@@ -41,13 +41,18 @@ class ClaimedStep:
     budget: dict[str, Any]
     # The job's tokens spent and reserved when the step was claimed.
     job_tokens_committed: int = 0
+    # When the step was last queued, and the traceparent of its job's span (None: untraced).
+    enqueued_at: datetime | None = None
+    trace_context: str | None = None
 
 
 S = steps_table.c
-_STEP_COLS = (S.job_id, S.key, S.role, S.attempt, S.max_tokens, S.input, S.depends_on)
+_STEP_COLS = (S.job_id, S.key, S.role, S.attempt, S.max_tokens, S.input, S.depends_on,
+              S.enqueued_at)
 _JOB_COLS = (jobs_table.c.tenant_id, jobs_table.c.kind, jobs_table.c.status, jobs_table.c.input,
              jobs_table.c.budget, jobs_table.c.prompt_tokens + jobs_table.c.completion_tokens
-             + jobs_table.c.reserved_tokens)
+             + jobs_table.c.reserved_tokens, jobs_table.c.trace_context)
+_N_STEP = len(_STEP_COLS)
 
 
 def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
@@ -64,7 +69,7 @@ def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
                               .returning(*_STEP_COLS, *_JOB_COLS)).first()
         if row is None:
             return None
-        step, job = row[:7], row[7:]
+        step, job = row[:_N_STEP], row[_N_STEP:]
     else:  # SQLite's RETURNING sees only the updated table
         found = session.execute(stmt.returning(*_STEP_COLS)).first()
         if found is None:
@@ -73,7 +78,8 @@ def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
         job = tuple(session.execute(select(*_JOB_COLS).where(jobs_table.c.id == step[0])).one())
     return ClaimedStep(step_id, step[0], step[1], step[2], int(step[3]), int(step[4]),
                        dict(step[5] or {}), list(step[6] or []), job[0], job[1], job[2],
-                       dict(job[3] or {}), dict(job[4] or {}), int(job[5] or 0))
+                       dict(job[3] or {}), dict(job[4] or {}), int(job[5] or 0),
+                       step[7], job[6])
 
 
 def lease_of(session: Session, step_id: str, attempt: int, lock: bool = False

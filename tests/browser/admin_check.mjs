@@ -1,6 +1,6 @@
 // Drives the admin page in a headless chromium and prints what it shows as one JSON object.
 //
-//   node tests/browser/admin_check.mjs <base_url> <admin_key> <out_dir>
+//   node tests/browser/admin_check.mjs <base_url> <admin_key> <out_dir> [<timeline_job_id>]
 //
 // The browser is the system's chromium (AGENTQ_CHROMIUM, default /usr/bin/chromium), driven by
 // playwright-core; no browser is downloaded. The page is read through its data attributes:
@@ -9,8 +9,10 @@
 //   td[data-col=NAME][data-value=N]        numeric cells of a row
 //   a[data-drill=tenant|job|step]          drill-down links in a row
 //   svg[data-chart=NAME]                   charts
+//   svg[data-chart=timeline] g[data-step-id] rect[data-phase]   a job's timeline (Gantt)
 // Exit status 0 with the JSON on stdout, or 1 with the error on stderr. Screenshots go to
-// <out_dir>: admin.png, tenant.png, job.png, step.png (and error.png when a check fails).
+// <out_dir>: admin.png, tenant.png, job.png, step.png, timeline.png (the timeline of
+// <timeline_job_id>, when given) and error.png when a check fails.
 
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -74,6 +76,23 @@ async function readRows(page, idAttr) {
     for (const [name, raw] of cells) cols[name] = toNumber(raw);
     return { id, cols };
   });
+}
+
+// The timeline's lanes: each step's bars with their phase, call id, start and length (ms).
+async function readTimeline(page) {
+  return page.$$eval("svg[data-chart=timeline] g[data-step-id]", (groups) =>
+    groups.map((g) => ({
+      step_id: g.getAttribute("data-step-id"),
+      key: g.getAttribute("data-step-key"),
+      bars: [...g.querySelectorAll("rect[data-phase]")].map((r) => ({
+        phase: r.getAttribute("data-phase"),
+        call_id: r.getAttribute("data-call-id"),
+        start_ms: Number(r.getAttribute("data-start-ms")),
+        ms: Number(r.getAttribute("data-ms")),
+        width: Number(r.getAttribute("width")),
+        title: r.querySelector("title")?.textContent ?? "",
+      })),
+    })));
 }
 
 async function chartPresent(page, name) {
@@ -196,12 +215,13 @@ async function checkDateFilter(page, baseUrl) {
 }
 
 async function main() {
-  const [baseArg, key, outDir] = process.argv.slice(2);
+  const [baseArg, key, outDir, timelineJob] = process.argv.slice(2);
   if (!baseArg || !key || !outDir) usage();
   const baseUrl = baseArg.replace(/\/+$/, "");
   const baseHost = new URL(baseUrl).host;
   mkdirSync(outDir, { recursive: true });
-  for (const name of ["admin.png", "tenant.png", "job.png", "step.png", "error.png"]) {
+  for (const name of ["admin.png", "tenant.png", "job.png", "step.png", "timeline.png",
+                      "error.png"]) {
     rmSync(join(outDir, name), { force: true });
   }
 
@@ -317,11 +337,29 @@ async function main() {
     };
     await page.screenshot({ path: join(outDir, "step.png"), fullPage: true });
 
+    // The timeline of the job asked for: its lanes, and a screenshot of the chart.
+    let timeline = null;
+    if (timelineJob) {
+      await page.goto(`${baseUrl}/admin/jobs/${timelineJob}`, { waitUntil: "load" });
+      await waitForFigures(page, "the timeline's job page");
+      const chart = page.locator("[data-testid=timeline]");
+      if ((await page.locator("svg[data-chart=timeline]").count()) === 0) {
+        throw new CheckError(`no svg[data-chart=timeline] on ${page.url()}`);
+      }
+      timeline = {
+        url: page.url(),
+        job_id: await page.locator("svg[data-chart=timeline]").getAttribute("data-job-id"),
+        lanes: await readTimeline(page),
+      };
+      await chart.screenshot({ path: join(outDir, "timeline.png") });
+    }
+
     const report = {
       admin,
       tenant,
       job,
       step,
+      timeline,
       console_errors: consoleErrors,
       failed_requests: failedRequests,
       external_requests: externalRequests,

@@ -1,0 +1,264 @@
+"""OpenTelemetry traces: off (nothing set up) unless an `OTEL_*` exporter is configured; on, a
+research job over a corpus reaches a real OTLP/HTTP receiver (in this process, decoding the
+protobuf with opentelemetry-proto) as one connected tree, from the API process and the worker
+processes, with the GenAI attributes and the ledger's token counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from core import tracing
+from core.db import transaction
+from core.models import Job
+from tests.helpers import ROOT, auth, wait_for_job, wait_until
+from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.stack import Stack, isolated_stack
+from tests.test_agent_loops import ANSWER, MARKER, SEARCH, make_corpus
+
+SERVICE = "agentq-under-test"
+
+
+def test_the_otel_variables_choose_the_exporters() -> None:
+    assert tracing.exporters({}) == []
+    assert tracing.exporters({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) == ["otlp"]
+    assert tracing.exporters({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}
+                             ) == ["otlp"]
+    assert tracing.exporters({"OTEL_TRACES_EXPORTER": "console"}) == ["console"]
+    assert tracing.exporters({"OTEL_TRACES_EXPORTER": "otlp, console"}) == ["otlp", "console"]
+    assert tracing.exporters({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                              "OTEL_TRACES_EXPORTER": "none"}) == []
+    assert tracing.exporters({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                              "OTEL_SDK_DISABLED": "TRUE"}) == []
+
+
+PROBE = """
+from opentelemetry import trace
+from core import tracing
+from orchestrator import traces
+print(tracing.enabled(), type(trace.get_tracer_provider()).__name__, traces.new_job(),
+      tracing.message_headers())
+"""
+
+
+@pytest.mark.parametrize("env", [
+    {}, {"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
+    {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}])
+def test_without_an_exporter_no_tracer_provider_is_set_up(env: dict[str, str]) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "ProxyTracerProvider", "None", "None"]
+
+
+def test_an_untraced_job_keeps_no_trace_context(client: Any, tenant_key: str) -> None:
+    assert not tracing.enabled()
+    resp = client.post("/v1/jobs", headers=auth(tenant_key),
+                       json={"kind": "completion", "input": {"prompt": "untraced"}})
+    assert resp.status_code == 202, resp.text
+    with transaction() as s:
+        job = s.get(Job, resp.json()["id"])
+        assert job is not None
+        assert job.trace_context is None
+
+
+@dataclass
+class Traced:
+    stack: Stack
+    receiver: OtlpReceiver
+    key: str
+
+
+@pytest.fixture(scope="module")
+def traced(database_url: str, agentq_env: dict[str, str],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    """An API process and two workers that export traces to a receiver in this process."""
+    receiver = OtlpReceiver().start()
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": SERVICE,
+            "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    try:
+        with isolated_stack(database_url, agentq_env, tmp_path_factory.mktemp("otel"), "_otel",
+                            **otel) as stack:
+            for name in ("worker-a", "worker-b"):
+                stack.worker(name, concurrency=4, **otel)
+            yield Traced(stack, receiver, stack.key("traced"))
+    finally:
+        receiver.stop()
+
+
+def _ledger(url: str, job_id: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any],
+                                           list[dict[str, Any]]]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        calls = {r["request_id"]: dict(r) for r in conn.execute(text(
+            "SELECT request_id, step_id, model, prompt_tokens, completion_tokens, max_tokens,"
+            " finish_reason, ttft_ms, cost_usd, cached_from FROM model_calls"
+            " WHERE job_id = :j"), {"j": job_id}).mappings()}
+        job = dict(conn.execute(text(
+            "SELECT trace_context, prompt_tokens, completion_tokens, model_calls, cost_usd"
+            " FROM jobs WHERE id = :j"), {"j": job_id}).mappings().one())
+        steps = [dict(r) for r in conn.execute(text(
+            "SELECT id, key, role, attempt, status FROM steps WHERE job_id = :j"),
+            {"j": job_id}).mappings()]
+    engine.dispose()
+    return calls, job, steps
+
+
+def _spans_of(traced: Traced, trace_id: str, model_calls: int, root: str
+              ) -> list[ReceivedSpan]:
+    """The trace's spans, once its `root` and all its model calls' spans have arrived."""
+    def arrived() -> list[ReceivedSpan] | None:
+        mine = [s for s in traced.receiver.spans() if s.trace_id == trace_id]
+        done = root in [s.name for s in mine] and sum(
+            "gen_ai.usage.input_tokens" in s.attributes for s in mine) == model_calls
+        return mine if done else None
+
+    found: list[ReceivedSpan] = wait_until(arrived, 30, what="the job's spans at the receiver")
+    return found
+
+
+def _one_tree(spans: list[ReceivedSpan], root_id: str) -> dict[str, ReceivedSpan]:
+    """The spans by id, checked to be one tree: one root, `root_id`, and every other span's
+    parent there."""
+    by_id = {s.span_id: s for s in spans}
+    assert len(by_id) == len(spans), "a span id was used twice"
+    assert [s.span_id for s in spans if not s.parent_span_id] == [root_id]
+    orphans = [s.name for s in spans if s.parent_span_id and s.parent_span_id not in by_id]
+    assert orphans == []
+    return by_id
+
+
+def test_a_research_job_is_one_connected_trace(traced: Traced, standin: Any) -> None:
+    standin.state.plan_text = json.dumps([MARKER.split(": ", 1)[1],
+                                          "Where do bees store their honey?"])
+    standin.state.scripts = {MARKER: [SEARCH, ANSWER]}
+    key = traced.key
+    with httpx.Client(base_url=traced.stack.api, timeout=30) as http:
+        corpus_id = make_corpus(http, key)
+        resp = http.post("/v1/jobs", headers=auth(key), json={
+            "kind": "research", "input": {"query": "How do bees make and keep honey?",
+                                          "max_subquestions": 2, "corpus_id": corpus_id}})
+        assert resp.status_code == 202, resp.text
+        job_id = str(resp.json()["id"])
+        assert wait_for_job(http, key, job_id, timeout=90)["status"] == "completed"
+    calls, job, steps = _ledger(traced.stack.env["AGENTQ_DATABASE_URL"], job_id)
+    trace_id, job_span_id = job["trace_context"].split("-")[1:3]
+    spans = _spans_of(traced, trace_id, len(calls), "job research")
+
+    # One tree under the job's span; nothing of the job went to another trace.
+    by_id = _one_tree(spans, job_span_id)
+    assert all(s.trace_id == trace_id for s in traced.receiver.spans()
+               if s.attributes.get("agentq.job.id") == job_id)
+    root = by_id[job_span_id]
+    assert root.name == "job research"
+    assert root.attributes["agentq.job.status"] == "completed"
+    assert root.attributes["agentq.usage.prompt_tokens"] == job["prompt_tokens"]
+    assert root.attributes["agentq.usage.completion_tokens"] == job["completion_tokens"]
+    assert root.attributes["agentq.usage.model_calls"] == job["model_calls"] == len(calls)
+    assert root.attributes["agentq.cost_usd"] == pytest.approx(float(job["cost_usd"]))
+    assert root.attributes["agentq.budget.max_total_tokens"] > 0
+    assert all(s.resource["service.name"] == SERVICE for s in spans)
+
+    # The API's part and the steps, each from its enqueue, under the job's span.
+    submits = [s for s in spans if s.name == "submit"]
+    assert len(submits) == 1
+    assert submits[0].parent_span_id == job_span_id
+    step_spans = {s.attributes["agentq.step.id"]: s for s in spans
+                  if s.name.startswith("step ")}
+    assert set(step_spans) == {st["id"] for st in steps}
+    for st in steps:
+        span = step_spans[st["id"]]
+        assert span.name == f"step {st['role']}"
+        assert span.parent_span_id == job_span_id
+        assert span.attributes["agentq.step.key"] == st["key"]
+        assert span.attributes["agentq.step.status"] == "completed"
+        assert span.attributes["agentq.step.queue_wait_ms"] >= 0
+        queued = [c for c in spans if c.parent_span_id == span.span_id and c.name == "queued"]
+        assert len(queued) == 1
+        assert queued[0].start_ns == span.start_ns
+    # The first step's message carried the API's context: its span links to the submission.
+    planner = next(s for s in step_spans.values() if s.attributes["agentq.step.key"] == "plan")
+    assert (trace_id, submits[0].span_id) in planner.links
+    # API and worker processes, all in the one trace.
+    api_pid = submits[0].resource["process.pid"]
+    worker_pids = {s.resource["process.pid"] for s in step_spans.values()}
+    assert api_pid not in worker_pids
+
+    # Model calls: GenAI semantic conventions, and the ledger's figures.
+    model_spans = {s.attributes["agentq.request_id"]: s for s in spans
+                   if "gen_ai.usage.input_tokens" in s.attributes}
+    assert set(model_spans) == set(calls)
+    for request_id, row in calls.items():
+        span = model_spans[request_id]
+        a = span.attributes
+        assert by_id[span.parent_span_id] is step_spans[row["step_id"]]
+        assert a["gen_ai.operation.name"] in ("text_completion", "chat")
+        assert span.name == f"{a['gen_ai.operation.name']} {row['model']}"
+        assert a["gen_ai.request.model"] == row["model"]
+        assert a["gen_ai.request.max_tokens"] == row["max_tokens"]
+        assert a["gen_ai.usage.input_tokens"] == row["prompt_tokens"]
+        assert a["gen_ai.usage.output_tokens"] == row["completion_tokens"]
+        assert a["gen_ai.response.finish_reasons"] == [row["finish_reason"]]
+        assert a["agentq.cost_usd"] == pytest.approx(float(row["cost_usd"]))
+        if row["cached_from"] is None:
+            assert a["gen_ai.server.time_to_first_token"] == pytest.approx(row["ttft_ms"] / 1000)
+            assert [e[0] for e in span.events] == ["gen_ai.first_token"]
+            assert span.start_ns <= span.events[0][1] <= span.end_ns
+    assert sum(s.attributes["gen_ai.usage.input_tokens"] for s in model_spans.values()) \
+        == job["prompt_tokens"]
+    assert sum(s.attributes["gen_ai.usage.output_tokens"] for s in model_spans.values()) \
+        == job["completion_tokens"]
+
+    # The investigator's search, under its step.
+    tools = [s for s in spans if s.name == "execute_tool search"]
+    assert tools, "no execute_tool span"
+    for tool in tools:
+        assert tool.attributes["gen_ai.tool.name"] == "search"
+        assert by_id[tool.parent_span_id].name == "step investigator"
+
+
+def test_a_continued_job_stays_in_its_trace(traced: Traced) -> None:
+    """A job that ran out of budget and was continued: its span ends with the first stop (an
+    error), the continued run is a span under it, and the steps of both runs stay in the
+    tree."""
+    key = traced.key
+    with httpx.Client(base_url=traced.stack.api, timeout=30) as http:
+        resp = http.post("/v1/jobs", headers=auth(key), json={
+            "kind": "research", "input": {"query": "How do tides work?", "max_subquestions": 2},
+            "budget": {"max_total_tokens": 100}})
+        assert resp.status_code == 202, resp.text
+        job_id = str(resp.json()["id"])
+        stopped = wait_for_job(http, key, job_id, timeout=60)
+        assert stopped["status"] == "budget_exhausted", stopped
+        resp = http.post(f"/v1/jobs/{job_id}/continue", headers=auth(key),
+                         json={"budget": {"max_total_tokens": 50_000}})
+        assert resp.status_code == 202, resp.text
+        assert wait_for_job(http, key, job_id, timeout=90)["status"] == "completed"
+    calls, job, _ = _ledger(traced.stack.env["AGENTQ_DATABASE_URL"], job_id)
+    trace_id, job_span_id = job["trace_context"].split("-")[1:3]
+    spans = _spans_of(traced, trace_id, len(calls), "job research continued")
+    by_id = _one_tree(spans, job_span_id)
+    root = by_id[job_span_id]
+    assert root.name == "job research"
+    assert root.attributes["agentq.job.status"] == "budget_exhausted"
+    assert root.status_code == 2  # error
+    continued = [s for s in spans if s.name == "job research continued"]
+    assert len(continued) == 1
+    assert continued[0].parent_span_id == job_span_id
+    assert continued[0].attributes["agentq.job.status"] == "completed"
+    assert continued[0].attributes["agentq.budget.max_total_tokens"] == 50_000
+    assert continued[0].start_ns >= root.end_ns
+    planner_runs = sorted((s for s in spans if s.name == "step planner"),
+                          key=lambda s: s.start_ns)
+    assert [s.attributes["agentq.step.status"] for s in planner_runs] == ["failed", "completed"]
+    assert sum(s.attributes["gen_ai.usage.input_tokens"] for s in spans
+               if "gen_ai.usage.input_tokens" in s.attributes) == job["prompt_tokens"]
