@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -94,7 +95,25 @@ class StepStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Runnable, but kept in the database while its tenant has its cap of steps in the broker
+    # (AGENTQ_TENANT_QUEUED_STEPS_MAX); queued (published) as the tenant's count falls.
+    HELD = "held"
 
+
+class ServiceTier(StrEnum):
+    """How soon a job's work is served: interactive first, flex only on idle capacity."""
+
+    INTERACTIVE = "interactive"
+    STANDARD = "standard"
+    FLEX = "flex"
+
+    @property
+    def rank(self) -> int:
+        """0 is served first."""
+        return TIER_ORDER.index(self)
+
+
+TIER_ORDER = (ServiceTier.INTERACTIVE, ServiceTier.STANDARD, ServiceTier.FLEX)
 
 
 class DeliveryStatus(StrEnum):
@@ -178,12 +197,19 @@ class Job(Base):
     # From budget.max_seconds: the job fails with `deadline_exceeded` after this.
     deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True,
                                                          index=True)
+    service_tier: Mapped[str] = mapped_column(String(20), default=ServiceTier.STANDARD,
+                                              server_default=ServiceTier.STANDARD.value)
 
 
 class Step(Base):
     __tablename__ = "steps"
     __table_args__ = (UniqueConstraint("job_id", "key", name="uq_steps_job_key"),
-                      Index("ix_steps_status_lease", "status", "lease_expires_at"))
+                      Index("ix_steps_status_lease", "status", "lease_expires_at"),
+                      # The steps waiting to run (in the broker or held back), by job: what a
+                      # tenant's cap counts and releases.
+                      Index("ix_steps_waiting", "tenant_id", "status", "priority", "created_at",
+                            postgresql_where=text("status IN ('queued', 'held')"),
+                            sqlite_where=text("status IN ('queued', 'held')")))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -211,6 +237,10 @@ class Step(Base):
     # When the step was last queued (published); a step queued long ago whose message was lost
     # (a Redis restart) is published again.
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The job's tenant (copied, so that a tenant's waiting steps are counted from one index)
+    # and the broker priority its message goes at (`core.queue.step_priority`).
+    tenant_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ModelCall(Base):
@@ -263,8 +293,11 @@ class ModelCall(Base):
     output_text: Mapped[str] = mapped_column(Text)
     # The tools the model chose to call ([{"id", "name", "arguments"}]); None when none.
     tool_calls: Mapped[list[dict[str, str]] | None] = mapped_column(JSONType, nullable=True)
-    # Priced when the call was made: a later price change never rewrites it.
+    # Priced when the call was made (after its tier's discount): a later price change never
+    # rewrites it.
     cost_usd: Mapped[Decimal | None] = mapped_column(Money, nullable=True)
+    # The job's service tier when the call was made (None for rows written before tiers).
+    service_tier: Mapped[str | None] = mapped_column(String(20), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
 

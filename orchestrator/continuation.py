@@ -120,6 +120,7 @@ def continue_job(session: Session, tenant_id: str, job_id: str,
     events.append(session, job.id, "job.continued", {
         "previous": previous, "budget": merged,
         "deadline_at": deadline.isoformat() if deadline else None})
-    dag.reopen(session, job.id, kind, job_input, merged)
+    dag.reopen(session, job.id, kind, job_input, merged, tenant_id=job.tenant_id,
+               tier=job.service_tier)
     session.refresh(job)
     return job

@@ -19,23 +19,27 @@ from sqlalchemy.orm import Session
 
 from agents.base import AnyKind, StepOutputs, StepSpec
 from core.errors import Conflict
-from core.models import JobStatus, StepStatus
+from core.models import JobStatus, ServiceTier, StepStatus
 from core.repositories import events, jobs, ledger, outbox, steps
 from core.repositories.steps import ClaimedStep
+from orchestrator import scheduling
 from orchestrator.budget import Carry, settle_in, usage_events
 
 log = logging.getLogger(__name__)
 
-RUN_STEP_TASK = "steps.run"
+RUN_STEP_TASK = scheduling.RUN_STEP_TASK
 
 
 def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list[StepSpec],
-              priority: int = outbox.CONTINUE, keep: bool = False) -> str | None:
-    """Insert steps; those whose dependencies are all complete are queued at once (a new
-    job's first steps at `outbox.NEW_WORK`, after the steps of jobs already running). With
-    `keep`, the first of them is not published but returned, for the caller to run."""
+              *, tenant_id: str, tier: str, continuing: bool = True, keep: bool = False,
+              publish: bool = True) -> tuple[str | None, list[str]]:
+    """Insert steps; those whose dependencies are all complete are queued at once, at their
+    tier's priority (a new job's first steps after the steps of running jobs of that tier),
+    within the tenant's cap (`orchestrator.scheduling`). With `keep`, the first of them is not
+    published but returned, for the caller to run. Without `publish`, the others are returned
+    too, for the caller to dispatch. Returns (kept, queued and not published)."""
     if not specs:
-        return None
+        return None, []
     done = steps.completed_keys(session, job_id) if any(s.depends_on for s in specs) else set()
     per_role: dict[str, int] = dict(budget.get("step_max_tokens") or {})
     rows = []
@@ -45,11 +49,14 @@ def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list
                      "deps_remaining": len([d for d in depends_on if d not in done]),
                      "input": dict(spec.input),
                      "max_tokens": per_role.get(spec.role.name, spec.max_tokens)})
-    queued = steps.add(session, job_id, rows)
+    prio = scheduling.priority(tier, continuing)
+    queued = steps.add(session, job_id, rows, tenant_id, prio)
     jobs.add_steps_total(session, job_id, len(specs))
     kept = queued.pop(0) if keep and queued else None
-    outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in queued], priority)
-    return kept
+    if not publish:
+        return kept, queued
+    scheduling.dispatch(session, tenant_id, queued, prio)
+    return kept, []
 
 
 def finish(session: Session, job_id: str, status: JobStatus, *,
@@ -121,10 +128,11 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
     if status != JobStatus.RUNNING:
         maybe_finish_stopping(session, c.job_id)
         return None
-    # Fan-in first: the steps this completion adds count it as done already.
+    # Fan-in first: the steps this completion adds count it as done already. A flex job's
+    # next step goes through the broker, behind the work of the tiers above it.
+    keep = keep and c.service_tier != ServiceTier.FLEX
     ready = steps.fan_in(session, c.job_id, key)
     kept = ready.pop(0) if keep and ready else None
-    outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in ready])
     try:
         added = kind.expand(job_input, key, kind.role(role), output)
     except Exception as exc:  # noqa: BLE001 - a kind's bug fails its job, not the worker
@@ -133,7 +141,10 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
             "internal_error", f"planning after step {key} failed: {exc!r}"))
         return None
     if added:
-        kept_added = add_steps(session, c.job_id, c.budget, added, keep=keep and kept is None)
+        kept_added, queued = add_steps(session, c.job_id, c.budget, added,
+                                       tenant_id=c.tenant_id, tier=c.service_tier,
+                                       keep=keep and kept is None, publish=False)
+        ready += queued
         kept = kept or kept_added
         total += len(added)
         events.append(session, c.job_id, "plan.ready", {"after": key, "steps": [
@@ -142,6 +153,9 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
     if steps_done >= total:
         finalise(session, c.job_id, kind, job_input)
         return None
+    # One dispatch for all: within the tenant's cap, and releasing held steps into the room
+    # this completion made.
+    scheduling.dispatch(session, c.tenant_id, ready, scheduling.priority(c.service_tier, True))
     return kept
 
 
@@ -160,7 +174,7 @@ def finalise(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel)
 
 
 def reopen(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel,
-           budget: dict[str, Any]) -> int:
+           budget: dict[str, Any], *, tenant_id: str, tier: str) -> int:
     """Move the DAG of a stopped job on again, once the job (its row locked) is `running`
     again. A step that completed while its job was stopped was neither counted in its
     dependants' fan-in nor expanded: each completed step is expanded now (a kind's expansion
@@ -169,8 +183,7 @@ def reopen(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel,
     those with nothing left to wait for are queued. A job with nothing left to run is
     finalised. Returns how many steps were queued."""
     ready = steps.reopen(session, job_id)
-    outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in ready],
-                        outbox.NEW_WORK)
+    scheduling.dispatch(session, tenant_id, ready, scheduling.priority(tier, False))
     outputs = StepOutputs(steps.outputs(session, job_id))
     known = steps.keys(session, job_id)
     for key in outputs.keys():
@@ -186,7 +199,8 @@ def reopen(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel,
         if not added:
             continue
         known.update(a.key for a in added)
-        add_steps(session, job_id, budget, added, priority=outbox.NEW_WORK)
+        add_steps(session, job_id, budget, added, tenant_id=tenant_id, tier=tier,
+                  continuing=False)
         events.append(session, job_id, "plan.ready", {"after": key, "steps": [
             {"key": a.key, "role": a.role.name, "depends_on": list(a.depends_on)}
             for a in added]})
@@ -209,7 +223,8 @@ def end(session: Session, c: ClaimedStep, status: StepStatus, error: tuple[str, 
         # Stopped because its job stopped, which has been continued since: the step runs
         # again (the next attempt, its finished calls replayed from the ledger).
         if steps.requeue_stopped(session, c.step_id):
-            outbox.enqueue(session, RUN_STEP_TASK, step_id=c.step_id)
+            outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": c.step_id}],
+                                scheduling.priority(c.service_tier, True))
         return
     events.append(session, c.job_id, f"step.{status}", {
         "step": c.key, "role": c.role, **({"error": error[1]} if error else {})})

@@ -14,9 +14,9 @@ from agents.base import AnyKind
 from agents.registry import get_kind, kind_names
 from core.errors import InvalidInput, NotFound, TooManyRequests
 from core.ids import new_id
-from core.models import Job, JobStatus, Step, StepStatus, utcnow
+from core.models import Job, JobStatus, ServiceTier, Step, StepStatus, utcnow
 from core.pagination import decode_cursor, encode_cursor
-from core.repositories import corpora, events, jobs, outbox, steps
+from core.repositories import corpora, events, jobs, steps
 from core.settings import get_settings
 from orchestrator import dag
 from orchestrator.sandboxes import LiveDeployment
@@ -67,6 +67,7 @@ def create_job(
     metadata: Mapping[str, Any],
     idempotency_key: str | None = None,
     webhook: dict[str, Any] | None = None,
+    service_tier: ServiceTier = ServiceTier.STANDARD,
 ) -> Job:
     kind = kind_of(kind_name)
     try:
@@ -100,11 +101,12 @@ def create_job(
         webhook=webhook, prompt_tokens=0, completion_tokens=0, model_calls=0,
         reserved_tokens=0, steps_total=0, steps_done=0, event_seq=0, created_at=now,
         updated_at=now, deadline_at=now + timedelta(seconds=max_seconds) if max_seconds else None,
+        service_tier=service_tier.value,
     )
     jobs.add(session, job)
     events.append(session, job.id, "job.created", {"kind": kind_name})
     dag.add_steps(session, job.id, budget, kind.initial_steps(job_input),
-                  priority=outbox.NEW_WORK)
+                  tenant_id=tenant_id, tier=service_tier.value, continuing=False)
     session.refresh(job)
     return job
 

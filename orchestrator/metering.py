@@ -30,7 +30,7 @@ from core.repositories.corpora import SessionCorpusStore
 from core.settings import get_settings
 from inference.pool import CallCancelled, Completion, CompletionRequest, Pool
 from inference.shapes import decode_tool_calls, encode_tool_calls
-from orchestrator import budget, callcache
+from orchestrator import budget, callcache, scheduling
 from orchestrator.budget import Carry, Hold, Run, StepStopped
 from orchestrator.callcache import Lead
 from orchestrator.watchers import leases, stopping
@@ -50,8 +50,10 @@ class MeteredContext:
 
     def __init__(self, *, run: Run, tenant_id: str, step_key: str, role: str,
                  step_input: Mapping[str, Any], max_tokens: int, parents: StepOutputs,
-                 pool: Pool, job_tokens_committed: int = 0) -> None:
+                 pool: Pool, job_tokens_committed: int = 0,
+                 service_tier: str = "standard") -> None:
         self._run = run
+        self._tier = service_tier
         self._tenant_id = tenant_id
         self._step_key = step_key
         self._role = role
@@ -242,7 +244,7 @@ class MeteredContext:
                 "step_id": run.step_id, "attempt": run.attempt, "call_index": index,
                 "role": self._role, "max_tokens": spec.max_tokens, "call_key": key,
                 "turn": spec.turn, "created_at": utcnow(), "settled_late": None,
-                "tool_calls": None, **fields}
+                "tool_calls": None, "service_tier": self._tier, **fields}
 
     def _answer_from_cache(self, request_id: str, index: int, spec: CallSpec, key: str,
                            earlier: ModelCall) -> ModelReply:
@@ -270,7 +272,7 @@ class MeteredContext:
             completion = self._pool.complete(CompletionRequest(
                 call=spec, request_id=request_id, tenant_id=self._tenant_id,
                 job_id=self._run.job_id, affinity_key=self._run.job_id,
-                cancelled=self.stopped))
+                cancelled=self.stopped, service_tier=self._tier))
         except CallCancelled as exc:
             if exc.usage is not None and exc.model is not None:
                 # What the server generated before the abort was spent: it is billed.
@@ -296,8 +298,8 @@ class MeteredContext:
     def _row_of(self, request_id: str, index: int, spec: CallSpec, key: str | None,
                 escalated_from: str | None, c: Completion) -> dict[str, Any]:
         u = c.usage
-        cost = price_for(c.model).cost(u.prompt_tokens, u.completion_tokens,
-                                       u.cached_tokens or 0)
+        cost = scheduling.priced(price_for(c.model).cost(u.prompt_tokens, u.completion_tokens,
+                                                         u.cached_tokens or 0), self._tier)
         return self._row(
             request_id, index, spec, key, model=c.model[:200], endpoint=c.endpoint[:300],
             prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens,

@@ -24,10 +24,11 @@ from api.jobs.serialize import job_out
 from api.responses import ERRORS, job_links, link
 from core.db import transaction
 from core.db_errors import retry_transient
+from core.models import ServiceTier
 from core.repositories.webhooks import new_secret
 from core.settings import get_settings
 from core.webhook_http import check_url
-from orchestrator import continuation, idempotency
+from orchestrator import continuation, idempotency, scheduling
 from orchestrator import jobs as job_service
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
@@ -48,6 +49,8 @@ def submit_job(
                     "first response (same job); another body is 422; kept 24 hours.")] = None,
 ) -> JSONResponse:
     """Submit a job. Answers at once with the queued job; poll its `Location`."""
+    tier = ServiceTier(body.service_tier)
+    scheduling.check_tier(principal.tenant_name, tier)
     key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None
     claim: idempotency.Claim | None = None
     if key is not None:
@@ -59,13 +62,12 @@ def submit_job(
                 "Location": f"/v1/jobs/{begun.body['id']}", "Idempotent-Replayed": "true"})
         claim = begun
     budget = body.budget.model_dump(exclude_none=True)
-
     def create(webhook: dict[str, Any] | None) -> dict[str, Any]:
         with transaction() as session:
             job = job_service.create_job(
                 session, tenant_id=principal.tenant_id, kind_name=body.kind,
                 raw_input=body.input, budget=budget, metadata=body.metadata,
-                idempotency_key=key, webhook=webhook)
+                idempotency_key=key, webhook=webhook, service_tier=tier)
             out: dict[str, Any] = jsonable_encoder(job_out(job, show_secret=True))
             if claim is not None:
                 idempotency.complete(session, claim, 202, out, job.id)

@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 JobStatus = Literal["queued", "running", "cancelling", "completed", "failed", "cancelled",
                     "budget_exhausted"]
-StepStatus = Literal["pending", "queued", "running", "completed", "failed", "cancelled"]
+StepStatus = Literal["pending", "queued", "held", "running", "completed", "failed",
+                     "cancelled"]
+ServiceTier = Literal["interactive", "standard", "flex"]
 
 MAX_METADATA_BYTES = 8192
 
@@ -108,6 +110,12 @@ class JobCreate(BaseModel):
                                      description="Free-form labels kept with the job.")
     webhook: WebhookSpec | None = Field(default=None, description="Send this job's events, "
                                         "signed, to a URL.")
+    service_tier: ServiceTier = Field(
+        default="standard",
+        description="How soon the job is served: `interactive` goes first at the queue and "
+                    "at the model pool, `standard` next, `flex` only on capacity the others "
+                    "leave idle (priced at the operator's discount). A tenant may be limited "
+                    "to some tiers (403 `tier_not_allowed`).", examples=["interactive"])
 
     @field_validator("input", "metadata")
     @classmethod
@@ -205,6 +213,7 @@ class JobOut(BaseModel):
     usage: UsageOut
     budget: dict[str, Any]
     metadata: dict[str, Any]
+    service_tier: ServiceTier = "standard"
     webhook: WebhookOut | None = None
     result: dict[str, Any] | None
     error: ErrorOut | None
