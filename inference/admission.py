@@ -114,15 +114,15 @@ local function pick(candidates, inflight, last)
 end
 
 -- Least attained service: the job served the fewest tokens so far (over every endpoint),
--- less `aging` tokens per ms its oldest waiting call has waited; then the fewest in flight,
--- then the one served longest ago.
+-- less `aging` tokens per ms its oldest waiting call has waited (down to zero: waiting earns
+-- no more than a fresh job's place); then the fewest in flight, then the one served longest ago.
 local function pick_job(candidates, aging)
   local best, best_a, best_n, best_last = nil, nil, nil, nil
   for _, c in ipairs(candidates) do
     local a = tonumber(redis.call('GET', ATT .. c) or '0')
     local head = redis.call('ZRANGE', base .. 'wq:' .. c, 0, 0)[1]
     if head and aging > 0 then
-      a = a - aging * math.max(0, now - tonumber(redis.call('HGET', WS, head) or now))
+      a = math.max(0, a - aging * math.max(0, now - tonumber(redis.call('HGET', WS, head) or now)))
     end
     local n = tonumber(redis.call('HGET', JIN, c) or '0')
     local l = tonumber(redis.call('HGET', JLAST, c) or '0')
