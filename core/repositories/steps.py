@@ -265,14 +265,18 @@ def hold(session: Session, ids: Sequence[str]) -> None:
 
 def release(session: Session, tenant_id: str, n: int) -> list[tuple[str, int | None]]:
     """Queue up to `n` of the tenant's held steps, highest priority (lowest number) and
-    oldest first; returns them with their priorities, to publish. One statement."""
+    oldest first; returns them with their priorities, to publish. (The rows are chosen by a
+    query of their own: a `LIMIT` inside the update's `IN` could be scanned again by the
+    planner and release more than `n`.)"""
     if n <= 0:
         return []
-    chosen = (select(S.id).where(S.tenant_id == tenant_id, S.status == StepStatus.HELD)
-              .order_by(S.priority, S.created_at).limit(n)
-              .with_for_update(skip_locked=True))
+    ids = list(session.scalars(
+        select(S.id).where(S.tenant_id == tenant_id, S.status == StepStatus.HELD)
+        .order_by(S.priority, S.created_at).limit(n).with_for_update(skip_locked=True)))
+    if not ids:
+        return []
     return [(str(i), p) for i, p in session.execute(update(steps_table).where(
-        S.id.in_(chosen.scalar_subquery()), S.status == StepStatus.HELD,
+        one_of(session, S.id, ids), S.status == StepStatus.HELD,
     ).values(status=StepStatus.QUEUED, enqueued_at=utcnow()).returning(S.id, S.priority))]
 
 
