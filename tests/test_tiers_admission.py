@@ -4,7 +4,7 @@ the same order through the pool against the stand-in."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -22,6 +22,10 @@ def client() -> Iterator[redis.Redis]:
     c.flushdb()
     yield c
     c.flushdb()
+
+
+def _waiting_at_least(admission: Admission, n: int) -> Callable[[], bool]:
+    return lambda: admission.loads([URL])[URL][1] >= n
 
 
 def _grant_order(admission: Admission, waiters: list[tuple[str, str, str]]) -> list[int]:
@@ -48,7 +52,7 @@ def _grant_order(admission: Admission, waiters: list[tuple[str, str, str]]) -> l
         t = threading.Thread(target=waiter, args=(i, *w))
         t.start()
         threads.append(t)
-        wait_until(lambda n=i + 1: admission.loads([URL])[URL][1] >= n, 5)
+        wait_until(_waiting_at_least(admission, i + 1), 5)
     release.set()
     for t in [h, *threads]:
         t.join()
