@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import pytest
 import redis
@@ -112,3 +113,60 @@ def test_tenants_stay_fair_within_a_tier(client: redis.Redis) -> None:
         ("standard", "other", "served")]
     order = _grant_order(admission, waiters)
     assert order.index(6) <= 1, order
+
+
+def test_through_the_pool_tier_and_attained_service_order_calls(
+        client: redis.Redis, standin: Any) -> None:
+    from core.settings import Settings
+    from inference.calls import CallSpec
+    from inference.pool import CompletionRequest, Pool
+
+    settings = Settings(pool_endpoints=[standin.url], endpoint_max_in_flight=1,
+                        redis_url=REDIS_URL)
+    admission = Admission(client, lease_s=30, waiter_ttl_s=5, poll_s=0.05,
+                          aging_tokens_per_s=0)
+    pool = Pool(settings=settings, admission=admission)
+    url = standin.url.rstrip("/")
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def call(job: str, tier: str = "standard") -> None:
+        pool.complete(CompletionRequest(
+            call=CallSpec(prompt=f"{job} asks something", max_tokens=8),
+            request_id=f"{job}:{len(order)}:{threading.get_ident()}", tenant_id="t",
+            job_id=job, service_tier=tier))
+        with lock:
+            order.append(job)
+
+    try:
+        call("long")  # the pool counts what it was served to the job's attained service
+        call("long")
+        assert int(cast(bytes, client.get("agentq:adm:att:long")) or 0) > 0
+        release = threading.Event()
+
+        def holder() -> None:
+            with admission.slot(url, 1, "holder", "holder", timeout_s=30):
+                release.wait()
+
+        h = threading.Thread(target=holder)
+        h.start()
+        wait_until(lambda: admission.loads([url])[url][0] == 1, 5)
+        order.clear()
+        waiters = [("long", "standard"), ("short", "standard"), ("late", "flex"),
+                   ("urgent", "interactive")]
+        threads = []
+        for i, (job, tier) in enumerate(waiters):
+            t = threading.Thread(target=call, args=(job, tier))
+            t.start()
+            threads.append(t)
+            wait_until(_waiting_at_least_at(admission, url, i + 1), 5)
+        release.set()
+        for t in [h, *threads]:
+            t.join()
+        assert order == ["urgent", "short", "long", "late"], order
+    finally:
+        pool.close()
+
+
+def _waiting_at_least_at(admission: Admission, url: str, n: int) -> Callable[[], bool]:
+    return lambda: admission.loads([url])[url][1] >= n
