@@ -199,6 +199,10 @@ class Job(Base):
                                                          index=True)
     service_tier: Mapped[str] = mapped_column(String(20), default=ServiceTier.STANDARD,
                                               server_default=ServiceTier.STANDARD.value)
+    # A flex job's deadline: it is promoted (scheduled as `standard`, still priced as flex)
+    # when its estimated time to finish no longer fits before it.
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
+    promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class Step(Base):

@@ -76,8 +76,11 @@ def celery_config(queue: str, concurrency: int) -> dict[str, Any]:
 # per priority step and reads them lowest first, so the order is strict across tiers. (A
 # broker that serves higher numbers first, as AMQP does, takes `MAX_PRIORITY - p` and a
 # queue declared with that maximum priority.) Deliveries use priority 0 on their own queue.
+# A flex job promoted to meet its deadline ("promoted") goes after interactive work and
+# before every standard step.
 STEP_PRIORITIES: dict[tuple[str, bool], int] = {
     ("interactive", True): 0, ("interactive", False): 1,
+    ("promoted", True): 2, ("promoted", False): 2,
     ("standard", True): 3, ("standard", False): 5,
     ("flex", True): 8, ("flex", False): 9,
 }

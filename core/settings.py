@@ -202,6 +202,12 @@ class Settings(BaseSettings):
     # job's waiting call earns this many tokens of credit per second it waits (aging), so a
     # long job always progresses.
     admission_aging_tokens_per_s: float = Field(default=2000.0, ge=0)
+    # A flex job with a deadline is promoted (scheduled as standard, still priced as flex)
+    # once the time left is under this factor times its estimated time to finish: the mean
+    # run time of the kind's jobs completed in the last day (this many seconds when there
+    # are none), scaled by the share of its steps still to run.
+    deadline_safety: float = Field(default=2.0, ge=1)
+    deadline_default_estimate_s: float = Field(default=60.0, gt=0)
 
     @field_validator("pool_endpoints", mode="before")
     @classmethod

@@ -235,7 +235,8 @@ class Slot:
     served_tokens: int = 0
 
 
-TIER_RANKS = {"interactive": 0, "standard": 1, "flex": 2}
+# A flex job promoted to meet its deadline is admitted as standard.
+TIER_RANKS = {"interactive": 0, "standard": 1, "promoted": 1, "flex": 2}
 
 
 class AdmissionTimeout(Exception):

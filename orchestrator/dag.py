@@ -130,7 +130,7 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
         return None
     # Fan-in first: the steps this completion adds count it as done already. A flex job's
     # next step goes through the broker, behind the work of the tiers above it.
-    keep = keep and c.service_tier != ServiceTier.FLEX
+    keep = keep and c.scheduled_tier != ServiceTier.FLEX
     ready = steps.fan_in(session, c.job_id, key)
     kept = ready.pop(0) if keep and ready else None
     try:
@@ -142,7 +142,7 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
         return None
     if added:
         kept_added, queued = add_steps(session, c.job_id, c.budget, added,
-                                       tenant_id=c.tenant_id, tier=c.service_tier,
+                                       tenant_id=c.tenant_id, tier=c.scheduled_tier,
                                        keep=keep and kept is None, publish=False)
         ready += queued
         kept = kept or kept_added
@@ -155,7 +155,8 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
         return None
     # One dispatch for all: within the tenant's cap, and releasing held steps into the room
     # this completion made.
-    scheduling.dispatch(session, c.tenant_id, ready, scheduling.priority(c.service_tier, True))
+    scheduling.dispatch(session, c.tenant_id, ready,
+                        scheduling.priority(c.scheduled_tier, True))
     return kept
 
 
@@ -224,7 +225,7 @@ def end(session: Session, c: ClaimedStep, status: StepStatus, error: tuple[str, 
         # again (the next attempt, its finished calls replayed from the ledger).
         if steps.requeue_stopped(session, c.step_id):
             outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": c.step_id}],
-                                scheduling.priority(c.service_tier, True))
+                                scheduling.priority(c.scheduled_tier, True))
         return
     events.append(session, c.job_id, f"step.{status}", {
         "step": c.key, "role": c.role, **({"error": error[1]} if error else {})})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -68,6 +68,7 @@ def create_job(
     idempotency_key: str | None = None,
     webhook: dict[str, Any] | None = None,
     service_tier: ServiceTier = ServiceTier.STANDARD,
+    deadline: datetime | None = None,
 ) -> Job:
     kind = kind_of(kind_name)
     try:
@@ -77,6 +78,7 @@ def create_job(
             f"input.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
         raise InvalidInput(problems) from exc
     kind.check(_Submission(session, tenant_id), job_input)
+    due_at = _check_deadline(deadline, service_tier)
     settings = get_settings()
     budget = dict(budget)
     budget.setdefault("max_total_tokens", kind.default_max_total_tokens(job_input)
@@ -101,7 +103,7 @@ def create_job(
         webhook=webhook, prompt_tokens=0, completion_tokens=0, model_calls=0,
         reserved_tokens=0, steps_total=0, steps_done=0, event_seq=0, created_at=now,
         updated_at=now, deadline_at=now + timedelta(seconds=max_seconds) if max_seconds else None,
-        service_tier=service_tier.value,
+        service_tier=service_tier.value, due_at=due_at,
     )
     jobs.add(session, job)
     events.append(session, job.id, "job.created", {"kind": kind_name})
@@ -109,6 +111,25 @@ def create_job(
                   tenant_id=tenant_id, tier=service_tier.value, continuing=False)
     session.refresh(job)
     return job
+
+
+MAX_DEADLINE = timedelta(days=7)
+
+
+def _check_deadline(deadline: datetime | None, tier: ServiceTier) -> datetime | None:
+    if deadline is None:
+        return None
+    if tier != ServiceTier.FLEX:
+        raise InvalidInput(f"deadline: only flex jobs take a deadline (this one is "
+                           f"{tier.value!r}); other tiers are served as soon as they can be")
+    if deadline.tzinfo is None:
+        raise InvalidInput("deadline: give a time zone (for example 2026-12-01T06:00:00Z)")
+    now = utcnow()
+    if deadline <= now:
+        raise InvalidInput(f"deadline: {deadline.isoformat()} has passed")
+    if deadline - now > MAX_DEADLINE:
+        raise InvalidInput("deadline: at most 7 days ahead")
+    return deadline
 
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,40}")

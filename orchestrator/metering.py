@@ -51,9 +51,12 @@ class MeteredContext:
     def __init__(self, *, run: Run, tenant_id: str, step_key: str, role: str,
                  step_input: Mapping[str, Any], max_tokens: int, parents: StepOutputs,
                  pool: Pool, job_tokens_committed: int = 0,
-                 service_tier: str = "standard") -> None:
+                 service_tier: str = "standard", scheduled_tier: str | None = None) -> None:
         self._run = run
+        # The tier priced (and recorded on the ledger) and the tier admission serves it at
+        # (`standard` for a flex job promoted to meet its deadline).
         self._tier = service_tier
+        self._scheduled_tier = scheduled_tier or service_tier
         self._tenant_id = tenant_id
         self._step_key = step_key
         self._role = role
@@ -272,7 +275,7 @@ class MeteredContext:
             completion = self._pool.complete(CompletionRequest(
                 call=spec, request_id=request_id, tenant_id=self._tenant_id,
                 job_id=self._run.job_id, affinity_key=self._run.job_id,
-                cancelled=self.stopped, service_tier=self._tier))
+                cancelled=self.stopped, service_tier=self._scheduled_tier))
         except CallCancelled as exc:
             if exc.usage is not None and exc.model is not None:
                 # What the server generated before the abort was spent: it is billed.

@@ -143,7 +143,8 @@ def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry
             run=run,
             tenant_id=c.tenant_id, step_key=c.key, role=c.role, step_input=c.input,
             max_tokens=c.max_tokens, parents=parents, pool=pool,
-            job_tokens_committed=c.job_tokens_committed, service_tier=c.service_tier)
+            job_tokens_committed=c.job_tokens_committed, service_tier=c.service_tier,
+            scheduled_tier=c.scheduled_tier)
         ctx.carry = carry
         output = kind.run_step(ctx, job_input)
         if not isinstance(output, role.output):

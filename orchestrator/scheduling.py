@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy.orm import Session
 
 from core.db import transaction
 from core.errors import Forbidden
-from core.models import ServiceTier
+from core.models import ServiceTier, StepStatus, utcnow
 from core.queue import step_priority
-from core.repositories import outbox, steps
+from core.repositories import events, jobs, outbox, steps
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,18 @@ def priced(cost: Decimal, tier: str | None) -> Decimal:
     return cost if not off else cost * (Decimal(1) - off)
 
 
+PROMOTED = "promoted"
+
+
+def scheduled_tier(tier: str, promoted: bool) -> str:
+    """The tier that orders a job's work: a flex job promoted to meet its deadline is
+    scheduled as `promoted` (at the queue after interactive work and before standard; at
+    admission as standard) and still priced as flex."""
+    return PROMOTED if promoted and tier == ServiceTier.FLEX else tier
+
+
 def priority(tier: str, continuing: bool) -> int:
-    return step_priority(ServiceTier(tier).value, continuing)
+    return step_priority(tier if tier == PROMOTED else ServiceTier(tier).value, continuing)
 
 
 def dispatch(session: Session, tenant_id: str, ids: Sequence[str], prio: int) -> None:
@@ -90,6 +101,40 @@ def enqueue(session: Session, found: Sequence[tuple[str, int | None]]) -> None:
                                []).append(step_id)
     for prio, ids in sorted(by_priority.items()):
         outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in ids], prio)
+
+
+def promote_due(now: datetime | None = None, limit: int = 200) -> int:
+    """The sweeper's pass over flex jobs with a deadline: each whose time left is under
+    `AGENTQ_DEADLINE_SAFETY` times its estimated time to finish is promoted: its steps still
+    to run move to the promoted priority, after interactive work and before standard (queued
+    ones are published again at it; the earlier message finds the step taken), and its calls
+    are admitted as standard. Estimated
+    from the measured mean run time of its kind's completed jobs (the last day), scaled by
+    the share of its steps still to run. `now` may be injected (tests)."""
+    settings = get_settings()
+    now = now or utcnow()
+    promoted = 0
+    with transaction() as s:
+        due = jobs.flex_with_deadlines(s, limit)
+        if not due:
+            return 0
+        rates = jobs.mean_run_s(s, now - timedelta(days=1))
+        for job_id, kind, due_at, done, total, _created in due:
+            left = 1.0 - done / total if total else 1.0
+            estimate = rates.get(kind, settings.deadline_default_estimate_s) * max(left, 0.05)
+            if (due_at - now).total_seconds() > settings.deadline_safety * estimate:
+                continue
+            if not jobs.promote(s, job_id):
+                continue
+            found = steps.reprioritise(s, job_id, {
+                priority("flex", c): priority(PROMOTED, c) for c in (False, True)})
+            enqueue(s, [(i, p) for i, p, status in found if status == StepStatus.QUEUED])
+            events.append(s, job_id, "job.promoted", {
+                "deadline": due_at.isoformat(), "estimate_s": round(estimate, 1)})
+            promoted += 1
+    if promoted:
+        log.info("promoted %d flex job(s) to meet their deadlines", promoted)
+    return promoted
 
 
 def release_held() -> int:

@@ -66,6 +66,7 @@ def all_sweeps() -> None:
     requeue_expired()
     republish_stale_queued()
     scheduling.release_held()
+    scheduling.promote_due()
     release_expired_reservations()
     expire_deadlines()
     outbox.sweep(settings.outbox_sweep_after_s)

@@ -62,7 +62,7 @@ class Budget(BaseModel):
 EventType = Literal["job.created", "job.started", "job.cancelling", "plan.ready",
                     "step.started", "step.completed", "step.failed", "step.cancelled",
                     "job.usage", "budget.threshold", "job.completed", "job.failed",
-                    "job.cancelled", "job.budget_exhausted", "job.continued"]
+                    "job.cancelled", "job.budget_exhausted", "job.continued", "job.promoted"]
 
 
 TERMINAL_EVENTS: tuple[EventType, ...] = ("job.completed", "job.failed", "job.cancelled",
@@ -116,6 +116,12 @@ class JobCreate(BaseModel):
                     "at the model pool, `standard` next, `flex` only on capacity the others "
                     "leave idle (priced at the operator's discount). A tenant may be limited "
                     "to some tiers (403 `tier_not_allowed`).", examples=["interactive"])
+    deadline: datetime | None = Field(
+        default=None,
+        description="Flex jobs only: when the job should be done (an ISO 8601 time with a "
+                    "zone, within 7 days). The job is promoted (scheduled as `standard`, still "
+                    "priced as flex) when its estimated time to finish no longer fits; a "
+                    "`job.promoted` event says when.", examples=["2026-12-01T06:00:00Z"])
 
     @field_validator("input", "metadata")
     @classmethod
@@ -214,6 +220,9 @@ class JobOut(BaseModel):
     budget: dict[str, Any]
     metadata: dict[str, Any]
     service_tier: ServiceTier = "standard"
+    deadline: datetime | None = None
+    promoted_at: datetime | None = Field(default=None, description="When a flex job was "
+                                         "promoted to meet its deadline.")
     webhook: WebhookOut | None = None
     result: dict[str, Any] | None
     error: ErrorOut | None

@@ -41,14 +41,22 @@ class ClaimedStep:
     budget: dict[str, Any]
     # The job's tokens spent and reserved when the step was claimed.
     job_tokens_committed: int = 0
+    # The tier the job bought (its price) and whether it was promoted (to meet its deadline):
+    # `scheduled_tier` is the one that orders its work.
     service_tier: str = "standard"
+    promoted: bool = False
+
+    @property
+    def scheduled_tier(self) -> str:
+        return "promoted" if self.promoted and self.service_tier == "flex" else self.service_tier
 
 
 S = steps_table.c
 _STEP_COLS = (S.job_id, S.key, S.role, S.attempt, S.max_tokens, S.input, S.depends_on)
 _JOB_COLS = (jobs_table.c.tenant_id, jobs_table.c.kind, jobs_table.c.status, jobs_table.c.input,
              jobs_table.c.budget, jobs_table.c.prompt_tokens + jobs_table.c.completion_tokens
-             + jobs_table.c.reserved_tokens, jobs_table.c.service_tier)
+             + jobs_table.c.reserved_tokens, jobs_table.c.service_tier,
+             jobs_table.c.promoted_at)
 
 
 def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
@@ -75,7 +83,7 @@ def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
     return ClaimedStep(step_id, step[0], step[1], step[2], int(step[3]), int(step[4]),
                        dict(step[5] or {}), list(step[6] or []), job[0], job[1], job[2],
                        dict(job[3] or {}), dict(job[4] or {}), int(job[5] or 0),
-                       str(job[6] or "standard"))
+                       str(job[6] or "standard"), job[7] is not None)
 
 
 def lease_of(session: Session, step_id: str, attempt: int, lock: bool = False
@@ -376,3 +384,17 @@ def reopen(session: Session, job_id: str) -> list[str]:
 
 def get(session: Session, step_id: str) -> Step | None:
     return session.get(Step, step_id)
+
+
+def reprioritise(session: Session, job_id: str, mapping: dict[int, int]
+                 ) -> list[tuple[str, int | None, str]]:
+    """Give the job's steps still to run new broker priorities (`{old: new}`); returns them
+    (id, priority, status)."""
+    out: list[tuple[str, int | None, str]] = []
+    for old, new in mapping.items():
+        out += [(str(i), p, str(st)) for i, p, st in session.execute(
+            update(steps_table).where(
+                S.job_id == job_id, S.priority == old,
+                S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD)),
+            ).values(priority=new).returning(S.id, S.priority, S.status))]
+    return out

@@ -1,6 +1,7 @@
-"""service tiers: a job's tier, the tier each ledger row was priced at, each step's tenant
-and broker priority, and the index that counts and releases a tenant's waiting steps
-(`queued` in the broker, `held` in the database)
+"""service tiers: a job's tier and a flex job's deadline (and when it was promoted), the
+tier each ledger row was priced at, each step's tenant and broker priority, and the index
+that counts and releases a tenant's waiting steps (`queued` in the broker, `held` in the
+database)
 
 Revision ID: 0012
 Revises: 0011
@@ -24,6 +25,10 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("service_tier", sa.String(length=20), nullable=False,
                                       server_default="standard"))
+        batch_op.add_column(sa.Column("due_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("promoted_at", sa.DateTime(timezone=True),
+                                      nullable=True))
+        batch_op.create_index("ix_jobs_due_at", ["due_at"], unique=False)
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
         batch_op.add_column(sa.Column("service_tier", sa.String(length=20), nullable=True))
     with op.batch_alter_table("steps", schema=None) as batch_op:
@@ -45,4 +50,7 @@ def downgrade() -> None:
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
         batch_op.drop_column("service_tier")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_index("ix_jobs_due_at")
+        batch_op.drop_column("promoted_at")
+        batch_op.drop_column("due_at")
         batch_op.drop_column("service_tier")
