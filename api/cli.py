@@ -98,6 +98,8 @@ def submit(
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
     tier: Annotated[str | None, typer.Option(
         "--tier", help="Service tier: interactive, standard (the default) or flex")] = None,
+    deadline: Annotated[str | None, typer.Option(
+        "--deadline", help="Flex jobs: when to be done, ISO 8601 with a zone")] = None,
     url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "", as_json: JsonOpt = False,
 ) -> None:
     """Submit a job."""
@@ -105,7 +107,8 @@ def submit(
     with _client(url, api_key) as aq:
         try:
             job = aq.submit(kind, {field: text}, max_total_tokens=budget_tokens,
-                            idempotency_key=idempotency_key, service_tier=tier)
+                            idempotency_key=idempotency_key, service_tier=tier,
+                            deadline=deadline)
             if watch:
                 job = _watch(aq, job["id"], as_json)
         except ApiError as exc:

@@ -26,11 +26,10 @@ from core.queue import get_celery
 log = logging.getLogger(__name__)
 
 Message = tuple[int, str, dict[str, Any], int | None]
-# Broker priorities (Redis lists are read in this order: 0 first). Work that moves a running job
-# on (its next steps, deliveries, recovery) goes before new jobs' first steps, so a flood of
-# submissions does not stand between a running job and its next step.
+# Broker priorities (Redis lists are read in this order: 0 first). Steps go at their job's
+# tier's priority (`core.queue.STEP_PRIORITIES`, via `orchestrator.scheduling`); messages
+# without one (deliveries, steps queued before tiers) go first.
 CONTINUE = 0
-NEW_WORK = 6
 _KEY = "outbox"
 
 
