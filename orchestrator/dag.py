@@ -208,7 +208,7 @@ def reopen(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel,
     done, total = jobs.recount_steps(session, job_id)
     if done >= total:
         finalise(session, job_id, kind, job_input)
-    return steps.count(session, job_id, [StepStatus.QUEUED])
+    return steps.count(session, job_id, [StepStatus.QUEUED, StepStatus.HELD])
 
 
 def end(session: Session, c: ClaimedStep, status: StepStatus, error: tuple[str, str] | None,

@@ -37,7 +37,7 @@ from core.repositories.ledger import Budget
 from core.repositories.steps import ClaimedStep
 from core.settings import get_settings
 from inference.pool import Pool, get_pool
-from orchestrator import dag
+from orchestrator import dag, scheduling
 from orchestrator.budget import BudgetExhausted, Carry, Run, StepStopped
 from orchestrator.metering import MeteredContext
 from orchestrator.watchers import carries, leases, stopping
@@ -208,6 +208,7 @@ def _hand_back(c: ClaimedStep, run: Run, carry: Carry) -> None:
             with attempt, transaction() as s:
                 carry.write(s)
                 if steps.requeue_run(s, c.step_id, c.attempt):
-                    outbox.enqueue(s, dag.RUN_STEP_TASK, step_id=c.step_id)
+                    outbox.enqueue_many(s, dag.RUN_STEP_TASK, [{"step_id": c.step_id}],
+                                        scheduling.priority(c.scheduled_tier, True))
     except TRANSIENT_DB_ERRORS as exc:
         log.warning("could not hand step %s back (%s); its lease will run out", c.step_id, exc)
