@@ -18,6 +18,9 @@ in flight).
    per-job round robin admission had before (no attained service: every job ties).
 3. Fairness: three tenants sharing the endpoint, one with 48 calls in flight, two with 8;
    the calls each was served while all three had calls waiting, and Jain's index of them.
+4. Cheap and clean hours (a simulated clock): flex jobs submitted through a sample day with
+   deadlines 4 to 20 hours ahead, planned by the platform's own planner; the mean price of
+   power and carbon intensity of their start hours against starting at submission.
 """
 
 from __future__ import annotations
@@ -184,6 +187,43 @@ def _bind(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
     return lambda: fn(*args)
 
 
+# A sample day (UTC hours): power cheap at night and dear in the evening peak; the grid
+# cleanest at midday (solar) and dirtiest at night.
+SAMPLE_PRICE = [0.08] * 6 + [0.14] * 4 + [0.12] * 6 + [0.18] + [0.30] * 5 + [0.14] * 2
+SAMPLE_CARBON = [450.0] * 6 + [350.0] * 4 + [150.0] * 6 + [300.0] + [420.0] * 5 + [450.0] * 2
+
+
+def windows(jobs: int = 500, estimate_h: float = 1.0, safety: float = 2.0
+            ) -> dict[str, tuple[float, float]]:
+    """Flex jobs submitted at random times of a simulated day, with deadlines 4 to 20 hours
+    ahead: the mean price (cost-optimised) and carbon intensity (carbon-optimised) of their
+    start hour, windowed (`core.grid.best_start`, the platform's own planner) against at
+    submission, from the same schedule."""
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    from core.grid import GridHour, best_start
+
+    hours = tuple(GridHour(price=p, carbon=c)
+                  for p, c in zip(SAMPLE_PRICE, SAMPLE_CARBON, strict=True))
+    rng = random.Random(14)
+    day = datetime(2026, 12, 1, tzinfo=UTC)
+    out: dict[str, tuple[float, float]] = {}
+    for optimize in ("cost", "carbon"):
+        now_v, win_v = [], []
+        for _ in range(jobs):
+            submitted = day + timedelta(minutes=rng.randrange(24 * 60))
+            due = submitted + timedelta(hours=rng.uniform(4, 20))
+            start = best_start(hours, submitted, due - timedelta(hours=safety * estimate_h),
+                               "cost" if optimize == "cost" else "carbon")
+            pick = (lambda h: h.price) if optimize == "cost" else (lambda h: h.carbon)
+            now_v.append(pick(hours[submitted.hour]))
+            win_v.append(pick(hours[start.hour]))
+            assert start + timedelta(hours=estimate_h) <= due
+        out[optimize] = (statistics.mean(now_v), statistics.mean(win_v))
+    return out
+
+
 def _threads(work: list[Callable[[], None]]) -> None:
     threads = [threading.Thread(target=w) for w in work]
     for t in threads:
@@ -231,6 +271,14 @@ def main() -> None:
     print(f"  per-job round robin     {rr:8.2f} s")
     print(f"  least attained service  {las:8.2f} s   ({rr / las:.2f}x better)")
     print(f"Jain's index, 3 tenants (48/8/8 callers): {index:.3f}  served {served}")
+    w = windows()
+    print("flex jobs with windows, 500 per objective on a sample day (simulated clock; "
+          "counterfactual: started at submission, same schedule):")
+    (c0, c1), (g0, g1) = w["cost"], w["carbon"]
+    print(f"  optimize=cost    ${c0:.3f}/kWh at submission, ${c1:.3f}/kWh windowed "
+          f"({(1 - c1 / c0) * 100:.0f}% less)")
+    print(f"  optimize=carbon  {g0:.0f} gCO2/kWh at submission, {g1:.0f} gCO2/kWh windowed "
+          f"({(1 - g1 / g0) * 100:.0f}% less); deadline misses 0 of 1000 by construction")
     if math.isnan(alone):
         raise SystemExit("no figures")
 

@@ -98,6 +98,8 @@ class StepStatus(StrEnum):
     # Runnable, but kept in the database while its tenant has its cap of steps in the broker
     # (AGENTQ_TENANT_QUEUED_STEPS_MAX); queued (published) as the tenant's count falls.
     HELD = "held"
+    # A first step of a flex job waiting for its planned start (a cheaper or cleaner hour).
+    DEFERRED = "deferred"
 
 
 class ServiceTier(StrEnum):
@@ -203,6 +205,10 @@ class Job(Base):
     # when its estimated time to finish no longer fits before it.
     due_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
     promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # A flex job that waits for the cheapest (`optimize: cost`) or cleanest (`carbon`) hour
+    # that still meets its deadline: when it is planned to start.
+    optimize: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    planned_start_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class Step(Base):
@@ -302,6 +308,10 @@ class ModelCall(Base):
     cost_usd: Mapped[Decimal | None] = mapped_column(Money, nullable=True)
     # The job's service tier when the call was made (None for rows written before tiers).
     service_tier: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    # The grid's price of power ($/kWh) and carbon intensity (gCO2/kWh) in the call's hour
+    # (`core.grid`; None without a schedule).
+    power_price: Mapped[float | None] = mapped_column(nullable=True)
+    carbon_intensity: Mapped[float | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
 

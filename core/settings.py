@@ -208,6 +208,10 @@ class Settings(BaseSettings):
     # are none), scaled by the share of its steps still to run.
     deadline_safety: float = Field(default=2.0, ge=1)
     deadline_default_estimate_s: float = Field(default=60.0, gt=0)
+    # The grid's hourly price of power and carbon intensity (`core.grid`): a JSON list of 24
+    # {"price": $/kWh, "carbon": gCO2/kWh}, hour 0 UTC first, or a file holding one.
+    grid_schedule: list[dict[str, float]] | None = None
+    grid_schedule_file: Path | None = None
 
     @field_validator("pool_endpoints", mode="before")
     @classmethod

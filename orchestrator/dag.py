@@ -32,12 +32,14 @@ RUN_STEP_TASK = scheduling.RUN_STEP_TASK
 
 def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list[StepSpec],
               *, tenant_id: str, tier: str, continuing: bool = True, keep: bool = False,
-              publish: bool = True) -> tuple[str | None, list[str]]:
+              publish: bool = True, deferred: bool = False) -> tuple[str | None, list[str]]:
     """Insert steps; those whose dependencies are all complete are queued at once, at their
     tier's priority (a new job's first steps after the steps of running jobs of that tier),
     within the tenant's cap (`orchestrator.scheduling`). With `keep`, the first of them is not
     published but returned, for the caller to run. Without `publish`, the others are returned
-    too, for the caller to dispatch. Returns (kept, queued and not published)."""
+    too, for the caller to dispatch. `deferred`: the runnable ones wait for the job's planned
+    start (`orchestrator.scheduling.start_deferred`). Returns (kept, queued and not
+    published)."""
     if not specs:
         return None, []
     done = steps.completed_keys(session, job_id) if any(s.depends_on for s in specs) else set()
@@ -50,7 +52,7 @@ def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list
                      "input": dict(spec.input),
                      "max_tokens": per_role.get(spec.role.name, spec.max_tokens)})
     prio = scheduling.priority(tier, continuing)
-    queued = steps.add(session, job_id, rows, tenant_id, prio)
+    queued = steps.add(session, job_id, rows, tenant_id, prio, deferred)
     jobs.add_steps_total(session, job_id, len(specs))
     kept = queued.pop(0) if keep and queued else None
     if not publish:

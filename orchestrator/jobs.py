@@ -12,13 +12,15 @@ from sqlalchemy.orm import Session
 
 from agents.base import AnyKind
 from agents.registry import get_kind, kind_names
+from core import grid
 from core.errors import InvalidInput, NotFound, TooManyRequests
+from core.grid import Optimize
 from core.ids import new_id
 from core.models import Job, JobStatus, ServiceTier, Step, StepStatus, utcnow
 from core.pagination import decode_cursor, encode_cursor
 from core.repositories import corpora, events, jobs, steps
 from core.settings import get_settings
-from orchestrator import dag
+from orchestrator import dag, scheduling
 from orchestrator.sandboxes import LiveDeployment
 
 
@@ -69,6 +71,7 @@ def create_job(
     webhook: dict[str, Any] | None = None,
     service_tier: ServiceTier = ServiceTier.STANDARD,
     deadline: datetime | None = None,
+    optimize: Optimize | None = None,
 ) -> Job:
     kind = kind_of(kind_name)
     try:
@@ -79,6 +82,13 @@ def create_job(
         raise InvalidInput(problems) from exc
     kind.check(_Submission(session, tenant_id), job_input)
     due_at = _check_deadline(deadline, service_tier)
+    if optimize is not None:
+        if due_at is None:
+            raise InvalidInput("optimize: only a flex job with a deadline may wait for a "
+                               "cheaper or cleaner hour; give a deadline")
+        if grid.schedule() is None:
+            raise InvalidInput("optimize: this deployment has no grid schedule "
+                               "(AGENTQ_GRID_SCHEDULE)")
     settings = get_settings()
     budget = dict(budget)
     budget.setdefault("max_total_tokens", kind.default_max_total_tokens(job_input)
@@ -103,12 +113,18 @@ def create_job(
         webhook=webhook, prompt_tokens=0, completion_tokens=0, model_calls=0,
         reserved_tokens=0, steps_total=0, steps_done=0, event_seq=0, created_at=now,
         updated_at=now, deadline_at=now + timedelta(seconds=max_seconds) if max_seconds else None,
-        service_tier=service_tier.value, due_at=due_at,
+        service_tier=service_tier.value, due_at=due_at, optimize=optimize,
     )
+    if optimize is not None and due_at is not None:
+        job.planned_start_at = scheduling.plan_start(session, kind_name, due_at, optimize, now)
     jobs.add(session, job)
     events.append(session, job.id, "job.created", {"kind": kind_name})
+    if job.planned_start_at is not None:
+        events.append(session, job.id, "job.deferred", {
+            "planned_start": job.planned_start_at.isoformat(), "optimize": optimize})
     dag.add_steps(session, job.id, budget, kind.initial_steps(job_input),
-                  tenant_id=tenant_id, tier=service_tier.value, continuing=False)
+                  tenant_id=tenant_id, tier=service_tier.value, continuing=False,
+                  deferred=job.planned_start_at is not None)
     session.refresh(job)
     return job
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from agents.base import CallSpec, Document, ModelReply, Passage, PromptSize, StepOutputs
 from agents.corpus import retrieve
+from core import grid
 from core.db import transaction
 from core.db_errors import db_retrying
 from core.models import ModelCall, utcnow
@@ -247,7 +248,8 @@ class MeteredContext:
                 "step_id": run.step_id, "attempt": run.attempt, "call_index": index,
                 "role": self._role, "max_tokens": spec.max_tokens, "call_key": key,
                 "turn": spec.turn, "created_at": utcnow(), "settled_late": None,
-                "tool_calls": None, "service_tier": self._tier, **fields}
+                "tool_calls": None, "service_tier": self._tier, "power_price": None,
+                "carbon_intensity": None, **fields}
 
     def _answer_from_cache(self, request_id: str, index: int, spec: CallSpec, key: str,
                            earlier: ModelCall) -> ModelReply:
@@ -301,6 +303,7 @@ class MeteredContext:
     def _row_of(self, request_id: str, index: int, spec: CallSpec, key: str | None,
                 escalated_from: str | None, c: Completion) -> dict[str, Any]:
         u = c.usage
+        hour = grid.at(utcnow())
         cost = scheduling.priced(price_for(c.model).cost(u.prompt_tokens, u.completion_tokens,
                                                          u.cached_tokens or 0), self._tier)
         return self._row(
@@ -312,4 +315,6 @@ class MeteredContext:
             cache_hit=None if u.cached_tokens is None else u.cached_tokens > 0,
             energy_wh=c.energy_wh, energy_method=c.energy_method, output_text=c.text,
             cost_usd=cost, cached_from=None, escalated_from=escalated_from,
-            tool_calls=encode_tool_calls(c.tool_calls))
+            tool_calls=encode_tool_calls(c.tool_calls),
+            power_price=hour.price if hour else None,
+            carbon_intensity=hour.carbon if hour else None)

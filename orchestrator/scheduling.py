@@ -25,6 +25,7 @@ from decimal import Decimal
 
 from sqlalchemy.orm import Session
 
+from core import grid
 from core.db import transaction
 from core.errors import Forbidden
 from core.models import ServiceTier, StepStatus, utcnow
@@ -103,6 +104,46 @@ def enqueue(session: Session, found: Sequence[tuple[str, int | None]]) -> None:
         outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in ids], prio)
 
 
+def estimate_s(session: Session, kind: str, left: float = 1.0,
+               now: datetime | None = None) -> float:
+    """A job's estimated seconds to finish: the mean run time of its kind's jobs completed in
+    the last day (`AGENTQ_DEADLINE_DEFAULT_ESTIMATE_S` when none), times the share of its
+    steps still to run."""
+    rates = jobs.mean_run_s(session, (now or utcnow()) - timedelta(days=1))
+    return rates.get(kind, get_settings().deadline_default_estimate_s) * max(left, 0.05)
+
+
+def plan_start(session: Session, kind: str, due_at: datetime, optimize: grid.Optimize,
+               now: datetime | None = None) -> datetime | None:
+    """When a flex job with `optimize` should start: the cheapest (or cleanest) hour of the
+    grid's schedule that still leaves `AGENTQ_DEADLINE_SAFETY` times its estimated run time
+    before its deadline. None: start now (no better hour, or no schedule)."""
+    hours = grid.schedule()
+    if hours is None:
+        return None
+    now = now or utcnow()
+    latest = due_at - timedelta(seconds=get_settings().deadline_safety
+                                * estimate_s(session, kind, now=now))
+    start = grid.best_start(hours, now, latest, optimize)
+    return start if start > now else None
+
+
+def start_deferred(now: datetime | None = None, limit: int = 200) -> int:
+    """The sweeper's pass over jobs waiting for their planned start: those whose start has
+    come have their first steps queued (within the tenant's cap). `now` may be injected."""
+    started = 0
+    with transaction() as s:
+        for job_id, tenant_id, tier, promoted in jobs.due_to_start(s, now or utcnow(), limit):
+            found = steps.undefer(s, job_id)
+            if found:
+                dispatch(s, tenant_id, [i for i, _ in found],
+                         priority(scheduled_tier(tier, promoted), False))
+                started += 1
+    if started:
+        log.info("started %d job(s) in their planned window", started)
+    return started
+
+
 def promote_due(now: datetime | None = None, limit: int = 200) -> int:
     """The sweeper's pass over flex jobs with a deadline: each whose time left is under
     `AGENTQ_DEADLINE_SAFETY` times its estimated time to finish is promoted: its steps still
@@ -128,7 +169,9 @@ def promote_due(now: datetime | None = None, limit: int = 200) -> int:
                 continue
             found = steps.reprioritise(s, job_id, {
                 priority("flex", c): priority(PROMOTED, c) for c in (False, True)})
-            enqueue(s, [(i, p) for i, p, status in found if status == StepStatus.QUEUED])
+            # A job still waiting for a cheaper hour starts now.
+            enqueue(s, [(i, p) for i, p, status in found if status == StepStatus.QUEUED]
+                    + steps.undefer(s, job_id))
             events.append(s, job_id, "job.promoted", {
                 "deadline": due_at.isoformat(), "estimate_s": round(estimate, 1)})
             promoted += 1

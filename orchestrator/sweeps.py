@@ -67,6 +67,7 @@ def all_sweeps() -> None:
     republish_stale_queued()
     scheduling.release_held()
     scheduling.promote_due()
+    scheduling.start_deferred()
     release_expired_reservations()
     expire_deadlines()
     outbox.sweep(settings.outbox_sweep_after_s)

@@ -68,7 +68,7 @@ def submit_job(
                 session, tenant_id=principal.tenant_id, kind_name=body.kind,
                 raw_input=body.input, budget=budget, metadata=body.metadata,
                 idempotency_key=key, webhook=webhook, service_tier=tier,
-                deadline=body.deadline)
+                deadline=body.deadline, optimize=body.optimize)
             out: dict[str, Any] = jsonable_encoder(job_out(job, show_secret=True))
             if claim is not None:
                 idempotency.complete(session, claim, 202, out, job.id)

@@ -62,7 +62,8 @@ class Budget(BaseModel):
 EventType = Literal["job.created", "job.started", "job.cancelling", "plan.ready",
                     "step.started", "step.completed", "step.failed", "step.cancelled",
                     "job.usage", "budget.threshold", "job.completed", "job.failed",
-                    "job.cancelled", "job.budget_exhausted", "job.continued", "job.promoted"]
+                    "job.cancelled", "job.budget_exhausted", "job.continued", "job.promoted",
+                    "job.deferred"]
 
 
 TERMINAL_EVENTS: tuple[EventType, ...] = ("job.completed", "job.failed", "job.cancelled",
@@ -122,6 +123,11 @@ class JobCreate(BaseModel):
                     "zone, within 7 days). The job is promoted (scheduled as `standard`, still "
                     "priced as flex) when its estimated time to finish no longer fits; a "
                     "`job.promoted` event says when.", examples=["2026-12-01T06:00:00Z"])
+    optimize: Literal["cost", "carbon"] | None = Field(
+        default=None,
+        description="Flex jobs with a deadline: wait for the cheapest (`cost`) or cleanest "
+                    "(`carbon`) hour of the operator's grid schedule that still meets the "
+                    "deadline. `planned_start` says when; `job.deferred` is sent.")
 
     @field_validator("input", "metadata")
     @classmethod
@@ -223,6 +229,9 @@ class JobOut(BaseModel):
     deadline: datetime | None = None
     promoted_at: datetime | None = Field(default=None, description="When a flex job was "
                                          "promoted to meet its deadline.")
+    optimize: str | None = None
+    planned_start: datetime | None = Field(default=None, description="When a job that waits "
+                                           "for a cheaper or cleaner hour is planned to start.")
     webhook: WebhookOut | None = None
     result: dict[str, Any] | None
     error: ErrorOut | None

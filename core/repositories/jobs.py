@@ -211,3 +211,13 @@ def deadline_counts(session: Session, now: datetime) -> tuple[int, int]:
     promoted = session.scalar(select(func.count()).select_from(Job).where(
         J.promoted_at.is_not(None)))
     return int(missed or 0), int(promoted or 0)
+
+
+def due_to_start(session: Session, now: datetime, limit: int) -> list[tuple[str, str, str,
+                                                                    bool]]:
+    """Jobs still queued whose planned start has come: id, tenant, tier, promoted; rows
+    another sweeper holds are skipped."""
+    return [(str(i), str(t), str(tier), p is not None) for i, t, tier, p in session.execute(
+        select(J.id, J.tenant_id, J.service_tier, J.promoted_at).where(
+            J.status == JobStatus.QUEUED, J.planned_start_at <= now)
+        .order_by(J.planned_start_at).limit(limit).with_for_update(skip_locked=True))]

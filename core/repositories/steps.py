@@ -145,10 +145,12 @@ def renew_leases(session: Session, runs: Sequence[tuple[str, int]], until: Any
 
 
 def add(session: Session, job_id: str, rows: Sequence[dict[str, Any]], tenant_id: str,
-        priority: int) -> list[str]:
+        priority: int, deferred: bool = False) -> list[str]:
     """Insert steps (`key`, `role`, `depends_on`, `deps_remaining`, `input`, `max_tokens`)
     of the tenant's job, to be published at `priority`; those with nothing to wait for are
-    queued. Returns the ids of the queued ones."""
+    queued (`deferred`: they wait for their job's planned start). Returns the ids of the
+    queued ones."""
+    runnable = StepStatus.DEFERRED if deferred else StepStatus.QUEUED
     now = utcnow()
     values = []
     for i, r in enumerate(rows):
@@ -157,12 +159,19 @@ def add(session: Session, job_id: str, rows: Sequence[dict[str, Any]], tenant_id
         values.append({**r, "id": new_id("stp"), "job_id": job_id, "tenant_id": tenant_id,
                        "priority": priority,
                        "created_at": now + timedelta(microseconds=i),
-                       "status": StepStatus.QUEUED if ready else StepStatus.PENDING,
-                       "enqueued_at": now if ready else None, "attempt": 0,
+                       "status": runnable if ready else StepStatus.PENDING,
+                       "enqueued_at": now if ready and not deferred else None, "attempt": 0,
                        "prompt_tokens": 0, "completion_tokens": 0, "model_calls": 0})
     if values:
         session.execute(insert(Step), values)
     return [v["id"] for v in values if v["status"] == StepStatus.QUEUED]
+
+
+def undefer(session: Session, job_id: str) -> list[tuple[str, int | None]]:
+    """Queue the job's steps that waited for its planned start; returns them, to publish."""
+    return [(str(i), p) for i, p in session.execute(update(steps_table).where(
+        S.job_id == job_id, S.status == StepStatus.DEFERRED,
+    ).values(status=StepStatus.QUEUED, enqueued_at=utcnow()).returning(S.id, S.priority))]
 
 
 def completed_keys(session: Session, job_id: str) -> set[str]:
@@ -211,7 +220,8 @@ def count(session: Session, job_id: str, statuses: Sequence[StepStatus]) -> int:
 def cancel_unstarted(session: Session, job_id: str) -> None:
     session.execute(update(steps_table).where(
         S.job_id == job_id,
-        S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD)),
+        S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD,
+                      StepStatus.DEFERRED)),
     ).values(status=StepStatus.CANCELLED, finished_at=utcnow()))
 
 
@@ -358,7 +368,8 @@ def reopen(session: Session, job_id: str) -> list[str]:
     Returns the ids of the queued steps."""
     now = db_now(session)
     reopenable = or_(S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD,
-                                   StepStatus.FAILED, StepStatus.CANCELLED)),
+                                   StepStatus.DEFERRED, StepStatus.FAILED,
+                                   StepStatus.CANCELLED)),
                      and_(S.status == StepStatus.RUNNING, S.lease_expires_at < now))
     done = completed_keys(session, job_id)
     rows = session.execute(select(S.id, S.depends_on).where(S.job_id == job_id, reopenable)
@@ -395,6 +406,7 @@ def reprioritise(session: Session, job_id: str, mapping: dict[int, int]
         out += [(str(i), p, str(st)) for i, p, st in session.execute(
             update(steps_table).where(
                 S.job_id == job_id, S.priority == old,
-                S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD)),
+                S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD,
+                              StepStatus.DEFERRED)),
             ).values(priority=new).returning(S.id, S.priority, S.status))]
     return out

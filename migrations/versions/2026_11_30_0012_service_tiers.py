@@ -1,5 +1,6 @@
-"""service tiers: a job's tier and a flex job's deadline (and when it was promoted), the
-tier each ledger row was priced at, each step's tenant and broker priority, and the index
+"""service tiers: a job's tier, a flex job's deadline (and when it was promoted) and the
+planned start of one that waits for a cheap or clean hour; the tier, price of power and
+carbon intensity of each ledger row; each step's tenant and broker priority, and the index
 that counts and releases a tenant's waiting steps (`queued` in the broker, `held` in the
 database)
 
@@ -28,9 +29,14 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("due_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("promoted_at", sa.DateTime(timezone=True),
                                       nullable=True))
+        batch_op.add_column(sa.Column("optimize", sa.String(length=10), nullable=True))
+        batch_op.add_column(sa.Column("planned_start_at", sa.DateTime(timezone=True),
+                                      nullable=True))
         batch_op.create_index("ix_jobs_due_at", ["due_at"], unique=False)
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
         batch_op.add_column(sa.Column("service_tier", sa.String(length=20), nullable=True))
+        batch_op.add_column(sa.Column("power_price", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("carbon_intensity", sa.Float(), nullable=True))
     with op.batch_alter_table("steps", schema=None) as batch_op:
         batch_op.add_column(sa.Column("tenant_id", sa.String(length=40), nullable=True))
         batch_op.add_column(sa.Column("priority", sa.Integer(), nullable=True))
@@ -48,9 +54,13 @@ def downgrade() -> None:
         batch_op.drop_column("priority")
         batch_op.drop_column("tenant_id")
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
+        batch_op.drop_column("carbon_intensity")
+        batch_op.drop_column("power_price")
         batch_op.drop_column("service_tier")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_due_at")
+        batch_op.drop_column("planned_start_at")
+        batch_op.drop_column("optimize")
         batch_op.drop_column("promoted_at")
         batch_op.drop_column("due_at")
         batch_op.drop_column("service_tier")
