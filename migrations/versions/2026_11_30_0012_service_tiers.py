@@ -35,8 +35,8 @@ def upgrade() -> None:
         batch_op.create_index("ix_jobs_due_at", ["due_at"], unique=False)
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
         batch_op.add_column(sa.Column("service_tier", sa.String(length=20), nullable=True))
-        batch_op.add_column(sa.Column("power_price", sa.Float(), nullable=True))
-        batch_op.add_column(sa.Column("carbon_intensity", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("power_price", sa.Double(), nullable=True))
+        batch_op.add_column(sa.Column("carbon_intensity", sa.Double(), nullable=True))
     with op.batch_alter_table("steps", schema=None) as batch_op:
         batch_op.add_column(sa.Column("tenant_id", sa.String(length=40), nullable=True))
         batch_op.add_column(sa.Column("priority", sa.Integer(), nullable=True))
