@@ -13,9 +13,10 @@ in flight).
    (everything `standard`, no cap: first come, first served); and with the interactive tier
    and the per-tenant cap, the flood submitted as `flex`.
 2. Admission (in this process: `inference.pool.Pool` with Redis admission, an endpoint cap of
-   4). Jobs of one tenant, each a chain of calls, 2 to 24 calls long, all started at once:
-   mean job completion time with least attained service (aging 2000 tokens/s) against the
-   per-job round robin admission had before (no attained service: every job ties).
+   4). Eight jobs of one tenant, of 24 down to 2 parallel calls, all started at once, the
+   longest first: mean job completion time with least attained service (aging 20 tokens/s,
+   on calls of about 20 tokens) against first come first served (every call in one queue)
+   and the per-job round robin admission had before (no attained service: every job ties).
 3. Fairness: three tenants sharing the endpoint, one with 48 calls in flight, two with 8;
    the calls each was served while all three had calls waiting, and Jain's index of them.
 4. Cheap and clean hours (a simulated clock): flex jobs submitted through a sample day with
@@ -140,21 +141,30 @@ def _call(pool: Pool, tenant: str, job: str) -> None:
                                     tenant_id=tenant, job_id=job))
 
 
-def mean_jct(redis_url: str, standin: StandinServer, aging: float | None) -> float:
-    """Mean completion time of chains of calls started together (None: no attained service,
-    the round robin admission had before)."""
+def mean_jct(redis_url: str, standin: StandinServer, policy: str) -> float:
+    """Mean completion time of jobs of parallel calls (24 down to 2), started together, the
+    longest first. `fcfs`: admission sees one queue in order of arrival (what a server's own
+    queue does); `round_robin`: per-job turns, no attained service (agentq's admission
+    before); `las`: least attained service, aging 20 tokens/s."""
     redis.Redis.from_url(redis_url).flushdb()
-    pool = _pool(redis_url, standin, aging if aging is not None else 1e12)
-    lengths = [2, 2, 4, 4, 8, 8, 16, 24]
-    done: dict[str, float] = {}
+    pool = _pool(redis_url, standin, 20.0 if policy == "las" else 1e12)
+    sizes = [24, 16, 8, 8, 4, 4, 2, 2]
+    left = dict(enumerate(sizes))
+    done: dict[int, float] = {}
+    lock = threading.Lock()
     start = time.monotonic()
 
-    def chain(i: int, n: int) -> None:
-        for _ in range(n):
-            _call(pool, "t", f"job{i}")
-        done[f"job{i}"] = time.monotonic() - start
+    def call(i: int) -> None:
+        _call(pool, "t", "all" if policy == "fcfs" else f"job{i}")
+        with lock:
+            left[i] -= 1
+            if left[i] == 0:
+                done[i] = time.monotonic() - start
 
-    _threads([_bind(chain, i, n) for i, n in enumerate(lengths)])
+    work: list[Callable[[], None]] = []
+    for i, n in enumerate(sizes):
+        work += [_bind(call, i) for _ in range(n)]
+    _threads(work)
     pool.close()
     return statistics.mean(done.values())
 
@@ -252,8 +262,9 @@ def main() -> None:
         tiered = queue_run(args, standin, tmp, "tiered", flood=True, tiers=True)
         redis_proc, redis_url = _redis_server(tmp)
         try:
-            rr = mean_jct(redis_url, standin, None)
-            las = mean_jct(redis_url, standin, 2000.0)
+            fcfs = mean_jct(redis_url, standin, "fcfs")
+            rr = mean_jct(redis_url, standin, "round_robin")
+            las = mean_jct(redis_url, standin, "las")
             index, served = jain(redis_url, standin)
         finally:
             redis_proc.terminate()
@@ -267,9 +278,11 @@ def main() -> None:
     print(f"  flood, today's FIFO     {fifo:8.2f} s   ({fifo / alone:.1f}x alone)")
     print(f"  flood, tiers + cap      {tiered:8.2f} s   ({tiered / alone:.2f}x alone, "
           f"{fifo / tiered:.1f}x better than FIFO)")
-    print("mean job completion time, 8 chains of 2..24 calls, endpoint cap 4:")
-    print(f"  per-job round robin     {rr:8.2f} s")
-    print(f"  least attained service  {las:8.2f} s   ({rr / las:.2f}x better)")
+    print("mean job completion time, 8 jobs of 24..2 parallel calls, endpoint cap 4:")
+    print(f"  first come first served {fcfs:8.2f} s")
+    print(f"  per-job round robin     {rr:8.2f} s   ({fcfs / rr:.2f}x better than FCFS)")
+    print(f"  least attained service  {las:8.2f} s   ({fcfs / las:.2f}x better than FCFS, "
+          f"{rr / las:.2f}x than round robin)")
     print(f"Jain's index, 3 tenants (48/8/8 callers): {index:.3f}  served {served}")
     w = windows()
     print("flex jobs with windows, 500 per objective on a sample day (simulated clock; "
