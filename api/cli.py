@@ -100,6 +100,9 @@ def submit(
         "--tier", help="Service tier: interactive, standard (the default) or flex")] = None,
     deadline: Annotated[str | None, typer.Option(
         "--deadline", help="Flex jobs: when to be done, ISO 8601 with a zone")] = None,
+    optimize: Annotated[str | None, typer.Option(
+        "--optimize", help="Flex jobs with a deadline: wait for the cheapest (cost) or "
+                           "cleanest (carbon) hour")] = None,
     url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "", as_json: JsonOpt = False,
 ) -> None:
     """Submit a job."""
@@ -108,7 +111,7 @@ def submit(
         try:
             job = aq.submit(kind, {field: text}, max_total_tokens=budget_tokens,
                             idempotency_key=idempotency_key, service_tier=tier,
-                            deadline=deadline)
+                            deadline=deadline, optimize=optimize)
             if watch:
                 job = _watch(aq, job["id"], as_json)
         except ApiError as exc:

@@ -201,7 +201,7 @@ class Settings(BaseSettings):
     # Admission within a tier serves the job with the fewest tokens served so far first; a
     # job's waiting call earns this many tokens of credit per second it waits (aging), so a
     # long job always progresses.
-    admission_aging_tokens_per_s: float = Field(default=2000.0, ge=0)
+    admission_aging_tokens_per_s: float = Field(default=200.0, ge=0)
     # A flex job with a deadline is promoted (scheduled as standard, still priced as flex)
     # once the time left is under this factor times its estimated time to finish: the mean
     # run time of the kind's jobs completed in the last day (this many seconds when there

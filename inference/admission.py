@@ -253,7 +253,7 @@ def endpoint_key(url: str) -> str:
 
 class Admission:
     def __init__(self, client: redis.Redis, lease_s: float, waiter_ttl_s: float = 5.0,
-                 poll_s: float = 0.5, aging_tokens_per_s: float = 2000.0) -> None:
+                 poll_s: float = 0.5, aging_tokens_per_s: float = 200.0) -> None:
         self._redis = client
         self._aging = aging_tokens_per_s / 1000.0
         self._lease_ms = int(lease_s * 1000)

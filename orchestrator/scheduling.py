@@ -1,4 +1,5 @@
-"""Scheduling: service tiers and each tenant's cap on steps in the broker.
+"""Scheduling: service tiers, each tenant's cap on steps in the broker, flex jobs' deadlines
+(promotion) and their windows (cheap or clean hours).
 
 A job's tier (`interactive`, `standard`, `flex`) sets the broker priority of its steps
 (`core.queue.step_priority`: strict across tiers), its calls' order at admission

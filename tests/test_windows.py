@@ -74,6 +74,9 @@ def test_a_deferred_job_starts_in_its_window(client: TestClient, tenant_key: str
             return {st.status for st in s.query(Step).filter(Step.job_id == job_id)}
 
     assert statuses() == {"deferred"}
+    shown = client.get(f"/v1/jobs/{job_id}/steps", headers=auth(tenant_key))
+    assert shown.status_code == 200, shown.text
+    assert {st["status"] for st in shown.json()["data"]} == {"deferred"}
     events = client.get(f"/v1/jobs/{job_id}/events", headers=auth(tenant_key)).json()["data"]
     assert [e for e in events if e["type"] == "job.deferred"]
     # A second before its hour: still waiting. At its hour: queued.

@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 JobStatus = Literal["queued", "running", "cancelling", "completed", "failed", "cancelled",
                     "budget_exhausted"]
-StepStatus = Literal["pending", "queued", "held", "running", "completed", "failed",
-                     "cancelled"]
+StepStatus = Literal["pending", "queued", "held", "deferred", "running", "completed",
+                     "failed", "cancelled"]
 ServiceTier = Literal["interactive", "standard", "flex"]
 
 MAX_METADATA_BYTES = 8192
