@@ -112,8 +112,9 @@ def test_a_flooding_tenant_cannot_hold_back_another_tenants_first_step(
                 return int(counts.get("queued", 0)), int(counts.get("held", 0))
 
             queued, held = waiting()
-            # The cap holds (each submission is one transaction, so no overshoot here).
-            assert queued <= CAP, (queued, held)
+            # The cap holds, give or take the completions running at once (the worker's
+            # slots): each reads the count without a lock.
+            assert queued <= CAP + CONCURRENCY, (queued, held)
             assert held > JOBS * PROMPTS // 2, (queued, held)
 
             r = _submit(stack, other, _completion("standard"))
