@@ -56,7 +56,8 @@ def _request(url: str, key: str, call: Callable[[AgentqClient], T]) -> T:
 
 def _show_job(job: dict[str, Any]) -> None:
     p, u = job["progress"], job["usage"]
-    console.print(f"[bold]{job['id']}[/bold] {job['kind']} [cyan]{job['status']}[/cyan] "
+    console.print(f"[bold]{job['id']}[/bold] {job['kind']} "
+                  f"({job.get('service_tier', 'standard')}) [cyan]{job['status']}[/cyan] "
                   f"phase {p['phase']}, {p['steps_done']}/{p['steps_total']} steps, "
                   f"{u['total_tokens']} tokens in {u['model_calls']} calls")
     if job.get("error"):
@@ -95,6 +96,13 @@ def submit(
                                                       help="max_total_tokens")] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Follow the job to its end.")] = False,
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
+    tier: Annotated[str | None, typer.Option(
+        "--tier", help="Service tier: interactive, standard (the default) or flex")] = None,
+    deadline: Annotated[str | None, typer.Option(
+        "--deadline", help="Flex jobs: when to be done, ISO 8601 with a zone")] = None,
+    optimize: Annotated[str | None, typer.Option(
+        "--optimize", help="Flex jobs with a deadline: wait for the cheapest (cost) or "
+                           "cleanest (carbon) hour")] = None,
     url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "", as_json: JsonOpt = False,
 ) -> None:
     """Submit a job."""
@@ -102,7 +110,8 @@ def submit(
     with _client(url, api_key) as aq:
         try:
             job = aq.submit(kind, {field: text}, max_total_tokens=budget_tokens,
-                            idempotency_key=idempotency_key)
+                            idempotency_key=idempotency_key, service_tier=tier,
+                            deadline=deadline, optimize=optimize)
             if watch:
                 job = _watch(aq, job["id"], as_json)
         except ApiError as exc:

@@ -61,8 +61,19 @@ class AgentqClient:
 
     def submit(self, kind: str, input: dict[str, Any], *, max_total_tokens: int | None = None,
                metadata: dict[str, Any] | None = None, webhook: dict[str, Any] | None = None,
-               idempotency_key: str | None = None) -> dict[str, Any]:
+               idempotency_key: str | None = None, service_tier: str | None = None,
+               deadline: str | None = None, optimize: str | None = None
+               ) -> dict[str, Any]:
+        """Submit a job; `service_tier` is `interactive`, `standard` (the default) or `flex`;
+        a flex job may carry a `deadline` (ISO 8601 with a zone) and `optimize` (`cost` or
+        `carbon`: wait for the best hour of the grid's schedule that meets it)."""
         body: dict[str, Any] = {"kind": kind, "input": input, "metadata": metadata or {}}
+        if service_tier is not None:
+            body["service_tier"] = service_tier
+        if deadline is not None:
+            body["deadline"] = deadline
+        if optimize is not None:
+            body["optimize"] = optimize
         if max_total_tokens is not None:
             body["budget"] = {"max_total_tokens": max_total_tokens}
         if webhook is not None:

@@ -25,9 +25,10 @@ from prometheus_client.registry import Collector
 
 from core.db import read_session_factory
 from core.errors import Unauthorized
-from core.models import JobStatus, StepStatus
+from core.models import JobStatus, StepStatus, utcnow
 from core.queue import QUEUE, WEBHOOK_QUEUE, queue_keys
 from core.redis import get_redis
+from core.repositories import jobs as jobs_repo
 from core.repositories import ledger_totals, reports_counts
 from core.settings import get_settings
 from inference.pool import INFLIGHT_KEY_PREFIX
@@ -95,6 +96,10 @@ class AgentqCollector(Collector):
                                    labels=["model"])
         energy = CounterMetricFamily("agentq_energy_wh", "Watt-hours attributed to model calls",
                                      labels=["model"])
+        misses = CounterMetricFamily("agentq_deadline_misses", "Jobs that ended after their "
+                                     "deadline, or are still running past it")
+        promoted = CounterMetricFamily("agentq_jobs_promoted", "Flex jobs promoted to "
+                                       "standard to meet their deadlines")
         up = GaugeMetricFamily("agentq_database_up", "The database answered this scrape")
         session = read_session_factory()()
         try:
@@ -114,6 +119,9 @@ class AgentqCollector(Collector):
                 tokens.add_metric([model, "cached_prompt"], s.cached_tokens)
                 cost.add_metric([model], float(s.cost_usd))
                 energy.add_metric([model], s.energy_wh)
+            missed, promotions = jobs_repo.deadline_counts(session, utcnow())
+            misses.add_metric([], missed)
+            promoted.add_metric([], promotions)
             up.add_metric([], 1)
         except Exception as exc:  # noqa: BLE001 - a scrape reports the outage, not a 500
             log.warning("metrics: database unavailable: %s", exc)
@@ -122,7 +130,7 @@ class AgentqCollector(Collector):
             return
         finally:
             session.close()
-        yield from (jobs, steps, calls, tokens, cost, energy, up)
+        yield from (jobs, steps, calls, tokens, cost, energy, misses, promoted, up)
 
     def _redis(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily("agentq_queue_depth", "Step and delivery messages waiting",

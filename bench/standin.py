@@ -42,6 +42,9 @@ DEFAULT_PLAN = ["What is the first part of it?", "What is the second part of it?
 class StandinState:
     model: str = "standin-model"
     delay_s: float = 0.0
+    # More seconds per request running at once when a request starts: a latency that grows
+    # with the batch, as a real server's does.
+    batch_delay_s: float = 0.0
     # Pause between streamed tokens (a slow generation that a cancel can interrupt).
     token_delay_s: float = 0.0
     # Hold every answer until this many requests have been running at once (or the timeout
@@ -200,8 +203,9 @@ def make_app(state: StandinState) -> FastAPI:
             while (state.max_running < state.hold_until_running
                    and time.monotonic() < deadline):
                 await asyncio.sleep(0.02)
-        if state.delay_s:
-            await asyncio.sleep(state.delay_s)
+        extra = state.batch_delay_s * state.running
+        if state.delay_s or extra:
+            await asyncio.sleep(state.delay_s + extra)
 
     def scripted_answer(prompt: str, index: int) -> str | None:
         with state.lock:
@@ -466,9 +470,9 @@ def make_app(state: StandinState) -> FastAPI:
         changes = await request.json()
         with state.lock:
             for key, value in changes.items():
-                if key in {"delay_s", "token_delay_s", "hold_until_running", "hold_timeout_s",
-                           "fail_next", "fail_status", "omit_usage", "plan_text", "replies",
-                           "scripts", "tokenize_status", "context"}:
+                if key in {"delay_s", "batch_delay_s", "token_delay_s", "hold_until_running",
+                           "hold_timeout_s", "fail_next", "fail_status", "omit_usage",
+                           "plan_text", "replies", "scripts", "tokenize_status", "context"}:
                     setattr(state, key, value)
         return {"ok": True}
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -94,7 +95,27 @@ class StepStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Runnable, but kept in the database while its tenant has its cap of steps in the broker
+    # (AGENTQ_TENANT_QUEUED_STEPS_MAX); queued (published) as the tenant's count falls.
+    HELD = "held"
+    # A first step of a flex job waiting for its planned start (a cheaper or cleaner hour).
+    DEFERRED = "deferred"
 
+
+class ServiceTier(StrEnum):
+    """How soon a job's work is served: interactive first, flex only on idle capacity."""
+
+    INTERACTIVE = "interactive"
+    STANDARD = "standard"
+    FLEX = "flex"
+
+    @property
+    def rank(self) -> int:
+        """0 is served first."""
+        return TIER_ORDER.index(self)
+
+
+TIER_ORDER = (ServiceTier.INTERACTIVE, ServiceTier.STANDARD, ServiceTier.FLEX)
 
 
 class DeliveryStatus(StrEnum):
@@ -181,12 +202,27 @@ class Job(Base):
     # The W3C traceparent of the job's span when tracing is on (`core.tracing`): every step,
     # whichever process runs it, is traced under it. None when tracing was off at submission.
     trace_context: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    service_tier: Mapped[str] = mapped_column(String(20), default=ServiceTier.STANDARD,
+                                              server_default=ServiceTier.STANDARD.value)
+    # A flex job's deadline: it is promoted (scheduled as `standard`, still priced as flex)
+    # when its estimated time to finish no longer fits before it.
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
+    promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # A flex job that waits for the cheapest (`optimize: cost`) or cleanest (`carbon`) hour
+    # that still meets its deadline: when it is planned to start.
+    optimize: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    planned_start_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class Step(Base):
     __tablename__ = "steps"
     __table_args__ = (UniqueConstraint("job_id", "key", name="uq_steps_job_key"),
-                      Index("ix_steps_status_lease", "status", "lease_expires_at"))
+                      Index("ix_steps_status_lease", "status", "lease_expires_at"),
+                      # The steps waiting to run (in the broker or held back), by job: what a
+                      # tenant's cap counts and releases.
+                      Index("ix_steps_waiting", "tenant_id", "status", "priority", "created_at",
+                            postgresql_where=text("status IN ('queued', 'held')"),
+                            sqlite_where=text("status IN ('queued', 'held')")))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -216,6 +252,10 @@ class Step(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # For a sub-agent: the key of the step that spawned it (which depends on it).
     spawned_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # The job's tenant (copied, so that a tenant's waiting steps are counted from one index)
+    # and the broker priority its message goes at (`core.queue.step_priority`).
+    tenant_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ModelCall(Base):
@@ -268,12 +308,19 @@ class ModelCall(Base):
     output_text: Mapped[str] = mapped_column(Text)
     # The tools the model chose to call ([{"id", "name", "arguments"}]); None when none.
     tool_calls: Mapped[list[dict[str, str]] | None] = mapped_column(JSONType, nullable=True)
-    # Priced when the call was made: a later price change never rewrites it.
+    # Priced when the call was made (after its tier's discount): a later price change never
+    # rewrites it.
     cost_usd: Mapped[Decimal | None] = mapped_column(Money, nullable=True)
     # When the call was handed to the pool (before waiting for a slot, and any retries), and
     # when it was written (its end): with `latency_ms` and `ttft_ms` the call's timeline.
     # None for rows written before it was recorded.
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The job's service tier when the call was made (None for rows written before tiers).
+    service_tier: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    # The grid's price of power ($/kWh) and carbon intensity (gCO2/kWh) in the call's hour
+    # (`core.grid`; None without a schedule).
+    power_price: Mapped[float | None] = mapped_column(nullable=True)
+    carbon_intensity: Mapped[float | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
 

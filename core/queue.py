@@ -65,12 +65,33 @@ def celery_config(queue: str, concurrency: int) -> dict[str, Any]:
         "worker_concurrency": concurrency,
         "worker_hijack_root_logger": False,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": 7200},
+        "broker_transport_options": {"visibility_timeout": 7200,
+                                     "priority_steps": list(PRIORITY_STEPS)},
     }
 
 
-# Kombu's Redis transport keeps a list per priority step and reads them lowest first.
-PRIORITY_STEPS = (0, 3, 6, 9)
+# The order of the step queue, declared here only. A step's message carries a priority that
+# says its job's service tier and whether it moves a running job on (its next steps) or starts
+# a new one (its first steps); lower is served first. Kombu's Redis transport keeps one list
+# per priority step and reads them lowest first, so the order is strict across tiers. (A
+# broker that serves higher numbers first, as AMQP does, takes `MAX_PRIORITY - p` and a
+# queue declared with that maximum priority.) Deliveries use priority 0 on their own queue.
+# A flex job promoted to meet its deadline ("promoted") goes after interactive work and
+# before every standard step.
+STEP_PRIORITIES: dict[tuple[str, bool], int] = {
+    ("interactive", True): 0, ("interactive", False): 1,
+    ("promoted", True): 2, ("promoted", False): 2,
+    ("standard", True): 3, ("standard", False): 5,
+    ("flex", True): 8, ("flex", False): 9,
+}
+MAX_PRIORITY = 9
+PRIORITY_STEPS = tuple(range(MAX_PRIORITY + 1))
+
+
+def step_priority(tier: str, continuing: bool) -> int:
+    """The broker priority of a step of a job of `tier`: a job's next steps (`continuing`) go
+    before new jobs' first steps of the same tier, every tier after the ones above it."""
+    return STEP_PRIORITIES[(tier, continuing)]
 
 
 def queue_keys(queue: str) -> list[str]:

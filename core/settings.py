@@ -20,6 +20,10 @@ def _default_database_url() -> str:
     return f"sqlite:///{path}"
 
 
+# The service tiers, first served first (`core.models.ServiceTier`).
+TIERS = ("interactive", "standard", "flex")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AGENTQ_", extra="ignore")
 
@@ -190,12 +194,55 @@ class Settings(BaseSettings):
     # The outbox sweeper republishes rows left unsent for this long.
     outbox_sweep_after_s: float = 10.0
     outbox_sweep_interval_s: float = 5.0
+    # Service tiers. The discount on the ledger's cost per tier, as a fraction
+    # ({"flex": 0.5} prices flex calls at half); the tiers each tenant (by name) may use
+    # ({"acme": ["standard", "flex"]}; a tenant not named may use every tier).
+    tier_discounts: dict[str, float] = Field(default_factory=dict)
+    tenant_tiers: dict[str, list[str]] = Field(default_factory=dict)
+    # The most of one tenant's steps queued in the broker at once; its runnable steps beyond
+    # it wait in the database (`held`) and are queued as its count falls. 0: no cap.
+    tenant_queued_steps_max: int = Field(default=128, ge=0)
+    # Admission within a tier serves the job with the fewest tokens served so far first; a
+    # job's waiting call earns this many tokens of credit per second it waits (aging), so a
+    # long job always progresses.
+    admission_aging_tokens_per_s: float = Field(default=200.0, ge=0)
+    # A flex job with a deadline is promoted (scheduled as standard, still priced as flex)
+    # once the time left is under this factor times its estimated time to finish: the mean
+    # run time of the kind's jobs completed in the last day (this many seconds when there
+    # are none), scaled by the share of its steps still to run.
+    deadline_safety: float = Field(default=2.0, ge=1)
+    deadline_default_estimate_s: float = Field(default=60.0, gt=0)
+    # The grid's hourly price of power and carbon intensity (`core.grid`): a JSON list of 24
+    # {"price": $/kWh, "carbon": gCO2/kWh}, hour 0 UTC first, or a file holding one.
+    grid_schedule: list[dict[str, float]] | None = None
+    grid_schedule_file: Path | None = None
 
     @field_validator("pool_endpoints", mode="before")
     @classmethod
     def _split_endpoints(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("tier_discounts")
+    @classmethod
+    def _discounts(cls, value: dict[str, float]) -> dict[str, float]:
+        for tier, discount in value.items():
+            if tier not in TIERS:
+                raise ValueError(f"{tier!r} is not a service tier ({', '.join(TIERS)})")
+            if not 0 <= discount < 1:
+                raise ValueError(f"{tier}: a discount is a fraction from 0 up to (not "
+                                 f"including) 1, not {discount}")
+        return value
+
+    @field_validator("tenant_tiers")
+    @classmethod
+    def _tenant_tiers(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for tenant, tiers in value.items():
+            unknown = sorted(set(tiers) - set(TIERS))
+            if unknown:
+                raise ValueError(f"{tenant}: {unknown[0]!r} is not a service tier "
+                                 f"({', '.join(TIERS)})")
         return value
 
     @field_validator("webhook_retry_schedule_s", "budget_thresholds", mode="before")

@@ -2,10 +2,14 @@
 
 Each endpoint has a cap on calls in flight (its best batch size). A call takes a slot before it
 is sent and gives it back when it ends; beyond the cap, calls wait in Redis instead of piling up
-inside the server. When a slot frees, it goes to the waiting call whose tenant has the fewest
-calls in flight at that endpoint, then whose job has the fewest, ties broken round-robin, and
-oldest first within a job: one job with 500 parallel steps cannot starve a tenant with one
-small job.
+inside the server. When a slot frees, it goes to a waiting call of the first service tier that
+has one (`interactive`, then `standard`, then `flex`: flex calls wait while others wait); within
+the tier, to the call whose tenant has the fewest calls in flight at that endpoint (ties broken
+round-robin), then whose job has been served the fewest tokens so far over every endpoint (least
+attained service: short jobs finish first), less a credit for the time its oldest call has
+waited (aging, so a long job always progresses), then whose job has the fewest in flight;
+oldest first within a job. One job with 500 parallel steps cannot starve a tenant with one small
+job, and a tenant's short jobs are not stuck behind its long ones.
 
 Crash safety: a slot is a lease (it expires if its holder dies without giving it back) and a
 waiting call must keep polling or it is dropped. All state changes run as Lua scripts, so they
@@ -36,7 +40,8 @@ _COMMON = """
 local base = KEYS[1]
 local now = tonumber(ARGV[1])
 local H, HO, TIN, JIN = base .. 'h', base .. 'ho', base .. 'tin', base .. 'jin'
-local WD, WO, WT = base .. 'wd', base .. 'wo', base .. 'wt'
+local WD, WO, WT, WS = base .. 'wd', base .. 'wo', base .. 'wt', base .. 'ws'
+local ATT = 'agentq:adm:att:'
 local TLAST, JLAST, SEQ = base .. 'tlast', base .. 'jlast', base .. 'seq'
 local SH, HS = base .. 'sh', base .. 'hs'
 
@@ -66,15 +71,18 @@ local function decr(key, field)
   if redis.call('HINCRBY', key, field, -1) <= 0 then redis.call('HDEL', key, field) end
 end
 
+-- A waiter's owner is `tier \\n tenant \\n job`; waiting tenants and their jobs are kept per tier.
 local function remove_waiter(t)
   local o = redis.call('HGET', WO, t)
   if not o then return end
-  local tenant, job = owner(o)
+  local tier, rest = owner(o)
+  local tenant, job = owner(rest)
   redis.call('HDEL', WO, t)
+  redis.call('HDEL', WS, t)
   redis.call('ZREM', WD, t)
   redis.call('ZREM', base .. 'wq:' .. job, t)
-  decr(base .. 'wj:' .. tenant, job)
-  decr(WT, tenant)
+  decr(base .. 'wj:' .. tier .. ':' .. tenant, job)
+  decr(WT .. tier, tenant)
 end
 
 local function remove_holder(t)
@@ -105,10 +113,35 @@ local function pick(candidates, inflight, last)
   return best
 end
 
-local function grant_next(lease)
-  local tenant = pick(redis.call('HKEYS', WT), TIN, TLAST)
+-- Least attained service: the job served the fewest tokens so far (over every endpoint),
+-- less `aging` tokens per ms its oldest waiting call has waited (down to zero: waiting earns
+-- no more than a fresh job's place); then the fewest in flight, then the one served longest ago.
+local function pick_job(candidates, aging)
+  local best, best_a, best_n, best_last = nil, nil, nil, nil
+  for _, c in ipairs(candidates) do
+    local a = tonumber(redis.call('GET', ATT .. c) or '0')
+    local head = redis.call('ZRANGE', base .. 'wq:' .. c, 0, 0)[1]
+    if head and aging > 0 then
+      a = math.max(0, a - aging * math.max(0, now - tonumber(redis.call('HGET', WS, head) or now)))
+    end
+    local n = tonumber(redis.call('HGET', JIN, c) or '0')
+    local l = tonumber(redis.call('HGET', JLAST, c) or '0')
+    if best == nil or a < best_a or (a == best_a and (n < best_n
+        or (n == best_n and l < best_last))) then
+      best, best_a, best_n, best_last = c, a, n, l
+    end
+  end
+  return best
+end
+
+local function grant_next(lease, aging)
+  local tier, tenant = nil, nil
+  for t = 0, 2 do
+    tenant = pick(redis.call('HKEYS', WT .. t), TIN, TLAST)
+    if tenant then tier = t break end
+  end
   if not tenant then return nil end
-  local job = pick(redis.call('HKEYS', base .. 'wj:' .. tenant), JIN, JLAST)
+  local job = pick_job(redis.call('HKEYS', base .. 'wj:' .. tier .. ':' .. tenant), aging)
   if not job then return nil end
   local head = redis.call('ZRANGE', base .. 'wq:' .. job, 0, 0)[1]
   if not head then return nil end
@@ -127,44 +160,55 @@ local function grant_next(lease)
   return head
 end
 
-local function fill(cap, lease)
+local function fill(cap, lease, aging)
   while redis.call('ZCARD', H) < cap do
-    if not grant_next(lease) then break end
+    if not grant_next(lease, aging) then break end
   end
 end
 """
 
-# KEYS[1] base; ARGV: now_ms, ticket, tenant, job, cap, lease_ms, waiter_ttl_ms
+# KEYS[1] base; ARGV: now_ms, ticket, tenant, job, cap, lease_ms, waiter_ttl_ms, tier rank
+# (0 first), aging (tokens per ms)
 ACQUIRE = _COMMON + """
 local ticket, tenant, job = ARGV[2], ARGV[3], ARGV[4]
 local cap, lease, wttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local tier, aging = ARGV[8], tonumber(ARGV[9])
 advance()
 cleanup()
 if redis.call('ZSCORE', H, ticket) then return 1 end
 if redis.call('HEXISTS', WO, ticket) == 0 then
   local seq = redis.call('INCR', SEQ)
-  redis.call('HSET', WO, ticket, tenant .. '\\n' .. job)
+  redis.call('HSET', WO, ticket, tier .. '\\n' .. tenant .. '\\n' .. job)
+  redis.call('HSET', WS, ticket, ARGV[1])
   redis.call('ZADD', base .. 'wq:' .. job, seq, ticket)
-  redis.call('HINCRBY', base .. 'wj:' .. tenant, job, 1)
-  redis.call('HINCRBY', WT, tenant, 1)
+  redis.call('HINCRBY', base .. 'wj:' .. tier .. ':' .. tenant, job, 1)
+  redis.call('HINCRBY', WT .. tier, tenant, 1)
 end
 redis.call('ZADD', WD, now + wttl, ticket)
-fill(cap, lease)
+fill(cap, lease, aging)
 if redis.call('ZSCORE', H, ticket) then return 1 end
 return 0
 """
 
-# KEYS[1] base; ARGV: now_ms, ticket, cap, lease_ms. Returns the holder's share of the
-# endpoint's busy time in ms (a string), or nil when it held no slot.
+# KEYS[1] base; ARGV: now_ms, ticket, cap, lease_ms, tokens served, aging (tokens per ms).
+# Returns the holder's share of the endpoint's busy time in ms (a string), or nil when it
+# held no slot. The tokens count to the job's attained service (kept a day).
 RELEASE = _COMMON + """
 local ticket, cap, lease = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local tokens, aging = tonumber(ARGV[5]), tonumber(ARGV[6])
 advance()
 cleanup()
 local since = redis.call('HGET', HS, ticket)
+local o = redis.call('HGET', HO, ticket)
+if o and tokens > 0 then
+  local _, job = owner(o)
+  redis.call('INCRBY', ATT .. job, tokens)
+  redis.call('EXPIRE', ATT .. job, 86400)
+end
 remove_holder(ticket)
 remove_waiter(ticket)
 redis.call('DEL', 'agentq:adm:grant:' .. ticket)
-fill(cap, lease)
+fill(cap, lease, aging)
 if since then return string.format('%.17g', S - tonumber(since)) end
 return false
 """
@@ -186,6 +230,13 @@ class Slot:
 
     admitted: bool = False
     busy_share_s: float | None = None
+    # Set by the caller before the block ends: the tokens the call was served, counted to its
+    # job's attained service.
+    served_tokens: int = 0
+
+
+# A flex job promoted to meet its deadline is admitted as standard.
+TIER_RANKS = {"interactive": 0, "standard": 1, "promoted": 1, "flex": 2}
 
 
 class AdmissionTimeout(Exception):
@@ -202,8 +253,9 @@ def endpoint_key(url: str) -> str:
 
 class Admission:
     def __init__(self, client: redis.Redis, lease_s: float, waiter_ttl_s: float = 5.0,
-                 poll_s: float = 0.5) -> None:
+                 poll_s: float = 0.5, aging_tokens_per_s: float = 200.0) -> None:
         self._redis = client
+        self._aging = aging_tokens_per_s / 1000.0
         self._lease_ms = int(lease_s * 1000)
         self._waiter_ttl_ms = int(waiter_ttl_s * 1000)
         self._poll_s = poll_s
@@ -225,14 +277,15 @@ class Admission:
 
     @contextmanager
     def slot(self, url: str, cap: int, tenant: str, job: str, timeout_s: float,
-             cancelled: Callable[[], bool] | None = None) -> Iterator[Slot]:
+             cancelled: Callable[[], bool] | None = None, tier: str = "standard"
+             ) -> Iterator[Slot]:
         """Hold one of the endpoint's `cap` slots for the duration of the block."""
         ticket = uuid.uuid4().hex
         base = endpoint_key(url)
         slot = Slot()
         try:
             slot.admitted = self._wait(base, ticket, cap, tenant or "-", job or "-", timeout_s,
-                                       cancelled)
+                                       cancelled, TIER_RANKS.get(tier, 1))
         except redis.RedisError as exc:
             log.warning("admission control unavailable, sending without it: %s", exc)
             self._give_back(base, ticket, cap)
@@ -244,15 +297,16 @@ class Admission:
         try:
             yield slot
         finally:
-            slot.busy_share_s = self._give_back(base, ticket, cap)
+            slot.busy_share_s = self._give_back(base, ticket, cap, slot.served_tokens)
 
     def _wait(self, base: str, ticket: str, cap: int, tenant: str, job: str, timeout_s: float,
-              cancelled: Callable[[], bool] | None) -> bool:
+              cancelled: Callable[[], bool] | None, tier: int = 1) -> bool:
         deadline = time.monotonic() + timeout_s
         grant_key = PREFIX + "grant:" + ticket
         while True:
             got = self._acquire(keys=[base], args=[self._now_ms(), ticket, tenant, job, cap,
-                                                   self._lease_ms, self._waiter_ttl_ms])
+                                                   self._lease_ms, self._waiter_ttl_ms, tier,
+                                                   self._aging])
             if int(cast(int, got)) == 1:
                 return True
             if cancelled is not None and cancelled():
@@ -262,11 +316,12 @@ class Admission:
             if self._redis.blpop([grant_key], timeout=self._poll_s):
                 return True
 
-    def _give_back(self, base: str, ticket: str, cap: int) -> float | None:
-        """Give the slot back; returns its share of the endpoint's busy time in seconds."""
+    def _give_back(self, base: str, ticket: str, cap: int, tokens: int = 0) -> float | None:
+        """Give the slot back, counting `tokens` to its job's attained service; returns its
+        share of the endpoint's busy time in seconds."""
         try:
             share_ms = self._release(keys=[base], args=[self._now_ms(), ticket, cap,
-                                                        self._lease_ms])
+                                                        self._lease_ms, tokens, self._aging])
         except redis.RedisError as exc:
             log.warning("could not give back an admission slot (its lease will expire): %s",
                         exc)

@@ -95,6 +95,8 @@ class CompletionRequest:
     affinity_key: str | None = None
     # Polled while the call waits and while it streams; True aborts it.
     cancelled: Callable[[], bool] | None = None
+    # The job's service tier: admission serves `interactive` first and `flex` last.
+    service_tier: str = "standard"
 
     @property
     def max_tokens(self) -> int:
@@ -244,8 +246,9 @@ class Pool:
         if admission is None and self.settings.pool_admission:
             from core.redis import get_redis
 
-            self._admission = Admission(get_redis(),
-                                        lease_s=self.settings.request_timeout_s + 60)
+            self._admission = Admission(
+                get_redis(), lease_s=self.settings.request_timeout_s + 60,
+                aging_tokens_per_s=self.settings.admission_aging_tokens_per_s)
         self._lock = threading.Lock()
         self._affinity: OrderedDict[str, str] = OrderedDict()
         self._turn = 0
@@ -459,8 +462,8 @@ class Pool:
         try:
             with self._admission.slot(ep.base_url, ep.cap, req.tenant_id or "",
                                       req.job_id or req.affinity_key or "",
-                                      self.settings.admission_timeout_s, req.cancelled
-                                      ) as slot:
+                                      self.settings.admission_timeout_s, req.cancelled,
+                                      tier=req.service_tier) as slot:
                 yield slot
         except AdmissionTimeout as exc:
             raise TransientInferenceError(f"{ep.base_url}: {exc}",
@@ -498,6 +501,8 @@ class Pool:
                 share_start, started = self._start(ep)
                 try:
                     result = self._send(req, ep, model, shape_of(req.call, spec), started)
+                    if slot is not None:
+                        slot.served_tokens = result.usage.total_tokens
                 finally:
                     # Latency and energy cover the same interval, read under the same lock.
                     share_end, ended = self._finish(ep)

@@ -27,7 +27,7 @@ from core.errors import Conflict, InvalidInput
 from core.models import Job, JobStatus, utcnow
 from core.repositories import events, jobs, steps
 from core.settings import get_settings
-from orchestrator import dag
+from orchestrator import dag, scheduling
 from orchestrator.jobs import TooManyJobs, get_job, kind_of
 
 # Failed jobs that may be continued, by error code: those that ran out of time.
@@ -120,6 +120,7 @@ def continue_job(session: Session, tenant_id: str, job_id: str,
     events.append(session, job.id, "job.continued", {
         "previous": previous, "budget": merged,
         "deadline_at": deadline.isoformat() if deadline else None})
-    dag.reopen(session, job.id, kind, job_input, merged)
+    dag.reopen(session, job.id, kind, job_input, merged, tenant_id=job.tenant_id,
+               tier=scheduling.scheduled_tier(job.service_tier, job.promoted_at is not None))
     session.refresh(job)
     return job

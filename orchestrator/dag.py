@@ -20,25 +20,30 @@ from sqlalchemy.orm import Session
 
 from agents.base import AnyKind, StepOutputs, StepSpec
 from core.errors import Conflict
-from core.models import JobStatus, StepStatus
+from core.models import JobStatus, ServiceTier, StepStatus
 from core.repositories import events, jobs, ledger, outbox, steps
 from core.repositories.steps import ClaimedStep
 from core.settings import get_settings
-from orchestrator import traces
+from orchestrator import scheduling, traces
 from orchestrator.budget import Carry, settle_in, usage_events
 
 log = logging.getLogger(__name__)
 
-RUN_STEP_TASK = "steps.run"
+RUN_STEP_TASK = scheduling.RUN_STEP_TASK
 
 
 def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list[StepSpec],
-              priority: int = outbox.CONTINUE, keep: bool = False) -> str | None:
-    """Insert steps; those whose dependencies are all complete are queued at once (a new
-    job's first steps at `outbox.NEW_WORK`, after the steps of jobs already running). With
-    `keep`, the first of them is not published but returned, for the caller to run."""
+              *, tenant_id: str, tier: str, continuing: bool = True, keep: bool = False,
+              publish: bool = True, deferred: bool = False) -> tuple[str | None, list[str]]:
+    """Insert steps; those whose dependencies are all complete are queued at once, at their
+    tier's priority (a new job's first steps after the steps of running jobs of that tier),
+    within the tenant's cap (`orchestrator.scheduling`). With `keep`, the first of them is not
+    published but returned, for the caller to run. Without `publish`, the others are returned
+    too, for the caller to dispatch. `deferred`: the runnable ones wait for the job's planned
+    start (`orchestrator.scheduling.start_deferred`). Returns (kept, queued and not
+    published)."""
     if not specs:
-        return None
+        return None, []
     done = steps.completed_keys(session, job_id) if any(s.depends_on for s in specs) else set()
     per_role: dict[str, int] = dict(budget.get("step_max_tokens") or {})
     rows = []
@@ -48,11 +53,14 @@ def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list
                      "deps_remaining": len([d for d in depends_on if d not in done]),
                      "input": dict(spec.input), "spawned_by": spec.spawned_by,
                      "max_tokens": per_role.get(spec.role.name, spec.max_tokens)})
-    queued = steps.add(session, job_id, rows)
+    prio = scheduling.priority(tier, continuing)
+    queued = steps.add(session, job_id, rows, tenant_id, prio, deferred)
     jobs.add_steps_total(session, job_id, len(specs))
     kept = queued.pop(0) if keep and queued else None
-    outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in queued], priority)
-    return kept
+    if not publish:
+        return kept, queued
+    scheduling.dispatch(session, tenant_id, queued, prio)
+    return kept, []
 
 
 def finish(session: Session, job_id: str, status: JobStatus, *,
@@ -125,10 +133,11 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
     if status != JobStatus.RUNNING:
         maybe_finish_stopping(session, c.job_id)
         return None
-    # Fan-in first: the steps this completion adds count it as done already.
+    # Fan-in first: the steps this completion adds count it as done already. A flex job's
+    # next step goes through the broker, behind the work of the tiers above it.
+    keep = keep and c.scheduled_tier != ServiceTier.FLEX
     ready = steps.fan_in(session, c.job_id, key)
     kept = ready.pop(0) if keep and ready else None
-    outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in ready])
     try:
         added = kind.expand(job_input, key, kind.role(role), output)
     except Exception as exc:  # noqa: BLE001 - a kind's bug fails its job, not the worker
@@ -137,7 +146,10 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
             "internal_error", f"planning after step {key} failed: {exc!r}"))
         return None
     if added:
-        kept_added = add_steps(session, c.job_id, c.budget, added, keep=keep and kept is None)
+        kept_added, queued = add_steps(session, c.job_id, c.budget, added,
+                                       tenant_id=c.tenant_id, tier=c.scheduled_tier,
+                                       keep=keep and kept is None, publish=False)
+        ready += queued
         kept = kept or kept_added
         total += len(added)
         events.append(session, c.job_id, "plan.ready", {"after": key, "steps": [
@@ -146,6 +158,10 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
     if steps_done >= total:
         finalise(session, c.job_id, kind, job_input)
         return None
+    # One dispatch for all: within the tenant's cap, and releasing held steps into the room
+    # this completion made.
+    scheduling.dispatch(session, c.tenant_id, ready,
+                        scheduling.priority(c.scheduled_tier, True))
     return kept
 
 
@@ -171,18 +187,17 @@ def suspend(session: Session, c: ClaimedStep, kind: AnyKind | None,
     if children and others + spawned_before + len(children) > cap:
         log.info("step %s: the job's %d spawned steps are taken meanwhile; running it again",
                  c.step_id, cap)
-        if steps.requeue_run(session, c.step_id, c.attempt):
-            outbox.enqueue(session, RUN_STEP_TASK, step_id=c.step_id)
+        _requeue(session, c)
         return None
     done = steps.completed_keys(session, c.job_id)
     depends_on = list(dict.fromkeys([*c.depends_on, *waiting_for]))
     remaining = len([k for k in depends_on if k not in done])
     if remaining == 0 and not children:  # nothing to wait for after all: run again
-        if steps.requeue_run(session, c.step_id, c.attempt):
-            outbox.enqueue(session, RUN_STEP_TASK, step_id=c.step_id)
+        _requeue(session, c)
         return None
     steps.wait_for(session, c.step_id, c.attempt, depends_on, remaining)
-    kept = add_steps(session, c.job_id, c.budget, list(children), keep=True)
+    kept, _ = add_steps(session, c.job_id, c.budget, list(children), tenant_id=c.tenant_id,
+                        tier=c.scheduled_tier, keep=c.scheduled_tier != ServiceTier.FLEX)
     if children:
         events.append(session, c.job_id, "plan.ready", {"after": c.key, "steps": [
             {"key": a.key, "role": a.role.name, "depends_on": list(a.depends_on),
@@ -190,6 +205,13 @@ def suspend(session: Session, c: ClaimedStep, kind: AnyKind | None,
     events.append(session, c.job_id, "step.waiting", {
         "step": c.key, "role": c.role, "waiting_for": list(waiting_for)})
     return kept
+
+
+def _requeue(session: Session, c: ClaimedStep) -> None:
+    """Queue the run's step again, at its tier's priority (fenced on the run)."""
+    if steps.requeue_run(session, c.step_id, c.attempt):
+        outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": c.step_id}],
+                            scheduling.priority(c.scheduled_tier, True))
 
 
 def finalise(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel) -> None:
@@ -207,7 +229,7 @@ def finalise(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel)
 
 
 def reopen(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel,
-           budget: dict[str, Any]) -> int:
+           budget: dict[str, Any], *, tenant_id: str, tier: str) -> int:
     """Move the DAG of a stopped job on again, once the job (its row locked) is `running`
     again. A step that completed while its job was stopped was neither counted in its
     dependants' fan-in nor expanded: each completed step is expanded now (a kind's expansion
@@ -216,8 +238,7 @@ def reopen(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel,
     those with nothing left to wait for are queued. A job with nothing left to run is
     finalised. Returns how many steps were queued."""
     ready = steps.reopen(session, job_id)
-    outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in ready],
-                        outbox.NEW_WORK)
+    scheduling.dispatch(session, tenant_id, ready, scheduling.priority(tier, False))
     outputs = StepOutputs(steps.outputs(session, job_id))
     known = steps.keys(session, job_id)
     for key in outputs.keys():
@@ -233,14 +254,15 @@ def reopen(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel,
         if not added:
             continue
         known.update(a.key for a in added)
-        add_steps(session, job_id, budget, added, priority=outbox.NEW_WORK)
+        add_steps(session, job_id, budget, added, tenant_id=tenant_id, tier=tier,
+                  continuing=False)
         events.append(session, job_id, "plan.ready", {"after": key, "steps": [
             {"key": a.key, "role": a.role.name, "depends_on": list(a.depends_on)}
             for a in added]})
     done, total = jobs.recount_steps(session, job_id)
     if done >= total:
         finalise(session, job_id, kind, job_input)
-    return steps.count(session, job_id, [StepStatus.QUEUED])
+    return steps.count(session, job_id, [StepStatus.QUEUED, StepStatus.HELD])
 
 
 def end(session: Session, c: ClaimedStep, status: StepStatus, error: tuple[str, str] | None,
@@ -256,7 +278,8 @@ def end(session: Session, c: ClaimedStep, status: StepStatus, error: tuple[str, 
         # Stopped because its job stopped, which has been continued since: the step runs
         # again (the next attempt, its finished calls replayed from the ledger).
         if steps.requeue_stopped(session, c.step_id):
-            outbox.enqueue(session, RUN_STEP_TASK, step_id=c.step_id)
+            outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": c.step_id}],
+                                scheduling.priority(c.scheduled_tier, True))
         return
     events.append(session, c.job_id, f"step.{status}", {
         "step": c.key, "role": c.role, **({"error": error[1]} if error else {})})

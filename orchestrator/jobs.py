@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -12,13 +12,15 @@ from sqlalchemy.orm import Session
 
 from agents.base import AnyKind
 from agents.registry import get_kind, kind_names
+from core import grid
 from core.errors import InvalidInput, NotFound, TooManyRequests
+from core.grid import Optimize
 from core.ids import new_id
-from core.models import Job, JobStatus, Step, StepStatus, utcnow
+from core.models import Job, JobStatus, ServiceTier, Step, StepStatus, utcnow
 from core.pagination import decode_cursor, encode_cursor
-from core.repositories import corpora, events, jobs, outbox, steps
+from core.repositories import corpora, events, jobs, steps
 from core.settings import get_settings
-from orchestrator import dag
+from orchestrator import dag, scheduling
 from orchestrator.sandboxes import LiveDeployment
 
 
@@ -68,6 +70,9 @@ def create_job(
     idempotency_key: str | None = None,
     webhook: dict[str, Any] | None = None,
     trace_context: str | None = None,
+    service_tier: ServiceTier = ServiceTier.STANDARD,
+    deadline: datetime | None = None,
+    optimize: Optimize | None = None,
 ) -> Job:
     kind = kind_of(kind_name)
     try:
@@ -77,6 +82,14 @@ def create_job(
             f"input.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
         raise InvalidInput(problems) from exc
     kind.check(_Submission(session, tenant_id), job_input)
+    due_at = _check_deadline(deadline, service_tier)
+    if optimize is not None:
+        if due_at is None:
+            raise InvalidInput("optimize: only a flex job with a deadline may wait for a "
+                               "cheaper or cleaner hour; give a deadline")
+        if grid.schedule() is None:
+            raise InvalidInput("optimize: this deployment has no grid schedule "
+                               "(AGENTQ_GRID_SCHEDULE)")
     settings = get_settings()
     budget = dict(budget)
     budget.setdefault("max_total_tokens", kind.default_max_total_tokens(job_input)
@@ -102,13 +115,39 @@ def create_job(
         reserved_tokens=0, steps_total=0, steps_done=0, event_seq=0, created_at=now,
         updated_at=now, deadline_at=now + timedelta(seconds=max_seconds) if max_seconds else None,
         trace_context=trace_context,
+        service_tier=service_tier.value, due_at=due_at, optimize=optimize,
     )
+    if optimize is not None and due_at is not None:
+        job.planned_start_at = scheduling.plan_start(session, kind_name, due_at, optimize, now)
     jobs.add(session, job)
     events.append(session, job.id, "job.created", {"kind": kind_name})
+    if job.planned_start_at is not None:
+        events.append(session, job.id, "job.deferred", {
+            "planned_start": job.planned_start_at.isoformat(), "optimize": optimize})
     dag.add_steps(session, job.id, budget, kind.initial_steps(job_input),
-                  priority=outbox.NEW_WORK)
+                  tenant_id=tenant_id, tier=service_tier.value, continuing=False,
+                  deferred=job.planned_start_at is not None)
     session.refresh(job)
     return job
+
+
+MAX_DEADLINE = timedelta(days=7)
+
+
+def _check_deadline(deadline: datetime | None, tier: ServiceTier) -> datetime | None:
+    if deadline is None:
+        return None
+    if tier != ServiceTier.FLEX:
+        raise InvalidInput(f"deadline: only flex jobs take a deadline (this one is "
+                           f"{tier.value!r}); other tiers are served as soon as they can be")
+    if deadline.tzinfo is None:
+        raise InvalidInput("deadline: give a time zone (for example 2026-12-01T06:00:00Z)")
+    now = utcnow()
+    if deadline <= now:
+        raise InvalidInput(f"deadline: {deadline.isoformat()} has passed")
+    if deadline - now > MAX_DEADLINE:
+        raise InvalidInput("deadline: at most 7 days ahead")
+    return deadline
 
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,40}")

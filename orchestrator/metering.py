@@ -38,6 +38,7 @@ from agents.base import (
     StepSuspended,
 )
 from agents.corpus import retrieve
+from core import grid
 from core.db import transaction
 from core.db_errors import db_retrying
 from core.models import ModelCall, utcnow
@@ -47,7 +48,7 @@ from core.repositories.corpora import SessionCorpusStore
 from core.settings import get_settings
 from inference.pool import CallCancelled, Completion, CompletionRequest, Pool
 from inference.shapes import decode_tool_calls, encode_tool_calls
-from orchestrator import budget, callcache, traces
+from orchestrator import budget, callcache, scheduling, traces
 from orchestrator.budget import Carry, Hold, Run, StepStopped
 from orchestrator.callcache import Lead
 from orchestrator.watchers import leases, stopping
@@ -70,8 +71,13 @@ class MeteredContext:
                  step_input: Mapping[str, Any], max_tokens: int, parents: StepOutputs,
                  pool: Pool, job_tokens_committed: int = 0,
                  spawns: Sequence[Child[Any, Any]] = (),
-                 step_budgets: Mapping[str, int] | None = None) -> None:
+                 step_budgets: Mapping[str, int] | None = None,
+                 service_tier: str = "standard", scheduled_tier: str | None = None) -> None:
         self._run = run
+        # The tier priced (and recorded on the ledger) and the tier admission serves it at
+        # (`standard` for a flex job promoted to meet its deadline).
+        self._tier = service_tier
+        self._scheduled_tier = scheduled_tier or service_tier
         self._tenant_id = tenant_id
         self._step_key = step_key
         self._role = role
@@ -358,7 +364,8 @@ class MeteredContext:
                 "step_id": run.step_id, "attempt": run.attempt, "call_index": index,
                 "role": self._role, "max_tokens": spec.max_tokens, "call_key": key,
                 "turn": spec.turn, "started_at": started_at or now, "created_at": now,
-                "settled_late": None, "tool_calls": None, **fields}
+                "settled_late": None, "tool_calls": None, "service_tier": self._tier,
+                "power_price": None, "carbon_intensity": None, **fields}
 
     def _answer_from_cache(self, request_id: str, index: int, spec: CallSpec, key: str,
                            earlier: ModelCall) -> ModelReply:
@@ -389,7 +396,7 @@ class MeteredContext:
             completion = self._pool.complete(CompletionRequest(
                 call=spec, request_id=request_id, tenant_id=self._tenant_id,
                 job_id=self._run.job_id, affinity_key=self._run.job_id,
-                cancelled=self.stopped))
+                cancelled=self.stopped, service_tier=self._scheduled_tier))
         except CallCancelled as exc:
             if exc.usage is not None and exc.model is not None:
                 # What the server generated before the abort was spent: it is billed.
@@ -422,8 +429,9 @@ class MeteredContext:
                 escalated_from: str | None, c: Completion,
                 started_at: datetime | None = None) -> dict[str, Any]:
         u = c.usage
-        cost = price_for(c.model).cost(u.prompt_tokens, u.completion_tokens,
-                                       u.cached_tokens or 0)
+        hour = grid.at(utcnow())
+        cost = scheduling.priced(price_for(c.model).cost(u.prompt_tokens, u.completion_tokens,
+                                                         u.cached_tokens or 0), self._tier)
         return self._row(
             request_id, index, spec, key, started_at, model=c.model[:200],
             endpoint=c.endpoint[:300],
@@ -434,4 +442,6 @@ class MeteredContext:
             cache_hit=None if u.cached_tokens is None else u.cached_tokens > 0,
             energy_wh=c.energy_wh, energy_method=c.energy_method, output_text=c.text,
             cost_usd=cost, cached_from=None, escalated_from=escalated_from,
-            tool_calls=encode_tool_calls(c.tool_calls))
+            tool_calls=encode_tool_calls(c.tool_calls),
+            power_price=hour.price if hour else None,
+            carbon_intensity=hour.carbon if hour else None)

@@ -40,7 +40,7 @@ from core.repositories.ledger import Budget
 from core.repositories.steps import ClaimedStep
 from core.settings import get_settings
 from inference.pool import Pool, get_pool
-from orchestrator import dag, traces
+from orchestrator import dag, scheduling, traces
 from orchestrator.budget import BudgetExhausted, Carry, Run, StepStopped
 from orchestrator.metering import MeteredContext
 from orchestrator.watchers import carries, leases, stopping
@@ -151,7 +151,8 @@ def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry
             tenant_id=c.tenant_id, step_key=c.key, role=c.role, step_input=c.input,
             max_tokens=c.max_tokens, parents=parents, pool=pool,
             job_tokens_committed=c.job_tokens_committed, spawns=role.spawns,
-            step_budgets=c.budget.get("step_max_tokens"))
+            step_budgets=c.budget.get("step_max_tokens"), service_tier=c.service_tier,
+            scheduled_tier=c.scheduled_tier)
         ctx.carry = carry
         output = kind.run_step(ctx, job_input)
         if not isinstance(output, role.output):
@@ -224,6 +225,7 @@ def _hand_back(c: ClaimedStep, run: Run, carry: Carry) -> None:
             with attempt, transaction() as s:
                 carry.write(s)
                 if steps.requeue_run(s, c.step_id, c.attempt):
-                    outbox.enqueue(s, dag.RUN_STEP_TASK, step_id=c.step_id)
+                    outbox.enqueue_many(s, dag.RUN_STEP_TASK, [{"step_id": c.step_id}],
+                                        scheduling.priority(c.scheduled_tier, True))
     except TRANSIENT_DB_ERRORS as exc:
         log.warning("could not hand step %s back (%s); its lease will run out", c.step_id, exc)

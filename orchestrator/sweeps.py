@@ -10,7 +10,7 @@ from core.db import transaction
 from core.models import JobStatus, utcnow
 from core.repositories import jobs, ledger, outbox, steps
 from core.settings import get_settings
-from orchestrator import dag
+from orchestrator import dag, scheduling
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def requeue_expired(limit: int = 200) -> int:
     ledger, not made again."""
     with transaction() as s:
         ids = steps.requeue_expired(s, limit)
-        outbox.enqueue_many(s, dag.RUN_STEP_TASK, [{"step_id": i} for i in ids])
+        scheduling.enqueue(s, ids)
     if ids:
         log.warning("re-queued %d step(s) whose lease had expired", len(ids))
     return len(ids)
@@ -31,7 +31,7 @@ def republish_stale_queued(limit: int = 200) -> int:
     """Publish again the steps queued long ago and never claimed (their message was lost)."""
     with transaction() as s:
         ids = steps.take_stale_queued(s, get_settings().step_requeue_after_s, limit)
-        outbox.enqueue_many(s, dag.RUN_STEP_TASK, [{"step_id": i} for i in ids])
+        scheduling.enqueue(s, ids)
     if ids:
         log.warning("published %d long-queued step(s) again", len(ids))
     return len(ids)
@@ -65,6 +65,9 @@ def all_sweeps() -> None:
     settings = get_settings()
     requeue_expired()
     republish_stale_queued()
+    scheduling.release_held()
+    scheduling.promote_due()
+    scheduling.start_deferred()
     release_expired_reservations()
     expire_deadlines()
     outbox.sweep(settings.outbox_sweep_after_s)

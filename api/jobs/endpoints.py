@@ -26,10 +26,11 @@ from api.responses import ERRORS, job_links, link
 from core import tracing
 from core.db import transaction
 from core.db_errors import retry_transient
+from core.models import ServiceTier
 from core.repositories.webhooks import new_secret
 from core.settings import get_settings
 from core.webhook_http import check_url
-from orchestrator import continuation, idempotency, traces
+from orchestrator import continuation, idempotency, scheduling, traces
 from orchestrator import jobs as job_service
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
@@ -50,6 +51,8 @@ def submit_job(
                     "first response (same job); another body is 422; kept 24 hours.")] = None,
 ) -> JSONResponse:
     """Submit a job. Answers at once with the queued job; poll its `Location`."""
+    tier = ServiceTier(body.service_tier)
+    scheduling.check_tier(principal.tenant_name, tier)
     key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None
     webhook = None
     if body.webhook is not None:
@@ -67,7 +70,8 @@ def submit_job(
         job = job_service.create_job(
             session, tenant_id=principal.tenant_id, kind_name=body.kind, raw_input=body.input,
             budget=budget, metadata=body.metadata, idempotency_key=key, webhook=webhook,
-            trace_context=trace_context)
+            trace_context=trace_context, service_tier=tier,
+            deadline=body.deadline, optimize=body.optimize)
         if submitting is not None:
             submitting.set_attributes({"agentq.job.id": job.id, "agentq.job.kind": job.kind,
                                        "agentq.tenant.id": job.tenant_id})

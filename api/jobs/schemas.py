@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 JobStatus = Literal["queued", "running", "cancelling", "completed", "failed", "cancelled",
                     "budget_exhausted"]
-StepStatus = Literal["pending", "queued", "running", "completed", "failed", "cancelled"]
+StepStatus = Literal["pending", "queued", "held", "deferred", "running", "completed",
+                     "failed", "cancelled"]
+ServiceTier = Literal["interactive", "standard", "flex"]
 
 MAX_METADATA_BYTES = 8192
 
@@ -61,7 +63,8 @@ EventType = Literal["job.created", "job.started", "job.cancelling", "plan.ready"
                     "step.started", "step.waiting", "step.completed", "step.failed",
                     "step.cancelled",
                     "job.usage", "budget.threshold", "job.completed", "job.failed",
-                    "job.cancelled", "job.budget_exhausted", "job.continued"]
+                    "job.cancelled", "job.budget_exhausted", "job.continued", "job.promoted",
+                    "job.deferred"]
 
 
 TERMINAL_EVENTS: tuple[EventType, ...] = ("job.completed", "job.failed", "job.cancelled",
@@ -109,6 +112,23 @@ class JobCreate(BaseModel):
                                      description="Free-form labels kept with the job.")
     webhook: WebhookSpec | None = Field(default=None, description="Send this job's events, "
                                         "signed, to a URL.")
+    service_tier: ServiceTier = Field(
+        default="standard",
+        description="How soon the job is served: `interactive` goes first at the queue and "
+                    "at the model pool, `standard` next, `flex` only on capacity the others "
+                    "leave idle (priced at the operator's discount). A tenant may be limited "
+                    "to some tiers (403 `tier_not_allowed`).", examples=["interactive"])
+    deadline: datetime | None = Field(
+        default=None,
+        description="Flex jobs only: when the job should be done (an ISO 8601 time with a "
+                    "zone, within 7 days). The job is promoted (scheduled as `standard`, still "
+                    "priced as flex) when its estimated time to finish no longer fits; a "
+                    "`job.promoted` event says when.", examples=["2026-12-01T06:00:00Z"])
+    optimize: Literal["cost", "carbon"] | None = Field(
+        default=None,
+        description="Flex jobs with a deadline: wait for the cheapest (`cost`) or cleanest "
+                    "(`carbon`) hour of the operator's grid schedule that still meets the "
+                    "deadline. `planned_start` says when; `job.deferred` is sent.")
 
     @field_validator("input", "metadata")
     @classmethod
@@ -206,6 +226,13 @@ class JobOut(BaseModel):
     usage: UsageOut
     budget: dict[str, Any]
     metadata: dict[str, Any]
+    service_tier: ServiceTier = "standard"
+    deadline: datetime | None = None
+    promoted_at: datetime | None = Field(default=None, description="When a flex job was "
+                                         "promoted to meet its deadline.")
+    optimize: str | None = None
+    planned_start: datetime | None = Field(default=None, description="When a job that waits "
+                                           "for a cheaper or cleaner hour is planned to start.")
     webhook: WebhookOut | None = None
     result: dict[str, Any] | None
     error: ErrorOut | None

@@ -17,6 +17,9 @@ def job_out(job: Job, *, show_secret: bool = False) -> JobOut:
                        total_tokens=job.prompt_tokens + job.completion_tokens,
                        model_calls=job.model_calls, cost_usd=float(job.cost_usd or 0)),
         budget=dict(job.budget or {}), metadata=dict(job.job_metadata or {}),
+        service_tier=job.service_tier or "standard", deadline=job.due_at,
+        promoted_at=job.promoted_at, optimize=job.optimize,
+        planned_start=job.planned_start_at,
         webhook=WebhookOut(url=job.webhook["url"], events=list(job.webhook["events"]),
                            secret=job.webhook["secret"] if show_secret else None)
         if job.webhook else None,

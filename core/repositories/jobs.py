@@ -203,3 +203,53 @@ def trace_facts(session: Session, job_id: str) -> TraceFacts | None:
     return TraceFacts(str(row[0]), str(row[1]), str(row[2]), str(row[3]), row[4],
                       dict(row[5] or {}), int(row[6]), int(row[7]), int(row[8]),
                       Decimal(row[9] or 0), row[10], row[11], row[12], row[13])
+
+
+def flex_with_deadlines(session: Session, limit: int) -> list[tuple[str, str, datetime, int,
+                                                                    int, datetime]]:
+    """Active flex jobs with a deadline, not promoted yet: id, kind, deadline, steps done and
+    total, created; rows another sweeper holds are skipped."""
+    return [(str(i), str(k), d, int(done or 0), int(total or 0), c)
+            for i, k, d, done, total, c in session.execute(
+                select(J.id, J.kind, J.due_at, J.steps_done, J.steps_total, J.created_at)
+                .where(J.status.in_(list(JOB_ACTIVE)), J.due_at.is_not(None),
+                       J.promoted_at.is_(None), J.service_tier == "flex")
+                .order_by(J.due_at).limit(limit).with_for_update(skip_locked=True))]
+
+
+def mean_run_s(session: Session, since: datetime) -> dict[str, float]:
+    """The mean seconds from submission to completion of each kind's jobs completed since."""
+    out: dict[str, list[float]] = {}
+    for kind, created, finished in session.execute(
+            select(J.kind, J.created_at, J.finished_at).where(
+                J.status == JobStatus.COMPLETED, J.finished_at > since)
+            .order_by(J.finished_at.desc()).limit(2000)):
+        out.setdefault(str(kind), []).append((finished - created).total_seconds())
+    return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+def promote(session: Session, job_id: str) -> bool:
+    return session.execute(update(jobs_table).where(
+        J.id == job_id, J.promoted_at.is_(None)).values(promoted_at=utcnow())
+    ).rowcount == 1  # type: ignore[attr-defined]
+
+
+def deadline_counts(session: Session, now: datetime) -> tuple[int, int]:
+    """Jobs with a deadline that missed it (ended after it, or still active past it), and
+    jobs promoted to meet theirs."""
+    missed = session.scalar(select(func.count()).select_from(Job).where(
+        J.due_at.is_not(None), or_(J.finished_at > J.due_at,
+                                   and_(J.finished_at.is_(None), J.due_at < now))))
+    promoted = session.scalar(select(func.count()).select_from(Job).where(
+        J.promoted_at.is_not(None)))
+    return int(missed or 0), int(promoted or 0)
+
+
+def due_to_start(session: Session, now: datetime, limit: int) -> list[tuple[str, str, str,
+                                                                    bool]]:
+    """Jobs still queued whose planned start has come: id, tenant, tier, promoted; rows
+    another sweeper holds are skipped."""
+    return [(str(i), str(t), str(tier), p is not None) for i, t, tier, p in session.execute(
+        select(J.id, J.tenant_id, J.service_tier, J.promoted_at).where(
+            J.status == JobStatus.QUEUED, J.planned_start_at <= now)
+        .order_by(J.planned_start_at).limit(limit).with_for_update(skip_locked=True))]

@@ -29,11 +29,10 @@ log = logging.getLogger(__name__)
 # (row id, task, payload, priority, headers): the headers carry the W3C traceparent of the span
 # that wrote the message, when tracing is on (a republished message carries none).
 Message = tuple[int, str, dict[str, Any], int | None, dict[str, str] | None]
-# Broker priorities (Redis lists are read in this order: 0 first). Work that moves a running job
-# on (its next steps, deliveries, recovery) goes before new jobs' first steps, so a flood of
-# submissions does not stand between a running job and its next step.
+# Broker priorities (Redis lists are read in this order: 0 first). Steps go at their job's
+# tier's priority (`core.queue.STEP_PRIORITIES`, via `orchestrator.scheduling`); messages
+# without one (deliveries, steps queued before tiers) go first.
 CONTINUE = 0
-NEW_WORK = 6
 _KEY = "outbox"
 
 

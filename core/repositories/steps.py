@@ -44,6 +44,14 @@ class ClaimedStep:
     # When the step was last queued, and the traceparent of its job's span (None: untraced).
     enqueued_at: datetime | None = None
     trace_context: str | None = None
+    # The tier the job bought (its price) and whether it was promoted (to meet its deadline):
+    # `scheduled_tier` is the one that orders its work.
+    service_tier: str = "standard"
+    promoted: bool = False
+
+    @property
+    def scheduled_tier(self) -> str:
+        return "promoted" if self.promoted and self.service_tier == "flex" else self.service_tier
 
 
 S = steps_table.c
@@ -51,7 +59,8 @@ _STEP_COLS = (S.job_id, S.key, S.role, S.attempt, S.max_tokens, S.input, S.depen
               S.enqueued_at)
 _JOB_COLS = (jobs_table.c.tenant_id, jobs_table.c.kind, jobs_table.c.status, jobs_table.c.input,
              jobs_table.c.budget, jobs_table.c.prompt_tokens + jobs_table.c.completion_tokens
-             + jobs_table.c.reserved_tokens, jobs_table.c.trace_context)
+             + jobs_table.c.reserved_tokens, jobs_table.c.trace_context,
+             jobs_table.c.service_tier, jobs_table.c.promoted_at)
 _N_STEP = len(_STEP_COLS)
 
 
@@ -79,7 +88,7 @@ def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
     return ClaimedStep(step_id, step[0], step[1], step[2], int(step[3]), int(step[4]),
                        dict(step[5] or {}), list(step[6] or []), job[0], job[1], job[2],
                        dict(job[3] or {}), dict(job[4] or {}), int(job[5] or 0),
-                       step[7], job[6])
+                       step[7], job[6], str(job[7] or "standard"), job[8] is not None)
 
 
 def lease_of(session: Session, step_id: str, attempt: int, lock: bool = False
@@ -140,22 +149,34 @@ def renew_leases(session: Session, runs: Sequence[tuple[str, int]], until: Any
     ).values(lease_expires_at=until).returning(S.id, S.attempt))}
 
 
-def add(session: Session, job_id: str, rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Insert steps (`key`, `role`, `depends_on`, `deps_remaining`, `input`, `max_tokens`);
-    those with nothing to wait for are queued. Returns the ids of the queued ones."""
+def add(session: Session, job_id: str, rows: Sequence[dict[str, Any]], tenant_id: str,
+        priority: int, deferred: bool = False) -> list[str]:
+    """Insert steps (`key`, `role`, `depends_on`, `deps_remaining`, `input`, `max_tokens`)
+    of the tenant's job, to be published at `priority`; those with nothing to wait for are
+    queued (`deferred`: they wait for their job's planned start). Returns the ids of the
+    queued ones."""
+    runnable = StepStatus.DEFERRED if deferred else StepStatus.QUEUED
     now = utcnow()
     values = []
     for i, r in enumerate(rows):
         ready = r["deps_remaining"] == 0
         # Distinct creation times keep the order the kind gave its steps.
-        values.append({**r, "id": new_id("stp"), "job_id": job_id,
+        values.append({**r, "id": new_id("stp"), "job_id": job_id, "tenant_id": tenant_id,
+                       "priority": priority,
                        "created_at": now + timedelta(microseconds=i),
-                       "status": StepStatus.QUEUED if ready else StepStatus.PENDING,
-                       "enqueued_at": now if ready else None, "attempt": 0,
+                       "status": runnable if ready else StepStatus.PENDING,
+                       "enqueued_at": now if ready and not deferred else None, "attempt": 0,
                        "prompt_tokens": 0, "completion_tokens": 0, "model_calls": 0})
     if values:
         session.execute(insert(Step), values)
     return [v["id"] for v in values if v["status"] == StepStatus.QUEUED]
+
+
+def undefer(session: Session, job_id: str) -> list[tuple[str, int | None]]:
+    """Queue the job's steps that waited for its planned start; returns them, to publish."""
+    return [(str(i), p) for i, p in session.execute(update(steps_table).where(
+        S.job_id == job_id, S.status == StepStatus.DEFERRED,
+    ).values(status=StepStatus.QUEUED, enqueued_at=utcnow()).returning(S.id, S.priority))]
 
 
 def completed_keys(session: Session, job_id: str) -> set[str]:
@@ -203,7 +224,9 @@ def count(session: Session, job_id: str, statuses: Sequence[StepStatus]) -> int:
 
 def cancel_unstarted(session: Session, job_id: str) -> None:
     session.execute(update(steps_table).where(
-        S.job_id == job_id, S.status.in_((StepStatus.PENDING, StepStatus.QUEUED)),
+        S.job_id == job_id,
+        S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD,
+                      StepStatus.DEFERRED)),
     ).values(status=StepStatus.CANCELLED, finished_at=utcnow()))
 
 
@@ -213,7 +236,7 @@ def mark_cancelled(session: Session, step_id: str, attempt: int) -> None:
         )
 
 
-def requeue_expired(session: Session, limit: int) -> list[str]:
+def requeue_expired(session: Session, limit: int) -> list[tuple[str, int | None]]:
     """Steps still `running` after their lease expired (their run vanished), queued again;
     rows another sweeper holds are skipped."""
     now = db_now(session)
@@ -222,24 +245,74 @@ def requeue_expired(session: Session, limit: int) -> list[str]:
         .limit(limit).with_for_update(skip_locked=True)))
     if not ids:
         return []
-    return list(session.scalars(update(Step).where(
+    return [(str(i), p) for i, p in session.execute(update(Step).where(
         Step.id.in_(ids), Step.status == StepStatus.RUNNING, Step.lease_expires_at < now,
     ).values(status=StepStatus.QUEUED, lease_expires_at=None, enqueued_at=utcnow())
-        .returning(Step.id).execution_options(**_NO_SYNC)))
+        .returning(Step.id, Step.priority).execution_options(**_NO_SYNC))]
 
 
-def take_stale_queued(session: Session, older_than_s: float, limit: int) -> list[str]:
+def take_stale_queued(session: Session, older_than_s: float, limit: int
+                      ) -> list[tuple[str, int | None]]:
     """Steps queued long ago and never claimed (their message was lost), stamped as published
     again now; rows another sweeper holds are skipped."""
     cutoff = db_now(session, -older_than_s)
-    ids = list(session.scalars(select(Step.id).where(
+    rows = [(str(i), p) for i, p in session.execute(select(Step.id, Step.priority).where(
         Step.status == StepStatus.QUEUED,
         or_(Step.enqueued_at.is_(None), Step.enqueued_at < cutoff))
-        .limit(limit).with_for_update(skip_locked=True)))
+        .limit(limit).with_for_update(skip_locked=True))]
+    if rows:
+        session.execute(update(Step).where(Step.id.in_([r[0] for r in rows]))
+                        .values(enqueued_at=utcnow()).execution_options(**_NO_SYNC))
+    return rows
+
+
+# A tenant's cap on steps in the broker. Steps beyond it are `held`; each release takes held
+# rows with `FOR UPDATE SKIP LOCKED` inside the update (Postgres), so concurrent releasers
+# never take the same rows. SQLite has one writer at a time: its releases are serialised by
+# the database lock, which gives the same guarantee.
+
+
+def queued_count(session: Session, tenant_id: str) -> int:
+    """How many of the tenant's steps are queued (in the broker), from the partial index."""
+    return int(session.scalar(select(func.count()).select_from(Step).where(
+        S.tenant_id == tenant_id, S.status == StepStatus.QUEUED)) or 0)
+
+
+def hold(session: Session, ids: Sequence[str]) -> None:
+    """Keep these queued steps in the database instead of publishing them."""
     if ids:
-        session.execute(update(Step).where(Step.id.in_(ids)).values(enqueued_at=utcnow())
-                        .execution_options(**_NO_SYNC))
-    return ids
+        session.execute(update(steps_table).where(
+            one_of(session, S.id, ids), S.status == StepStatus.QUEUED,
+        ).values(status=StepStatus.HELD, enqueued_at=None))
+
+
+def release(session: Session, tenant_id: str, n: int) -> list[tuple[str, int | None]]:
+    """Queue up to `n` of the tenant's held steps, highest priority (lowest number) and
+    oldest first; returns them with their priorities, to publish. (The rows are chosen by a
+    query of their own: a `LIMIT` inside the update's `IN` could be scanned again by the
+    planner and release more than `n`.)"""
+    if n <= 0:
+        return []
+    ids = list(session.scalars(
+        select(S.id).where(S.tenant_id == tenant_id, S.status == StepStatus.HELD)
+        .order_by(S.priority, S.created_at).limit(n).with_for_update(skip_locked=True)))
+    if not ids:
+        return []
+    return [(str(i), p) for i, p in session.execute(update(steps_table).where(
+        one_of(session, S.id, ids), S.status == StepStatus.HELD,
+    ).values(status=StepStatus.QUEUED, enqueued_at=utcnow()).returning(S.id, S.priority))]
+
+
+def waiting_by_tenant(session: Session) -> dict[str, tuple[int, int]]:
+    """Each tenant that has held steps: its steps queued and held."""
+    out: dict[str, list[int]] = {}
+    for tenant, status, n in session.execute(
+            select(S.tenant_id, S.status, func.count()).where(
+                S.status.in_((StepStatus.QUEUED, StepStatus.HELD)), S.tenant_id.is_not(None))
+            .group_by(S.tenant_id, S.status)):
+        counts = out.setdefault(str(tenant), [0, 0])
+        counts[0 if status == StepStatus.QUEUED else 1] += int(n)
+    return {t: (q, h) for t, (q, h) in out.items() if h}
 
 
 def list_for_job(session: Session, job_id: str) -> list[Step]:
@@ -299,7 +372,8 @@ def reopen(session: Session, job_id: str) -> list[str]:
     is kept, so the next claim takes the next one and the runs before it stay fenced out.
     Returns the ids of the queued steps."""
     now = db_now(session)
-    reopenable = or_(S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.FAILED,
+    reopenable = or_(S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD,
+                                   StepStatus.DEFERRED, StepStatus.FAILED,
                                    StepStatus.CANCELLED)),
                      and_(S.status == StepStatus.RUNNING, S.lease_expires_at < now))
     done = completed_keys(session, job_id)
@@ -369,3 +443,18 @@ def wait_for(session: Session, step_id: str, attempt: int, depends_on: Sequence[
     ).values(status=StepStatus.PENDING, depends_on=list(depends_on),
              deps_remaining=deps_remaining, lease_expires_at=None, enqueued_at=None))
     return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def reprioritise(session: Session, job_id: str, mapping: dict[int, int]
+                 ) -> list[tuple[str, int | None, str]]:
+    """Give the job's steps still to run new broker priorities (`{old: new}`); returns them
+    (id, priority, status)."""
+    out: list[tuple[str, int | None, str]] = []
+    for old, new in mapping.items():
+        out += [(str(i), p, str(st)) for i, p, st in session.execute(
+            update(steps_table).where(
+                S.job_id == job_id, S.priority == old,
+                S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD,
+                              StepStatus.DEFERRED)),
+            ).values(priority=new).returning(S.id, S.priority, S.status))]
+    return out

@@ -1,0 +1,107 @@
+"""Flex jobs with deadlines: checked at submission, promoted on an injected clock when their
+estimated time to finish no longer fits, and met with real workers under another tenant's
+flood (counted in /metrics)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.helpers import TERMINAL, auth, metric, wait_until
+from tests.stack import isolated_stack
+
+
+def _flex(deadline: datetime | str, tier: str = "flex") -> dict[str, Any]:
+    return {"kind": "completion", "input": {"prompt": "Later is fine", "max_tokens": 8},
+            "service_tier": tier,
+            "deadline": deadline if isinstance(deadline, str) else deadline.isoformat()}
+
+
+def test_deadlines_are_checked(client: TestClient, tenant_key: str) -> None:
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    for body, words in [
+        (_flex(soon, "standard"), "only flex jobs"),
+        (_flex(datetime.now(UTC) - timedelta(minutes=1)), "has passed"),
+        (_flex(datetime.now(UTC) + timedelta(days=8)), "7 days"),
+        (_flex("2026-12-01T06:00:00"), "time zone"),
+    ]:
+        r = client.post("/v1/jobs", json=body, headers=auth(tenant_key))
+        assert r.status_code == 422, r.text
+        assert words in r.json()["error"]["message"], r.text
+
+
+def test_a_flex_job_is_promoted_when_its_deadline_nears(
+        client: TestClient, tenant_key: str, quiet_workers: None) -> None:
+    from core.db import transaction
+    from core.models import Step
+    from core.queue import step_priority
+    from orchestrator import scheduling
+
+    due = datetime.now(UTC) + timedelta(hours=1)
+    r = client.post("/v1/jobs", json=_flex(due), headers=auth(tenant_key))
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert r.json()["deadline"] is not None
+
+    def priorities() -> set[int | None]:
+        with transaction() as s:
+            return {st.priority for st in s.query(Step).filter(Step.job_id == job_id)}
+
+    assert priorities() == {step_priority("flex", False)}
+    # An hour ahead, against an estimate of a minute (no completed jobs of the kind measured
+    # yet, AGENTQ_DEADLINE_DEFAULT_ESTIMATE_S) twice over: not yet.
+    scheduling.promote_due(now=datetime.now(UTC))
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth(tenant_key)).json()["promoted_at"] \
+        is None
+    # On a clock moved to 30 s before the deadline: promoted, its step ahead of standard's.
+    assert scheduling.promote_due(now=due - timedelta(seconds=30)) >= 1
+    body = client.get(f"/v1/jobs/{job_id}", headers=auth(tenant_key)).json()
+    assert body["promoted_at"] is not None
+    assert body["service_tier"] == "flex"  # still priced as flex
+    assert priorities() == {step_priority("promoted", False)}
+    assert step_priority("promoted", False) < step_priority("standard", True)
+    types = [e["type"] for e in client.get(f"/v1/jobs/{job_id}/events",
+                                           headers=auth(tenant_key)).json()["data"]]
+    assert "job.promoted" in types
+
+
+@pytest.mark.usefixtures("standin")
+def test_a_deadline_is_met_under_a_flood(database_url: str, agentq_env: dict[str, str],
+                                         tmp_path: Path, standin: Any) -> None:
+    with standin.state.lock:
+        standin.state.delay_s = 0.1
+    env = {"AGENTQ_DEADLINE_DEFAULT_ESTIMATE_S": "4", "AGENTQ_DEADLINE_SAFETY": "1"}
+    with isolated_stack(database_url, {**agentq_env, **env}, tmp_path, "_due") as stack:
+        busy, patient = stack.key("busy"), stack.key("patient")
+        stack.worker("w1", concurrency=1)
+        flood = {"kind": "batch", "input": {"prompts": [f"p{i}" for i in range(100)],
+                                            "max_tokens": 4}}
+        r = httpx.post(f"{stack.api}/v1/jobs", json=flood, headers=auth(busy), timeout=30)
+        flood_id = r.json()["id"]
+        due = datetime.now(UTC) + timedelta(seconds=10)
+        r = httpx.post(f"{stack.api}/v1/jobs", json=_flex(due), headers=auth(patient),
+                       timeout=30)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+
+        def ended() -> dict[str, Any] | None:
+            body = httpx.get(f"{stack.api}/v1/jobs/{job_id}", headers=auth(patient),
+                             timeout=30).json()
+            return body if body["status"] in TERMINAL else None
+
+        job = wait_until(ended, 60, what="the flex job")
+        flood_job = httpx.get(f"{stack.api}/v1/jobs/{flood_id}", headers=auth(busy),
+                              timeout=30).json()
+        assert job["status"] == "completed"
+        assert job["promoted_at"] is not None
+        assert datetime.fromisoformat(job["finished_at"]) <= due, (job["finished_at"], due)
+        # Without the promotion it would have waited for the whole flood (flex goes last).
+        assert flood_job["status"] == "running"
+        assert flood_job["progress"]["steps_done"] < 100
+        assert metric(stack.api, "agentq_deadline_misses_total") == 0
+        assert metric(stack.api, "agentq_jobs_promoted_total") == 1

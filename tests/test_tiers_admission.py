@@ -1,0 +1,172 @@
+"""Admission by service tier and by least attained service (Redis, the real Lua scripts), and
+the same order through the pool against the stand-in."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import pytest
+import redis
+
+from inference.admission import Admission
+from tests.conftest import REDIS_URL
+from tests.helpers import wait_until
+
+URL = "http://tiers"
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(REDIS_URL)
+    c.flushdb()
+    yield c
+    c.flushdb()
+
+
+def _waiting_at_least(admission: Admission, n: int) -> Callable[[], bool]:
+    return lambda: admission.loads([URL])[URL][1] >= n
+
+
+def _grant_order(admission: Admission, waiters: list[tuple[str, str, str]]) -> list[int]:
+    """Hold the only slot, queue `waiters` (tier, tenant, job) in order, then let go: the
+    order in which they get the slot."""
+    order: list[int] = []
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def holder() -> None:
+        with admission.slot(URL, 1, "holder", "holder", timeout_s=30):
+            release.wait()
+
+    def waiter(i: int, tier: str, tenant: str, job: str) -> None:
+        with admission.slot(URL, 1, tenant, job, timeout_s=30, tier=tier):
+            with lock:
+                order.append(i)
+
+    h = threading.Thread(target=holder)
+    h.start()
+    wait_until(lambda: admission.loads([URL])[URL][0] == 1, 5)
+    threads = []
+    for i, w in enumerate(waiters):
+        t = threading.Thread(target=waiter, args=(i, *w))
+        t.start()
+        threads.append(t)
+        wait_until(_waiting_at_least(admission, i + 1), 5)
+    release.set()
+    for t in [h, *threads]:
+        t.join()
+    return order
+
+
+def _serve(admission: Admission, job: str, tokens: int) -> None:
+    """One finished call of `job` that was served `tokens`."""
+    with admission.slot(URL, 1, "t", job, timeout_s=5) as slot:
+        slot.served_tokens = tokens
+
+
+def test_tiers_are_served_in_order_whoever_queued_first(client: redis.Redis) -> None:
+    admission = Admission(client, lease_s=30, waiter_ttl_s=5, poll_s=0.05)
+    waiters = [("flex", "a", "f1"), ("flex", "b", "f2"), ("standard", "a", "s1"),
+               ("interactive", "c", "i1"), ("standard", "b", "s2"), ("interactive", "a", "i2")]
+    order = _grant_order(admission, waiters)
+    tiers = [waiters[i][0] for i in order]
+    assert tiers == ["interactive"] * 2 + ["standard"] * 2 + ["flex"] * 2, tiers
+
+
+def test_the_job_served_least_goes_first(client: redis.Redis) -> None:
+    admission = Admission(client, lease_s=30, waiter_ttl_s=5, poll_s=0.05,
+                          aging_tokens_per_s=0)
+    _serve(admission, "long", 5000)
+    _serve(admission, "medium", 800)
+    # The long job's calls queue first; the short (never served) and medium ones after.
+    waiters = [("standard", "t", "long")] * 2 + [("standard", "t", "medium"),
+                                                 ("standard", "t", "short")]
+    order = _grant_order(admission, waiters)
+    jobs = [waiters[i][2] for i in order]
+    assert jobs == ["short", "medium", "long", "long"], jobs
+
+
+@pytest.mark.parametrize(("aging", "long_at"), [(0, 2), (1_000_000, 0)])
+def test_aging_lets_a_long_job_through(client: redis.Redis, aging: float, long_at: int
+                                       ) -> None:
+    # Without aging the long job (5000 tokens served) waits behind two jobs served 3000. At
+    # a million tokens of credit per second waited, every waiting job's lead is forgiven
+    # within milliseconds: they tie, and the job served longest ago (the long one) goes first.
+    admission = Admission(client, lease_s=30, waiter_ttl_s=5, poll_s=0.05,
+                          aging_tokens_per_s=aging)
+    for job, tokens in (("long", 5000), ("s1", 3000), ("s2", 3000)):
+        _serve(admission, job, tokens)
+    waiters = [("standard", "t", "long"), ("standard", "t", "s1"), ("standard", "t", "s2")]
+    order = _grant_order(admission, waiters)
+    jobs = [waiters[i][2] for i in order]
+    assert jobs.index("long") == long_at, jobs
+
+
+def test_tenants_stay_fair_within_a_tier(client: redis.Redis) -> None:
+    admission = Admission(client, lease_s=30, waiter_ttl_s=5, poll_s=0.05)
+    # One tenant queues six calls of new jobs, another one call of a well-served job: the
+    # other tenant is still served first or second (fairness across tenants comes first).
+    _serve(admission, "served", 10_000)
+    waiters = [("standard", "flood", f"j{i}") for i in range(6)] + [
+        ("standard", "other", "served")]
+    order = _grant_order(admission, waiters)
+    assert order.index(6) <= 1, order
+
+
+def test_through_the_pool_tier_and_attained_service_order_calls(
+        client: redis.Redis, standin: Any) -> None:
+    from core.settings import Settings
+    from inference.calls import CallSpec
+    from inference.pool import CompletionRequest, Pool
+
+    settings = Settings(pool_endpoints=[standin.url], endpoint_max_in_flight=1,
+                        redis_url=REDIS_URL)
+    admission = Admission(client, lease_s=30, waiter_ttl_s=5, poll_s=0.05,
+                          aging_tokens_per_s=0)
+    pool = Pool(settings=settings, admission=admission)
+    url = standin.url.rstrip("/")
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def call(job: str, tier: str = "standard") -> None:
+        pool.complete(CompletionRequest(
+            call=CallSpec(prompt=f"{job} asks something", max_tokens=8),
+            request_id=f"{job}:{len(order)}:{threading.get_ident()}", tenant_id="t",
+            job_id=job, service_tier=tier))
+        with lock:
+            order.append(job)
+
+    try:
+        call("long")  # the pool counts what it was served to the job's attained service
+        call("long")
+        assert int(cast(bytes, client.get("agentq:adm:att:long")) or 0) > 0
+        release = threading.Event()
+
+        def holder() -> None:
+            with admission.slot(url, 1, "holder", "holder", timeout_s=30):
+                release.wait()
+
+        h = threading.Thread(target=holder)
+        h.start()
+        wait_until(lambda: admission.loads([url])[url][0] == 1, 5)
+        order.clear()
+        waiters = [("long", "standard"), ("short", "standard"), ("late", "flex"),
+                   ("urgent", "interactive")]
+        threads = []
+        for i, (job, tier) in enumerate(waiters):
+            t = threading.Thread(target=call, args=(job, tier))
+            t.start()
+            threads.append(t)
+            wait_until(_waiting_at_least_at(admission, url, i + 1), 5)
+        release.set()
+        for t in [h, *threads]:
+            t.join()
+        assert order == ["urgent", "short", "long", "late"], order
+    finally:
+        pool.close()
+
+
+def _waiting_at_least_at(admission: Admission, url: str, n: int) -> Callable[[], bool]:
+    return lambda: admission.loads([url])[url][1] >= n
