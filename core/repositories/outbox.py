@@ -21,13 +21,15 @@ from sqlalchemy.orm import Session
 
 from core.db import after_commit, pending, transaction
 from core.models import OutboxMessage, utcnow
-from core.queue import get_celery
+from core.queue import get_celery, publish_options
+from core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 Message = tuple[int, str, dict[str, Any], int | None]
-# Broker priorities (Redis lists are read in this order: 0 first). Work that moves a running job
-# on (its next steps, deliveries, recovery) goes before new jobs' first steps, so a flood of
+# Broker priorities, 0 first (Redis: a list per priority, read in that order; RabbitMQ: a queue
+# of its own for priorities above 0, see `core.queue`). Work that moves a running job on (its
+# next steps, deliveries, recovery) goes before new jobs' first steps, so a flood of
 # submissions does not stand between a running job and its next step.
 CONTINUE = 0
 NEW_WORK = 6
@@ -60,14 +62,17 @@ def _publish_pending(messages: list[Message]) -> None:
 
 def publish(messages: list[Message]) -> int:
     """Send messages to the queue; what was sent is marked in the background. Failures are
-    left to the sweeper."""
+    left to the sweeper. A row counts as sent only once the broker has the message: Redis
+    answered the push, or RabbitMQ confirmed the publish (publisher confirms)."""
     if not messages:
         return 0
     app = get_celery()
+    broker = get_settings().broker_url
     sent: list[int] = []
     for row_id, task, payload, priority in messages:
         try:
-            app.send_task(task, kwargs=payload, priority=priority or CONTINUE)
+            app.send_task(task, kwargs=payload,
+                          **publish_options(task, priority or CONTINUE, broker))
         except Exception as exc:  # noqa: BLE001 - broker down: the sweeper republishes later
             log.warning("could not publish %s (outbox %s): %s", task, row_id, exc)
             continue
