@@ -239,7 +239,7 @@ def run_raw(redis_url: str, tasks: int, hops: int, workers: int, concurrency: in
 
     r = redis.Redis.from_url(redis_url)
     r.flushdb()
-    celery_empty.app.conf.broker_url = redis_url
+    celery_empty.app.conf.broker_url = os.environ.get("AGENTQ_BROKER_URL") or redis_url
     env = _env(None, redis_url, None, concurrency)
     procs: list[Proc] = []
     try:
@@ -291,7 +291,8 @@ def report(p: PlatformResult, raw: RawResult, args: argparse.Namespace, db_kind:
         f"{p.jobs} research jobs ({args.max_subquestions} sub-questions: {steps_per_job} steps "
         f"each), stand-in model answering at once",
         f"{args.workers} worker process(es) x {args.concurrency} slots, {db_kind}, "
-        f"Redis {args.redis_url}, os.cpu_count() = {os.cpu_count()}",
+        f"Redis {args.redis_url}, broker {args.broker_url or 'that Redis'}, "
+        f"os.cpu_count() = {os.cpu_count()}",
         "",
         f"{'platform steps/s':40s}{plat_rate:10.1f}   ({p.steps} steps in {p.wall_s:.2f} s, "
         f"first submit -> last job finished; submitting took {p.submit_s:.2f} s)",
@@ -346,7 +347,14 @@ def main() -> None:
     parser.add_argument("--redis-url", default=os.environ.get(
         "AGENTQ_BENCH_OVERHEAD_REDIS_URL", "redis://127.0.0.1:6379/13"),
                         help="a Redis database for this benchmark alone; flushed")
+    parser.add_argument("--broker-url", default=os.environ.get(
+        "AGENTQ_BENCH_OVERHEAD_BROKER_URL", ""),
+                        help="the Celery broker, e.g. a RabbitMQ virtual host for this "
+                             "benchmark alone, amqp://guest:guest@127.0.0.1:5672/bench "
+                             "(default: the Redis database)")
     args = parser.parse_args()
+    # Every process of the run (workers, API, the raw Celery app) reads it from here.
+    os.environ["AGENTQ_BROKER_URL"] = args.broker_url
     if not 2 <= args.max_subquestions <= 8:
         parser.error("--max-subquestions must be between 2 and 8")
 

@@ -12,8 +12,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from bench.common import start_api, submit_jobs
-from core.queue import (NEW_WORK_QUEUE, QUEUE, WEBHOOK_QUEUE, celery_config, declared_queues,
-                        publish_options)
+from core import queue
 from core.settings import Settings
 from tests.broker import RabbitNode
 from tests.helpers import start_worker, wait_until
@@ -34,23 +33,24 @@ def test_the_broker_is_the_redis_unless_set(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_rabbitmq_gets_quorum_queues_confirms_and_a_queue_per_priority() -> None:
-    config = celery_config(QUEUE, 8, AMQP)
+    config = queue.celery_config(queue.QUEUE, 8, AMQP)
     assert config["broker_transport_options"] == {"confirm_publish": True}
-    assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
+    assert config["task_acks_late"]
+    assert config["task_reject_on_worker_lost"]
     assert config["worker_prefetch_multiplier"] == 1
-    queues = declared_queues(AMQP)
-    assert [q.name for q in queues] == [QUEUE, NEW_WORK_QUEUE, WEBHOOK_QUEUE]
+    queues: list[Any] = list(queue.declared_queues(AMQP))
+    assert [q.name for q in queues] == [queue.QUEUE, queue.NEW_WORK_QUEUE, queue.WEBHOOK_QUEUE]
     assert all(q.queue_arguments == {"x-queue-type": "quorum"} and q.durable for q in queues)
     assert {q.exchange.type for q in queues} == {"topic"}
-    assert publish_options("steps.run", 0, AMQP) == {"queue": QUEUE}
-    assert publish_options("steps.run", 6, AMQP) == {"queue": NEW_WORK_QUEUE}
-    assert publish_options("webhooks.deliver", 0, AMQP) == {"queue": WEBHOOK_QUEUE}
+    assert queue.publish_options("steps.run", 0, AMQP) == {"queue": queue.QUEUE}
+    assert queue.publish_options("steps.run", 6, AMQP) == {"queue": queue.NEW_WORK_QUEUE}
+    assert queue.publish_options("webhooks.deliver", 0, AMQP) == {"queue": queue.WEBHOOK_QUEUE}
     # Redis keeps message priorities, and its visibility timeout.
     redis_url = "redis://127.0.0.1:6379/0"
-    assert publish_options("steps.run", 6, redis_url) == {"priority": 6}
-    assert celery_config(QUEUE, 8, redis_url)["broker_transport_options"] == {
+    assert queue.publish_options("steps.run", 6, redis_url) == {"priority": 6}
+    assert queue.celery_config(queue.QUEUE, 8, redis_url)["broker_transport_options"] == {
         "visibility_timeout": 7200}
-    assert [q.name for q in declared_queues(redis_url)] == [QUEUE, WEBHOOK_QUEUE]
+    assert [q.name for q in queue.declared_queues(redis_url)] == [queue.QUEUE, queue.WEBHOOK_QUEUE]
 
 
 def test_twenty_jobs_survive_a_rabbitmq_restart(database_url: str, agentq_env: dict[str, str],
@@ -107,7 +107,7 @@ def test_twenty_jobs_survive_a_rabbitmq_restart(database_url: str, agentq_env: d
         wait_until(lambda: scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL") == 0,
                    30, what="every outbox row to be sent")
         with engine.connect() as conn:
-            per_job = dict(conn.execute(text(
+            per_job: dict[str, int] = dict(conn.execute(text(
                 "SELECT job_id, COUNT(*) FROM model_calls GROUP BY job_id")).all())
             billed = list(conn.execute(text("SELECT request_id FROM model_calls")).scalars())
             steps = set(conn.execute(text("SELECT id FROM steps")).scalars())
