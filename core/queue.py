@@ -148,7 +148,7 @@ def queue_depths() -> tuple[dict[str, int], int | None]:
         finally:
             client.close()
     with Connection(url, connect_timeout=2) as conn:
-        conn.ensure_connection(max_retries=1)
+        conn.ensure_connection(max_retries=0)
         channel = conn.channel()
         for queue in declared_queues(url):
             # Declared as the workers declare it (a no-op when it exists): a passive declare
@@ -160,7 +160,7 @@ def queue_depths() -> tuple[dict[str, int], int | None]:
 def ping_broker() -> None:
     """Connect to the broker once; raises if it does not answer within seconds."""
     with Connection(get_settings().broker_url, connect_timeout=2) as conn:
-        conn.ensure_connection(max_retries=1)
+        conn.ensure_connection(max_retries=0)
 
 
 def get_celery() -> Celery:

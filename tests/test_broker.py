@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -85,6 +86,9 @@ def test_twenty_jobs_survive_a_rabbitmq_restart(database_url: str, agentq_env: d
         wait_until(lambda: scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL"), 60,
                    what="an outbox row left unsent while the broker is down")
         ids += submit_jobs(api, key, [body] * 2, concurrency=2)
+        down = httpx.get(f"{api}/readyz", timeout=30)
+        assert (down.status_code, down.json()["checks"]["broker"]["ok"]) == (503, False)
+        assert "agentq_broker_up 0.0" in httpx.get(f"{api}/metrics", timeout=30).text
         node.start()
 
         def all_done() -> bool:
@@ -106,6 +110,11 @@ def test_twenty_jobs_survive_a_rabbitmq_restart(database_url: str, agentq_env: d
                                  f"{worker.output()[-6000:]}") from None
         wait_until(lambda: scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL") == 0,
                    30, what="every outbox row to be sent")
+        assert httpx.get(f"{api}/readyz", timeout=30).json()["checks"]["broker"] == {"ok": True}
+        scrape = httpx.get(f"{api}/metrics", timeout=30).text
+        for name in ("agentq", "agentq.new", "agentq.webhooks"):
+            assert f'agentq_queue_depth{{queue="{name}"}}' in scrape
+        assert "agentq_broker_up 1.0" in scrape
         with engine.connect() as conn:
             per_job: dict[str, int] = dict(conn.execute(text(
                 "SELECT job_id, COUNT(*) FROM model_calls GROUP BY job_id")).all())
