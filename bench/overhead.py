@@ -2,7 +2,7 @@
 server that answers at once, next to raw Celery running empty tasks on the same machine.
 
     python -m bench.overhead [--jobs 50] [--workers 1] [--concurrency 64]
-                             [--database-url URL] [--redis-url URL]
+                             [--database-url URL] [--redis-url URL] [--broker-url URL]
 
 In one run:
   1. platform: a stand-in model server (in this process, no delay), a fresh migrated database
@@ -15,7 +15,7 @@ In one run:
      Before them, `--lone-jobs` jobs one at a time: the hand-off with no queue to wait in.
      Then one `batch` job of 200 prompts: every step of one job runnable at once, each call
      reserved and settled against the same job row (its steps/s and worker CPU per step).
-  2. raw Celery: the same number of worker processes and slots, on the same Redis database,
+  2. raw Celery: the same number of worker processes and slots, on the same broker,
      running `bench.celery_empty` (an INCR per task). First the latency of single messages sent
      one at a time, then as many empty tasks as the platform ran steps, all sent at once;
      tasks/s is from the first send to the last completion.
