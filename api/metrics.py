@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from core.db import read_session_factory
 from core.errors import Unauthorized
 from core.models import JobStatus, StepStatus, utcnow
-from core.queue import QUEUE, WEBHOOK_QUEUE, queue_keys
+from core.queue import queue_depths
 from core.redis import get_redis
 from core.repositories import jobs as jobs_repo
 from core.repositories import ledger_totals, reports_counts
@@ -43,6 +43,7 @@ class AgentqCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._database()
         yield from self._redis()
+        yield from self._broker()
         yield from self._endpoints()
 
     def _endpoints(self) -> Iterator[Metric]:
@@ -133,10 +134,6 @@ class AgentqCollector(Collector):
         yield from (jobs, steps, calls, tokens, cost, energy, misses, promoted, up)
 
     def _redis(self) -> Iterator[Metric]:
-        depth = GaugeMetricFamily("agentq_queue_depth", "Step and delivery messages waiting",
-                                  labels=["queue"])
-        unacked = GaugeMetricFamily("agentq_queue_unacked",
-                                    "Messages taken by workers and not yet acknowledged")
         in_flight = GaugeMetricFamily("agentq_pool_in_flight",
                                       "Model calls in flight, by endpoint, over all workers",
                                       labels=["endpoint"])
@@ -145,11 +142,6 @@ class AgentqCollector(Collector):
         up = GaugeMetricFamily("agentq_redis_up", "Redis answered this scrape")
         try:
             r = get_redis()
-            # One Redis list per priority step (kombu: the queue's name, then `\x06\x16<n>`).
-            for queue in (QUEUE, WEBHOOK_QUEUE):
-                depth.add_metric([queue], sum(int(cast(int, r.llen(key)))
-                                              for key in queue_keys(queue)))
-            unacked.add_metric([], int(cast(int, r.hlen("unacked"))))
             totals: dict[str, int] = {}
             keys = list(r.scan_iter(match=INFLIGHT_KEY_PREFIX + "*", count=500))
             for key in keys:
@@ -167,7 +159,28 @@ class AgentqCollector(Collector):
             up.add_metric([], 0)
             yield up
             return
-        yield from (depth, unacked, in_flight, processes, up)
+        yield from (in_flight, processes, up)
+
+    def _broker(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("agentq_queue_depth", "Step and delivery messages waiting",
+                                  labels=["queue"])
+        unacked = GaugeMetricFamily("agentq_queue_unacked",
+                                    "Messages taken by workers and not yet acknowledged (Redis)")
+        up = GaugeMetricFamily("agentq_broker_up", "The Celery broker answered this scrape")
+        try:
+            depths, taken = queue_depths()
+        except Exception as exc:  # noqa: BLE001 - a scrape reports the outage, not a 500
+            log.warning("metrics: the broker is unavailable: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        for queue, n in depths.items():
+            depth.add_metric([queue], n)
+        up.add_metric([], 1)
+        yield from (depth, up)
+        if taken is not None:
+            unacked.add_metric([], taken)
+            yield unacked
 
 
 registry = CollectorRegistry(auto_describe=False)

@@ -2,7 +2,7 @@
 server that answers at once, next to raw Celery running empty tasks on the same machine.
 
     python -m bench.overhead [--jobs 50] [--workers 1] [--concurrency 64]
-                             [--database-url URL] [--redis-url URL]
+                             [--database-url URL] [--redis-url URL] [--broker-url URL]
 
 In one run:
   1. platform: a stand-in model server (in this process, no delay), a fresh migrated database
@@ -15,7 +15,7 @@ In one run:
      Before them, `--lone-jobs` jobs one at a time: the hand-off with no queue to wait in.
      Then one `batch` job of 200 prompts: every step of one job runnable at once, each call
      reserved and settled against the same job row (its steps/s and worker CPU per step).
-  2. raw Celery: the same number of worker processes and slots, on the same Redis database,
+  2. raw Celery: the same number of worker processes and slots, on the same broker,
      running `bench.celery_empty` (an INCR per task). First the latency of single messages sent
      one at a time, then as many empty tasks as the platform ran steps, all sent at once;
      tasks/s is from the first send to the last completion.
@@ -239,7 +239,7 @@ def run_raw(redis_url: str, tasks: int, hops: int, workers: int, concurrency: in
 
     r = redis.Redis.from_url(redis_url)
     r.flushdb()
-    celery_empty.app.conf.broker_url = redis_url
+    celery_empty.app.conf.broker_url = os.environ.get("AGENTQ_BROKER_URL") or redis_url
     env = _env(None, redis_url, None, concurrency)
     procs: list[Proc] = []
     try:
@@ -291,7 +291,8 @@ def report(p: PlatformResult, raw: RawResult, args: argparse.Namespace, db_kind:
         f"{p.jobs} research jobs ({args.max_subquestions} sub-questions: {steps_per_job} steps "
         f"each), stand-in model answering at once",
         f"{args.workers} worker process(es) x {args.concurrency} slots, {db_kind}, "
-        f"Redis {args.redis_url}, os.cpu_count() = {os.cpu_count()}",
+        f"Redis {args.redis_url}, broker {args.broker_url or 'that Redis'}, "
+        f"os.cpu_count() = {os.cpu_count()}",
         "",
         f"{'platform steps/s':40s}{plat_rate:10.1f}   ({p.steps} steps in {p.wall_s:.2f} s, "
         f"first submit -> last job finished; submitting took {p.submit_s:.2f} s)",
@@ -346,7 +347,14 @@ def main() -> None:
     parser.add_argument("--redis-url", default=os.environ.get(
         "AGENTQ_BENCH_OVERHEAD_REDIS_URL", "redis://127.0.0.1:6379/13"),
                         help="a Redis database for this benchmark alone; flushed")
+    parser.add_argument("--broker-url", default=os.environ.get(
+        "AGENTQ_BENCH_OVERHEAD_BROKER_URL", ""),
+                        help="the Celery broker, e.g. a RabbitMQ virtual host for this "
+                             "benchmark alone, amqp://guest:guest@127.0.0.1:5672/bench "
+                             "(default: the Redis database)")
     args = parser.parse_args()
+    # Every process of the run (workers, API, the raw Celery app) reads it from here.
+    os.environ["AGENTQ_BROKER_URL"] = args.broker_url
     if not 2 <= args.max_subquestions <= 8:
         parser.error("--max-subquestions must be between 2 and 8")
 

@@ -392,7 +392,8 @@ class OutboxMessage(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     task: Mapped[str] = mapped_column(String(100))
     payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    # The broker's priority (Redis: 0 first, then 3, 6, 9); None: 0.
+    # The broker's priority, 0 first (Redis: then 3, 6, 9; RabbitMQ: a queue per priority, see
+    # core/queue.py); None: 0.
     priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)

@@ -1,17 +1,22 @@
-"""The Celery application shared by producers (outbox relay) and consumers (workers).
+"""The Celery application shared by producers (outbox relay) and consumers (workers), and the one
+place where agentq's queues are declared.
 
-Reliability settings follow Celery's own advice for Redis: late acknowledgement, re-delivery when a
-worker dies, prefetch of one per execution slot, and a visibility timeout longer than any step.
+The broker is `AGENTQ_BROKER_URL` (by default the Redis of `AGENTQ_REDIS_URL`). Either way:
+late acknowledgement, re-delivery when a worker dies, prefetch of one per execution slot.
+On Redis, a visibility timeout longer than any step and priorities as kombu's lists per
+priority step. On RabbitMQ (`amqp://`), durable quorum queues, publisher confirms (a publish
+returns only once the broker has the message; the outbox marks a row sent only then), and one
+queue per priority instead of message priorities (quorum queues have none before RabbitMQ 4.0).
 Celery's result backend is not used; the database holds all state.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery
-from kombu import Queue
+from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
 from core.settings import get_settings
@@ -21,6 +26,15 @@ QUEUE = "agentq"
 # deliveries to threads of their own, see `orchestrator.webhook_pool`); `-Q` can split them.
 WEBHOOK_QUEUE = "agentq.webhooks"
 WEBHOOK_TASKS = ("webhooks.deliver",)
+# RabbitMQ only: quorum queues have no message priorities before RabbitMQ 4.0, so each band of
+# step priorities (`STEP_PRIORITIES`) has a queue of its own: interactive and promoted work
+# (and messages without a priority) in `agentq`, standard in `agentq.standard`, flex in
+# `agentq.flex`. A worker consumes every queue and the broker shares its slots among them: a
+# flood of one tier never stands in front of another tier's steps, but the order across tiers is
+# a fair share, not Redis's strict order.
+STANDARD_QUEUE = "agentq.standard"
+FLEX_QUEUE = "agentq.flex"
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 
 
 class _RedisChannel(kombu_redis.Channel):
@@ -49,11 +63,15 @@ _app: Celery | None = None
 _lock = threading.Lock()
 
 
-def celery_config(queue: str, concurrency: int) -> dict[str, Any]:
+def is_amqp(url: str) -> bool:
+    return url.split("://", 1)[0] in AMQP_SCHEMES
+
+
+def celery_config(queue: str, concurrency: int, broker_url: str = "") -> dict[str, Any]:
     """How agentq runs Celery: late acknowledgement (a task whose worker dies is delivered
     again), one prefetched message per slot, the threads pool (steps wait on model calls, not
-    on the CPU), JSON only, no result backend."""
-    return {
+    on the CPU), JSON only, no result backend; and what each broker needs (see the module)."""
+    config: dict[str, Any] = {
         "task_default_queue": queue,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -68,6 +86,48 @@ def celery_config(queue: str, concurrency: int) -> dict[str, Any]:
         "broker_transport_options": {"visibility_timeout": 7200,
                                      "priority_steps": list(PRIORITY_STEPS)},
     }
+    if is_amqp(broker_url):
+        config.update({
+            # Publisher confirms: `send_task` returns once the broker has the message.
+            "broker_transport_options": {"confirm_publish": True},
+            # Quorum queues, bound to a topic exchange, so that Celery's native delayed
+            # delivery carries retries' countdowns (a quorum queue has no global QoS to hold
+            # them in a worker).
+            "task_default_queue_type": "quorum",
+            "task_default_exchange": queue,
+            "task_default_exchange_type": "topic",
+            "task_default_routing_key": queue,
+            "broker_native_delayed_delivery_queue_type": "quorum",
+            # A task whose broker connection was lost is delivered again anyway (late
+            # acknowledgement); the step's claim keeps the second delivery from running it
+            # twice, so running tasks are left to finish.
+            "worker_cancel_long_running_tasks_on_connection_loss": False,
+        })
+    return config
+
+
+def declared_queues(broker_url: str) -> tuple[Queue, ...]:
+    """Every queue agentq's workers consume, as the broker declares them."""
+    if not is_amqp(broker_url):
+        return (Queue(QUEUE, routing_key=QUEUE), Queue(WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE))
+    exchange = Exchange(QUEUE, type="topic", durable=True)
+    quorum = {"x-queue-type": "quorum"}
+    return tuple(Queue(name, exchange, routing_key=name, durable=True, queue_arguments=quorum)
+                 for name in (QUEUE, STANDARD_QUEUE, FLEX_QUEUE, WEBHOOK_QUEUE))
+
+
+def publish_options(task: str, priority: int, broker_url: str) -> dict[str, Any]:
+    """`send_task`'s options for a message of `task` at `priority` (0 first, see
+    `core.repositories.outbox`): a priority on Redis, a queue on RabbitMQ."""
+    if not is_amqp(broker_url):
+        return {"priority": priority}
+    if task in WEBHOOK_TASKS:
+        return {"queue": WEBHOOK_QUEUE}
+    if priority <= STEP_PRIORITIES[("promoted", True)]:
+        return {"queue": QUEUE}
+    if priority <= STEP_PRIORITIES[("standard", False)]:
+        return {"queue": STANDARD_QUEUE}
+    return {"queue": FLEX_QUEUE}
 
 
 # The order of the step queue, declared here only. A step's message carries a priority that
@@ -99,18 +159,50 @@ def queue_keys(queue: str) -> list[str]:
     return [queue if p == 0 else f"{queue}\x06\x16{p}" for p in PRIORITY_STEPS]
 
 
+def queue_depths() -> tuple[dict[str, int], int | None]:
+    """Messages waiting in each of agentq's queues, and (Redis only) messages taken by workers
+    and not yet acknowledged."""
+    url = get_settings().broker_url
+    depths: dict[str, int] = {}
+    if not is_amqp(url):
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            for queue in declared_queues(url):
+                depths[queue.name] = sum(int(cast(int, client.llen(k)))
+                                         for k in queue_keys(queue.name))
+            return depths, int(cast(int, client.hlen("unacked")))
+        finally:
+            client.close()
+    with Connection(url, connect_timeout=2) as conn:
+        conn.ensure_connection(max_retries=0)
+        channel = conn.channel()
+        for queue in declared_queues(url):
+            # Declared as the workers declare it (a no-op when it exists): a passive declare
+            # of a queue no worker has made yet would close the channel.
+            depths[queue.name] = queue.bind(channel).queue_declare().message_count
+    return depths, None
+
+
+def ping_broker() -> None:
+    """Connect to the broker once; raises if it does not answer within seconds."""
+    with Connection(get_settings().broker_url, connect_timeout=2) as conn:
+        conn.ensure_connection(max_retries=0)
+
+
 def get_celery() -> Celery:
     global _app
     with _lock:
         if _app is None:
             settings = get_settings()
-            app = Celery("agentq", broker=settings.redis_url, set_as_current=True)
-            if settings.redis_url.split("://", 1)[0] in ("redis", "rediss"):
+            url = settings.broker_url
+            app = Celery("agentq", broker=url, set_as_current=True)
+            if url.split("://", 1)[0] in ("redis", "rediss"):
                 app.conf.broker_transport = f"{__name__}:RedisTransport"
             app.conf.update(
-                **celery_config(QUEUE, settings.worker_concurrency),
-                task_queues=(Queue(QUEUE, routing_key=QUEUE),
-                             Queue(WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE)),
+                **celery_config(QUEUE, settings.worker_concurrency, url),
+                task_queues=declared_queues(url),
                 task_routes={name: {"queue": WEBHOOK_QUEUE} for name in WEBHOOK_TASKS},
                 task_publish_retry=True,
                 task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2,

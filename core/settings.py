@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from platformdirs import user_cache_dir, user_data_dir
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     # Shown in Postgres's pg_stat_activity, to tell which processes hold connections.
     db_application_name: str = Field(default="agentq", max_length=63)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The Celery broker: empty for the Redis above, or RabbitMQ
+    # (`amqp://user:password@host:5672/vhost`: quorum queues, publisher confirms). Redis still
+    # holds locks, admission counts, notifications and rate limits either way.
+    broker_url: str = ""
     pool_endpoints: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["http://127.0.0.1:8100"],
         description="Comma-separated base URLs of OpenAI-compatible servers.",
@@ -244,6 +248,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"{tenant}: {unknown[0]!r} is not a service tier "
                                  f"({', '.join(TIERS)})")
         return value
+
+    @model_validator(mode="after")
+    def _broker_defaults_to_redis(self) -> Settings:
+        if not self.broker_url:
+            self.broker_url = self.redis_url
+        return self
 
     @field_validator("webhook_retry_schedule_s", "budget_thresholds", mode="before")
     @classmethod

@@ -1,5 +1,6 @@
 """Test fixtures: a fresh Postgres database built by `alembic upgrade head`, a Redis database of
-its own, a stand-in model server, and real Celery worker processes."""
+its own, the broker (that Redis, or RabbitMQ: see tests/broker.py), a stand-in model server,
+and real Celery worker processes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from alembic import command
 from alembic.config import Config
 from fastapi.testclient import TestClient
 
+from tests.broker import purge_queues, remove_own_brokers, session_broker_url
 from tests.helpers import ROOT, Proc, start_worker
 
 PG_ADMIN_URL = os.environ.get("AGENTQ_TEST_PG_ADMIN_URL",
@@ -60,6 +62,8 @@ def agentq_env(database_url: str, standin_server: Any,
     env = {
         "AGENTQ_DATABASE_URL": database_url,
         "AGENTQ_REDIS_URL": REDIS_URL,
+        # Empty: the broker is that Redis (and follows a test's own AGENTQ_REDIS_URL).
+        "AGENTQ_BROKER_URL": session_broker_url(),
         "AGENTQ_POOL_ENDPOINTS": standin_server.url,
         "AGENTQ_OUTBOX_SWEEP_AFTER_S": "2",
         "AGENTQ_OUTBOX_SWEEP_INTERVAL_S": "1",
@@ -87,8 +91,11 @@ def agentq_env(database_url: str, standin_server: Any,
     get_catalogue.cache_clear()
     dispose_engines()
     redis.Redis.from_url(REDIS_URL).flushdb()
+    if env["AGENTQ_BROKER_URL"]:
+        purge_queues(env["AGENTQ_BROKER_URL"])
     migrate(database_url)
     yield {**os.environ, **env}
+    remove_own_brokers()
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)

@@ -1,6 +1,6 @@
 """A whole agentq deployment of its own for one test: a fresh database, a Redis server of its
-own (so no other worker of the session takes its messages), an API process and workers started
-with the settings the test chooses."""
+own and a broker of its own (so no other worker of the session takes its messages), an API
+process and workers started with the settings the test chooses."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.common import start_api
+from tests.broker import own_broker
 from tests.helpers import Proc, start_worker, wait_until
 
 
@@ -94,7 +95,7 @@ def isolated_stack(database_url: str, agentq_env: dict[str, str], tmp: Path, suf
     redis_port = free_port()
     redis_proc = start_redis(redis_port, tmp / "redis.log")
     env = {**agentq_env, "AGENTQ_DATABASE_URL": db_url,
-           "AGENTQ_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+           "AGENTQ_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", **own_broker("stack")}
     api_proc: Proc | None = None
     stack: Stack | None = None
     try:

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 
 from core.db import transaction
 from core.models import ModelCall, OutboxMessage, Step
+from tests.broker import own_broker
 from tests.helpers import ROOT, auth, start_worker, wait_for_job, wait_until
 from tests.stack import drop_database, fresh_database, start_redis
 
@@ -120,9 +121,11 @@ CRASHER = textwrap.dedent("""
         os._exit(17)  # the transaction has committed; nothing was sent
 
     def crash_before_marking_sent(messages):
-        from core.queue import get_celery
+        from core.queue import get_celery, publish_options
+        from core.settings import get_settings
         for _, task, payload, priority, _headers in messages:
-            get_celery().send_task(task, kwargs=payload, priority=priority)
+            get_celery().send_task(task, kwargs=payload, **publish_options(
+                task, priority or 0, get_settings().broker_url))
         os._exit(17)  # sent, but the outbox rows still look unsent
 
     outbox.publish = crash_before_publish if mode == "commit" else crash_before_marking_sent
@@ -187,7 +190,8 @@ def test_a_half_finished_job_from_an_older_schema_resumes(
     migrate(old_url)  # to head
     redis_url = REDIS_URL.rsplit("/", 1)[0] + "/13"
     redis.Redis.from_url(redis_url).flushdb()
-    env = {**agentq_env, "AGENTQ_DATABASE_URL": old_url, "AGENTQ_REDIS_URL": redis_url}
+    env = {**agentq_env, "AGENTQ_DATABASE_URL": old_url, "AGENTQ_REDIS_URL": redis_url,
+           **own_broker("upgrade")}
     upgraded = start_worker(env, tmp_path / "upgraded.log")
     engine = create_engine(old_url)
     try:
@@ -231,7 +235,7 @@ def test_twenty_jobs_survive_a_redis_restart(database_url: str, agentq_env: dict
     redis_port = free_port()
     redis_proc = start_redis(redis_port, tmp_path / "redis.log")
     env = {**agentq_env, "AGENTQ_DATABASE_URL": db_url,
-           "AGENTQ_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+           "AGENTQ_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", **own_broker("redis")}
     key = subprocess.run([sys.executable, "-m", "api.cli", "keys", "create", "--tenant", "r"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     worker = start_worker(env, tmp_path / "worker.log")
@@ -315,6 +319,7 @@ def test_scale_out_runs_200_jobs_once(database_url: str, agentq_env: dict[str, s
     redis_url = REDIS_URL.rsplit("/", 1)[0] + "/14"
     redis.Redis.from_url(redis_url).flushdb()
     env = {**agentq_env, "AGENTQ_DATABASE_URL": db_url, "AGENTQ_REDIS_URL": redis_url,
+           **own_broker("scale"),
            "AGENTQ_WORKER_CONCURRENCY": "16"}
     key = subprocess.run([sys.executable, "-m", "api.cli", "keys", "create", "--tenant", "s"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()

@@ -20,6 +20,7 @@ from sqlalchemy import text
 
 from api.deps import lookup_key
 from core.db import transaction
+from core.queue import is_amqp, ping_broker
 from core.settings import get_settings
 from inference.pool import get_pool
 
@@ -72,8 +73,8 @@ def _is_admin(request: Request) -> bool:
 
 @router.get("/readyz", responses={503: {"description": "a dependency does not answer"}})
 def readyz(request: Request) -> JSONResponse:
-    """The database, Redis and at least one pool endpoint answer. With an admin key, also
-    what failed and each pool endpoint's answer."""
+    """The database, Redis, the broker (where it is RabbitMQ) and at least one pool endpoint
+    answer. With an admin key, also what failed and each pool endpoint's answer."""
     checks: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
     try:
@@ -93,6 +94,13 @@ def readyz(request: Request) -> JSONResponse:
     except Exception as exc:  # noqa: BLE001 - reported as not ready
         checks["redis"] = {"ok": False, "reason": "unreachable"}
         errors["redis"] = str(exc)[:300]
+    if is_amqp(get_settings().broker_url):
+        try:
+            ping_broker()
+            checks["broker"] = {"ok": True}
+        except Exception as exc:  # noqa: BLE001 - reported as not ready
+            checks["broker"] = {"ok": False, "reason": "unreachable"}
+            errors["broker"] = str(exc)[:300]
     endpoints = pool_probe.endpoints()
     pool_ok = any(e["ok"] for e in endpoints)
     checks["pool"] = {"ok": pool_ok} if pool_ok else {"ok": False,

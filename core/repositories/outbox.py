@@ -22,16 +22,18 @@ from sqlalchemy.orm import Session
 from core import tracing
 from core.db import after_commit, pending, transaction
 from core.models import OutboxMessage, utcnow
-from core.queue import get_celery
+from core.queue import get_celery, publish_options
+from core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 # (row id, task, payload, priority, headers): the headers carry the W3C traceparent of the span
 # that wrote the message, when tracing is on (a republished message carries none).
 Message = tuple[int, str, dict[str, Any], int | None, dict[str, str] | None]
-# Broker priorities (Redis lists are read in this order: 0 first). Steps go at their job's
-# tier's priority (`core.queue.STEP_PRIORITIES`, via `orchestrator.scheduling`); messages
-# without one (deliveries, steps queued before tiers) go first.
+# Broker priorities, 0 first. Steps go at their job's tier's priority
+# (`core.queue.STEP_PRIORITIES`, via `orchestrator.scheduling`); messages without one
+# (deliveries, steps queued before tiers) go first. Redis: a list per priority, read in that
+# order; RabbitMQ: a queue per band of priorities (`core.queue.publish_options`).
 CONTINUE = 0
 _KEY = "outbox"
 
@@ -63,14 +65,17 @@ def _publish_pending(messages: list[Message]) -> None:
 
 def publish(messages: list[Message]) -> int:
     """Send messages to the queue; what was sent is marked in the background. Failures are
-    left to the sweeper."""
+    left to the sweeper. A row counts as sent only once the broker has the message: Redis
+    answered the push, or RabbitMQ confirmed the publish (publisher confirms)."""
     if not messages:
         return 0
     app = get_celery()
+    broker = get_settings().broker_url
     sent: list[int] = []
     for row_id, task, payload, priority, headers in messages:
         try:
-            app.send_task(task, kwargs=payload, priority=priority or CONTINUE, headers=headers)
+            app.send_task(task, kwargs=payload, headers=headers,
+                          **publish_options(task, priority or CONTINUE, broker))
         except Exception as exc:  # noqa: BLE001 - broker down: the sweeper republishes later
             log.warning("could not publish %s (outbox %s): %s", task, row_id, exc)
             continue

@@ -74,6 +74,7 @@ def platform(vllm_servers: list[VllmServer], tmp_path_factory: pytest.TempPathFa
     migrate(db_url)
     redis.Redis.from_url(E2E_REDIS_URL).flushdb()
     env = {**os.environ, "AGENTQ_DATABASE_URL": db_url, "AGENTQ_REDIS_URL": E2E_REDIS_URL,
+           "AGENTQ_BROKER_URL": "",  # the broker is that Redis
            "AGENTQ_POOL_ENDPOINTS": ",".join(s.url for s in vllm_servers),
            "AGENTQ_STEP_LEASE_SECONDS": "10", "AGENTQ_RETRY_MAX_SECONDS": "120"}
     key = subprocess.run([sys.executable, "-m", "api.cli", "keys", "create", "--tenant", "e2e"],
