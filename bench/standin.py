@@ -10,12 +10,13 @@ its own.
 Answers can be scripted: `replies` maps a marker to the answer of every request whose prompt
 (or messages) holds it; `scripts` maps a marker to a sequence of answers, the n-th for the
 n-th call of a step (the call index in its `X-Request-Id`, `{step}:{attempt}:{index}`; the
-last answer repeats). Under a JSON-schema constraint, an answer that is JSON is sent as it is
-(a test may send arguments that do not fit) and any other text is fitted into the schema, as a
-constrained decoder would (a choice between a tool call and a final answer takes the final
-answer). On the chat endpoint with `tools`, an answer `{"tool": name, "arguments": {...}}` comes
-back as a tool call; a forced tool (`tool_choice` naming one) is called with the text fitted to
-its parameters.
+last answer repeats); `slow` maps a marker to the pause between streamed tokens of every
+request whose prompt holds it (one slow caller among fast ones). Under a JSON-schema
+constraint, an answer that is JSON is sent as it is (a test may send arguments that do not
+fit) and any other text is fitted into the schema, as a constrained decoder would (a choice
+between a tool call and a final answer takes the final answer). On the chat endpoint with
+`tools`, an answer `{"tool": name, "arguments": {...}}` comes back as a tool call; a forced
+tool (`tool_choice` naming one) is called with the text fitted to its parameters.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class StandinState:
     replies: dict[str, str] = field(default_factory=dict)
     # Scripted sequences: the n-th answer for a step's n-th call (see the module's doc).
     scripts: dict[str, list[str]] = field(default_factory=dict)
+    # Pause between streamed tokens of requests whose prompt holds the marker.
+    slow: dict[str, float] = field(default_factory=dict)
     # Seconds to wait before answering a step's n-th call, by n (from 0).
     delay_by_index: dict[int, float] = field(default_factory=dict)
     # `/tokenize` answers (as vLLM's does) with this context length; or, when set, fails with
@@ -204,6 +207,11 @@ def make_app(state: StandinState) -> FastAPI:
             return next((reply for marker, reply in state.replies.items() if marker in prompt),
                         None)
 
+    def token_delay(prompt: str) -> float:
+        with state.lock:
+            return next((s for marker, s in state.slow.items() if marker in prompt),
+                        state.token_delay_s)
+
     async def pause_for(index: int) -> None:
         wait = state.delay_by_index.get(index, 0.0)
         if wait:
@@ -247,6 +255,7 @@ def make_app(state: StandinState) -> FastAPI:
         finish = "length" if len(pieces) >= max_tokens else "stop"
         prompt_tokens = count_tokens(prompt)
         completion_tokens = len(pieces)
+        delay = token_delay(prompt)
         with state.lock:
             cached = state.cached_tokens(prompt)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -298,8 +307,8 @@ def make_app(state: StandinState) -> FastAPI:
                     generated += 1
                     yield chunk([{"index": 0, "text": piece,
                                   "finish_reason": finish if last else None}], **extra)
-                    if state.token_delay_s:
-                        await asyncio.sleep(state.token_delay_s)
+                    if delay:
+                        await asyncio.sleep(delay)
                 if include_usage and not state.omit_usage:
                     yield chunk([], usage=usage)
                 yield "data: [DONE]\n\n"
@@ -457,7 +466,7 @@ def make_app(state: StandinState) -> FastAPI:
             for key, value in changes.items():
                 if key in {"delay_s", "token_delay_s", "hold_until_running", "hold_timeout_s",
                            "fail_next", "fail_status", "omit_usage", "plan_text", "replies",
-                           "scripts", "tokenize_status", "context"}:
+                           "scripts", "slow", "tokenize_status", "context"}:
                     setattr(state, key, value)
         return {"ok": True}
 

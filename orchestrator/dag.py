@@ -121,6 +121,9 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
     if status != JobStatus.RUNNING:
         maybe_finish_stopping(session, c.job_id)
         return None
+    if kind.decides(job_input, key, kind.role(role), output):
+        decide(session, c.job_id, c.step_id, key, kind, job_input)
+        return None
     # Fan-in first: the steps this completion adds count it as done already.
     ready = steps.fan_in(session, c.job_id, key)
     kept = ready.pop(0) if keep and ready else None
@@ -143,6 +146,20 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
         finalise(session, c.job_id, kind, job_input)
         return None
     return kept
+
+
+def decide(session: Session, job_id: str, step_id: str, key: str, kind: AnyKind,
+           job_input: BaseModel) -> None:
+    """Step `key` decided the job: its other steps still to run or running are cancelled
+    (a running one's worker notices within a second and aborts its model call) and the job
+    ends with its result."""
+    cancelled = steps.cancel_others(session, job_id, step_id)
+    if cancelled:
+        jobs.add_steps_total(session, job_id, -len(cancelled))
+        events.append_many(session, job_id, [("step.cancelled", {
+            "step": k, "role": r, "reason": f"step {key} decided the job"})
+            for k, r in cancelled])
+    finalise(session, job_id, kind, job_input)
 
 
 def finalise(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel) -> None:

@@ -109,11 +109,11 @@ def _run_one(step_id: str, pool: Pool) -> str | None:
         return None
     c, parents = claimed
     leases.add(c.step_id, c.attempt)
-    stopping.add(c.job_id)
+    stopping.add(c.job_id, (c.step_id, c.attempt))
     try:
         return _run(c, parents, pool)
     finally:
-        stopping.remove(c.job_id)
+        stopping.remove(c.job_id, (c.step_id, c.attempt))
         leases.remove(c.step_id, c.attempt)
 
 

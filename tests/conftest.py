@@ -110,7 +110,7 @@ def standin(standin_server: Any, agentq_env: dict[str, str]) -> Iterator[Any]:
         st.omit_usage, st.token_delay_s = False, defaults.token_delay_s
         st.hold_until_running, st.hold_timeout_s = 0, defaults.hold_timeout_s
         st.plan_text, st.replies = defaults.plan_text, {}
-        st.scripts, st.delay_by_index, st.bodies = {}, {}, []
+        st.scripts, st.delay_by_index, st.bodies, st.slow = {}, {}, [], {}
         st.tokenize_status, st.context = None, defaults.context
     assert DEFAULT_PLAN
 
