@@ -172,9 +172,11 @@ def test_the_first_candidate_to_pass_wins_and_the_others_are_cancelled_and_abort
     # Their calls in flight were aborted at the server, and what they generated is billed.
     wait_until(lambda: standin.state.aborted_total - aborted_before >= 2, 30,
                what="the losers' calls to be aborted")
-    for key in ("code-1-1", "code-3-1"):
-        wait_until(lambda key=key: [r.finish_reason for r in calls_of(job_id, key)]
-                   == ["cancelled"], 30, what=f"{key}'s aborted call in the ledger")
+    def aborted_in_ledger() -> bool:
+        return all([r.finish_reason for r in calls_of(job_id, key)] == ["cancelled"]
+                   for key in ("code-1-1", "code-3-1"))
+
+    wait_until(aborted_in_ledger, 30, what="the aborted calls in the ledger")
     events = client.get(f"/v1/jobs/{job_id}/events?limit=200",
                         headers=auth(tenant_key)).json()["data"]
     cancelled = [e["data"] for e in events if e["type"] == "step.cancelled"]
