@@ -3,11 +3,14 @@ against the stand-in model server (a base model: it chooses each action as JSON 
 schema): it writes a fix, runs the tests, reads the failure, repairs and passes; a tool error
 reaches the model and the loop goes on; the step budget ends a loop with a last short call;
 parallel candidates, where the first to pass wins and the others are cancelled and aborted at
-the server; and a failed round escalates to a larger size class."""
+the server; a failed round escalates to a larger size class; and a step run again after its
+worker died rebuilds the same workspace from its replayed calls."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,12 +18,13 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import create_engine, select, text
 
 from bench.standin import StandinServer
 from core.db import transaction
 from core.models import ModelCall, Step
 from tests.helpers import auth, start_worker, wait_for_job, wait_until
+from tests.stack import isolated_stack
 from tests.test_coding import BUGGY
 
 TASK = "Make add() return the sum."
@@ -233,3 +237,51 @@ def test_a_failed_round_escalates_to_the_larger_size_class(
     assert "a * b" in first
     assert "1 failed" in first
     assert httpx.get(f"{small_model.url}/_stats").json()["requests_total"] == 3
+
+
+def test_a_coder_step_run_again_rebuilds_its_workspace_from_the_replayed_calls(
+        database_url: str, agentq_env: dict[str, str], standin: Any, tmp_path: Path) -> None:
+    """Worker A is killed while the coder's fourth call is in flight (after it wrote a wrong
+    fix, saw the tests fail and wrote the right one); worker B runs the step again: the three
+    finished calls are replayed from the ledger (the tools run again over a workspace rebuilt
+    from the input, and the test report reads the same, timings aside), only the fourth call
+    is made anew, and the files come out the same."""
+    standin.state.scripts = {f"Task: {TASK}": [WRITE_WRONG, RUN_TESTS, WRITE_FIX, RUN_TESTS]}
+    standin.state.delay_by_index = {3: 60.0}
+    with isolated_stack(database_url, agentq_env, tmp_path, "_coder_replay") as stack:
+        first = stack.worker("first")
+        key = stack.key("coder-replay")
+        engine = create_engine(stack.env["AGENTQ_DATABASE_URL"])
+
+        def query(sql: str, **params: Any) -> list[Any]:
+            with engine.connect() as conn:
+                return list(conn.execute(text(sql), params))
+
+        with httpx.Client(base_url=stack.api, timeout=30) as http:
+            job_id = submit(http, key)
+
+            def in_fourth_call() -> str | None:
+                found = query("SELECT id FROM steps WHERE job_id = :j", j=job_id)
+                if not found:
+                    return None
+                step_id = str(found[0][0])
+                settled = query("SELECT count(*) FROM model_calls WHERE step_id = :s",
+                                s=step_id)[0][0]
+                sent = f"{step_id}:1:3" in standin.state.request_ids
+                return step_id if settled == 3 and sent else None
+
+            step_id = wait_until(in_fourth_call, 90, what="the fourth call to be in flight")
+            os.killpg(first.popen.pid, signal.SIGKILL)
+            first.popen.wait(timeout=10)
+            standin.state.delay_by_index = {}
+            stack.worker("second")
+            job = wait_for_job(http, key, job_id, timeout=120)
+        rows = query("SELECT attempt, turn FROM model_calls WHERE step_id = :s "
+                     "ORDER BY attempt, call_index", s=step_id)
+        engine.dispose()
+    assert job["status"] == "completed", job
+    assert job["result"]["passed"] is True
+    assert job["result"]["files"]["calc.py"] == FIXED
+    assert [tuple(r) for r in rows] == [(1, 1), (1, 2), (1, 3), (2, 4)]
+    sent = [r for r in standin.state.request_ids if r.startswith(step_id + ":")]
+    assert sent == [f"{step_id}:1:{i}" for i in range(4)] + [f"{step_id}:2:3"]
