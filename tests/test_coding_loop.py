@@ -285,3 +285,33 @@ def test_a_coder_step_run_again_rebuilds_its_workspace_from_the_replayed_calls(
     assert [tuple(r) for r in rows] == [(1, 1), (1, 2), (1, 3), (2, 4)]
     sent = [r for r in standin.state.request_ids if r.startswith(step_id + ":")]
     assert sent == [f"{step_id}:1:{i}" for i in range(4)] + [f"{step_id}:2:3"]
+
+
+def test_the_workspace_tools_check_paths_and_sizes_and_reports_read_the_same() -> None:
+    from typing import cast
+
+    from agents.base import StepContext, ToolCall
+    from agents.coding.tools import CODING_TOOLS, CodeEnv
+    from agents.coding.workspace import steady
+    from agents.tools import run_tool
+
+    env = CodeEnv(cast(StepContext, None), dict(BUGGY), "true")
+
+    def call(tool: str, **arguments: Any) -> str:
+        return run_tool(CODING_TOOLS, env, ToolCall(tool, json.dumps(arguments)), 10_000).text
+
+    assert call("list_files") == "calc.py (32 bytes)\ntest_calc.py (65 bytes)"
+    assert "return a - b" in call("read_file", path="calc.py")
+    assert "offset 99 is past its end" in call("read_file", path="calc.py", offset=99)
+    for path, words in (("../x.py", "relative path"), ("/etc/passwd", "relative path"),
+                        ("calc.py/x.py", "both a file and the folder"),
+                        (".sandbox-tmp/x", "the sandbox's own directory")):
+        assert words in call("write_file", path=path, content="x"), path
+    assert "do not fit" in call("write_file", path="big.py", content="x" * 200_001)
+    for i in range(5):
+        assert call("write_file", path=f"f{i}.py", content="x" * 190_000).startswith("Wrote")
+    assert "more than 1000000 bytes" in call("write_file", path="f5.py", content="x" * 190_000)
+    assert "f5.py" not in env.files
+    assert call("no_such_tool").startswith("error: there is no tool 'no_such_tool'")
+    assert steady("1 failed in 0.03s\nRan 2 tests in 0.001s") == \
+        "1 failed in [time]\nRan 2 tests in [time]"

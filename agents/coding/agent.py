@@ -68,7 +68,7 @@ def _passed(env: CodeEnv) -> Done | None:
 AGENT: Agent[CodeEnv, Done] = Agent(
     instructions=INSTRUCTIONS, tools=CODING_TOOLS, answer=Done,
     answer_description="Finish: a short summary of what you changed.",
-    fallback=_summary, turn_max_tokens=1024, final_max_tokens=96, finished=_passed)
+    fallback=_summary, turn_max_tokens=512, final_max_tokens=96, finished=_passed)
 
 
 def task_text(task: str, files: Mapping[str, str], test_command: str, candidate: int,
