@@ -81,7 +81,7 @@ def test_the_coder_writes_runs_the_tests_reads_the_failure_repairs_and_passes(
         client: TestClient, tenant_key: str, standin: Any) -> None:
     standin.state.scripts = {f"Task: {TASK}": [WRITE_WRONG, RUN_TESTS, WRITE_FIX, RUN_TESTS]}
     job_id = submit(client, tenant_key)
-    job = wait_for_job(client, tenant_key, job_id, timeout=120)
+    job = wait_for_job(client, tenant_key, job_id, timeout=240)
     assert job["status"] == "completed", job
     result = job["result"]
     assert result["coder"] == "loop"
@@ -112,7 +112,7 @@ def test_a_tool_error_reaches_the_model_and_the_loop_goes_on(
         act("read_file", path="nope.py"), act("write_file", path="../evil.py", content="x"),
         WRITE_FIX, RUN_TESTS]}
     job_id = submit(client, tenant_key)
-    job = wait_for_job(client, tenant_key, job_id, timeout=120)
+    job = wait_for_job(client, tenant_key, job_id, timeout=240)
     assert job["status"] == "completed", job
     assert job["result"]["passed"] is True
     assert set(job["result"]["files"]) == set(BUGGY)  # nothing was written outside
@@ -128,7 +128,7 @@ def test_the_step_budget_ends_the_loop_with_a_last_short_call_and_keeps_the_work
     budget = 4000
     job_id = submit(client, tenant_key, budget={"step_max_tokens": {"coder-agent": budget}},
                     max_rounds=1)
-    job = wait_for_job(client, tenant_key, job_id, timeout=120)
+    job = wait_for_job(client, tenant_key, job_id, timeout=240)
     assert job["status"] == "completed", job
     result = job["result"]
     assert result["passed"] is False
@@ -140,7 +140,7 @@ def test_the_step_budget_ends_the_loop_with_a_last_short_call_and_keeps_the_work
     assert step.output["stopped"] == "step_budget"
     rows = calls_of(job_id, "code-1-1")
     assert sum(r.prompt_tokens + r.completion_tokens for r in rows) <= budget
-    assert 2 <= len(rows) < 6
+    assert len(rows) >= 3  # it wrote, ran the tests, ... and made its last call
     with standin.state.lock:
         last = [b for b in standin.state.bodies if b["_request_id"].startswith(step.id)][-1]
     # The last call is short and may only answer.
@@ -162,7 +162,7 @@ def test_the_first_candidate_to_pass_wins_and_the_others_are_cancelled_and_abort
     standin.state.slow = {"You are candidate 1 of 3.": 0.3, "You are candidate 3 of 3.": 0.3}
     aborted_before = standin.state.aborted_total
     job_id = submit(client, tenant_key, candidates=3)
-    job = wait_for_job(client, tenant_key, job_id, timeout=120)
+    job = wait_for_job(client, tenant_key, job_id, timeout=240)
     assert job["status"] == "completed", job
     result = job["result"]
     assert result["passed"] is True
@@ -224,7 +224,7 @@ def test_a_failed_round_escalates_to_the_larger_size_class(
     small_model.state.scripts = {marker: [WRITE_WRONG, RUN_TESTS, FINISH]}
     standin.state.scripts = {marker: [WRITE_FIX, RUN_TESTS]}
     job_id = submit(client, tenant_key, max_rounds=2)
-    job = wait_for_job(client, tenant_key, job_id, timeout=120)
+    job = wait_for_job(client, tenant_key, job_id, timeout=240)
     assert job["status"] == "completed", job
     result = job["result"]
     assert result["passed"] is True
@@ -275,7 +275,7 @@ def test_a_coder_step_run_again_rebuilds_its_workspace_from_the_replayed_calls(
             first.popen.wait(timeout=10)
             standin.state.delay_by_index = {}
             stack.worker("second")
-            job = wait_for_job(http, key, job_id, timeout=120)
+            job = wait_for_job(http, key, job_id, timeout=240)
         rows = query("SELECT attempt, turn FROM model_calls WHERE step_id = :s "
                      "ORDER BY attempt, call_index", s=step_id)
         engine.dispose()
