@@ -307,7 +307,8 @@ def test_the_workspace_tools_check_paths_and_sizes_and_reports_read_the_same() -
                         ("calc.py/x.py", "both a file and the folder"),
                         (".sandbox-tmp/x", "the sandbox's own directory")):
         assert words in call("write_file", path=path, content="x"), path
-    assert "do not fit" in call("write_file", path="big.py", content="x" * 200_001)
+    assert "larger than 200000 bytes" in call("write_file", path="big.py",
+                                              content="x" * 200_001)
     for i in range(5):
         assert call("write_file", path=f"f{i}.py", content="x" * 190_000).startswith("Wrote")
     assert "more than 1000000 bytes" in call("write_file", path="f5.py", content="x" * 190_000)

@@ -52,17 +52,19 @@ class NoArgs(BaseModel):
 class ReadArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(min_length=1, max_length=1024, description="A file's path, as listed.")
+    path: str = Field(min_length=1, description="A file's path, as listed.")
     offset: int = Field(default=0, ge=0, le=MAX_FILE_BYTES,
                         description="Where to start, in characters.")
 
 
 class WriteArgs(BaseModel):
+    # No length bounds in the schema (a constrained decoder compiles each into its grammar);
+    # `write_file` checks the path and the sizes.
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(min_length=1, max_length=1024,
-                      description="The file's path inside the repository (new or existing).")
-    content: str = Field(max_length=MAX_FILE_BYTES, description="The whole new file.")
+    path: str = Field(min_length=1, description="The file's path inside the repository "
+                                                 "(new or existing).")
+    content: str = Field(description="The whole new file.")
 
 
 class CommandArgs(BaseModel):
