@@ -384,6 +384,14 @@ class JobKind(Generic[InputT, ResultT]):
         """Steps that become known once `step_key` (of `role`) has finished; none by default."""
         return []
 
+    def decides(self, job_input: InputT, step_key: str, role: Role[Any],
+                output: BaseModel) -> bool:
+        """Whether step `step_key`, just finished, decides the job (the first of parallel
+        candidates to succeed): every other step of the job still to run or running is
+        cancelled (a running one stops within a second, its model call aborted at the
+        server) and the job ends with its result now. No by default."""
+        return False
+
     def run_step(self, ctx: StepContext, job_input: InputT) -> BaseModel:
         """Run one step of role `ctx.role`; return an instance of that role's output model."""
         raise NotImplementedError

@@ -66,6 +66,7 @@ class Stop(StrEnum):
     STEP_BUDGET = "step_budget"  # its step budget had room only for the last call
     CONTEXT = "context"  # the model's context had room only for the last call
     JOB_BUDGET = "job_budget"  # the job's budget had room only for the last call
+    DONE = "done"  # a tool's result finished the work (`Agent.finished`): no answer needed
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,9 @@ class Agent(Generic[EnvT, AnswerT]):
     """A role's agent loop. `instructions` come first in every prompt and never change (the
     model server's prefix cache keeps them, with the tools' descriptions). `fallback` makes an
     answer when the last call gave none that fits (it sees the loop's messages and the last
-    reply's text)."""
+    reply's text). `finished`, when set, is asked after each tool call whether the work is
+    done (a coder's tests pass): its answer ends the loop without another call. `temperature`
+    and `size` are those of every call (a size class of the catalogue; None: the smallest)."""
 
     instructions: str
     tools: Sequence[Tool[EnvT, Any]]
@@ -83,6 +86,8 @@ class Agent(Generic[EnvT, AnswerT]):
     turn_max_tokens: int = 256
     final_max_tokens: int = 256
     size: str | None = None
+    temperature: float = 0.0
+    finished: Callable[[EnvT], AnswerT | None] | None = None
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tools]
@@ -146,7 +151,8 @@ class _Loop(Generic[EnvT, AnswerT]):
         return CallSpec(messages=tuple(self.messages), tools=tuple(self.tools),
                         answer=self.answer_tool,
                         tool_choice=ANSWER_TOOL if final else "required",
-                        max_tokens=max_tokens, size=self.agent.size, turn=self.made + 1,
+                        max_tokens=max_tokens, size=self.agent.size,
+                        temperature=self.agent.temperature, turn=self.made + 1,
                         fit_to_job=True)
 
     def measure(self, call: CallSpec) -> PromptSize:
@@ -229,6 +235,9 @@ class _Loop(Generic[EnvT, AnswerT]):
                                 max(0, room - len(extra))).text
                 text = cap(text + extra, room)
             self.add(ChatMessage("tool", text, tool_call_id=chosen.id, name=chosen.name))
+            done = self.agent.finished(self.env) if self.agent.finished is not None else None
+            if done is not None:
+                return self.result(done, Stop.DONE)
 
     def last(self, stop: Stop) -> LoopResult[AnswerT]:
         """The last, short call: the agent may only answer."""

@@ -8,14 +8,16 @@ fail, or to omit usage (`POST /_control`). `python -m bench.standin --port 8199`
 its own.
 
 Answers can be scripted: `replies` maps a marker to the answer of every request whose prompt
-(or messages) holds it; `scripts` maps a marker to a sequence of answers, the n-th for the
-n-th call of a step (the call index in its `X-Request-Id`, `{step}:{attempt}:{index}`; the
-last answer repeats). Under a JSON-schema constraint, an answer that is JSON is sent as it is
-(a test may send arguments that do not fit) and any other text is fitted into the schema, as a
+(or messages) holds it; `scripts` maps a marker to a sequence of answers, the n-th for the n-th
+call of a step (the call index in its `X-Request-Id`, `{step}:{attempt}:{index}`; the last
+answer repeats); `token_delay_by_marker` maps a marker to a pause between streamed tokens of
+every request whose prompt holds it (a slow caller among fast ones, or one a cancel
+interrupts). Under a JSON-schema constraint, an answer that is JSON is sent as it is (a test
+may send arguments that do not fit) and any other text is fitted into the schema, as a
 constrained decoder would (a choice between a tool call and a final answer takes the final
-answer). On the chat endpoint with `tools`, an answer `{"tool": name, "arguments": {...}}` comes
-back as a tool call; a forced tool (`tool_choice` naming one) is called with the text fitted to
-its parameters.
+answer). On the chat endpoint with `tools`, an answer `{"tool": name, "arguments": {...}}`
+comes back as a tool call; a forced tool (`tool_choice` naming one) is called with the text
+fitted to its parameters.
 """
 
 from __future__ import annotations
@@ -472,7 +474,8 @@ def make_app(state: StandinState) -> FastAPI:
             for key, value in changes.items():
                 if key in {"delay_s", "batch_delay_s", "token_delay_s", "hold_until_running",
                            "hold_timeout_s", "fail_next", "fail_status", "omit_usage",
-                           "plan_text", "replies", "scripts", "tokenize_status", "context"}:
+                           "plan_text", "replies", "scripts", "token_delay_by_marker",
+                           "tokenize_status", "context"}:
                     setattr(state, key, value)
         return {"ok": True}
 

@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     investigator_max_tokens: int = 128
     synthesiser_max_tokens: int = 256
     coder_max_tokens: int = 1024
+    # Coding jobs' coder loops: the step budget of one round (the tokens of all its calls),
+    # its turn limit unless the job sets one, and the most candidates a job may run at once.
+    coder_step_tokens: int = Field(default=32_000, ge=1000, le=1_000_000)
+    coder_turn_limit: int = Field(default=12, ge=2, le=100)
+    coding_max_candidates: int = Field(default=4, ge=1, le=32)
     # Agent loops (a step of model calls and tool calls): the most turns (model calls) a step
     # takes, unless its job kind chooses (research `effort`); per role, a cap on that
     # ({"investigator": 4}); and the most bytes of a tool's result one turn shows the model.

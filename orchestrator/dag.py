@@ -133,6 +133,11 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
     if status != JobStatus.RUNNING:
         maybe_finish_stopping(session, c.job_id)
         return None
+    if kind.decides(job_input, key, kind.role(role), output):
+        decide(session, c.job_id, c.step_id, key, kind, job_input)
+        # The steps it cancelled leave room for the tenant's held steps.
+        scheduling.dispatch(session, c.tenant_id, [], scheduling.priority(c.scheduled_tier, True))
+        return None
     # Fan-in first: the steps this completion adds count it as done already. A flex job's
     # next step goes through the broker, behind the work of the tiers above it.
     keep = keep and c.scheduled_tier != ServiceTier.FLEX
@@ -212,6 +217,20 @@ def _requeue(session: Session, c: ClaimedStep) -> None:
     if steps.requeue_run(session, c.step_id, c.attempt):
         outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": c.step_id}],
                             scheduling.priority(c.scheduled_tier, True))
+
+
+def decide(session: Session, job_id: str, step_id: str, key: str, kind: AnyKind,
+           job_input: BaseModel) -> None:
+    """Step `key` decided the job: its other steps still to run or running are cancelled
+    (a running one's worker notices within a second and aborts its model call) and the job
+    ends with its result."""
+    cancelled = steps.cancel_others(session, job_id, step_id)
+    if cancelled:
+        jobs.add_steps_total(session, job_id, -len(cancelled))
+        events.append_many(session, job_id, [("step.cancelled", {
+            "step": k, "role": r, "reason": f"step {key} decided the job"})
+            for k, r in cancelled])
+    finalise(session, job_id, kind, job_input)
 
 
 def finalise(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel) -> None:

@@ -244,8 +244,9 @@ class MeteredContext:
     # -- model calls ----------------------------------------------------------------------
 
     def stopped(self) -> bool:
-        return stopping.is_stopping(self._run.job_id) \
-            or leases.is_lost(self._run.step_id, self._run.attempt)
+        run = self._run
+        return stopping.is_stopping(run.job_id) or leases.is_lost(run.step_id, run.attempt) \
+            or stopping.is_dropped(run.step_id, run.attempt)
 
     def complete(self, call: CallSpec) -> ModelReply:
         reply = self._call(call, escalated_from=None)

@@ -114,13 +114,13 @@ def _run_one(step_id: str, pool: Pool, link: str | None) -> tuple[str | None, st
         return None, None
     c, parents = claimed
     leases.add(c.step_id, c.attempt)
-    stopping.add(c.job_id)
+    stopping.add(c.job_id, (c.step_id, c.attempt))
     try:
         with traces.step(c, claiming, link):
             # The step made ready here (if any) is linked to this one.
             return _run(c, parents, pool), tracing.current_traceparent()
     finally:
-        stopping.remove(c.job_id)
+        stopping.remove(c.job_id, (c.step_id, c.attempt))
         leases.remove(c.step_id, c.attempt)
 
 

@@ -4,8 +4,8 @@
   calls in flight, in one transaction per tick (fenced on each run's attempt); a run whose step
   passed to another run is told so (its calls stop).
 - `StoppingWatcher` tells running steps, within about a second, that their job stopped
-  (cancelled, failed, out of budget), so their in-flight model calls are closed and the server
-  aborts them.
+  (cancelled, failed, out of budget) or that their step was cancelled (another step decided
+  the job), so their in-flight model calls are closed and the server aborts them.
 """
 
 from __future__ import annotations
@@ -104,17 +104,24 @@ class StoppingWatcher(PeriodicThread):
         super().__init__()
         self._jobs: Counter[str] = Counter()
         self._stopping: set[str] = set()
+        self._runs: set[tuple[str, int]] = set()
+        self._dropped: set[tuple[str, int]] = set()
 
     def interval_s(self) -> float:
         return self.TICK_S
 
-    def add(self, job_id: str) -> None:
+    def add(self, job_id: str, run: tuple[str, int] | None = None) -> None:
         with self._lock:
             self._jobs[job_id] += 1
+            if run is not None:
+                self._runs.add(run)
             self._ensure_started()
 
-    def remove(self, job_id: str) -> None:
+    def remove(self, job_id: str, run: tuple[str, int] | None = None) -> None:
         with self._lock:
+            if run is not None:
+                self._runs.discard(run)
+                self._dropped.discard(run)
             self._jobs[job_id] -= 1
             if self._jobs[job_id] <= 0:
                 del self._jobs[job_id]
@@ -123,17 +130,24 @@ class StoppingWatcher(PeriodicThread):
     def is_stopping(self, job_id: str) -> bool:
         return job_id in self._stopping
 
+    def is_dropped(self, step_id: str, attempt: int) -> bool:
+        """Whether the run no longer holds its step (it was cancelled, or passed on)."""
+        return (step_id, attempt) in self._dropped
+
     def tick(self) -> None:
         with self._lock:
             watched = list(self._jobs)
+            runs = sorted(self._runs)
         if not watched:
             return
         with transaction(read_only=True) as s:
             found = jobs.statuses(s, watched)
+            held = steps.held(s, runs)
         stopped = {j for j, st in found.items()
                    if st not in (JobStatus.QUEUED, JobStatus.RUNNING)}
         with self._lock:
             self._stopping = {j for j in stopped if j in self._jobs}
+            self._dropped = {r for r in runs if r not in held and r in self._runs}
 
 
 class CarryFlusher(PeriodicThread):

@@ -1,4 +1,6 @@
-"""Coding jobs with a scripted stand-in model: plan, write, test in the sandbox, revise."""
+"""Coding jobs with a scripted stand-in model and the fixed-format coder (`"coder": "fixed"`):
+plan, write, test in the sandbox, revise. The coder loop (the default) is tested in
+tests/test_coding_loop.py."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ WRONG_FIX = "=== FILE: calc.py ===\ndef add(a, b):\n    return a * b\n=== END FI
 def submit(client: TestClient, key: str, **extra: Any) -> dict[str, Any]:
     resp = client.post("/v1/jobs", headers=auth(key), json={
         "kind": "coding", "input": {"task": "Make add() return the sum.", "files": BUGGY,
-                                    "test_command": "python -m pytest -q", **extra}})
+                                    "test_command": "python -m pytest -q", "coder": "fixed",
+                                    **extra}})
     assert resp.status_code == 202, resp.text
     return wait_for_job(client, key, resp.json()["id"], timeout=120)
 
@@ -122,7 +125,7 @@ def test_kinds_are_published_with_their_schemas(client: TestClient, tenant_key: 
     kinds = {k["name"]: k for k in client.get("/v1/kinds", headers=auth(tenant_key))
              .json()["data"]}
     assert {"research", "coding", "completion", "batch"} <= set(kinds)
-    assert kinds["coding"]["roles"] == ["coder", "planner", "tester"]
+    assert kinds["coding"]["roles"] == ["coder", "coder-agent", "planner", "tester"]
     assert "test_command" in kinds["coding"]["input_schema"]["properties"]
     assert "passed" in kinds["coding"]["result_schema"]["properties"]
     standin.state.replies = {"Changed files:": FIX}
@@ -156,7 +159,7 @@ def test_a_repository_can_come_as_an_archive(client: TestClient, tenant_key: str
                                              standin: Any, kind: str) -> None:
     standin.state.replies = {"Changed files:": FIX}
     resp = client.post("/v1/jobs", headers=auth(tenant_key), json={
-        "kind": "coding", "input": {"task": "Make add() return the sum.",
+        "kind": "coding", "input": {"task": "Make add() return the sum.", "coder": "fixed",
                                     "archive": _archive(BUGGY, kind)}})
     assert resp.status_code == 202, resp.text
     job = wait_for_job(client, tenant_key, resp.json()["id"], timeout=120)
@@ -195,6 +198,7 @@ def test_cancel_ends_a_test_step_whose_command_escaped(client: TestClient, tenan
     resp = client.post("/v1/jobs", headers=auth(tenant_key), json={
         "kind": "coding", "input": {
             "task": "Make add() return the sum.", "files": BUGGY, "max_rounds": 1,
+            "coder": "fixed",
             "test_command": f"setsid sh -c 'while :; do echo x; done # {marker}' & "
                             f"sleep 600 # {marker}"}})
     assert resp.status_code == 202, resp.text

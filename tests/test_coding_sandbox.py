@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from orchestrator import sandboxes
 from tests.helpers import ROOT, Proc, auth, wait_for_job, wait_until
 from tests.test_coding import BUGGY, FIX
+from tests.test_coding_loop import RUN_TESTS, WRITE_FIX
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
                                 reason="drops to nobody: needs Linux and root")
@@ -93,6 +94,8 @@ def test_coding_jobs_run_in_plain_when_the_operator_accepts_it(
         client: TestClient, tenant_key: str, standin: Any, agentq_env: dict[str, str],
         tmp_path: Path) -> None:
     standin.state.replies = {"Changed files:": FIX}
+    # The default coder is the loop: it writes the fix and runs the tests.
+    standin.state.scripts = {"Task: Make add() return the sum.": [WRITE_FIX, RUN_TESTS]}
     worker = start_nobody_worker(agentq_env, tmp_path / "nobody-plain.log",
                                  AGENTQ_SANDBOX_WEAKEST_MODE="plain")
     try:

@@ -283,7 +283,8 @@ def coder(*answers: str) -> Answer:
 def test_coding_revises_until_the_tests_pass() -> None:
     kind = Coding()
     job_input = kind.parse_input({"task": "Make add() return the sum.", "files": BUGGY,
-                                  "test_command": TEST_COMMAND, "max_rounds": 3})
+                                  "test_command": TEST_COMMAND, "max_rounds": 3,
+                                  "coder": "fixed"})
     run = Run(kind, job_input, coder(WRONG_FIX, FIX))
     assert run.order == ["plan", "write-1", "test-1", "write-2", "test-2"]
     result = kind.result(job_input, run.outputs)
@@ -300,7 +301,8 @@ def test_coding_revises_until_the_tests_pass() -> None:
 def test_coding_stops_when_the_rounds_run_out() -> None:
     kind = Coding()
     job_input = kind.parse_input({"task": "Make add() return the sum.", "files": BUGGY,
-                                  "test_command": TEST_COMMAND, "max_rounds": 1})
+                                  "test_command": TEST_COMMAND, "max_rounds": 1,
+                                  "coder": "fixed"})
     assert isinstance(job_input, CodingInput)
     run = Run(kind, job_input, coder("Sure! return a + b"))
     assert run.order == ["plan", "write-1", "test-1"]

@@ -230,6 +230,26 @@ def cancel_unstarted(session: Session, job_id: str) -> None:
     ).values(status=StepStatus.CANCELLED, finished_at=utcnow()))
 
 
+def cancel_others(session: Session, job_id: str, step_id: str) -> list[tuple[str, str]]:
+    """Cancel every step of the job but `step_id` that is still to run or running (a run
+    then no longer holds its step: its writes are refused and it stops). Returns the keys
+    and roles of the steps cancelled."""
+    return [(str(k), str(r)) for k, r in session.execute(update(steps_table).where(
+        S.job_id == job_id, S.id != step_id,
+        S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD,
+                      StepStatus.DEFERRED, StepStatus.RUNNING)),
+    ).values(status=StepStatus.CANCELLED, finished_at=utcnow(), lease_expires_at=None)
+        .returning(S.key, S.role))]
+
+
+def held(session: Session, runs: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Of these runs (step id, attempt), those that still hold their steps."""
+    if not runs:
+        return set()
+    return {(str(i), int(a)) for i, a in session.execute(select(S.id, S.attempt).where(
+        tuple_(S.id, S.attempt).in_(list(runs)), S.status == StepStatus.RUNNING))}
+
+
 def mark_cancelled(session: Session, step_id: str, attempt: int) -> None:
     session.execute(update(steps_table).where(S.id == step_id, S.attempt == attempt).values(
         status=StepStatus.CANCELLED, finished_at=utcnow(), lease_expires_at=None)
