@@ -27,6 +27,7 @@ from orchestrator.budget import Carry, settle_in, usage_events
 log = logging.getLogger(__name__)
 
 RUN_STEP_TASK = "steps.run"
+OPENAI_BATCH = "openai_batch"
 
 
 def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list[StepSpec],
@@ -54,14 +55,20 @@ def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list
 
 def finish(session: Session, job_id: str, status: JobStatus, *,
            result: dict[str, Any] | None = None, error: tuple[str, str] | None = None) -> None:
-    """Move a job to a terminal state, once; unstarted steps are cancelled."""
-    if not jobs.finish(session, job_id, status, result=result, error=error):
+    """Move a job to a terminal state, once; unstarted steps are cancelled. An OpenAI batch
+    has its output and error files written in the same transaction."""
+    kind = jobs.finish(session, job_id, status, result=result, error=error)
+    if kind is None:
         return
     steps.cancel_unstarted(session, job_id)
     data: dict[str, Any] = {"status": str(status)}
     if error is not None:
         data["error"] = {"code": error[0], "message": error[1]}
     events.append(session, job_id, f"job.{status}", data)
+    if kind == OPENAI_BATCH:
+        from orchestrator import openai_batches
+
+        openai_batches.finished(session, job_id, status)
 
 
 def maybe_finish_stopping(session: Session, job_id: str) -> None:

@@ -60,7 +60,8 @@ class Budget(BaseModel):
 EventType = Literal["job.created", "job.started", "job.cancelling", "plan.ready",
                     "step.started", "step.completed", "step.failed", "step.cancelled",
                     "job.usage", "budget.threshold", "job.completed", "job.failed",
-                    "job.cancelled", "job.budget_exhausted", "job.continued"]
+                    "job.cancelled", "job.budget_exhausted", "job.continued",
+                    "batch.completed", "batch.failed", "batch.cancelled", "batch.expired"]
 
 
 TERMINAL_EVENTS: tuple[EventType, ...] = ("job.completed", "job.failed", "job.cancelled",
@@ -74,7 +75,7 @@ class WebhookSpec(BaseModel):
     url: str = Field(max_length=2048, description="Where to POST the job's events (http or "
                                                   "https, a public address).")
     events: list[EventType] = Field(
-        default_factory=lambda: list(TERMINAL_EVENTS), min_length=1, max_length=15,
+        default_factory=lambda: list(TERMINAL_EVENTS), min_length=1, max_length=19,
         description="Which events to send (default: the terminal ones).")
 
 
