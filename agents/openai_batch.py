@@ -80,6 +80,8 @@ class BatchOutcome(BaseModel):
     output_file_id: str | None = None
     error_file_id: str | None = None
     errors: list[LineError] = Field(default_factory=list)
+    finalized: bool = Field(default=False, description="The output and error files are "
+                                                       "written.")
 
 
 REQUESTS = Role("requests", ChunkOutput, "running requests")

@@ -72,10 +72,18 @@ def finish(session: Session, job_id: str, status: JobStatus, *,
 
 
 def maybe_finish_stopping(session: Session, job_id: str) -> None:
-    """A job that is cancelling ends once no step of it runs any more."""
-    if jobs.status_of(session, job_id, lock=True) == JobStatus.CANCELLING \
+    """A job that is cancelling ends once no step of it runs any more. An OpenAI batch that
+    ended while steps still ran (past its window, out of budget) writes its files once the
+    last of them has stopped (with what it finished)."""
+    status = jobs.status_of(session, job_id, lock=True)
+    if status == JobStatus.CANCELLING \
             and steps.count(session, job_id, [StepStatus.RUNNING]) == 0:
         finish(session, job_id, JobStatus.CANCELLED)
+    elif status is not None and JobStatus(status).terminal \
+            and jobs.kind_of(session, job_id) == OPENAI_BATCH:
+        from orchestrator import openai_batches
+
+        openai_batches.step_stopped(session, job_id)
 
 
 def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseModel,

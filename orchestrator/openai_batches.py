@@ -1,7 +1,9 @@
 """OpenAI batches as agentq jobs: creating one from an uploaded file (checked first: a bad
 file makes a batch that is `failed` with its `errors`, nothing else lost), reading one as
 OpenAI's batch, cancelling, listing, and writing its output and error files when its job
-ends (in the transaction that ends it, so a batch is never seen ended without its files).
+ends: in the transaction that ends it, or, when steps of it were still running (it ran past
+its window, or out of budget), in the transaction in which the last of them stops, keeping
+the lines they finished; the batch is `finalizing` meanwhile.
 
 The job is the batch: its id is the batch's id, it appears in the job list, the event log and
 the admin view like any other, and its end appends `batch.completed` (or `batch.failed`,
@@ -43,8 +45,8 @@ from agents.openai_lines import (
     unrun_record,
 )
 from core.errors import InvalidInput, NotFound
-from core.models import Job, JobStatus
-from core.repositories import batches, events, files, steps
+from core.models import Job, JobStatus, StepStatus
+from core.repositories import batches, events, files, jobs, steps
 from core.settings import get_settings
 from orchestrator import dag
 from orchestrator import jobs as job_service
@@ -153,6 +155,10 @@ def view(session: Session, job: Job) -> BatchView:
     status = batch_status(job.status, job.error_code)
     outcome = BatchOutcome.model_validate(job.result) \
         if JobStatus(job.status).terminal and job.result else None
+    if outcome is not None and not outcome.finalized:
+        outcome = None
+    if JobStatus(job.status).terminal and outcome is None:
+        status = "finalizing"  # steps still stopping; then the files are written
     if outcome is not None:
         request_counts = outcome.request_counts
     else:
@@ -175,10 +181,30 @@ def _jsonl(records: list[dict[str, object]]) -> bytes:
 
 
 def finished(session: Session, job_id: str, status: JobStatus) -> None:
-    """The batch's job has just ended: write its output file (the lines answered) and error
-    file (the lines whose call failed and, for a batch cancelled or past its window, the
-    lines never run), record them and the counts as the job's result, and append
-    `batch.<status>`."""
+    """The batch's job has just ended (its row is locked): finalise it now, or, while steps
+    of it still run (they stop at their next call and keep the lines they finished), once
+    the last of them has stopped (`step_stopped`)."""
+    if steps.count(session, job_id, [StepStatus.RUNNING]) == 0:
+        _finalise(session, job_id, status)
+
+
+def step_stopped(session: Session, job_id: str) -> None:
+    """A step of the batch's ended job stopped (its job row locked): finalise the batch if
+    it was the last running one and the batch is not finalised yet."""
+    if steps.count(session, job_id, [StepStatus.RUNNING]) > 0:
+        return
+    _, _, result, _ = batches.finished_row(session, job_id)
+    if result and result.get("finalized"):
+        return
+    status = jobs.status_of(session, job_id)
+    if status is not None:
+        _finalise(session, job_id, JobStatus(status))
+
+
+def _finalise(session: Session, job_id: str, status: JobStatus) -> None:
+    """Write the batch's output file (the lines answered) and error file (the lines whose
+    call failed and, for a batch cancelled or past its window, the lines never run), record
+    them and the counts as the job's result, and append `batch.<status>`."""
     tenant_id, raw_input, result, error_code = batches.finished_row(session, job_id)
     job_input = OpenAIBatchInput.model_validate(raw_input)
     state = batch_status(status, error_code)
@@ -209,7 +235,8 @@ def finished(session: Session, job_id: str, status: JobStatus) -> None:
     request_counts = counts(job_input.total, outputs) if results or earlier is None \
         else earlier.request_counts
     outcome = BatchOutcome(request_counts=request_counts, output_file_id=output_id,
-                           error_file_id=error_id, errors=earlier.errors if earlier else [])
+                           error_file_id=error_id, errors=earlier.errors if earlier else [],
+                           finalized=True)
     batches.set_result(session, job_id, outcome.model_dump(mode="json"))
     events.append(session, job_id, f"batch.{state}", {
         "batch_id": job_id, "status": state,

@@ -18,6 +18,9 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.helpers import Proc, auth, wait_until
+from tests.test_webhooks import Receiver, receiver, verify
+
+__all__ = ["receiver"]  # the fixture, shared with the webhook tests
 
 MODEL = "standin-model"
 
@@ -301,3 +304,52 @@ def test_bad_files_and_requests(sdk: openai.OpenAI, api_server: str) -> None:
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{api_server}/v1", api_key="aq_wrong",
                       max_retries=0).files.list()
+
+
+def test_batch_completed_webhook(sdk: openai.OpenAI, api_server: str, tenant_key: str,
+                                 receiver: Receiver) -> None:
+    h = auth(tenant_key)
+    endpoint = httpx.post(f"{api_server}/v1/webhook-endpoints", headers=h, json={
+        "url": receiver.url, "events": ["batch.completed"]}).json()
+    file_id = upload(sdk, [chat_line(f"w{i}", f"hook {i}") for i in range(3)])
+    batch = sdk.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+    done = wait_batch(sdk, batch.id, {"completed"})
+    wait_until(lambda: receiver.received, 60, what="the batch.completed delivery")
+    message = receiver.received[0]
+    verify(endpoint["secret"], message)
+    payload = json.loads(message["body"])
+    assert payload["type"] == "batch.completed"
+    assert payload["data"]["batch_id"] == batch.id
+    assert payload["data"]["output_file_id"] == done.output_file_id
+    assert payload["data"]["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    httpx.delete(f"{api_server}/v1/webhook-endpoints/{endpoint['id']}", headers=h)
+
+
+def test_expiry_at_the_window_keeps_finished_lines(sdk: openai.OpenAI, standin: Any) -> None:
+    from sqlalchemy import update
+
+    from core.db import transaction
+    from core.models import Job, utcnow
+
+    n = 12
+    file_id = upload(sdk, [chat_line(f"e{i}", f"Expiring {i}") for i in range(n)])
+    with standin.state.lock:
+        standin.state.delay_s = 0.25
+    with settings(AGENTQ_BATCH_TARGET_STEPS="2"):  # 2 chunks of 6 lines
+        batch = sdk.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+    assert batch.expires_at is not None
+    assert batch.expires_at - batch.created_at == 24 * 3600
+    wait_until(lambda: ledger_rows(batch.id) >= 2, 60, what="a few lines to finish")
+    with transaction() as s:  # the window ends now: the workers' sweeper expires the batch
+        s.execute(update(Job).where(Job.id == batch.id).values(deadline_at=utcnow()))
+    done = wait_batch(sdk, batch.id, {"expired"})
+    assert done.expired_at
+    out, errors = jsonl(sdk, done.output_file_id), jsonl(sdk, done.error_file_id)
+    assert set(out) | set(errors) == {f"e{i}" for i in range(n)}
+    assert not set(out) & set(errors)
+    assert {r["error"]["code"] for r in errors.values()} == {"batch_expired"}
+    assert len(errors) >= 1
+    # Lines that finished in chunks still running at the window are kept too.
+    assert len(out) == ledger_rows(batch.id) >= 2

@@ -129,7 +129,7 @@ class BatchObject(BaseModel):
             input_file_id=v.input.input_file_id, completion_window=v.input.completion_window,
             status=v.status, output_file_id=v.output_file_id, error_file_id=v.error_file_id,
             created_at=_ts(job.created_at) or 0, in_progress_at=_ts(job.started_at),
-            expires_at=_ts(v.expires_at), finalizing_at=at("completed"),
+            expires_at=_ts(v.expires_at), finalizing_at=at("finalizing", "completed"),
             completed_at=at("completed"), failed_at=at("failed"), expired_at=at("expired"),
             cancelling_at=_ts(v.cancelling_at), cancelled_at=at("cancelled"),
             request_counts=RequestCounts(**v.request_counts.model_dump()),

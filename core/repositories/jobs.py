@@ -146,6 +146,10 @@ def set_status(session: Session, job_id: str, status: JobStatus) -> None:
         status=status, phase=status, updated_at=utcnow()))
 
 
+def kind_of(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(J.kind).where(J.id == job_id))
+
+
 def status_of(session: Session, job_id: str, lock: bool = False) -> str | None:
     q = select(J.status).where(J.id == job_id)
     if lock:
