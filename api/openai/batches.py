@@ -9,12 +9,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import CurrentPrincipal, DbSession
-from api.openai.schemas import BatchCreate, BatchList, BatchObject
+from api.openai.schemas import OPENAI_ERRORS, BatchCreate, BatchList, BatchObject
 from core.db import transaction
 from core.db_errors import retry_transient
 from orchestrator import openai_batches
 
-router = APIRouter(prefix="/v1/batches", tags=["openai"])
+router = APIRouter(prefix="/v1/batches", tags=["openai"], responses=OPENAI_ERRORS)
 
 
 @router.post("", response_model=BatchObject)

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.deps import CurrentPrincipal, DbSession
 from api.openai import MULTIPART_OVERHEAD
-from api.openai.schemas import FileDeleted, FileList, FileObject
+from api.openai.schemas import OPENAI_ERRORS, FileDeleted, FileList, FileObject, OpenAIErrorResponse
 from core.db import transaction
 from core.db_errors import retry_transient
 from core.errors import NotFound, PayloadTooLarge
@@ -22,7 +22,7 @@ from core.repositories import files
 from core.settings import get_settings
 from orchestrator.openai_batches import BatchRequestError
 
-router = APIRouter(prefix="/v1/files", tags=["openai"])
+router = APIRouter(prefix="/v1/files", tags=["openai"], responses=OPENAI_ERRORS)
 PURPOSES = ("batch",)
 
 
@@ -67,7 +67,16 @@ async def _read_upload(request: Request) -> tuple[bytes, str, str]:
         await form.close()
 
 
-@router.post("", response_model=FileObject)
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": ["file", "purpose"], "properties": {
+        "file": {"type": "string", "format": "binary",
+                 "description": "JSONL, one request per line"},
+        "purpose": {"type": "string", "enum": list(PURPOSES)}}}}}}}
+
+
+@router.post("", response_model=FileObject, openapi_extra=_UPLOAD_BODY, responses={
+    413: {"model": OpenAIErrorResponse,
+          "description": "Larger than AGENTQ_BATCH_MAX_FILE_BYTES (`file_too_large`)"}})
 async def upload_file(request: Request, principal: CurrentPrincipal) -> FileObject:
     """Upload a JSONL file of batch requests (`purpose=batch`). Its lines are checked when a
     batch is created from it."""
