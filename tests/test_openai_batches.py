@@ -91,15 +91,16 @@ def first_error(batch: Any) -> Any:
     return batch.errors.data[0]
 
 
-def ledger_rows(job_id: str, finished_only: bool = True) -> int:
+def ledger_rows(job_id: str) -> int:
+    """The job's finished calls in the ledger, made by runs that held their steps (a run
+    that lost its step under load has its calls recorded late, and they are made again)."""
     from core.db import transaction
     from core.models import ModelCall
 
     with transaction(read_only=True) as s:
-        q = select(func.count()).select_from(ModelCall).where(ModelCall.job_id == job_id)
-        if finished_only:
-            q = q.where(ModelCall.finish_reason != "cancelled")
-        return int(s.scalar(q) or 0)
+        return int(s.scalar(select(func.count()).select_from(ModelCall).where(
+            ModelCall.job_id == job_id, ModelCall.finish_reason != "cancelled",
+            ModelCall.settled_late.is_(None))) or 0)
 
 
 def test_chat_batch_round_trip(sdk: openai.OpenAI, api_server: str, tenant_key: str,
