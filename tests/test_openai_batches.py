@@ -10,6 +10,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -354,3 +355,42 @@ def test_expiry_at_the_window_keeps_finished_lines(sdk: openai.OpenAI, standin: 
     assert len(errors) >= 1
     # Lines that finished in chunks still running at the window are kept too.
     assert len(out) == ledger_rows(batch.id) >= 2
+
+
+def test_chat_lines_to_a_chat_model_keep_their_messages(
+        database_url: str, agentq_env: dict[str, str], standin: Any, tmp_path: Path) -> None:
+    """A catalogue model served over `/v1/chat/completions` gets each chat line's messages
+    as they are (its chat template applies), not a transcript."""
+    from tests.stack import isolated_stack
+
+    catalogue = json.dumps([{"name": "chatty", "endpoints": [standin.url], "size": "small",
+                             "api": "chat", "tool_calling": True}])
+    with isolated_stack(database_url, agentq_env, tmp_path, "_openai_chat",
+                        AGENTQ_MODELS=catalogue) as stack:
+        stack.worker("worker", AGENTQ_MODELS=catalogue)
+        client = openai.OpenAI(base_url=f"{stack.api}/v1", api_key=stack.key("chat"),
+                               max_retries=0)
+        lines = [json.dumps({"custom_id": f"t{i}", "method": "POST",
+                             "url": "/v1/chat/completions", "body": {
+                                 "model": "chatty", "max_tokens": 8, "messages": [
+                                     {"role": "system", "content": "Be terse."},
+                                     {"role": "user", "content": f"Chat line {i}"}]}})
+                 for i in range(3)]
+        file_id = upload(client, lines)
+        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        done = wait_batch(client, batch.id, {"completed", "failed"})
+        out = jsonl(client, done.output_file_id)
+    assert done.status == "completed"
+    assert set(out) == {"t0", "t1", "t2"}
+    # The model as the server reports it serving the call.
+    assert {r["response"]["body"]["model"] for r in out.values()} == {MODEL}
+    sent = [b for b in standin.state.bodies if "Chat line" in json.dumps(b)]
+    assert len(sent) == 3
+    for body in sent:
+        assert body["_path"] == "/v1/chat/completions"
+        assert body["model"] == "chatty"
+        assert body["messages"][0] == {"role": "system", "content": "Be terse."}
+        assert body["messages"][1]["content"].startswith("Chat line")
+        assert "tools" not in body
+        assert "structured_outputs" not in body
