@@ -197,13 +197,14 @@ def test_completions_batch_with_a_failed_line(sdk: openai.OpenAI, standin: Any) 
         assert body["choices"][0]["text"].startswith(" Stand-in answer:")
 
 
-def test_cancel_half_way_keeps_finished_lines(sdk: openai.OpenAI, standin: Any) -> None:
-    n = 24
+def test_cancel_half_way_keeps_finished_lines(sdk: openai.OpenAI, standin: Any,
+                                              api_server: str) -> None:
+    n = 36
     lines = [chat_line(f"slow-{i}", f"Slow question {i}") for i in range(n)]
     file_id = upload(sdk, lines)
     with standin.state.lock:
         standin.state.delay_s = 0.25
-    with settings(AGENTQ_BATCH_TARGET_STEPS="3"):  # 3 chunks of 8 lines, one after another
+    with settings(AGENTQ_BATCH_TARGET_STEPS="3"):  # 3 chunks of 12 lines, one after another
         batch = sdk.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
                                    completion_window="24h")
     wait_until(lambda: ledger_rows(batch.id) >= 4, 60, what="a few lines to finish")
@@ -220,6 +221,10 @@ def test_cancel_half_way_keeps_finished_lines(sdk: openai.OpenAI, standin: Any) 
     assert set(out) | set(errors) == {f"slow-{i}" for i in range(n)}
     assert not set(out) & set(errors)
     assert {r["error"]["code"] for r in errors.values()} == {"batch_cancelled"}
+    # A batch runs once: its files are written; continuing its job is refused.
+    again = httpx.post(f"{api_server}/v1/jobs/{batch.id}/continue", headers=auth(sdk.api_key))
+    assert again.status_code == 409
+    assert "cannot be continued" in again.json()["error"]["message"]
     assert done.request_counts is not None
     assert (done.request_counts.total, done.request_counts.completed) == (n, finished)
     for record in out.values():
@@ -240,6 +245,13 @@ def test_bad_files_and_requests(sdk: openai.OpenAI, api_server: str) -> None:
     assert (first_error(batch).code, first_error(batch).line) == ("invalid_json_line", 2)
     assert sdk.batches.retrieve(batch.id).status == "failed"
     assert sdk.files.retrieve(bad_json).id == bad_json
+    # A batch is made only from a file.
+    h = auth(sdk.api_key)
+    direct = httpx.post(f"{api_server}/v1/jobs", headers=h, json={
+        "kind": "openai_batch", "input": {"input_file_id": bad_json,
+                                          "endpoint": "/v1/completions", "total": 1}})
+    assert direct.status_code == 422
+    assert "POST /v1/batches" in direct.json()["error"]["message"]
 
     # A line whose url is not the batch's endpoint.
     mixed = upload(sdk, [good, chat_line("ok-2", "x", url="/v1/completions")])
@@ -334,11 +346,11 @@ def test_expiry_at_the_window_keeps_finished_lines(sdk: openai.OpenAI, standin: 
     from core.db import transaction
     from core.models import Job, utcnow
 
-    n = 12
+    n = 40
     file_id = upload(sdk, [chat_line(f"e{i}", f"Expiring {i}") for i in range(n)])
     with standin.state.lock:
         standin.state.delay_s = 0.25
-    with settings(AGENTQ_BATCH_TARGET_STEPS="2"):  # 2 chunks of 6 lines
+    with settings(AGENTQ_BATCH_TARGET_STEPS="2"):  # 2 chunks of 20 lines, 5 s or more each
         batch = sdk.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
                                    completion_window="24h")
     assert batch.expires_at is not None
@@ -346,7 +358,8 @@ def test_expiry_at_the_window_keeps_finished_lines(sdk: openai.OpenAI, standin: 
     wait_until(lambda: ledger_rows(batch.id) >= 2, 60, what="a few lines to finish")
     with transaction() as s:  # the window ends now: the workers' sweeper expires the batch
         s.execute(update(Job).where(Job.id == batch.id).values(deadline_at=utcnow()))
-    done = wait_batch(sdk, batch.id, {"expired"})
+    done = wait_batch(sdk, batch.id, {"expired", "completed"})
+    assert done.status == "expired"
     assert done.expired_at
     out, errors = jsonl(sdk, done.output_file_id), jsonl(sdk, done.error_file_id)
     assert set(out) | set(errors) == {f"e{i}" for i in range(n)}
