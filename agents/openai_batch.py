@@ -19,7 +19,7 @@ import re
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agents.base import AgentError, JobKind, Role, StepContext, StepOutputs, StepSpec, StepStopped
 from agents.openai_lines import (
@@ -128,7 +128,11 @@ class OpenAIBatch(JobKind[OpenAIBatchInput, BatchOutcome]):
         results: list[LineResult] = []
         for offset, raw in enumerate(lines):
             line = chunk.first + offset
-            custom_id, call = call_of(job_input.endpoint, raw, job_input.default_max_tokens)
+            try:
+                custom_id, call = call_of(job_input.endpoint, raw, job_input.default_max_tokens)
+            except ValidationError as exc:
+                raise AgentError(f"line {line + 1} of the batch's input file no longer reads "
+                                 f"as a request: {exc.errors()[0].get('msg')}") from exc
             try:
                 reply = ctx.complete(call)
             except StepStopped:

@@ -84,9 +84,3 @@ def list_files(session: Session, tenant_id: str, *, limit: int, after: str | Non
         q = q.order_by(StoredFile.created_at, StoredFile.id)
     return list(session.scalars(q.limit(limit)))
 
-
-def of_job(session: Session, job_id: str) -> dict[str, str]:
-    """The latest output and error files of a batch's job: `{part: file id}`."""
-    rows = session.execute(select(StoredFile.part, StoredFile.id).where(
-        StoredFile.job_id == job_id).order_by(StoredFile.created_at, StoredFile.id))
-    return {str(part): file_id for part, file_id in rows if part}
