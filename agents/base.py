@@ -281,6 +281,11 @@ class StepContext(Protocol):
         """A whole document of the corpus; None when the corpus holds no such document."""
         ...
 
+    def read_file(self, file_id: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of one of the tenant's files (an OpenAI batch's input file);
+        empty when the tenant has no such file."""
+        ...
+
     def prompt_size(self, call: CallSpec) -> PromptSize:
         """The call's prompt in tokens on whichever model may take it (counted by its server
         where it can, else an upper bound), and that model's context."""

@@ -15,6 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
+from api.openai.errors import is_openai_path, openai_error, status_for
 from core.errors import AgentqError, TooManyRequests, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -48,31 +49,43 @@ def _allowed_methods(request: Request) -> list[str]:
 RETRY_AFTER_S = 2
 
 
-def _unavailable(message: str) -> JSONResponse:
-    return JSONResponse(error_body("unavailable", message), status_code=503,
-                        headers={"Retry-After": str(RETRY_AFTER_S)})
+def _respond(request: Request, status: int, code: str, message: str,
+             headers: dict[str, str] | None = None, param: str | None = None,
+             **extra: Any) -> JSONResponse:
+    """The error in agentq's shape, or in OpenAI's on the routes OpenAI's SDK calls."""
+    if is_openai_path(request.url.path):
+        status = status_for(status)
+        return JSONResponse(openai_error(status, message, code, param), status_code=status,
+                            headers=headers)
+    return JSONResponse(error_body(code, message, **extra), status_code=status,
+                        headers=headers)
+
+
+def _unavailable(request: Request, message: str) -> JSONResponse:
+    return _respond(request, 503, "unavailable", message,
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(AgentqError)
-    async def _agentq(_: Request, exc: AgentqError) -> JSONResponse:
+    async def _agentq(request: Request, exc: AgentqError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
         if isinstance(exc, TooManyRequests):
             headers = {"Retry-After": str(exc.retry_after)}
-        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status_code,
-                            headers=headers)
+        return _respond(request, exc.status_code, exc.code, exc.message, headers=headers,
+                        param=getattr(exc, "param", None))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, details = validation_message(list(exc.errors()))
-        return JSONResponse(error_body("invalid_input", message, details=details),
-                            status_code=422)
+        return _respond(request, 422, "invalid_input", message,
+                        param=details[0]["field"] if details else None, details=details)
 
     @app.exception_handler(ValidationError)
-    async def _pydantic(_: Request, exc: ValidationError) -> JSONResponse:
+    async def _pydantic(request: Request, exc: ValidationError) -> JSONResponse:
         message, details = validation_message(list(exc.errors()))
-        return JSONResponse(error_body("invalid_input", message, details=details),
-                            status_code=422)
+        return _respond(request, 422, "invalid_input", message,
+                        param=details[0]["field"] if details else None, details=details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -82,34 +95,32 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 400:
             # FastAPI's answer to a body it cannot decode (not UTF-8, not JSON): a 422 like
             # every other invalid input.
-            return JSONResponse(error_body("invalid_input", f"body: {exc.detail}"),
-                                status_code=422)
+            return _respond(request, 422, "invalid_input", f"body: {exc.detail}")
         if exc.status_code == 405:
             # Every method the path supports, not just those of the first matching route.
             headers["Allow"] = ", ".join(_allowed_methods(request))
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
-                            headers=headers or None)
+        return _respond(request, exc.status_code, code, str(exc.detail),
+                        headers=headers or None)
 
     @app.exception_handler(OperationalError)
-    async def _database_busy(_: Request, exc: OperationalError) -> JSONResponse:
+    async def _database_busy(request: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
-        return _unavailable("the database is busy or unreachable; retry shortly")
+        return _unavailable(request, "the database is busy or unreachable; retry shortly")
 
     @app.exception_handler(PoolTimeout)
-    async def _no_connection(_: Request, exc: PoolTimeout) -> JSONResponse:
+    async def _no_connection(request: Request, exc: PoolTimeout) -> JSONResponse:
         log.warning("no database connection free in time: %s", exc)
-        return _unavailable("the service is overloaded: no database connection was free in "
-                            "time; retry shortly")
+        return _unavailable(request, "the service is overloaded: no database connection was "
+                                     "free in time; retry shortly")
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(error_body("internal_error", "an internal error occurred"),
-                            status_code=500)
+        return _respond(request, 500, "internal_error", "an internal error occurred")
 
     @app.exception_handler(DBAPIError)
     async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated:
             log.warning("database connection lost: %s", exc)
-            return _unavailable("the database connection was lost; retry shortly")
+            return _unavailable(request, "the database connection was lost; retry shortly")
         return await _unexpected(request, exc)

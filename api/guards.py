@@ -20,6 +20,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.corpora import upload_body_limit
+from api.openai.errors import is_openai_path, openai_error, status_for
 from core.settings import get_settings
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -107,10 +108,15 @@ def _is_json(scope: Scope) -> bool:
         content_type.startswith("application/") and content_type.endswith("+json"))
 
 
-async def _refuse(send: Send, field: str, message: str, *, status: int = 422,
+async def _refuse(send: Send, field: str, message: str, *, path: str, status: int = 422,
                   code: str = "invalid_input") -> None:
-    body = json.dumps({"error": {"code": code, "message": f"{field}: {message}",
-                                 "details": [{"field": field, "message": message}]}}).encode()
+    if is_openai_path(path):
+        status = status_for(status)
+        error = openai_error(status, f"{field}: {message}", code, field)
+    else:
+        error = {"error": {"code": code, "message": f"{field}: {message}",
+                           "details": [{"field": field, "message": message}]}}
+    body = json.dumps(error).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
@@ -129,10 +135,11 @@ class InputGuard:
             return
         if "\x00" in scope.get("path", ""):  # names nothing, as an id of the wrong shape
             await _refuse(send, "path", "no resource has a NUL character (%00) in its path",
-                          status=404, code="not_found")
+                          path=scope.get("path", ""), status=404, code="not_found")
             return
         if b"%00" in scope.get("query_string", b""):
-            await _refuse(send, "query", "must not contain NUL characters (%00)")
+            await _refuse(send, "query", "must not contain NUL characters (%00)",
+                          path=scope.get("path", ""))
             return
         method = scope.get("method", "")
         if (method not in _BODY_METHODS or not _is_json(scope)
@@ -152,7 +159,7 @@ class InputGuard:
             try:
                 parse_json(body, get_settings().max_json_depth)
             except InputProblem as exc:
-                await _refuse(send, exc.field, exc.message)
+                await _refuse(send, exc.field, exc.message, path=scope.get("path", ""))
                 return
         replayed = False
 

@@ -15,6 +15,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.corpora import upload_body_limit
+from api.openai import upload_body_limit as file_upload_limit
+from api.openai.errors import is_openai_path, openai_error
 from core.errors import TooManyRequests
 from core.settings import get_settings
 
@@ -71,7 +73,8 @@ class BodySizeLimit:
             return
         limit = self.max_bytes or get_settings().max_body_bytes
         # Document uploads have a limit of their own (AGENTQ_CORPUS_MAX_DOCUMENT_BYTES).
-        upload_limit = upload_body_limit(scope.get("method", ""), scope.get("path", ""))
+        method, path = scope.get("method", ""), scope.get("path", "")
+        upload_limit = upload_body_limit(method, path) or file_upload_limit(method, path)
         if upload_limit is not None:
             limit = max(limit, upload_limit)
         for name, value in scope.get("headers", []):
@@ -81,7 +84,7 @@ class BodySizeLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await _reject(send, limit)
+                    await _reject(send, limit, path)
                     return
         seen = 0
         started = False
@@ -105,14 +108,16 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await _reject(send, limit)
+                await _reject(send, limit, path)
 
 
-async def _reject(send: Send, limit: int) -> None:
+async def _reject(send: Send, limit: int, path: str) -> None:
     import json
 
-    body = json.dumps({"error": {"code": "payload_too_large",
-                                 "message": f"request body larger than {limit} bytes"}}).encode()
+    message = f"request body larger than {limit} bytes"
+    error = openai_error(413, message, "file_too_large") if is_openai_path(path) else {
+        "error": {"code": "payload_too_large", "message": message}}
+    body = json.dumps(error).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})

@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     String,
@@ -543,6 +544,26 @@ class CorpusChunk(Base):
     # Where the chunk lies in the document's extracted text: text[char_start:char_end].
     char_start: Mapped[int] = mapped_column(Integer)
     char_end: Mapped[int] = mapped_column(Integer)
+
+
+class StoredFile(Base):
+    """A file of the OpenAI-compatible Files API: an uploaded batch input (`purpose` "batch"),
+    or a batch's output or error file (`batch_output`, written when its job ends; `job_id` and
+    `part`, "output" or "error", say whose)."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    purpose: Mapped[str] = mapped_column(String(20))
+    filename: Mapped[str] = mapped_column(String(300))
+    size_bytes: Mapped[int] = mapped_column("bytes", BigInteger)
+    content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"),
+                                               nullable=True, index=True)
+    part: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 # The tables, for Core statements on hot paths (ORM-enabled DML with RETURNING goes through the

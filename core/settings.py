@@ -155,6 +155,16 @@ class Settings(BaseSettings):
     corpus_parse_timeout_s: float = Field(default=60.0, gt=0)
     corpus_parse_max_memory_mb: int = Field(default=1024, ge=64)
     corpus_parse_concurrency: int = Field(default=2, ge=1)
+    # OpenAI batches: the largest file `POST /v1/files` takes (uploads are held to this, not
+    # max_body_bytes), the most requests one batch may hold, the `max_tokens` of a chat line
+    # that sets none, and how lines are cut into steps: one line per step up to
+    # batch_target_steps lines, then more per step to stay near that many steps, at most
+    # batch_max_lines_per_step per step.
+    batch_max_file_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
+    batch_max_lines: int = Field(default=50_000, ge=1)
+    batch_default_max_tokens: int = Field(default=256, ge=1)
+    batch_target_steps: int = Field(default=256, ge=1)
+    batch_max_lines_per_step: int = Field(default=32, ge=1)
     # Event streams (SSE): heartbeat comment interval, and the slow fallback poll used only when
     # no notification arrives (Redis away).
     sse_heartbeat_s: float = 15.0

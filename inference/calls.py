@@ -92,8 +92,9 @@ class CallSpec:
     there is one; every escalation is recorded on its call.
 
     A conversation sets `messages` instead of `prompt`, with `tools` and `answer` (the tool
-    the model calls to give its final answer). `tool_choice`: "required" (a tool or the
-    answer; the default) or the name of the one tool it must call.
+    the model calls to give its final answer); `messages` alone are a plain chat.
+    `tool_choice`: "required" (a tool or the answer; the default) or the name of the one tool
+    it must call.
 
     Accounting, not part of what determines the answer: `turn` (the call's turn in an agent
     loop, recorded in the ledger) and `fit_to_job` (when the job's budget has less room than
@@ -118,7 +119,14 @@ class CallSpec:
 
     @property
     def is_conversation(self) -> bool:
-        return self.messages is not None
+        """An agent's turn: messages with tools or an answer to choose from."""
+        return self.messages is not None and not self.is_chat
+
+    @property
+    def is_chat(self) -> bool:
+        """Plain chat: messages with no tools and no answer tool (an OpenAI chat request);
+        a chat model gets them as they are, any other model as a plain transcript."""
+        return self.messages is not None and not self.tools and self.answer is None
 
     def settled(self, max_tokens: int, size: str | None = None) -> CallSpec:
         """This call with its `max_tokens` (and, for an escalation, its size class) settled."""

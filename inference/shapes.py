@@ -4,7 +4,8 @@ streamed answer read back into text, tool calls and usage.
 Three shapes, by what the catalogue says of the model (`ModelSpec.api`, `.tool_calling`):
 
 - `completions`: `/v1/completions` with the prompt; a conversation as a plain transcript
-  (`inference.transcript`) with its action constrained by a JSON schema.
+  (`inference.transcript`) with its action constrained by a JSON schema; a plain chat (messages
+  without tools) as a transcript of its turns.
 - `chat` with tool calling: `/v1/chat/completions` with `messages` and `tools` (OpenAI's
   format; the final answer is one more tool), the tool calls read from the stream.
 - `chat` without tool calling: `/v1/chat/completions` with the tools described in the system
@@ -105,13 +106,18 @@ def build(call: CallSpec, model: str, max_tokens: int, shape: Shape) -> tuple[st
     structured = _structured(call, action)
     if shape is Shape.COMPLETION:
         path = "/v1/completions"
-        body["prompt"] = transcript.render(call) if call.is_conversation else call.prompt
+        if call.is_chat:
+            body["prompt"] = transcript.render_chat(call)
+        else:
+            body["prompt"] = transcript.render(call) if call.is_conversation else call.prompt
     else:
         path = "/v1/chat/completions"
         if shape is Shape.CHAT_TOOLS:
             body["messages"] = [chat_message(m) for m in call.messages or ()]
             body["tools"], body["tool_choice"] = _chat_tools(call)
             body["parallel_tool_calls"] = False
+        elif call.is_chat:
+            body["messages"] = transcript.plain_chat_messages(call)
         elif call.is_conversation:
             body["messages"] = transcript.chat_messages(call)
         else:

@@ -105,6 +105,22 @@ def render(call: CallSpec) -> str:
     return "\n\n".join(parts)
 
 
+SPEAKERS = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+
+
+def render_chat(call: CallSpec) -> str:
+    """A plain chat as a transcript for a model without a chat template: each turn under
+    its speaker's name, ending where the assistant answers."""
+    parts = [f"{SPEAKERS.get(m.role, m.role)}: {m.content.strip()}"
+             for m in call.messages or ()]
+    parts.append("Assistant:")
+    return "\n\n".join(parts)
+
+
+def plain_chat_messages(call: CallSpec) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in call.messages or ()]
+
+
 def chat_messages(call: CallSpec) -> list[dict[str, str]]:
     """The conversation for a chat model without tool calling: the tools described in the
     system message, tool results as user turns, the model's actions as it wrote them."""
@@ -189,6 +205,8 @@ def _size(text: str) -> int:
 def plain_bound(call: CallSpec) -> int:
     """Prompt tokens of the call as a plain prompt or transcript, at most: every token is at
     least one byte."""
+    if call.is_chat:
+        return _size(render_chat(call)) + 8
     return _size(render(call) if call.messages is not None else call.prompt) + 8
 
 
@@ -197,8 +215,8 @@ def chat_bound(call: CallSpec, with_tools: bool) -> int:
     tokens per message, and, with OpenAI tools, their schemas and what a template adds."""
     if call.messages is None:
         return _size(call.prompt) + 2 * MESSAGE_OVERHEAD_TOKENS
-    if not with_tools:
-        messages = chat_messages(call)
+    if not with_tools or call.is_chat:
+        messages = plain_chat_messages(call) if call.is_chat else chat_messages(call)
         return sum(_size(m["content"]) for m in messages) \
             + MESSAGE_OVERHEAD_TOKENS * (len(messages) + 1)
     size = sum(_size(m.content) + sum(_size(c.name) + _size(c.arguments) for c in m.tool_calls)

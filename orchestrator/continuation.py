@@ -36,6 +36,10 @@ CONTINUABLE_FAILURES = frozenset({"deadline_exceeded"})
 
 def _check_stopped(job: Job) -> None:
     """409 unless the job stopped in a way that continuing can undo."""
+    if job.kind == dag.OPENAI_BATCH:
+        # Its output and error files were written when it ended; a batch runs once.
+        raise Conflict(f"job {job.id} is an OpenAI batch, which cannot be continued: create "
+                       "a new batch of the lines its error file lists", code="job_failed")
     status = JobStatus(job.status)
     if status in (JobStatus.BUDGET_EXHAUSTED, JobStatus.CANCELLED):
         return

@@ -30,6 +30,7 @@ from orchestrator.budget import Carry, settle_in, usage_events
 log = logging.getLogger(__name__)
 
 RUN_STEP_TASK = scheduling.RUN_STEP_TASK
+OPENAI_BATCH = "openai_batch"
 
 
 def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list[StepSpec],
@@ -65,8 +66,10 @@ def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list
 
 def finish(session: Session, job_id: str, status: JobStatus, *,
            result: dict[str, Any] | None = None, error: tuple[str, str] | None = None) -> None:
-    """Move a job to a terminal state, once; unstarted steps are cancelled."""
-    if not jobs.finish(session, job_id, status, result=result, error=error):
+    """Move a job to a terminal state, once; unstarted steps are cancelled. An OpenAI batch
+    has its output and error files written in the same transaction."""
+    kind = jobs.finish(session, job_id, status, result=result, error=error)
+    if kind is None:
         return
     steps.cancel_unstarted(session, job_id)
     traces.job_ended(session, job_id)
@@ -74,13 +77,25 @@ def finish(session: Session, job_id: str, status: JobStatus, *,
     if error is not None:
         data["error"] = {"code": error[0], "message": error[1]}
     events.append(session, job_id, f"job.{status}", data)
+    if kind == OPENAI_BATCH:
+        from orchestrator import openai_batches
+
+        openai_batches.finished(session, job_id, status)
 
 
 def maybe_finish_stopping(session: Session, job_id: str) -> None:
-    """A job that is cancelling ends once no step of it runs any more."""
-    if jobs.status_of(session, job_id, lock=True) == JobStatus.CANCELLING \
+    """A job that is cancelling ends once no step of it runs any more. An OpenAI batch that
+    ended while steps still ran (past its window, out of budget) writes its files once the
+    last of them has stopped (with what it finished)."""
+    status = jobs.status_of(session, job_id, lock=True)
+    if status == JobStatus.CANCELLING \
             and steps.count(session, job_id, [StepStatus.RUNNING]) == 0:
         finish(session, job_id, JobStatus.CANCELLED)
+    elif status is not None and JobStatus(status).terminal \
+            and jobs.kind_of(session, job_id) == OPENAI_BATCH:
+        from orchestrator import openai_batches
+
+        openai_batches.step_stopped(session, job_id)
 
 
 def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseModel,

@@ -43,7 +43,7 @@ from core.db import transaction
 from core.db_errors import db_retrying
 from core.models import ModelCall, utcnow
 from core.pricing import MILLION, highest_price, price_for
-from core.repositories import ledger, steps
+from core.repositories import files, ledger, steps
 from core.repositories.corpora import SessionCorpusStore
 from core.settings import get_settings
 from inference.pool import CallCancelled, Completion, CompletionRequest, Pool
@@ -131,6 +131,10 @@ class MeteredContext:
         with transaction(read_only=True) as s:
             found = SessionCorpusStore(s, self._tenant_id).document(corpus_id, document_id)
         return None if found is None else Document(document_id, found[0], found[1])
+
+    def read_file(self, file_id: str, start: int, end: int) -> bytes:
+        with transaction(read_only=True) as s:
+            return files.byte_range(s, self._tenant_id, file_id, start, end) or b""
 
     # -- sub-agents -----------------------------------------------------------------------
 

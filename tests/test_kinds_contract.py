@@ -64,6 +64,7 @@ class FakeContext:
         self._answer = answer
         self._passages = list(passages)
         self._chunks = dict(chunks or {})
+        self.files: dict[str, bytes] = {}
 
     def complete(self, call: CallSpec) -> ModelReply:
         self.calls.append(call)
@@ -85,6 +86,9 @@ class FakeContext:
 
     def read_passages(self, corpus_id: str, chunk_ids: Sequence[str]) -> dict[str, str]:
         return {c: self._chunks[c] for c in chunk_ids if c in self._chunks}
+
+    def read_file(self, file_id: str, start: int, end: int) -> bytes:
+        return self.files.get(file_id, b"")[start:end]
 
     def read_document(self, corpus_id: str, document_id: str) -> Document | None:
         texts = [p.text for p in self._passages if p.document_id == document_id]

@@ -64,6 +64,7 @@ class ScriptedContext:
     counted: bool = False  # prompt sizes counted (a server's tokenizer), else bounded
     context: int | None = None
     calls: list[CallSpec] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)
     step_key: str = "s"
     role: str = "tester"
     step_input: Mapping[str, Any] = field(default_factory=dict)
@@ -99,6 +100,9 @@ class ScriptedContext:
 
     def read_passages(self, corpus_id: str, chunk_ids: Sequence[str]) -> dict[str, str]:
         return {}
+
+    def read_file(self, file_id: str, start: int, end: int) -> bytes:
+        return self.files.get(file_id, b"")[start:end]
 
     def read_document(self, corpus_id: str, document_id: str) -> Document | None:
         return None

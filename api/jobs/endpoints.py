@@ -26,12 +26,14 @@ from api.responses import ERRORS, job_links, link
 from core import tracing
 from core.db import transaction
 from core.db_errors import retry_transient
+from core.errors import InvalidInput
 from core.models import ServiceTier
 from core.repositories.webhooks import new_secret
 from core.settings import get_settings
 from core.webhook_http import check_url
 from orchestrator import continuation, idempotency, scheduling, traces
 from orchestrator import jobs as job_service
+from orchestrator.dag import OPENAI_BATCH
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
@@ -51,6 +53,9 @@ def submit_job(
                     "first response (same job); another body is 422; kept 24 hours.")] = None,
 ) -> JSONResponse:
     """Submit a job. Answers at once with the queued job; poll its `Location`."""
+    if body.kind == OPENAI_BATCH:
+        raise InvalidInput(f"kind: {OPENAI_BATCH} jobs are made by POST /v1/batches, from an "
+                           "uploaded file (see the OpenAI Batch API)")
     tier = ServiceTier(body.service_tier)
     scheduling.check_tier(principal.tenant_name, tier)
     key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None

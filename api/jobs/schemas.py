@@ -64,7 +64,8 @@ EventType = Literal["job.created", "job.started", "job.cancelling", "plan.ready"
                     "step.cancelled",
                     "job.usage", "budget.threshold", "job.completed", "job.failed",
                     "job.cancelled", "job.budget_exhausted", "job.continued", "job.promoted",
-                    "job.deferred"]
+                    "job.deferred", "batch.completed", "batch.failed", "batch.cancelled",
+                    "batch.expired"]
 
 
 TERMINAL_EVENTS: tuple[EventType, ...] = ("job.completed", "job.failed", "job.cancelled",
@@ -78,7 +79,7 @@ class WebhookSpec(BaseModel):
     url: str = Field(max_length=2048, description="Where to POST the job's events (http or "
                                                   "https, a public address).")
     events: list[EventType] = Field(
-        default_factory=lambda: list(TERMINAL_EVENTS), min_length=1, max_length=16,
+        default_factory=lambda: list(TERMINAL_EVENTS), min_length=1, max_length=22,
         description="Which events to send (default: the terminal ones).")
 
 

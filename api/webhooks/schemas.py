@@ -16,7 +16,7 @@ class EndpointCreate(BaseModel):
 
     url: str = Field(max_length=2048)
     events: list[EventType] = Field(default_factory=lambda: list(TERMINAL_EVENTS),
-                                    min_length=1, max_length=16)
+                                    min_length=1, max_length=22)
     description: str | None = Field(default=None, max_length=500)
 
 

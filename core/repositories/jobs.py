@@ -125,23 +125,29 @@ def list_for_tenant(session: Session, tenant_id: str, *, limit: int,
 
 
 def finish(session: Session, job_id: str, status: JobStatus, *,
-           result: dict[str, Any] | None = None, error: tuple[str, str] | None = None) -> bool:
-    """Move a job to a terminal state, once; False when it was terminal already."""
+           result: dict[str, Any] | None = None, error: tuple[str, str] | None = None
+           ) -> str | None:
+    """Move a job to a terminal state, once; its kind, or None when it was terminal
+    already."""
     values: dict[str, Any] = {"status": status, "phase": status, "finished_at": utcnow(),
                               "updated_at": utcnow()}
     if result is not None:
         values["result"] = result
     if error is not None:
         values["error_code"], values["error_message"] = error
-    res = session.execute(update(jobs_table).where(
+    kind = session.scalar(update(jobs_table).where(
         J.id == job_id, J.status.not_in([str(s) for s in JOB_TERMINAL]),
-    ).values(**values))
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    ).values(**values).returning(J.kind))
+    return None if kind is None else str(kind)
 
 
 def set_status(session: Session, job_id: str, status: JobStatus) -> None:
     session.execute(update(jobs_table).where(J.id == job_id).values(
         status=status, phase=status, updated_at=utcnow()))
+
+
+def kind_of(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(J.kind).where(J.id == job_id))
 
 
 def status_of(session: Session, job_id: str, lock: bool = False) -> str | None:
