@@ -237,7 +237,8 @@ def test_research_verifier_flags_a_chunk_the_corpus_does_not_hold() -> None:
     check = body["verification"]
     assert check["verified"] is False
     # Every citation names a chunk the corpus does not hold.
-    assert check["problems"] and all(
+    assert check["problems"]
+    assert all(
         p["problem"] == "the cited chunk does not exist in the corpus" for p in check["problems"])
     # [7] named no passage shown: it never reaches the brief; "Wax" is attributed to the
     # passage that says it.

@@ -79,7 +79,8 @@ def test_a_number_that_names_no_passage_never_reaches_the_brief_and_claims_witho
     assert job["status"] == "completed", job
     result = job["result"]
     first = result["sections"][0]
-    assert "[9]" not in first["answer"] and "[?" not in first["answer"]
+    assert "[9]" not in first["answer"]
+    assert "[?" not in first["answer"]
     wax = next(s for s in first["sentences"] if "wax" in s["text"])
     assert wax["how"] == "overlap"  # attributed to the passage that says it
     assert result["citations"][wax["citations"][0] - 1]["document"] == "bees"

@@ -67,7 +67,8 @@ def test_citations_come_with_every_sentence_though_the_model_writes_no_marker(
     for section in result["sections"]:
         assert section["sentences"], section
         for sentence in section["sentences"]:
-            assert sentence["citations"] and sentence["how"] == "overlap", sentence
+            assert sentence["citations"], sentence
+            assert sentence["how"] == "overlap", sentence
         assert "[1]" in section["answer"]  # rendered from the structure
     assert result["citations"][0]["document"] == "bees"
     assert all(s["citations"] for s in result["sections"])
@@ -78,7 +79,8 @@ def test_citations_come_with_every_sentence_though_the_model_writes_no_marker(
     brief = result["brief"]
     assert brief.startswith("# How do bees make and keep honey?")
     assert all(f"## {q}" in brief for q in PLAN)
-    assert "followups" not in result and "critique" not in result  # medium: neither
+    assert "followups" not in result
+    assert "critique" not in result
 
 
 def test_high_effort_adds_follow_ups_and_a_critique_and_revision(
@@ -160,7 +162,8 @@ def test_an_object_that_cannot_be_made_valid_is_never_returned_and_the_job_says_
                    output_schema=SCHEMA)
     assert job["status"] == "completed", job
     result = job["result"]
-    assert "output" not in result and "output_fields" not in result
+    assert "output" not in result
+    assert "output_fields" not in result
     assert "no object valid against output_schema" in result["output_error"]
     assert "count: 0 is less than the minimum of 1" in result["output_error"]
     assert result["verification"]["verified"] is True  # the brief itself stands
@@ -192,4 +195,5 @@ def test_an_unusable_output_schema_is_refused_at_submission(
                                       "output_schema": schema}})
     assert resp.status_code == 422, resp.text
     message = resp.json()["error"]["message"]
-    assert "output_schema" in message and says in message, message
+    assert "output_schema" in message, message
+    assert says in message, message
