@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from agents.base import CallSpec, StepContext
 from agents.citations import attribute, content_words, sentences, split_cited, supported
 from agents.research.models import (
     Citation,
@@ -28,6 +29,19 @@ from agents.research.models import (
 )
 
 MAX_CITES = 4  # passages one sentence may name
+# The fewest tokens worth asking for: a structured paragraph needs room for its JSON.
+MIN_ANSWER_TOKENS = 48
+
+
+def fit(ctx: StepContext, call: CallSpec) -> CallSpec | None:
+    """The call with `max_tokens` (by default the step's) cut to what the model's context has
+    left after the prompt; None when that is too little to be worth the call."""
+    want = call.max_tokens or ctx.step_max_tokens
+    size = ctx.prompt_size(call)
+    room = want if size.context is None else min(want, size.context - size.tokens - 8)
+    if room < min(want, MIN_ANSWER_TOKENS):
+        return None
+    return replace(call, max_tokens=room, fit_to_job=True)
 
 
 def paragraph_schema(max_passage: int, max_sentences: int) -> dict[str, Any]:

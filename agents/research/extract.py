@@ -12,6 +12,7 @@ import json
 
 from agents.base import CallSpec, StepContext
 from agents.citations import attribute
+from agents.research.brief import fit
 from agents.research.models import Citation, ExtractionOutput, FieldSupport, ResearchInput
 from agents.research.outschema import Extracted, extraction_schema, read_extraction
 from agents.research.synthesis import _cited_prefix, _notes, final_brief
@@ -34,8 +35,10 @@ def extract(ctx: StepContext, job_input: ResearchInput) -> ExtractionOutput:
     citations = brief.citations or []
     n = len(citations)
     derived = extraction_schema(schema, n)
-    prompt = (_cited_prefix(job_input.query) + _notes(brief.sections)
-              + f"Overall answer: {brief.answer}\n\n" + _fields_line(schema))
+    fields = f"Overall answer: {brief.answer}\n\n" + _fields_line(schema)
+    # The whole brief where the model's context holds it, else its overall answer only.
+    prompts = [_cited_prefix(job_input.query) + _notes(brief.sections) + fields,
+               _cited_prefix(job_input.query) + fields]
 
     def read(text: str) -> Extracted:
         return read_extraction(text, schema, n)
@@ -45,8 +48,14 @@ def extract(ctx: StepContext, job_input: ResearchInput) -> ExtractionOutput:
     for _ in range(ATTEMPTS):
         note = "" if error is None else \
             f"A previous answer was not valid: {error}. Write one that is.\n"
-        reply = ctx.complete(CallSpec(prompt=prompt + note + EXTRACT_CUE, json_schema=derived,
-                                      validate=lambda text: read(text).error is None))
+        calls = (fit(ctx, CallSpec(prompt=p + note + EXTRACT_CUE, json_schema=derived,
+                                   validate=lambda text: read(text).error is None))
+                 for p in prompts)
+        call = next((c for c in calls if c is not None), None)
+        if call is None:
+            error = "the brief and the schema do not fit the model's context"
+            break
+        reply = ctx.complete(call)
         attempts += 1 + (1 if reply.escalated_from else 0)
         escalated = escalated or reply.escalated_from is not None
         got = read(reply.text)

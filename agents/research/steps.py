@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agents.base import CallSpec, StepContext, StepOutputs
 from agents.loop import turn_limit
-from agents.research.brief import Resolved, render, sourced
+from agents.research.brief import Resolved, fit, render, sourced
 from agents.research.investigator import investigate
 from agents.research.models import (
     INVESTIGATOR,
@@ -95,12 +95,12 @@ def gaps(ctx: StepContext, job_input: ResearchInput, n_max: int) -> GapOutput:
     """Follow-up sub-questions for what the first round left open."""
     found = investigations(ctx.parents)
     asked = [inv.question for inv in found]
-    reply = ctx.complete(CallSpec(prompt=gap_prompt(job_input.query, found),
-                                  regex=gap_regex(n_max),
-                                  validate=lambda t: parse_gaps(t, asked, n_max) is not None))
-    followups = parse_gaps(reply.text, asked, n_max)
+    call = fit(ctx, CallSpec(prompt=gap_prompt(job_input.query, found), regex=gap_regex(n_max),
+                             validate=lambda t: parse_gaps(t, asked, n_max) is not None))
+    reply = ctx.complete(call) if call is not None else None
+    followups = parse_gaps(reply.text, asked, n_max) if reply is not None else None
     keys = [k for k in ctx.parents.keys() if ctx.parents.role_of(k) == INVESTIGATOR.name]
     if followups is None:
         return GapOutput(followups=fallback_gaps(found, n_max), investigators=keys,
-                         fallback=True, raw=reply.text[:2000])
+                         fallback=True, raw=reply.text[:2000] if reply else None)
     return GapOutput(followups=followups, investigators=keys)

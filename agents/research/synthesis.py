@@ -10,6 +10,7 @@ from agents.base import AgentError, CallSpec, StepContext
 from agents.citations import verify, verify_sentences
 from agents.research.brief import (
     Numbering,
+    fit,
     paragraph_schema,
     read_paragraph,
     render,
@@ -57,8 +58,11 @@ def _notes(sections: Sequence[Section]) -> str:
 def _overall(ctx: StepContext, query: str, sections: Sequence[Section],
              texts: Mapping[int, str]) -> tuple[list[CitedSentence], str | None]:
     """The overall answer, as cited sentences (numbers of the brief's citations)."""
-    reply = ctx.complete(CallSpec(prompt=_cited_prefix(query) + _notes(sections) + SYNTHESIS_CUE,
-                                  json_schema=paragraph_schema(len(texts), ANSWER_SENTENCES)))
+    call = fit(ctx, CallSpec(prompt=_cited_prefix(query) + _notes(sections) + SYNTHESIS_CUE,
+                             json_schema=paragraph_schema(len(texts), ANSWER_SENTENCES)))
+    if call is None:  # the sections fill the model's context: the fallback answer
+        return [], None
+    reply = ctx.complete(call)
     resolved = resolve(read_paragraph(reply.text), texts)
     return ([CitedSentence(text=t, citations=ns, how=how) for t, ns, how in resolved.sentences],
             reply.finish_reason)
@@ -169,7 +173,10 @@ def critique(ctx: StepContext, job_input: ResearchInput) -> CritiqueOutput:
     prompt = (_cited_prefix(job_input.query) + numbered + "A reviewer lists, by section, the "
               "claims that no source supports and the points the sections leave out.\n"
               + CRITIQUE_CUE)
-    reply = ctx.complete(CallSpec(prompt=prompt, json_schema=schema))
+    call = fit(ctx, CallSpec(prompt=prompt, json_schema=schema))
+    if call is None:  # the brief fills the model's context: its checks only
+        return CritiqueOutput(points=points)
+    reply = ctx.complete(call)
     for item in _points(reply.text):
         section, problem = item
         if 1 <= section <= n and problem.strip():
@@ -203,7 +210,10 @@ def _revise_section(ctx: StepContext, query: str, inv: InvestigationOutput,
     prompt = (f"Passages:\n{sources}\nResearch question: {query.strip()}\n"
               f"Sub-question: {inv.question}\nDraft: {draft}\nProblems:\n{problems}"
               f"{REVISION_CUE}")
-    reply = ctx.complete(CallSpec(prompt=prompt, json_schema=paragraph_schema(len(shown), 6)))
+    call = fit(ctx, CallSpec(prompt=prompt, json_schema=paragraph_schema(len(shown), 6)))
+    if call is None:
+        return None
+    reply = ctx.complete(call)
     resolved = resolve(read_paragraph(reply.text), texts)
     chunk_of = {n: p.chunk_id for n, p in enumerate(shown, 1)}
     new = [SourcedSentence(text=t, chunks=[chunk_of[n] for n in ns], how=how)
