@@ -74,7 +74,8 @@ class Investigation:
     invalid: list[int]  # numbers the model wrote that named no passage shown
     turns: int
     stopped: Stop
-    fallback: bool
+    fallback: bool  # no answer of the model fitted: what its last one said was salvaged
+    quoted: bool  # no sentence of the model rested on a passage: the passages were quoted
 
 
 def task(query: str, question: str, sources: str) -> str:
@@ -85,7 +86,8 @@ def task(query: str, question: str, sources: str) -> str:
 def investigate(ctx: StepContext, corpus_id: str, query: str, question: str,
                 per_search: int, turns: int) -> Investigation | None:
     """The loop on one sub-question; None when the corpus has nothing for it and there is no
-    turn to search again. Findings without a usable sentence are quoted from the passages."""
+    turn to search again. When no sentence of the findings rests on a passage, the
+    passages' best sentences are quoted after them."""
     env = CorpusEnv(ctx, corpus_id, per_search)
     found = ctx.search_corpus(corpus_id, question, per_search)
     if not found and turns <= 1:
@@ -97,11 +99,10 @@ def investigate(ctx: StepContext, corpus_id: str, query: str, question: str,
     passages = env.book.passages
     texts = {i + 1: p.text for i, p in enumerate(passages)}
     resolved = resolve([(s.text, s.passages) for s in result.answer.sentences], texts)
-    fallback = result.fallback
-    if not any(ns for _, ns, _ in resolved.sentences) and texts:
-        # Nothing the model wrote rests on a passage: quote the passages instead.
-        resolved.sentences = extract(question, texts)
-        fallback = True
+    quoted = not any(ns for _, ns, _ in resolved.sentences) and bool(texts)
+    if quoted:
+        # Nothing the model wrote rests on a passage: the passages' best sentences follow.
+        resolved.sentences += extract(question, texts)
     return Investigation(passages=list(passages), sentences=resolved.sentences,
                          invalid=resolved.invalid, turns=result.turns, stopped=result.stopped,
-                         fallback=fallback)
+                         fallback=result.fallback, quoted=quoted)

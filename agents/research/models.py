@@ -187,6 +187,8 @@ class InvestigationOutput(BaseModel):
     stopped: str | None = None
     fallback: bool = False
     sentences: list[SourcedSentence] | None = None
+    # No sentence of the model rested on a passage: the passages' best sentences were quoted.
+    quoted: bool = False
     # Passage numbers the model cited that named no passage it was shown (dropped).
     invalid_citations: list[int] = Field(default_factory=list)
 

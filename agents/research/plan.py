@@ -109,7 +109,7 @@ def parse_gaps(text: str, asked: Sequence[str], n_max: int) -> list[str] | None:
 
 def weak(inv: InvestigationOutput) -> bool:
     """Findings that answer without a source: nothing found, a fallback, or uncited sentences."""
-    if inv.fallback or not inv.sentences:
+    if inv.fallback or inv.quoted or not inv.sentences:
         return True
     return any(not s.chunks for s in inv.sentences)
 

@@ -88,7 +88,8 @@ def investigate_corpus(ctx: StepContext, job_input: ResearchInput, corpus_id: st
         citations=[SectionCitation(n=n, chunk_id=chunk_of[n]) for n in cited],
         retrieved=[p.chunk_id for p in passages], passages=passages,
         rests_on=[chunk_of[n] for n in cited], turns=found.turns, stopped=str(found.stopped),
-        fallback=found.fallback, sentences=sentences, invalid_citations=found.invalid)
+        fallback=found.fallback, quoted=found.quoted, sentences=sentences,
+        invalid_citations=found.invalid)
 
 
 def gaps(ctx: StepContext, job_input: ResearchInput, n_max: int) -> GapOutput:
