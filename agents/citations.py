@@ -70,14 +70,22 @@ def renumber(sections: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]
 
 
 def attribute(sentence: str, passages: Mapping[str, str], at_most: int = 2) -> list[str]:
-    """The passages (by key) a sentence came from, by lexical overlap: those holding at least
-    `SUPPORT_THRESHOLD` of its content words, best first; none when no passage does."""
+    """The passages (by key) a sentence came from, by lexical overlap: of those holding at
+    least `SUPPORT_THRESHOLD` of its content words, best first, each that adds words the ones
+    before it do not hold; none when no passage holds enough."""
     words = content_words(sentence)
     if not words:
         return []
-    scored = sorted(((len(words & content_words(text)) / len(words), key)
-                     for key, text in passages.items()), key=lambda s: -s[0])
-    return [key for share, key in scored[:at_most] if share >= SUPPORT_THRESHOLD]
+    held = {key: words & content_words(text) for key, text in passages.items()}
+    chosen: list[str] = []
+    covered: set[str] = set()
+    for key in sorted(held, key=lambda k: -len(held[k])):
+        if len(held[key]) / len(words) < SUPPORT_THRESHOLD or len(chosen) >= at_most:
+            break
+        if held[key] - covered:
+            chosen.append(key)
+            covered |= held[key]
+    return chosen
 
 
 def supported(sentence: str, texts: Iterable[str]) -> bool:

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping, Sequence
 
 from agents.base import AgentError, CallSpec, StepContext
-from agents.citations import verify, verify_sentences
+from agents.citations import split_cited, verify, verify_sentences
 from agents.research.brief import (
     Numbering,
     fit,
@@ -98,10 +98,20 @@ def _brief(query: str, found: Sequence[InvestigationOutput],
         retrieved_by_section=[list(inv.retrieved) for inv in found], answer_sentences=answer)
 
 
+def _sentences_of(inv: InvestigationOutput) -> list[SourcedSentence]:
+    """An investigation's sentences (one stored before they were kept: read from its `[n]`
+    markers)."""
+    if inv.sentences is not None:
+        return inv.sentences
+    local = {c.n: c.chunk_id for c in inv.citations or [] if c.chunk_id is not None}
+    return [SourcedSentence(text=t, chunks=[local[n] for n in ns if n in local])
+            for t, ns in split_cited(inv.answer)] if local else []
+
+
 def synthesise(ctx: StepContext, job_input: ResearchInput) -> SynthesisOutput:
     found = investigations(ctx.parents)
     if job_input.corpus_id:
-        return _brief(job_input.query, found, [inv.sentences or [] for inv in found], ctx)
+        return _brief(job_input.query, found, [_sentences_of(inv) for inv in found], ctx)
     sections = [Section(question=inv.question, answer=inv.answer) for inv in found]
     reply = ctx.complete(CallSpec(prompt=_shared_prefix(job_input.query) + _notes(sections)
                                   + SYNTHESIS_CUE, stop=["\n"]))
