@@ -111,7 +111,10 @@ def test_schema_checks() -> None:
     check_output_schema(SCHEMA)
     for bad in ({"type": "object", "properties": {}}, {"type": "object",
                                                       "properties": {"a": {"type": 5}}},
-                {"type": "object", "properties": {f"p{i}": {} for i in range(33)}}):
+                {"type": "object", "properties": {f"p{i}": {} for i in range(33)}},
+                {"$schema": "foo", "type": "object", "properties": {"a": {}}},
+                {"$schema": 5, "type": "object", "properties": {"a": {}}},
+                {"type": "object", "properties": {"a": {"$ref": "#/$defs/none"}}}):
         with pytest.raises(ValueError, match=r"."):
             check_output_schema(bad)
     with pytest.raises(ValidationError, match="output_schema"):

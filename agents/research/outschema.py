@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from jsonschema import validators
 from jsonschema.exceptions import SchemaError
@@ -34,6 +35,10 @@ def check_output_schema(schema: dict[str, Any]) -> None:
     size = len(json.dumps(schema, separators=(",", ":")).encode("utf-8"))
     if size > MAX_SCHEMA_BYTES:
         raise ValueError(f"the schema takes {size} bytes as JSON; at most {MAX_SCHEMA_BYTES}")
+    if "$schema" in schema and (not isinstance(schema["$schema"], str)
+                                or validators.validator_for(schema, default=None) is None):
+        raise ValueError(f"unknown $schema {schema['$schema']!r}; leave it out for draft "
+                         "2020-12")
     try:
         validators.validator_for(schema).check_schema(schema)
     except SchemaError as exc:
@@ -46,10 +51,25 @@ def check_output_schema(schema: dict[str, Any]) -> None:
     if len(schema["properties"]) > MAX_FIELDS:
         raise ValueError(f"the schema has {len(schema['properties'])} properties; at most "
                          f"{MAX_FIELDS}")
-    remote = [r for r in _refs(schema) if not r.startswith("#")]
-    if remote:
-        raise ValueError(f"only references within the schema (\"#/...\") are allowed, not "
-                         f"{remote[0]!r}")
+    for ref in _refs(schema):
+        if not ref.startswith("#"):
+            raise ValueError(f"only references within the schema (\"#/...\") are allowed, "
+                             f"not {ref!r}")
+        if not _resolves(schema, ref):
+            raise ValueError(f"the reference {ref!r} points at nothing in the schema")
+
+
+def _resolves(schema: dict[str, Any], ref: str) -> bool:
+    node: Any = schema
+    for part in [p for p in ref[1:].split("/") if p]:
+        part = unquote(part).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
 
 
 def field_names(schema: dict[str, Any]) -> list[str]:
@@ -90,7 +110,10 @@ class Extracted:
 
 def first_error(schema: dict[str, Any], instance: Any) -> str | None:
     validator = validators.validator_for(schema)(schema)
-    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
+    try:
+        errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.path])
+    except Exception as exc:  # noqa: BLE001 - a schema the checks let through yet cannot apply
+        return f"the schema could not be applied: {type(exc).__name__}: {exc}"
     if not errors:
         return None
     err = errors[0]
