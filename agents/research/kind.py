@@ -17,7 +17,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from agents.base import AgentError, JobKind, Role, StepContext, StepOutputs, StepSpec
+from agents.base import (
+    AgentError,
+    JobKind,
+    Role,
+    StepContext,
+    StepOutputs,
+    StepSpec,
+    SubmissionContext,
+)
 from agents.research.brief import markdown
 from agents.research.extract import extract
 from agents.research.models import (
@@ -51,7 +59,7 @@ class Research(JobKind[ResearchInput, ResearchResult]):
     roles = (PLANNER, INVESTIGATOR, GAP_ANALYST, SYNTHESISER, CRITIC, REVISER, VERIFIER,
              EXTRACTOR)
 
-    def check(self, ctx: Any, job_input: ResearchInput) -> None:
+    def check(self, ctx: SubmissionContext, job_input: ResearchInput) -> None:
         if job_input.corpus_id and not ctx.corpus_exists(job_input.corpus_id):
             raise InvalidInput(f"input.corpus_id: this tenant has no corpus "
                                f"{job_input.corpus_id!r}")
@@ -82,14 +90,14 @@ class Research(JobKind[ResearchInput, ResearchResult]):
               investigators: list[str]) -> list[StepSpec]:
         """The synthesis and what follows it."""
         settings = get_settings()
-        words = settings.synthesiser_max_tokens
-        out = [StepSpec(key="synthesise", role=SYNTHESISER, max_tokens=words,
+        tokens = settings.synthesiser_max_tokens
+        out = [StepSpec(key="synthesise", role=SYNTHESISER, max_tokens=tokens,
                         depends_on=tuple(waits_for))]
         brief = "synthesise"
         if job_input.corpus_id and EFFORTS[job_input.effort].revise:
-            out += [StepSpec(key="critique", role=CRITIC, max_tokens=words,
+            out += [StepSpec(key="critique", role=CRITIC, max_tokens=tokens,
                              depends_on=("synthesise",)),
-                    StepSpec(key="revise", role=REVISER, max_tokens=words,
+                    StepSpec(key="revise", role=REVISER, max_tokens=tokens,
                              depends_on=("synthesise", "critique", *investigators))]
             brief = "revise"
         last: tuple[str, ...] = (brief,)
@@ -98,7 +106,7 @@ class Research(JobKind[ResearchInput, ResearchResult]):
             out.append(StepSpec(key="verify", role=VERIFIER, max_tokens=1, depends_on=(brief,)))
             last = (brief, "verify")
         if job_input.output_schema is not None:
-            out.append(StepSpec(key="extract", role=EXTRACTOR, max_tokens=max(words, 512),
+            out.append(StepSpec(key="extract", role=EXTRACTOR, max_tokens=max(tokens, 512),
                                 depends_on=last))
         return out
 
