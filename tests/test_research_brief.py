@@ -119,3 +119,12 @@ def test_schema_checks() -> None:
             check_output_schema(bad)
     with pytest.raises(ValidationError, match="output_schema"):
         ResearchInput(query="How?", output_schema={"type": "array"})
+
+
+def test_a_sentence_said_again_is_kept_once_and_a_paragraph_is_bounded() -> None:
+    said = "Honey bees make honey from flower nectar. " * 5 + "Bees store honey in wax cells."
+    got = resolve([(said, []), ("honey bees make honey from flower nectar", [1])], PASSAGES)
+    assert [t for t, _, _ in got.sentences] == ["Honey bees make honey from flower nectar.",
+                                                "Bees store honey in wax cells."]
+    many = " ".join(f"Bees make honey number w{i}." for i in range(20))
+    assert len(resolve([(many, [1])], PASSAGES).sentences) == 8

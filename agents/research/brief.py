@@ -29,6 +29,7 @@ from agents.research.models import (
 )
 
 MAX_CITES = 4  # passages one sentence may name
+MAX_SENTENCES = 8  # sentences a paragraph keeps (small models repeat themselves)
 # The fewest tokens worth asking for: a structured paragraph needs room for its JSON.
 MIN_ANSWER_TOKENS = 48
 
@@ -84,16 +85,20 @@ class Resolved:
     invalid: list[int] = field(default_factory=list)
 
 
-def resolve(items: Sequence[tuple[str, Sequence[int]]], passages: Mapping[int, str]
-            ) -> Resolved:
-    """Each sentence with the passages (numbers of `passages`) it rests on: those it names
-    where they hold its words, else those it shares its words with."""
+def resolve(items: Sequence[tuple[str, Sequence[int]]], passages: Mapping[int, str],
+            at_most: int = MAX_SENTENCES) -> Resolved:
+    """Each sentence (at most `at_most`; a sentence said again is left out) with the passages
+    (numbers of `passages`) it rests on: those it names where they hold its words, else those
+    it shares its words with."""
     out = Resolved()
+    said: set[frozenset[str]] = set()
     for text, named in items:
         for piece, markers in split_cited(text):
             piece = " ".join(piece.split())
-            if not content_words(piece):
+            words = frozenset(content_words(piece))
+            if not words or words in said or len(out.sentences) >= at_most:
                 continue
+            said.add(words)
             claimed = list(dict.fromkeys([*markers, *named] if markers else named))
             valid = [n for n in claimed if n in passages][:MAX_CITES]
             out.invalid += [n for n in claimed if n not in passages]

@@ -51,15 +51,24 @@ def _cited_prefix(query: str) -> str:
     )
 
 
-def _notes(sections: Sequence[Section]) -> str:
-    return "".join(f"Section: {s.question}\nAnswer: {s.answer}\n\n" for s in sections)
+def _notes(sections: Sequence[Section], sentences: int | None = None) -> str:
+    """The sections as the synthesis reads them (each cut to its first `sentences`)."""
+    def text(s: Section) -> str:
+        if sentences is None or not s.sentences:
+            return s.answer
+        return render([(c.text, c.citations) for c in s.sentences[:sentences]])
+    return "".join(f"Section: {s.question}\nAnswer: {text(s)}\n\n" for s in sections)
 
 
 def _overall(ctx: StepContext, query: str, sections: Sequence[Section],
              texts: Mapping[int, str]) -> tuple[list[CitedSentence], str | None]:
     """The overall answer, as cited sentences (numbers of the brief's citations)."""
-    call = fit(ctx, CallSpec(prompt=_cited_prefix(query) + _notes(sections) + SYNTHESIS_CUE,
-                             json_schema=paragraph_schema(len(texts), ANSWER_SENTENCES)))
+    # The whole sections where the model's context holds them, else their first sentences.
+    calls = (fit(ctx, CallSpec(prompt=_cited_prefix(query) + _notes(sections, cut)
+                               + SYNTHESIS_CUE,
+                               json_schema=paragraph_schema(len(texts), ANSWER_SENTENCES)))
+             for cut in (None, 2))
+    call = next((c for c in calls if c is not None), None)
     if call is None:  # the sections fill the model's context: the fallback answer
         return [], None
     reply = ctx.complete(call)
