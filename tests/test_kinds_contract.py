@@ -230,7 +230,7 @@ def test_research_verifier_flags_a_chunk_the_corpus_does_not_hold() -> None:
     job_input = kind.parse_input({"query": "How do bees make honey?", "max_subquestions": 2,
                                   "corpus_id": "cor_1"})
     run = Run(kind, job_input,
-              research_answer("Honey bees make honey from flower nectar [1]. Wax [7].",
+              research_answer("Honey bees make honey from flower nectar [1]. Bees keep wax [7].",
                               "Honey bees make honey from flower nectar [1]."),
               passages=PASSAGES, chunks={})
     body = kind.result(job_input, run.outputs).model_dump(mode="json")
@@ -240,7 +240,7 @@ def test_research_verifier_flags_a_chunk_the_corpus_does_not_hold() -> None:
     assert check["problems"]
     assert all(
         p["problem"] == "the cited chunk does not exist in the corpus" for p in check["problems"])
-    # [7] named no passage shown: it never reaches the brief; "Wax" is attributed to the
+    # [7] named no passage shown: it never reaches the brief; the sentence is attributed to the
     # passage that says it.
     assert run.outputs.all(INVESTIGATOR)[0].invalid_citations == [7]
     assert "[7]" not in body["sections"][0]["answer"]
@@ -253,8 +253,8 @@ def test_research_partial_result_keeps_finished_sections() -> None:
     kind = Research()
     job_input = kind.parse_input({"query": "How do bees make honey?", "max_subquestions": 3,
                                   "corpus_id": "cor_1"})
-    run = Run(kind, job_input, research_answer("Nectar [1].", "Honey."), passages=PASSAGES,
-              chunks=CHUNKS, stop_after=3)
+    run = Run(kind, job_input, research_answer("Bees make honey from nectar [1].", "Honey."),
+              passages=PASSAGES, chunks=CHUNKS, stop_after=3)
     assert run.order == ["plan", "investigate-1", "investigate-2"]
     partial = kind.partial_result(job_input, run.outputs)
     assert partial["partial"] is True

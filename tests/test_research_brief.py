@@ -126,5 +126,6 @@ def test_a_sentence_said_again_is_kept_once_and_a_paragraph_is_bounded() -> None
     got = resolve([(said, []), ("honey bees make honey from flower nectar", [1])], PASSAGES)
     assert [t for t, _, _ in got.sentences] == ["Honey bees make honey from flower nectar.",
                                                 "Bees store honey in wax cells."]
+    assert resolve([("wax", [1, 2]), ("", [1])], PASSAGES).sentences == []
     many = " ".join(f"Bees make honey number w{i}." for i in range(20))
     assert len(resolve([(many, [1])], PASSAGES).sentences) == 8

@@ -30,6 +30,7 @@ from agents.research.models import (
 
 MAX_CITES = 4  # passages one sentence may name
 MAX_SENTENCES = 8  # sentences a paragraph keeps (small models repeat themselves)
+MIN_WORDS = 3  # content words a sentence needs to be a claim (not a fragment like "wax")
 # The fewest tokens worth asking for: a structured paragraph needs room for its JSON.
 MIN_ANSWER_TOKENS = 48
 
@@ -87,7 +88,8 @@ class Resolved:
 
 def resolve(items: Sequence[tuple[str, Sequence[int]]], passages: Mapping[int, str],
             at_most: int = MAX_SENTENCES) -> Resolved:
-    """Each sentence (at most `at_most`; a sentence said again is left out) with the passages
+    """Each sentence (at most `at_most`; a fragment of fewer than `MIN_WORDS` content words,
+    or a sentence said again, is left out) with the passages
     (numbers of `passages`) it rests on: those it names where they hold its words, else those
     it shares its words with."""
     out = Resolved()
@@ -96,7 +98,7 @@ def resolve(items: Sequence[tuple[str, Sequence[int]]], passages: Mapping[int, s
         for piece, markers in split_cited(text):
             piece = " ".join(piece.split())
             words = frozenset(content_words(piece))
-            if not words or words in said or len(out.sentences) >= at_most:
+            if len(words) < MIN_WORDS or words in said or len(out.sentences) >= at_most:
                 continue
             said.add(words)
             claimed = list(dict.fromkeys([*markers, *named] if markers else named))
