@@ -1,5 +1,5 @@
 """Citations for research over a corpus: numbered markers in the text, the chunks they point at,
-and the verifier's checks.
+attribution of sentences to passages by the words they share, and the verifier's checks.
 
 An investigator sees its retrieved passages numbered [1]..[k] and cites them by number; its
 section keeps, for each number, the chunk id. The synthesiser renumbers every section's
@@ -69,38 +69,91 @@ def renumber(sections: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]
     return out_sections, [{"n": n, "chunk_id": chunk} for chunk, n in order.items()]
 
 
+def attribute(sentence: str, passages: Mapping[str, str], at_most: int = 2) -> list[str]:
+    """The passages (by key) a sentence came from, by lexical overlap: of those holding at
+    least `SUPPORT_THRESHOLD` of its content words, best first, each that adds words the ones
+    before it do not hold; none when no passage holds enough."""
+    words = content_words(sentence)
+    if not words:
+        return []
+    held = {key: words & content_words(text) for key, text in passages.items()}
+    chosen: list[str] = []
+    covered: set[str] = set()
+    for key in sorted(held, key=lambda k: -len(held[k])):
+        if len(held[key]) / len(words) < SUPPORT_THRESHOLD or len(chosen) >= at_most:
+            break
+        if held[key] - covered:
+            chosen.append(key)
+            covered |= held[key]
+    return chosen
+
+
+def supported(sentence: str, texts: Iterable[str]) -> bool:
+    words = content_words(sentence)
+    support: set[str] = set()
+    for text in texts:
+        support |= content_words(text)
+    return not words or len(words & support) / len(words) >= SUPPORT_THRESHOLD
+
+
+def split_cited(text: str) -> list[tuple[str, list[int]]]:
+    """Prose with `[n]` markers as sentences, each with the numbers it cites."""
+    return [(MARKER.sub("", s).replace(" .", ".").strip(), [int(n) for n in MARKER.findall(s)])
+            for s in sentences(text)]
+
+
 def verify(sections: Sequence[Mapping[str, Any]], citations: Sequence[Mapping[str, Any]],
            retrieved_by_section: Sequence[Iterable[str]], chunks: Mapping[str, str],
            answer: str = "") -> dict[str, Any]:
-    """Check a brief's citations and support.
+    """Check a brief written as prose with `[n]` markers (see `verify_sentences`); a marker
+    `[?n]` (a number that named no passage given) is a problem of its own."""
+    texts = [str(s.get("answer", "")) for s in sections]
+    cited = [split_cited(t) for t in texts]
+    report = verify_sentences(cited, citations, retrieved_by_section, chunks,
+                              split_cited(answer) if answer else [])
+    for index, text in [*enumerate(texts), (-1, answer)]:
+        where = "answer" if index < 0 else f"section {index + 1}"
+        for bad in re.findall(r"\[\?(\d+)\]", text):
+            report["problems"].append({
+                "where": where, "citation": f"?{bad}",
+                "problem": "cites a source number the investigator was not given"})
+    report["unsupported_sentences"] = [u for u in report["unsupported_sentences"]
+                                       if "[?" not in u["sentence"]]
+    report["verified"] = not report["problems"] and not report["unsupported_sentences"]
+    return report
 
-    `sections` carry globally numbered markers; `citations` map those numbers to chunk ids;
-    `retrieved_by_section[i]` is what section i's investigator retrieved; `chunks` is the text
-    of every cited chunk that exists in the corpus (a missing id does not exist)."""
+
+def verify_sentences(sections: Sequence[Sequence[tuple[str, Sequence[int]]]],
+                     citations: Sequence[Mapping[str, Any]],
+                     retrieved_by_section: Sequence[Iterable[str]], chunks: Mapping[str, str],
+                     answer: Sequence[tuple[str, Sequence[int]]] = ()) -> dict[str, Any]:
+    """Check a brief's citations and support, sentence by sentence.
+
+    `sections[i]` are section i's sentences, each with the (brief-wide) citation numbers it
+    rests on; `citations` map those numbers to chunk ids; `retrieved_by_section[i]` is what
+    section i's investigator retrieved; `chunks` is the text of every cited chunk that exists
+    in the corpus (a missing id does not exist). The overall `answer` may cite any passage
+    retrieved for any section."""
     by_n = {int(c["n"]): c["chunk_id"] for c in citations}
     problems: list[dict[str, Any]] = []
     unsupported: list[dict[str, Any]] = []
     everything: set[str] = set()
     for got in retrieved_by_section:
         everything |= set(got)
-    texts = [(i, str(s.get("answer", "")), set(retrieved_by_section[i]))
-             for i, s in enumerate(sections)]
+    texts = [(i, sec, set(retrieved_by_section[i]) if i < len(retrieved_by_section) else set())
+             for i, sec in enumerate(sections)]
     if answer:
         texts.append((-1, answer, everything))
     checked = 0
-    for index, text, retrieved in texts:
+    for index, cited_sentences, retrieved in texts:
         where = "answer" if index < 0 else f"section {index + 1}"
-        for bad in re.findall(r"\[\?(\d+)\]", text):
-            problems.append({"where": where, "citation": f"?{bad}",
-                             "problem": "cites a source number the investigator was not given"})
-        for sentence in sentences(text):
-            cited = [int(n) for n in MARKER.findall(sentence)]
+        for sentence, cited in cited_sentences:
             if not cited:
-                if content_words(sentence) and "[?" not in sentence:
+                if content_words(sentence):
                     unsupported.append({"where": where, "sentence": sentence,
                                         "reason": "cites no source"})
                 continue
-            support: set[str] = set()
+            support: list[str] = []
             for n in cited:
                 checked += 1
                 chunk = by_n.get(n)
@@ -115,9 +168,8 @@ def verify(sections: Sequence[Mapping[str, Any]], citations: Sequence[Mapping[st
                                      "problem": "the cited chunk was not among the passages "
                                                 "retrieved for this section"})
                 else:
-                    support |= content_words(chunks[chunk])
-            words = content_words(sentence)
-            if words and len(words & support) / len(words) < SUPPORT_THRESHOLD:
+                    support.append(chunks[chunk])
+            if not supported(sentence, support):
                 unsupported.append({"where": where, "sentence": sentence,
                                     "reason": "the cited sources do not support it"})
     return {"verified": not problems and not unsupported, "citations_checked": checked,

@@ -133,8 +133,9 @@ def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
 
 def fit_to_schema(text: str, schema: dict[str, Any], root: dict[str, Any] | None = None
                   ) -> Any:
-    """A value of the schema made from `text`: strings are the text, numbers 0, lists empty,
-    objects their required fields; of alternatives, one with a `final` field if any."""
+    """A value of the schema made from `text`: strings are the text, numbers 0, lists as few
+    items as `minItems` asks for (empty by default), objects their required fields; of
+    alternatives, one with a `final` field if any."""
     root = root if root is not None else schema
     schema = _resolve(schema, root)
     options = schema.get("anyOf") or schema.get("oneOf")
@@ -152,7 +153,8 @@ def fit_to_schema(text: str, schema: dict[str, Any], root: dict[str, Any] | None
         return {name: fit_to_schema(text, props[name], root)
                 for name in schema.get("required") or [] if name in props}
     if kind == "array":
-        return []
+        return [fit_to_schema(text, schema.get("items") or {}, root)
+                for _ in range(int(schema.get("minItems") or 0))]
     if kind in ("integer", "number"):
         return 0
     if kind == "boolean":

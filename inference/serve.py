@@ -8,6 +8,7 @@ directly). Arguments after `--` are passed to vLLM unchanged.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -59,6 +60,10 @@ def build_command(
         "--enable-prefix-caching",
         # Usage carries cached prompt tokens, so the ledger can show prefix-cache hits.
         "--enable-prompt-tokens-details",
+        # Compact JSON under a JSON-schema constraint: otherwise a small model pads with
+        # whitespace until max_tokens runs out (this vLLM takes the setting per server only).
+        "--structured-outputs-config",
+        json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
         *extra,
     ]
 

@@ -56,6 +56,7 @@ def _structured(call: CallSpec, action: bool) -> dict[str, Any]:
         structured["regex"] = call.regex
     if call.json_schema is not None:
         structured["json"] = dict(call.json_schema)
+        structured["disable_any_whitespace"] = True
     if call.choice is not None:
         structured["choice"] = list(call.choice)
     return structured

@@ -36,8 +36,8 @@ Q1 = "How do honey bees make honey from nectar?"
 Q2 = "Where do bees store their honey?"
 MARKER = f"Sub-question: {Q1}"
 SEARCH = json.dumps({"tool": "search", "arguments": {"query": "honey nectar"}})
-ANSWER = json.dumps({"final": {"answer": "Honey bees make honey from flower nectar [1].",
-                               "passages": [1]}})
+ANSWER = json.dumps({"final": {"sentences": [
+    {"text": "Honey bees make honey from flower nectar.", "passages": [1]}]}})
 
 
 def make_corpus(http: Any, key: str) -> str:
@@ -131,7 +131,8 @@ def test_a_loop_stops_at_its_step_budget_and_answers_from_its_last_call(
     assert "final" in last["properties"]
     assert LAST_TURN in bodies[-1]["prompt"]
     assert rows[-1].max_tokens <= 256
-    assert json.loads(rows[-1].output_text)["final"]["answer"].startswith("Stand-in answer")
+    said = json.loads(rows[-1].output_text)["final"]["sentences"][0]["text"]
+    assert said.startswith("Stand-in answer")
     assert step.output["answer"].startswith("Stand-in answer")
     assert [c["name"] for c in rows[-1].tool_calls or []] == [ANSWER_TOOL]
     assert all([c["name"] for c in r.tool_calls or []] == ["search"] for r in rows[:-1])
@@ -253,7 +254,7 @@ def test_a_chat_model_with_tool_calling_gets_tools_and_its_tool_calls_drive_the_
         json.dumps({"tool": "search", "arguments": {"query": "wax cells"}}),
         json.dumps({"tool": "read_passage", "arguments": {"passage": 1}}),
         json.dumps({"tool": ANSWER_TOOL, "arguments": {
-            "answer": "Bees store honey in wax cells [1].", "passages": [1]}})]}
+            "sentences": [{"text": "Bees store honey in wax cells.", "passages": [1]}]}})]}
     catalogue = _chat_catalogue(standin.url)
     with isolated_stack(database_url, agentq_env, tmp_path, "_chat",
                         AGENTQ_MODELS=catalogue) as stack:

@@ -144,7 +144,9 @@ def test_the_registry_finds_the_built_in_kinds() -> None:
     research = get_kind("research")
     assert isinstance(research, Research)
     assert research.phases == {"planner": "planning", "investigator": "investigating",
-                               "synthesiser": "synthesising", "verifier": "verifying"}
+                               "gap_analyst": "analysing gaps", "synthesiser": "synthesising",
+                               "critic": "critiquing", "reviser": "revising",
+                               "verifier": "verifying", "extractor": "extracting"}
     assert get_kind("no-such-kind") is None
 
 
@@ -239,22 +241,31 @@ def test_research_verifier_flags_a_chunk_the_corpus_does_not_hold() -> None:
     job_input = kind.parse_input({"query": "How do bees make honey?", "max_subquestions": 2,
                                   "corpus_id": "cor_1"})
     run = Run(kind, job_input,
-              research_answer("Honey bees make honey from flower nectar [1]. Wax [7].",
+              research_answer("Honey bees make honey from flower nectar [1]. Bees keep wax [7].",
                               "Honey bees make honey from flower nectar [1]."),
               passages=PASSAGES, chunks={})
-    check = kind.result(job_input, run.outputs).model_dump(mode="json")["verification"]
+    body = kind.result(job_input, run.outputs).model_dump(mode="json")
+    check = body["verification"]
     assert check["verified"] is False
-    assert {p["citation"] for p in check["problems"]} >= {1, "?7"}
-    assert any("chunk" in p for p in check["problems"])
-    assert all("chunk" not in p for p in check["problems"] if p["citation"] == "?7")
+    # Every citation names a chunk the corpus does not hold.
+    assert check["problems"]
+    assert all(
+        p["problem"] == "the cited chunk does not exist in the corpus" for p in check["problems"])
+    # [7] named no passage shown: it never reaches the brief; the sentence is attributed to the
+    # passage that says it.
+    assert run.outputs.all(INVESTIGATOR)[0].invalid_citations == [7]
+    assert "[7]" not in body["sections"][0]["answer"]
+    wax = body["sections"][0]["sentences"][1]
+    assert wax["how"] == "overlap"
+    assert body["citations"][wax["citations"][0] - 1]["chunk"] == "chk_b"
 
 
 def test_research_partial_result_keeps_finished_sections() -> None:
     kind = Research()
     job_input = kind.parse_input({"query": "How do bees make honey?", "max_subquestions": 3,
                                   "corpus_id": "cor_1"})
-    run = Run(kind, job_input, research_answer("Nectar [1].", "Honey."), passages=PASSAGES,
-              chunks=CHUNKS, stop_after=3)
+    run = Run(kind, job_input, research_answer("Bees make honey from nectar [1].", "Honey."),
+              passages=PASSAGES, chunks=CHUNKS, stop_after=3)
     assert run.order == ["plan", "investigate-1", "investigate-2"]
     partial = kind.partial_result(job_input, run.outputs)
     assert partial["partial"] is True

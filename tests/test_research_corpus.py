@@ -71,14 +71,24 @@ def test_a_cited_brief_from_a_corpus_is_verified(client: TestClient, tenant_key:
     ResearchResult.model_validate(result)  # the result has the declared shape
 
 
-def test_the_verifier_flags_a_citation_to_a_source_that_was_never_given(
+def test_a_number_that_names_no_passage_never_reaches_the_brief_and_claims_without_support_are_flagged(  # noqa: E501
         client: TestClient, tenant_key: str, standin: Any, corpus: str) -> None:
     job = run(client, tenant_key, standin, corpus,
-              "Honey bees make honey from flower nectar [1]. Bees also make wax [9].")
+              "Honey bees make honey from flower nectar [1]. Bees also make wax [9]. "
+              "The queen lives for decades.")
     assert job["status"] == "completed", job
-    check = job["result"]["verification"]
+    result = job["result"]
+    first = result["sections"][0]
+    assert "[9]" not in first["answer"]
+    assert "[?" not in first["answer"]
+    wax = next(s for s in first["sentences"] if "wax" in s["text"])
+    assert wax["how"] == "overlap"  # attributed to the passage that says it
+    assert result["citations"][wax["citations"][0] - 1]["document"] == "bees"
+    check = result["verification"]
     assert check["verified"] is False
-    assert any(p["citation"] == "?9" for p in check["problems"]), check
+    assert not check["problems"]
+    assert {(u["where"], u["sentence"], u["reason"]) for u in check["unsupported_sentences"]} \
+        >= {("section 1", "The queen lives for decades.", "cites no source")}
 
 
 def test_a_corpus_of_another_tenant_is_refused(client: TestClient, corpus: str) -> None:

@@ -66,6 +66,60 @@ def test_research_job_on_a_real_vllm_server(vllm_servers: list[VllmServer],
     assert Path(db_url.removeprefix("sqlite:///")).exists()
 
 
+CORPUS = {
+    "bees.txt": "Honey bees make honey from flower nectar. Worker bees carry the nectar to the "
+                "hive, where they evaporate its water by fanning their wings and store it in "
+                "wax cells sealed with a cap of wax.",
+    "wax.txt": "Beeswax is made by young worker bees from glands on their abdomen. They build "
+               "the hexagonal cells of the comb with it; the cells hold honey, pollen and the "
+               "brood.",
+}
+
+
+def test_research_over_a_corpus_cites_every_section_on_a_real_vllm_server(
+        platform: Platform) -> None:
+    """The base model never has to write a `[n]` marker: its paragraphs are structured output
+    (sentences with the passages they rest on), checked and attributed; the brief is rendered
+    from that structure and the verifier checks every citation."""
+    with httpx.Client(base_url=platform.api, headers=auth(platform.key), timeout=30) as http:
+        corpus_id = http.post("/v1/corpora", json={"name": "bees-cited"}).json()["id"]
+        for name, body in CORPUS.items():
+            resp = http.post(f"/v1/corpora/{corpus_id}/documents",
+                             files={"file": (name, body.encode(), "text/plain")})
+            assert resp.status_code in (200, 201), resp.text
+        resp = http.post("/v1/jobs", json={"kind": "research", "input": {
+            "query": "How do bees make and keep honey?", "max_subquestions": 2,
+            "corpus_id": corpus_id, "effort": "medium"}})
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["id"]
+        deadline = time.monotonic() + 900
+        while True:
+            job = http.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] in TERMINAL:
+                break
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+    assert job["status"] == "completed", job
+    result = job["result"]
+    assert result["sources"] == "corpus"
+    assert len(result["sections"]) == 2
+    citations = {c["n"]: c for c in result["citations"]}
+    assert citations, result
+    assert {c["document"] for c in citations.values()} <= {"bees", "wax"}
+    for section in result["sections"]:
+        cited = [n for s in section["sentences"] for n in s["citations"]]
+        assert cited, section  # every section rests on passages of the corpus
+        assert set(cited) <= set(citations)
+        assert all(f"[{n}]" in section["answer"] for n in cited)
+    check = result["verification"]
+    assert check["citations_checked"] >= len(result["sections"])
+    # Every citation points at a chunk of the corpus its section retrieved (by construction);
+    # sentences the passages do not support are flagged, not hidden.
+    assert check["problems"] == [], check
+    assert check["verified"] is (not check["unsupported_sentences"])
+    assert all(f"## {s['question']}" in result["brief"] for s in result["sections"])
+
+
 def test_coding_job_mechanics_on_a_real_vllm_server(platform: Platform) -> None:
     """The small model rarely writes passing code; what is checked here is the loop: the model
     was asked, its answer handled, the tests ran in the sandbox and the report was kept."""
