@@ -86,7 +86,7 @@ def _record_job(f: jobs.TraceFacts, continued: datetime | None) -> None:
         "agentq.job.status": f.status, "agentq.usage.prompt_tokens": f.prompt_tokens,
         "agentq.usage.completion_tokens": f.completion_tokens,
         "agentq.usage.model_calls": f.model_calls, "agentq.cost_usd": float(f.cost_usd),
-        **budget_attributes(f.budget)}
+        "agentq.service_tier": f.service_tier, **budget_attributes(f.budget)}
     error = f"{f.error_code}: {f.error_message}" if f.error_code else None
     if error is not None:
         attributes["error.type"] = f.error_code
@@ -112,6 +112,7 @@ def step(c: ClaimedStep, claimed_ns: int, link: str | None) -> Iterator[Span | N
         "agentq.step.id": c.step_id, "agentq.step.key": c.key, "agentq.step.role": c.role,
         "agentq.step.attempt": c.attempt, "agentq.step.max_tokens": c.max_tokens,
         "agentq.step.queue_wait_ms": (claimed_ns - queued_ns) / 1e6,
+        "agentq.service_tier": c.service_tier, "agentq.scheduled_tier": c.scheduled_tier,
         **budget_attributes(c.budget)}
     with tracing.span(f"step {c.role}", attributes, parent=c.trace_context,
                       kind=SpanKind.CONSUMER, start_ns=queued_ns, links=[link]) as current:
@@ -190,6 +191,8 @@ def _row_attributes(row: Mapping[str, Any]) -> dict[str, Any]:
     if cost is not None:
         out["agentq.cost_usd"] = float(Decimal(cost))
     for key, name in (("cached_from", "cached_from"), ("escalated_from", "escalated_from"),
+                      ("service_tier", "service_tier"), ("power_price", "power_price_usd_kwh"),
+                      ("carbon_intensity", "carbon_g_kwh"),
                       ("energy_wh", "energy_wh"), ("cache_hit", "prefix_cache_hit")):
         if row.get(key) is not None:
             out[f"agentq.{name}"] = row[key]

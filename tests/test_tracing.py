@@ -166,6 +166,7 @@ def test_a_research_job_is_one_connected_trace(traced: Traced, standin: Any) -> 
     assert root.attributes["agentq.usage.model_calls"] == job["model_calls"] == len(calls)
     assert root.attributes["agentq.cost_usd"] == pytest.approx(float(job["cost_usd"]))
     assert root.attributes["agentq.budget.max_total_tokens"] > 0
+    assert root.attributes["agentq.service_tier"] == "standard"
     assert all(s.resource["service.name"] == SERVICE for s in spans)
 
     # The API's part and the steps, each from its enqueue, under the job's span.
@@ -182,6 +183,7 @@ def test_a_research_job_is_one_connected_trace(traced: Traced, standin: Any) -> 
         assert span.attributes["agentq.step.key"] == st["key"]
         assert span.attributes["agentq.step.status"] == "completed"
         assert span.attributes["agentq.step.queue_wait_ms"] >= 0
+        assert span.attributes["agentq.service_tier"] == "standard"
         queued = [c for c in spans if c.parent_span_id == span.span_id and c.name == "queued"]
         assert len(queued) == 1
         assert queued[0].start_ns == span.start_ns
@@ -209,6 +211,7 @@ def test_a_research_job_is_one_connected_trace(traced: Traced, standin: Any) -> 
         assert a["gen_ai.usage.output_tokens"] == row["completion_tokens"]
         assert a["gen_ai.response.finish_reasons"] == [row["finish_reason"]]
         assert a["agentq.cost_usd"] == pytest.approx(float(row["cost_usd"]))
+        assert a["agentq.service_tier"] == "standard"
         if row["cached_from"] is None:
             assert a["gen_ai.server.time_to_first_token"] == pytest.approx(row["ttft_ms"] / 1000)
             assert [e[0] for e in span.events] == ["gen_ai.first_token"]

@@ -197,18 +197,20 @@ class TraceFacts:
     error_message: str | None
     created_at: datetime
     finished_at: datetime | None
+    service_tier: str = "standard"
 
 
 def trace_facts(session: Session, job_id: str) -> TraceFacts | None:
     row = session.execute(select(
         J.id, J.tenant_id, J.kind, J.status, J.trace_context, J.budget, J.prompt_tokens,
         J.completion_tokens, J.model_calls, J.cost_usd, J.error_code, J.error_message,
-        J.created_at, J.finished_at).where(J.id == job_id)).first()
+        J.created_at, J.finished_at, J.service_tier).where(J.id == job_id)).first()
     if row is None:
         return None
     return TraceFacts(str(row[0]), str(row[1]), str(row[2]), str(row[3]), row[4],
                       dict(row[5] or {}), int(row[6]), int(row[7]), int(row[8]),
-                      Decimal(row[9] or 0), row[10], row[11], row[12], row[13])
+                      Decimal(row[9] or 0), row[10], row[11], row[12], row[13],
+                      str(row[14] or "standard"))
 
 
 def flex_with_deadlines(session: Session, limit: int) -> list[tuple[str, str, datetime, int,
