@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,7 +17,7 @@ import redis
 
 from bench.standin import free_port
 from tests.conftest import REDIS_URL, migrate
-from tests.helpers import Proc, start_worker, wait_until
+from tests.helpers import TERMINAL, Proc, start_worker, wait_until
 
 E2E_REDIS_URL = os.environ.get("AGENTQ_TEST_E2E_REDIS_URL",
                                REDIS_URL.rsplit("/", 1)[0] + "/10")
@@ -89,3 +91,23 @@ def platform(vllm_servers: list[VllmServer], tmp_path_factory: pytest.TempPathFa
     finally:
         api.stop()
         worker.stop()
+
+
+def wait_for_job(http: httpx.Client, job_id: str, timeout: float) -> dict[str, Any]:
+    """Poll the job until it ends (a real server on the CPU: minutes, not seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job: dict[str, Any] = http.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in TERMINAL:
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+
+
+def make_corpus(http: httpx.Client, name: str, documents: Mapping[str, str]) -> str:
+    corpus_id = str(http.post("/v1/corpora", json={"name": name}).json()["id"])
+    for filename, body in documents.items():
+        resp = http.post(f"/v1/corpora/{corpus_id}/documents",
+                         files={"file": (filename, body.encode(), "text/plain")})
+        assert resp.status_code in (200, 201), resp.text
+    return corpus_id

@@ -6,7 +6,6 @@ servers up.)"""
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
@@ -14,8 +13,8 @@ import redis
 from sqlalchemy import create_engine, text
 
 from inference.admission import Admission
-from tests.e2e.conftest import E2E_REDIS_URL, Platform, VllmServer
-from tests.helpers import TERMINAL, auth, metric
+from tests.e2e.conftest import E2E_REDIS_URL, Platform, VllmServer, wait_for_job
+from tests.helpers import auth, metric
 
 pytestmark = pytest.mark.e2e
 
@@ -56,13 +55,7 @@ def test_a_budget_binding_under_fifty_parallel_calls_is_never_exceeded(
         job_id = http.post("/v1/jobs", json={
             "kind": "batch", "input": {"prompts": prompts, "max_tokens": MAX_TOKENS},
             "budget": {"max_total_tokens": BUDGET}}).json()["id"]
-        deadline = time.monotonic() + 600
-        while True:
-            job = http.get(f"/v1/jobs/{job_id}").json()
-            if job["status"] in TERMINAL:
-                break
-            assert time.monotonic() < deadline, job
-            time.sleep(0.5)
+        job = wait_for_job(http, job_id, 600)
     stop.set()
     watcher.join(timeout=5)
 

@@ -8,15 +8,14 @@ the bug is not asserted: the figures are reported, not promised."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
 from agents.coding import CodingResult
-from tests.e2e.conftest import Platform, VllmServer
-from tests.helpers import TERMINAL, auth
+from tests.e2e.conftest import Platform, VllmServer, wait_for_job
+from tests.helpers import auth
 
 pytestmark = pytest.mark.e2e
 
@@ -32,13 +31,7 @@ def test_the_coder_loop_runs_on_a_real_vllm_server(
             "files": FILES, "candidates": 2, "max_rounds": 1, "max_turns": 4}})
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["id"]
-        deadline = time.monotonic() + 900
-        while True:
-            job = http.get(f"/v1/jobs/{job_id}").json()
-            if job["status"] in TERMINAL:
-                break
-            assert time.monotonic() < deadline, job
-            time.sleep(0.5)
+        job = wait_for_job(http, job_id, 900)
     assert job["status"] == "completed", job
     result = CodingResult.model_validate(job["result"])
     assert result.coder == "loop"

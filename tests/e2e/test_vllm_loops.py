@@ -6,14 +6,12 @@ counted."""
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.e2e.conftest import Platform, VllmServer
-from tests.helpers import TERMINAL, auth, metric
+from tests.e2e.conftest import Platform, VllmServer, make_corpus, wait_for_job
+from tests.helpers import auth, metric
 
 pytestmark = pytest.mark.e2e
 
@@ -35,23 +33,13 @@ def test_research_over_a_corpus_runs_loops_on_a_real_vllm_server(
     prompt_before = counted("vllm:prompt_tokens_total")
     gen_before = counted("vllm:generation_tokens_total")
     with httpx.Client(base_url=platform.api, headers=auth(platform.key), timeout=30) as http:
-        corpus_id = http.post("/v1/corpora", json={"name": "bees"}).json()["id"]
-        for name, body in DOCUMENTS.items():
-            resp = http.post(f"/v1/corpora/{corpus_id}/documents",
-                             files={"file": (name, body.encode(), "text/plain")})
-            assert resp.status_code in (200, 201), resp.text
+        corpus_id = make_corpus(http, "bees", DOCUMENTS)
         resp = http.post("/v1/jobs", json={"kind": "research", "input": {
             "query": "How do bees make and keep honey?", "max_subquestions": 2,
             "corpus_id": corpus_id, "effort": "medium"}})
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["id"]
-        deadline = time.monotonic() + 900
-        while True:
-            job = http.get(f"/v1/jobs/{job_id}").json()
-            if job["status"] in TERMINAL:
-                break
-            assert time.monotonic() < deadline, job
-            time.sleep(0.5)
+        job = wait_for_job(http, job_id, 900)
     assert job["status"] == "completed", job
     assert job["result"]["sources"] == "corpus"
     assert len(job["result"]["sections"]) == 2

@@ -10,24 +10,14 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.e2e.conftest import Platform, VllmServer
-from tests.helpers import TERMINAL, auth, metric, wait_until
+from tests.e2e.conftest import Platform, VllmServer, wait_for_job
+from tests.helpers import auth, metric, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
 def _counted(servers: list[VllmServer], name: str) -> float:
     return sum(metric(s.url, name) for s in servers)
-
-
-def _wait_for(http: httpx.Client, job_id: str, timeout: float) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while True:
-        job: dict[str, object] = http.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in TERMINAL:
-            return job
-        assert time.monotonic() < deadline, job
-        time.sleep(0.5)
 
 
 def test_cancelling_a_job_stops_generation_at_the_server(vllm_servers: list[VllmServer],
@@ -48,7 +38,7 @@ def test_cancelling_a_job_stops_generation_at_the_server(vllm_servers: list[Vllm
         stopped_at = _counted(vllm_servers, "vllm:generation_tokens_total")
         time.sleep(3)
         assert _counted(vllm_servers, "vllm:generation_tokens_total") == stopped_at
-        job = _wait_for(http, job_id, 60)
+        job = wait_for_job(http, job_id, 60)
     assert job["status"] == "cancelled"
     engine = create_engine(platform.db_url)
     with engine.connect() as conn:
@@ -75,5 +65,5 @@ def test_losing_one_of_two_servers_mid_run_loses_no_job(vllm_servers: list[VllmS
         wait_until(lambda: metric(doomed.url, "vllm:num_requests_running") > 0, 180,
                    interval=0.25, what="calls on the second server")
         doomed.kill()
-        jobs = [_wait_for(http, job_id, 900) for job_id in ids]
+        jobs = [wait_for_job(http, job_id, 900) for job_id in ids]
     assert [j["status"] for j in jobs] == ["completed"] * 4, jobs
