@@ -55,15 +55,18 @@ def run_all(platform: Platform, settings: Settings, options: Options) -> Results
         for effort in options.efforts:
             say(f"research, effort {effort}: {len(qs)} questions …")
             results.efforts.append(run_effort(platform, corpus, qs, effort, options.parallel))
+            say(report.research_table(results.efforts[-1:]))
     if options.naive and qs:
         say(f"naive: {len(qs)} calls, one at a time …")
         results.naive = run_naive(qs, docs, settings, options.naive_context,
                                   options.naive_max_tokens)
+        say(report.economics_table(results.naive, results.effort("medium")))
     tasks = coding_tasks()[: options.coding_tasks]
     if tasks:
         for n in options.candidates:
             say(f"coding, {n} candidate(s): {len(tasks)} tasks …")
             results.coding.append(run_coding(platform, tasks, n, options.parallel))
+            say(report.coding_table(results.coding[-1:]))
     return results
 
 
