@@ -35,14 +35,16 @@ def test_the_brief_is_the_platforms_own_words_not_the_passages_it_quotes() -> No
               "citations": [{"n": 1, "snippet": "Idris Talvane founded it", "document": "x"}],
               "structured": {"founder": {"value": "Idris Talvane"}}}
     text = brief_text(result)
-    assert "1742" in text and "cartographer" in text
-    assert "Who was" not in text and "founded it" not in text
+    assert "1742" in text
+    assert "cartographer" in text
+    assert "Who was" not in text
+    assert "founded it" not in text
     assert "Idris Talvane" in text  # a structured output's fields are the brief's words too
     assert brief_text(None) == ""
 
 
 def test_citation_precision_by_document_id_or_else_by_title() -> None:
-    cites = [{"n": 1, "document_id": "doc_a", "document": "A"},
+    cites: list[dict[str, Any]] = [{"n": 1, "document_id": "doc_a", "document": "A"},
              {"n": 2, "document_id": "doc_b", "document": "A"},  # the id decides
              {"n": 3, "document_id": None, "document": "A"},
              {"n": 4, "document_id": None, "document": None}]
@@ -56,7 +58,8 @@ def test_citation_precision_by_document_id_or_else_by_title() -> None:
 def test_the_fixtures_hold_what_their_questions_expect() -> None:
     docs = corpus_documents()
     qs = questions()
-    assert len(docs) >= 8 and len(qs) >= 12
+    assert len(docs) >= 8
+    assert len(qs) >= 12
     assert len({q.id for q in qs}) == len(qs)
     for q in qs:
         assert 1 <= len(q.documents) <= 2, q.id
@@ -66,7 +69,8 @@ def test_the_fixtures_hold_what_their_questions_expect() -> None:
     tasks = coding_tasks()
     assert len(tasks) >= 10
     for t in tasks:
-        assert t.task and t.test_command
+        assert t.task
+        assert t.test_command
         assert any(p.startswith("test_") for p in t.files), t.name
 
 
@@ -93,16 +97,22 @@ def test_the_harness_runs_end_to_end_through_the_api(api_server: str, tenant_key
         platform.close()
 
     (low,) = results.efforts
-    assert low.label == "low" and low.jobs == 1 and low.completed == 1
+    assert low.label == "low"
+    assert low.jobs == 1
+    assert low.completed == 1
     assert low.recall == 1.0
     run = low.runs[0].run
-    assert run.tokens() > 0 and run.calls() >= 3 and run.wall_s > 0
+    assert run.tokens() > 0
+    assert run.calls() >= 3
+    assert run.wall_s > 0
     assert low.precision is None or 0 <= low.precision <= 1
 
     naive = results.naive
-    assert naive is not None and naive.errors == 0
+    assert naive is not None
+    assert naive.errors == 0
     assert naive.recall == 1.0
-    assert naive.total_tokens > 0 and naive.total_cost > 0
+    assert naive.total_tokens > 0
+    assert naive.total_cost > 0
     assert naive.models_in_catalogue == 1
     # The naive prompt holds the whole corpus, under a fresh reference line each time.
     sent = [b for b in standin.state.bodies if "Use only the documents" in str(b.get("prompt"))]
@@ -111,7 +121,8 @@ def test_the_harness_runs_end_to_end_through_the_api(api_server: str, tenant_key
 
     one, three = results.coding
     assert (one.candidates, one.tasks, one.solved) == (1, 1, 1)
-    assert one.tokens_per_solved is not None and one.tokens_per_solved > 0
+    assert one.tokens_per_solved is not None
+    assert one.tokens_per_solved > 0
     assert three.candidates == 3
     assert three.unavailable is not None or three.tasks == 1
 
