@@ -4,8 +4,9 @@ keeps whatever fields it adds."""
 
 from __future__ import annotations
 
+import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -15,6 +16,7 @@ import httpx
 from bench.common import TERMINAL
 
 POLL_S = 0.5
+RETRY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,29 @@ def _seconds(job: Mapping[str, Any]) -> float:
 
 
 class Platform:
-    def __init__(self, base_url: str, key: str, job_timeout_s: float = 1800) -> None:
-        self.http = httpx.Client(base_url=base_url, timeout=120,
+    """`request_timeout_s` bounds each HTTP request; a request that fails in transport (a
+    timeout on a machine under load) or is answered with a 5xx is tried again until
+    `retry_for_s` has passed.
+    Submissions carry an `Idempotency-Key`, so a retried one makes no second job."""
+
+    def __init__(self, base_url: str, key: str, job_timeout_s: float = 1800,
+                 request_timeout_s: float = 60, retry_for_s: float = 600) -> None:
+        self.http = httpx.Client(base_url=base_url, timeout=request_timeout_s,
                                  headers={"Authorization": f"Bearer {key}"})
         self.job_timeout_s = job_timeout_s
+        self.retry_for_s = retry_for_s
+
+    def _retrying(self, send: Callable[[], httpx.Response]) -> httpx.Response:
+        deadline = time.monotonic() + self.retry_for_s
+        while True:
+            try:
+                resp = send()
+                if resp.status_code < 500 or time.monotonic() > deadline:
+                    return resp
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(RETRY_S)
 
     def close(self) -> None:
         self.http.close()
@@ -80,8 +101,9 @@ class Platform:
                metadata: Mapping[str, Any] | None = None) -> str | JobRun:
         """The job's id; or, when the API refuses the job with a 422, a `JobRun` that says
         why (another status is an error of the bench)."""
-        resp = self.http.post("/v1/jobs", json={"kind": kind, "input": dict(job_input),
-                                                "metadata": dict(metadata or {})})
+        body = {"kind": kind, "input": dict(job_input), "metadata": dict(metadata or {})}
+        headers = {"Idempotency-Key": f"quality-{secrets.token_hex(12)}"}
+        resp = self._retrying(lambda: self.http.post("/v1/jobs", json=body, headers=headers))
         if resp.status_code == 422:
             message = resp.json().get("error", {}).get("message", resp.text)
             return JobRun(id=None, status="rejected", rejected=str(message))
@@ -89,19 +111,21 @@ class Platform:
         return str(resp.json()["id"])
 
     def wait(self, job_id: str) -> JobRun:
+        """The job once it has ended; past `job_timeout_s` it is cancelled and reported as
+        `timed_out` with what it had spent and written by then."""
         deadline = time.monotonic() + self.job_timeout_s
         while True:
-            resp = self.http.get(f"/v1/jobs/{job_id}")
+            resp = self._retrying(lambda: self.http.get(f"/v1/jobs/{job_id}"))
             resp.raise_for_status()
             job = resp.json()
-            if job["status"] in TERMINAL:
-                return JobRun(id=job_id, status=str(job["status"]), result=job.get("result"),
+            timed_out = job["status"] not in TERMINAL and time.monotonic() > deadline
+            if job["status"] in TERMINAL or timed_out:
+                if timed_out:
+                    self._retrying(lambda: self.http.post(f"/v1/jobs/{job_id}/cancel"))
+                return JobRun(id=job_id, status=str(job["status"]) if not timed_out
+                              else "timed_out", result=job.get("result"),
                               usage=dict(job.get("usage") or {}), error=job.get("error"),
-                              wall_s=_seconds(job))
-            if time.monotonic() > deadline:
-                self.http.post(f"/v1/jobs/{job_id}/cancel")
-                raise TimeoutError(f"job {job_id} did not finish within "
-                                   f"{self.job_timeout_s:.0f}s (cancelled)")
+                              wall_s=_seconds(job) if not timed_out else self.job_timeout_s)
             time.sleep(POLL_S)
 
     def run(self, kind: str, job_input: Mapping[str, Any],

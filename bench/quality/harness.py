@@ -4,7 +4,8 @@ the naive way, coding with 1 and N candidates; and the printed report."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bench.quality import report
@@ -46,27 +47,48 @@ def say(message: str) -> None:
 
 
 def run_all(platform: Platform, settings: Settings, options: Options) -> Results:
+    """Every section in turn; a section that fails is noted in the report, and the others
+    still run."""
     results = Results()
     qs = questions()[: options.questions]
     docs = corpus_documents()
-    if options.efforts:
+
+    def section(name: str, body: Callable[[], None]) -> None:
+        try:
+            body()
+        except Exception as exc:
+            say(traceback.format_exc())
+            results.notes.append(f"{name} did not finish: {type(exc).__name__}: {exc}")
+
+    def research() -> None:
         corpus = platform.upload_corpus("quality-bench", docs)
         say(f"corpus {corpus.id}: {len(docs)} documents")
         for effort in options.efforts:
             say(f"research, effort {effort}: {len(qs)} questions …")
             results.efforts.append(run_effort(platform, corpus, qs, effort, options.parallel))
             say(report.research_table(results.efforts[-1:]))
-    if options.naive and qs:
+
+    def naive() -> None:
         say(f"naive: {len(qs)} calls, one at a time …")
         results.naive = run_naive(qs, docs, settings, options.naive_context,
                                   options.naive_max_tokens)
         say(report.economics_table(results.naive, results.effort("medium")))
-    tasks = coding_tasks()[: options.coding_tasks]
-    if tasks:
-        for n in options.candidates:
+
+    def coding(n: int) -> Callable[[], None]:
+        def run() -> None:
             say(f"coding, {n} candidate(s): {len(tasks)} tasks …")
             results.coding.append(run_coding(platform, tasks, n, options.parallel))
             say(report.coding_table(results.coding[-1:]))
+        return run
+
+    if options.efforts and qs:
+        section("research", research)
+    if options.naive and qs:
+        section("naive", naive)
+    tasks = coding_tasks()[: options.coding_tasks]
+    if tasks:
+        for n in options.candidates:
+            section(f"coding with {n} candidate(s)", coding(n))
     return results
 
 

@@ -128,13 +128,17 @@ def run_naive(questions: Sequence[Question], documents: Mapping[str, str],
                 path, body["prompt"], body["stop"] = "/v1/completions", text + "Answer:", \
                     ["\n\n", "\nQuestion:"]
             start = time.perf_counter()
-            resp = http.post(path, json=body)
+            try:
+                resp = http.post(path, json=body)
+                error = None if resp.status_code == 200 else \
+                    f"{resp.status_code}: {resp.text[:300]}"
+            except httpx.TransportError as exc:
+                error = f"{type(exc).__name__}: {exc}"
             wall = time.perf_counter() - start
-            if resp.status_code != 200:
+            if error is not None:
                 summary.calls.append(NaiveCall(
                     question=q, answer="", found=[False] * len(q.facts), prompt_tokens=0,
-                    completion_tokens=0, cost=0.0, wall_s=wall,
-                    error=f"{resp.status_code}: {resp.text[:300]}"))
+                    completion_tokens=0, cost=0.0, wall_s=wall, error=error))
                 continue
             data = resp.json()
             choice = data["choices"][0]
