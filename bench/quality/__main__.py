@@ -4,11 +4,13 @@ small tasks, through the whole platform; printed side by side.
     python -m bench.quality [--endpoint URL] [--efforts low,medium,high,max] [--questions N]
                             [--coding-tasks N] [--candidates 1,3] [--naive-context corpus|none]
                             [--no-naive] [--parallel 1] [--max-model-len 4096]
+                            [--kv-cache-gib 1] [--job-timeout 3600]
                             [--database-url URL] [--redis-url URL]
 
 Without `--endpoint`, one vLLM server with the embedded model is started
-(`python -m inference.serve --max-model-len 4096`, room for the naive prompt that holds the
-whole corpus) and stopped at the end. The platform runs as an operator runs it: the API under
+(`python -m inference.serve --max-model-len 4096 --kv-cache-gib 1`: room for the naive prompt
+that holds the whole corpus, and a KV cache that leaves memory to the rest) and stopped at the
+end. The platform runs as an operator runs it: the API under
 uvicorn, a Celery worker, a fresh database (a temporary SQLite file, or a temporary database
 on the Postgres server of `--database-url`) and a Redis database of its own (flushed). The
 catalogue is the environment's (`AGENTQ_MODELS`), else the one model the endpoint serves.
@@ -54,10 +56,11 @@ from bench.quality.naive import Context
 from bench.standin import free_port
 
 
-def start_server(workdir: Path, max_model_len: int) -> tuple[str, Proc]:
+def start_server(workdir: Path, max_model_len: int, kv_cache_gib: float) -> tuple[str, Proc]:
     port = free_port()
     proc = Proc([sys.executable, "-m", "inference.serve", "--port", str(port),
-                 "--max-model-len", str(max_model_len)], dict(os.environ), workdir / "vllm.log")
+                 "--max-model-len", str(max_model_len), "--kv-cache-gib", str(kv_cache_gib)],
+                dict(os.environ), workdir / "vllm.log")
     url = f"http://127.0.0.1:{port}"
     say(f"starting the embedded vLLM server on {url} …")
     wait_until(lambda: http_ok(f"{url}/v1/models"), 1200, interval=1, what="the vLLM server")
@@ -85,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "time per job)")
     parser.add_argument("--max-model-len", type=int, default=4096,
                         help="context of the embedded server started without --endpoint")
+    parser.add_argument("--kv-cache-gib", type=float, default=1,
+                        help="KV cache of the embedded server started without --endpoint")
     parser.add_argument("--job-timeout", type=float, default=3600)
     parser.add_argument("--database-url",
                         help="a Postgres server to create a temporary database on (default: a "
@@ -118,13 +123,19 @@ def main(argv: list[str] | None = None) -> None:
         try:
             endpoint = args.endpoint
             if endpoint is None:
-                endpoint, server = start_server(workdir, args.max_model_len)
+                endpoint, server = start_server(workdir, args.max_model_len, args.kv_cache_gib)
                 procs.append(server)
             with fresh_database(args.database_url, workdir) as db_url:
                 results = run_platform(endpoint, db_url, args, options, workdir, procs)
                 from core.db import dispose_engines
 
                 dispose_engines()
+            for proc in procs:
+                if proc.popen.poll() is not None:  # died during the run: say so, and why
+                    say(f"--- {proc.log.name} ---\n{tail(proc, 6000)}")
+                    results.notes.append(f"{proc.log.name.removesuffix('.log')} exited during "
+                                         f"the run (exit status {proc.popen.returncode}); "
+                                         "the figures after that are not the model's")
         finally:
             for proc in reversed(procs):
                 proc.stop(timeout=30)
