@@ -56,14 +56,20 @@ from bench.quality.naive import Context
 from bench.standin import free_port
 
 
-def start_server(workdir: Path, max_model_len: int, kv_cache_gib: float) -> tuple[str, Proc]:
+def start_server(workdir: Path, max_model_len: int, kv_cache_gib: int) -> tuple[str, Proc]:
     port = free_port()
     proc = Proc([sys.executable, "-m", "inference.serve", "--port", str(port),
                  "--max-model-len", str(max_model_len), "--kv-cache-gib", str(kv_cache_gib)],
                 dict(os.environ), workdir / "vllm.log")
     url = f"http://127.0.0.1:{port}"
     say(f"starting the embedded vLLM server on {url} …")
-    wait_until(lambda: http_ok(f"{url}/v1/models"), 1200, interval=1, what="the vLLM server")
+
+    def up() -> bool:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited early:\n{tail(proc)}")
+        return http_ok(f"{url}/v1/models")
+
+    wait_until(up, 1200, interval=1, what="the vLLM server")
     return url, proc
 
 
@@ -88,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "time per job)")
     parser.add_argument("--max-model-len", type=int, default=4096,
                         help="context of the embedded server started without --endpoint")
-    parser.add_argument("--kv-cache-gib", type=float, default=1,
+    parser.add_argument("--kv-cache-gib", type=int, default=1,
                         help="KV cache of the embedded server started without --endpoint")
     parser.add_argument("--job-timeout", type=float, default=3600)
     parser.add_argument("--database-url",
