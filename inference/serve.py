@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default=None,
                         help="weights and compute type (default: bfloat16 where the CPU has "
                              "native bf16, float32 on other CPUs, auto on GPUs)")
-    parser.add_argument("--kv-cache-gib", type=float, default=4,
-                        help="KV cache size on the CPU engine (VLLM_CPU_KVCACHE_SPACE)")
+    parser.add_argument("--kv-cache-gib", type=int, default=4,
+                        help="KV cache of the CPU engine, whole GiB (VLLM_CPU_KVCACHE_SPACE)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="prepare the embedded model and exit")
     args = parser.parse_args(argv)
