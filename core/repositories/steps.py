@@ -467,14 +467,15 @@ def wait_for(session: Session, step_id: str, attempt: int, depends_on: Sequence[
 
 def reprioritise(session: Session, job_id: str, mapping: dict[int, int]
                  ) -> list[tuple[str, int | None, str]]:
-    """Give the job's steps still to run new broker priorities (`{old: new}`); returns them
-    (id, priority, status)."""
+    """Give the job's steps still to run or running new broker priorities (`{old: new}`; a
+    running step is published at it should it be queued again); returns them (id, priority,
+    status)."""
     out: list[tuple[str, int | None, str]] = []
     for old, new in mapping.items():
         out += [(str(i), p, str(st)) for i, p, st in session.execute(
             update(steps_table).where(
                 S.job_id == job_id, S.priority == old,
                 S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD,
-                              StepStatus.DEFERRED)),
+                              StepStatus.DEFERRED, StepStatus.RUNNING)),
             ).values(priority=new).returning(S.id, S.priority, S.status))]
     return out

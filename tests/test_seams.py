@@ -1,0 +1,45 @@
+"""Where features meet: a promoted job's running step, a cancelled job's timeline."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from tests.helpers import auth, wait_until
+
+
+def test_a_step_running_when_its_job_is_promoted_is_requeued_at_the_promoted_priority(
+        client: TestClient, tenant_key: str, quiet_workers: None) -> None:
+    from core.db import transaction
+    from core.models import OutboxMessage, Step
+    from core.queue import step_priority
+    from core.repositories import steps
+    from orchestrator import scheduling, sweeps
+
+    due = datetime.now(UTC) + timedelta(hours=1)
+    r = client.post("/v1/jobs", headers=auth(tenant_key), json={
+        "kind": "completion", "input": {"prompt": "Later is fine", "max_tokens": 8},
+        "service_tier": "flex", "deadline": due.isoformat()})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    with transaction() as s:
+        step_id = s.scalars(select(Step.id).where(Step.job_id == job_id)).one()
+        # A worker runs it ...
+        assert steps.claim(s, step_id, 60) is not None
+    # ... when the job is promoted to meet its deadline ...
+    wait_until(lambda: scheduling.promote_due(now=due - timedelta(seconds=30)) >= 1, 30,
+               what="the job to be promoted")
+    # ... and then dies: the sweeper queues the step again, once its lease has run out.
+    with transaction() as s:
+        s.execute(update(Step).where(Step.id == step_id).values(
+            lease_expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+    wait_until(lambda: sweeps.requeue_expired() >= 1, 30, what="the step to be requeued")
+    with transaction() as s:
+        prio = s.scalars(select(OutboxMessage.priority).where(
+            OutboxMessage.payload["step_id"].as_string() == step_id)
+            .order_by(OutboxMessage.id.desc()).limit(1)).one()
+    # Ahead of standard work, as the job's other steps are: not behind it at flex's.
+    assert prio is not None
+    assert prio <= step_priority("promoted", False) < step_priority("standard", True)
