@@ -43,3 +43,33 @@ def test_a_step_running_when_its_job_is_promoted_is_requeued_at_the_promoted_pri
     # Ahead of standard work, as the job's other steps are: not behind it at flex's.
     assert prio is not None
     assert prio <= step_priority("promoted", False) < step_priority("standard", True)
+
+
+def test_a_cancelled_jobs_timeline_ends_when_the_job_ended(
+        client: TestClient, tenant_key: str, quiet_workers: None) -> None:
+    from core.db import transaction
+    from core.models import Job, utcnow
+    from orchestrator.timeline import job_timeline
+
+    r = client.post("/v1/jobs", headers=auth(tenant_key), json={
+        "kind": "completion", "input": {"prompt": "Never mind", "max_tokens": 8}})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    r = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(tenant_key))
+    assert r.json()["status"] == "cancelled", r.text
+    with transaction() as s:
+        finished = s.get(Job, job_id).finished_at  # type: ignore[union-attr]
+    assert finished is not None
+    # Some time after the end, the timeline still ends with the job: its step, queued and
+    # cancelled before it ran, was queued until it was cancelled, not until now.
+    wait_until(lambda: utcnow() > finished + timedelta(milliseconds=300), 5,
+               what="time to pass")
+    with transaction() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        timeline = job_timeline(s, job)
+    job_end_ms = (finished - job.created_at).total_seconds() * 1000
+    assert timeline.end_ms <= job_end_ms + 1, (timeline.end_ms, job_end_ms)
+    [lane] = timeline.lanes
+    assert [seg.phase for seg in lane.segments] == ["queue"]
+    assert lane.segments[0].end_ms <= job_end_ms + 1
