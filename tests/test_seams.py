@@ -1,9 +1,11 @@
-"""Where features meet: a promoted job's running step, a cancelled job's timeline."""
+"""Where features meet: promotion and running steps, the tenant's cap and windows, a cancelled job's timeline."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
@@ -73,3 +75,61 @@ def test_a_cancelled_jobs_timeline_ends_when_the_job_ended(
     [lane] = timeline.lanes
     assert [seg.phase for seg in lane.segments] == ["queue"]
     assert lane.segments[0].end_ms <= job_end_ms + 1
+
+
+@pytest.fixture
+def schedule(agentq_env: dict[str, str]) -> Iterator[datetime]:
+    """A grid schedule whose cheapest hour is 6 hours from now (in this process's settings:
+    the API under test); yields now."""
+    from core import grid
+    from core.settings import get_settings
+
+    now = datetime.now(UTC)
+    cheap = (now.hour + 6) % 24
+    settings = get_settings()
+    old = settings.grid_schedule
+    settings.grid_schedule = [{"price": 0.05 if h == cheap else 0.30, "carbon": 100.0}
+                              for h in range(24)]
+    grid.schedule.cache_clear()
+    yield now
+    settings.grid_schedule = old
+    grid.schedule.cache_clear()
+
+
+@pytest.fixture
+def tenant_cap(agentq_env: dict[str, str]) -> Iterator[int]:
+    """A cap of 3 steps in the broker per tenant (this process's settings)."""
+    from core.settings import get_settings
+
+    settings = get_settings()
+    old = settings.tenant_queued_steps_max
+    settings.tenant_queued_steps_max = 3
+    yield 3
+    settings.tenant_queued_steps_max = old
+
+
+def test_a_deferred_job_promoted_before_its_hour_starts_within_the_tenants_cap(
+        client: TestClient, tenant_key: str, schedule: datetime, tenant_cap: int,
+        quiet_workers: None) -> None:
+    from core.db import transaction
+    from core.models import Step
+    from orchestrator import scheduling
+
+    due = schedule + timedelta(hours=20)
+    r = client.post("/v1/jobs", headers=auth(tenant_key), json={
+        "kind": "batch", "input": {"prompts": [f"p{i}" for i in range(12)], "max_tokens": 4},
+        "service_tier": "flex", "deadline": due.isoformat(), "optimize": "cost"})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["planned_start"] is not None
+
+    def statuses() -> list[str]:
+        with transaction() as s:
+            return sorted(st.status for st in s.query(Step).filter(Step.job_id == job["id"]))
+
+    assert statuses() == ["deferred"] * 12
+    # Its deadline nears before its hour has come: promoted, it starts now, as a job whose
+    # hour came starts: no more of its steps in the broker than the tenant's cap.
+    wait_until(lambda: scheduling.promote_due(now=due - timedelta(seconds=30)) >= 1, 30,
+               what="the job to be promoted")
+    assert statuses() == ["held"] * (12 - tenant_cap) + ["queued"] * tenant_cap
