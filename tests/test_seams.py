@@ -1,4 +1,5 @@
-"""Where features meet: promotion and running steps, the tenant's cap and windows, a cancelled job's timeline."""
+"""Where features meet: promotion and running steps, the tenant's cap and windows, windows
+and max_seconds, a cancelled job's timeline."""
 
 from __future__ import annotations
 
@@ -133,3 +134,17 @@ def test_a_deferred_job_promoted_before_its_hour_starts_within_the_tenants_cap(
     wait_until(lambda: scheduling.promote_due(now=due - timedelta(seconds=30)) >= 1, 30,
                what="the job to be promoted")
     assert statuses() == ["held"] * (12 - tenant_cap) + ["queued"] * tenant_cap
+
+
+def test_a_planned_start_leaves_the_job_its_max_seconds(
+        client: TestClient, tenant_key: str, schedule: datetime, quiet_workers: None) -> None:
+    r = client.post("/v1/jobs", headers=auth(tenant_key), json={
+        "kind": "completion", "input": {"prompt": "Overnight", "max_tokens": 8},
+        "service_tier": "flex", "deadline": (schedule + timedelta(hours=20)).isoformat(),
+        "optimize": "cost", "budget": {"max_seconds": 1800}})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    # The cheap hour is 6 hours away, but the job ends `deadline_exceeded` 30 minutes after
+    # its submission: waiting for that hour would fail it before it ran.
+    assert job["planned_start"] is None or datetime.fromisoformat(job["planned_start"]) \
+        < schedule + timedelta(seconds=1800), job
