@@ -148,3 +148,49 @@ def test_a_planned_start_leaves_the_job_its_max_seconds(
     # its submission: waiting for that hour would fail it before it ran.
     assert job["planned_start"] is None or datetime.fromisoformat(job["planned_start"]) \
         < schedule + timedelta(seconds=1800), job
+
+
+def test_the_steps_a_run_adds_after_its_job_was_promoted_go_at_the_promoted_priority(
+        client: TestClient, tenant_key: str, quiet_workers: None) -> None:
+    from agents.registry import get_kind
+    from agents.research.models import PlanOutput
+    from core.db import transaction
+    from core.models import OutboxMessage, Step
+    from core.queue import step_priority
+    from core.repositories import jobs, steps
+    from core.repositories.ledger import Budget
+    from orchestrator import dag, scheduling
+    from orchestrator.budget import Carry, Run
+
+    due = datetime.now(UTC) + timedelta(hours=1)
+    r = client.post("/v1/jobs", headers=auth(tenant_key), json={
+        "kind": "research", "input": {"query": "How do bees make honey?"},
+        "service_tier": "flex", "deadline": due.isoformat()})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    with transaction() as s:
+        plan_id = s.scalars(select(Step.id).where(Step.job_id == job_id)).one()
+        claimed = steps.claim(s, plan_id, 60)  # a worker runs the plan ...
+        jobs.started_step(s, job_id, "plan", True)
+    assert claimed is not None
+    assert not claimed.promoted
+    # ... when the job is promoted ...
+    wait_until(lambda: scheduling.promote_due(now=due - timedelta(seconds=30)) >= 1, 30,
+               what="the job to be promoted")
+    # ... and then the plan completes: the investigators it adds are the promoted job's.
+    kind = get_kind("research")
+    assert kind is not None
+    with transaction() as s:
+        dag.complete(s, claimed, kind, kind.parse_input(claimed.job_input),
+                     PlanOutput(subquestions=["Where is nectar?", "What do bees do?"]),
+                     Carry(Run(job_id, plan_id, claimed.attempt, Budget.of(claimed.budget))))
+    with transaction() as s:
+        added = dict(s.execute(select(Step.id, Step.priority).where(
+            Step.job_id == job_id, Step.key.like("investigate-%"))).all())
+        published = {str(p["step_id"]): prio for p, prio in s.execute(
+            select(OutboxMessage.payload, OutboxMessage.priority))
+            if p.get("step_id") in added}
+    promoted = step_priority("promoted", True)
+    assert len(added) == 2
+    assert set(added.values()) == {promoted}, added
+    assert published == dict.fromkeys(added, promoted), published

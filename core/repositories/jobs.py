@@ -235,6 +235,10 @@ def mean_run_s(session: Session, since: datetime) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
+def is_promoted(session: Session, job_id: str) -> bool:
+    return session.scalar(select(J.promoted_at).where(J.id == job_id)) is not None
+
+
 def promote(session: Session, job_id: str) -> bool:
     return session.execute(update(jobs_table).where(
         J.id == job_id, J.promoted_at.is_(None)).values(promoted_at=utcnow())
