@@ -194,3 +194,37 @@ def test_the_steps_a_run_adds_after_its_job_was_promoted_go_at_the_promoted_prio
     assert len(added) == 2
     assert set(added.values()) == {promoted}, added
     assert published == dict.fromkeys(added, promoted), published
+
+
+@pytest.fixture
+def tracing_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spans recorded in this process (the API under test), exported nowhere."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from core import tracing
+
+    monkeypatch.setattr(tracing, "_tracer", TracerProvider().get_tracer("test"))
+    monkeypatch.setattr(tracing, "_on", True)
+
+
+def test_an_openai_batch_has_its_jobs_trace(client: TestClient, tenant_key: str,
+                                            tracing_on: None, quiet_workers: None) -> None:
+    import json
+
+    from core.db import transaction
+    from core.models import Job
+
+    line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                       "body": {"model": "standin-model", "prompt": "Hi", "max_tokens": 4}})
+    r = client.post("/v1/files", headers=auth(tenant_key), data={"purpose": "batch"},
+                    files={"file": ("requests.jsonl", (line + "\n").encode())})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/batches", headers=auth(tenant_key), json={
+        "input_file_id": r.json()["id"], "endpoint": "/v1/completions",
+        "completion_window": "24h"})
+    assert r.status_code == 200, r.text
+    with transaction() as s:
+        job = s.get(Job, r.json()["id"])
+        assert job is not None
+        # Traced as every job is: its steps' spans and model calls under the job's span.
+        assert job.trace_context is not None
