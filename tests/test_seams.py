@@ -228,3 +228,47 @@ def test_an_openai_batch_has_its_jobs_trace(client: TestClient, tenant_key: str,
         assert job is not None
         # Traced as every job is: its steps' spans and model calls under the job's span.
         assert job.trace_context is not None
+
+
+def test_a_step_waiting_for_its_children_is_not_shown_running(
+        client: TestClient, tenant_key: str, quiet_workers: None) -> None:
+    from core.db import transaction
+    from core.models import Job, Step, utcnow
+    from core.repositories import steps
+    from orchestrator.timeline import job_timeline
+
+    r = client.post("/v1/jobs", headers=auth(tenant_key), json={
+        "kind": "completion", "input": {"prompt": "Ask the helpers", "max_tokens": 8}})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    with transaction() as s:
+        step_id = s.scalars(select(Step.id).where(Step.job_id == job_id)).one()
+        c = steps.claim(s, step_id, 60)
+        assert c is not None
+    # The run spawns a child and ends waiting for it: it holds no worker meanwhile.
+    with transaction() as s:
+        assert steps.wait_for(s, step_id, c.attempt, ["lead.1"], 1)
+    suspended = utcnow()
+    wait_until(lambda: utcnow() > suspended + timedelta(milliseconds=300), 5,
+               what="time to pass")
+    with transaction() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        [lane] = job_timeline(s, job).lanes
+    assert lane.status == "pending"
+    [run] = [seg for seg in lane.segments if seg.phase == "run"]
+    suspended_ms = (suspended - job.created_at).total_seconds() * 1000
+    assert run.end_ms <= suspended_ms + 1, (run, suspended_ms)
+    # Its next run (its children done) is shown running from its claim, with no end yet.
+    with transaction() as s:
+        s.execute(update(Step).where(Step.id == step_id).values(status="queued"))
+        again = steps.claim(s, step_id, 60)
+        assert again is not None
+        job = s.get(Job, job_id)
+        assert job is not None
+        [lane] = job_timeline(s, job).lanes
+        step = s.get(Step, step_id)
+        assert step is not None
+        assert step.finished_at is None
+    [run] = [seg for seg in lane.segments if seg.phase == "run"]
+    assert run.end_ms > suspended_ms

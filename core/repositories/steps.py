@@ -71,7 +71,7 @@ def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
     claimable = or_(S.status == StepStatus.QUEUED,
                     and_(S.status == StepStatus.RUNNING, S.lease_expires_at < now))
     stmt = update(steps_table).where(S.id == step_id, claimable).values(
-        status=StepStatus.RUNNING, attempt=S.attempt + 1, started_at=now,
+        status=StepStatus.RUNNING, attempt=S.attempt + 1, started_at=now, finished_at=None,
         lease_expires_at=db_now(session, lease_s))
     if is_postgres(session):
         row = session.execute(stmt.where(jobs_table.c.id == S.job_id)
@@ -456,12 +456,14 @@ def count_spawned(session: Session, job_id: str, besides: str | None = None) -> 
 def wait_for(session: Session, step_id: str, attempt: int, depends_on: Sequence[str],
              deps_remaining: int) -> bool:
     """Run `attempt` of the step ends waiting: the step is `pending` on `depends_on` (its
-    children added), with `deps_remaining` of them still to complete, and holds no lease.
+    children added), with `deps_remaining` of them still to complete, and holds no lease
+    (`finished_at` says when the run ended; the next claim clears it).
     False when the run no longer holds the step (the write is refused)."""
     res = session.execute(update(steps_table).where(
         S.id == step_id, S.attempt == attempt, S.status == StepStatus.RUNNING,
     ).values(status=StepStatus.PENDING, depends_on=list(depends_on),
-             deps_remaining=deps_remaining, lease_expires_at=None, enqueued_at=None))
+             deps_remaining=deps_remaining, lease_expires_at=None, enqueued_at=None,
+             finished_at=db_now(session)))
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
