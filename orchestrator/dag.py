@@ -283,7 +283,16 @@ def reopen(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel,
     depends only on the step's output, so the steps it names that exist already are left
     as they are), the fan-in of every step that did not complete is counted afresh, and
     those with nothing left to wait for are queued. A job with nothing left to run is
-    finalised. Returns how many steps were queued."""
+    finalised, and so is one whose step that completed while it was stopped decides it (the
+    first candidate to pass): nothing else runs again. Returns how many steps were queued."""
+    completed = StepOutputs(steps.outputs(session, job_id))
+    for key in completed.keys():
+        role = kind.role(completed.role_of(key))
+        output = completed.get(role, key)
+        if output is not None and kind.decides(job_input, key, role, output):
+            step_id = next(st.id for st in steps.list_for_job(session, job_id) if st.key == key)
+            decide(session, job_id, step_id, key, kind, job_input)
+            return 0
     ready = steps.reopen(session, job_id)
     scheduling.dispatch(session, tenant_id, ready, scheduling.priority(tier, False))
     outputs = StepOutputs(steps.outputs(session, job_id))

@@ -272,3 +272,52 @@ def test_a_step_waiting_for_its_children_is_not_shown_running(
         assert step.finished_at is None
     [run] = [seg for seg in lane.segments if seg.phase == "run"]
     assert run.end_ms > suspended_ms
+
+
+def test_a_candidate_that_passed_while_its_job_stopped_decides_the_continued_job(
+        client: TestClient, tenant_key: str, quiet_workers: None) -> None:
+    from agents.coding.agent import AttemptOutput
+    from agents.registry import get_kind
+    from core.db import transaction
+    from core.models import Step
+    from core.repositories import jobs, steps
+    from core.repositories.ledger import Budget
+    from orchestrator import dag
+    from orchestrator.budget import Carry, Run
+
+    r = client.post("/v1/jobs", headers=auth(tenant_key), json={
+        "kind": "coding", "input": {"task": "Make add add.", "candidates": 2,
+                                    "files": {"calc.py": "def add(a, b):\n    return a - b\n"}}})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    with transaction() as s:
+        first = s.scalars(select(Step.id).where(Step.job_id == job_id,
+                                                Step.key == "code-1-1")).one()
+        claimed = steps.claim(s, first, 60)  # a worker runs candidate 1 ...
+        jobs.started_step(s, job_id, "coding", True)
+    assert claimed is not None
+    # ... the job is cancelled while it runs, and it passes as it stops.
+    assert client.post(f"/v1/jobs/{job_id}/cancel",
+                       headers=auth(tenant_key)).json()["status"] == "cancelling"
+    kind = get_kind("coding")
+    assert kind is not None
+    passed = AttemptOutput(
+        passed=True, exit_code=0, timed_out=False, report="1 passed", output_truncated=False,
+        duration_s=0.1, network_isolated=True, candidate=1, round=1,
+        files={"calc.py": "def add(a, b):\n    return a + b\n"}, summary="Fixed.", turns=2,
+        stopped="done", test_runs=1)
+    with transaction() as s:
+        dag.complete(s, claimed, kind, kind.parse_input(claimed.job_input), passed,
+                     Carry(Run(job_id, first, claimed.attempt, Budget.of(claimed.budget))))
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth(tenant_key)).json()["status"] \
+        == "cancelled"
+    # Continued, it has its answer already: the passing candidate decides it, and the other
+    # candidate is not run again.
+    r = client.post(f"/v1/jobs/{job_id}/continue", headers=auth(tenant_key))
+    assert r.status_code == 202, r.text
+    job = client.get(f"/v1/jobs/{job_id}", headers=auth(tenant_key)).json()
+    assert job["status"] == "completed", job
+    assert job["result"]["passed"] is True, job["result"]
+    shown = client.get(f"/v1/jobs/{job_id}/steps", headers=auth(tenant_key)).json()["data"]
+    assert {st["key"]: st["status"] for st in shown} == {
+        "code-1-1": "completed", "code-2-1": "cancelled"}
