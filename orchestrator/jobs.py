@@ -173,6 +173,8 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     if JobStatus(job.status).terminal or job.status == JobStatus.CANCELLING:
         return job
     steps.cancel_unstarted(session, job.id)
+    # Its queued steps leave room under the tenant's cap: held steps of its other jobs take it.
+    scheduling.dispatch(session, job.tenant_id, [], scheduling.priority(job.service_tier, True))
     if steps.count(session, job.id, [StepStatus.RUNNING]) == 0:
         dag.finish(session, job.id, JobStatus.CANCELLED)
     else:

@@ -321,3 +321,29 @@ def test_a_candidate_that_passed_while_its_job_stopped_decides_the_continued_job
     shown = client.get(f"/v1/jobs/{job_id}/steps", headers=auth(tenant_key)).json()["data"]
     assert {st["key"]: st["status"] for st in shown} == {
         "code-1-1": "completed", "code-2-1": "cancelled"}
+
+
+def test_cancelling_a_job_makes_room_for_the_tenants_held_steps(
+        client: TestClient, tenant_key: str, tenant_cap: int, quiet_workers: None) -> None:
+    from core.db import transaction
+    from core.models import Step
+
+    def submit(n: int) -> str:
+        r = client.post("/v1/jobs", headers=auth(tenant_key), json={
+            "kind": "batch", "input": {"prompts": [f"p{i}" for i in range(n)],
+                                       "max_tokens": 4}})
+        assert r.status_code == 202, r.text
+        return str(r.json()["id"])
+
+    def statuses(job_id: str) -> list[str]:
+        with transaction() as s:
+            return sorted(st.status for st in s.query(Step).filter(Step.job_id == job_id))
+
+    first, second = submit(5), submit(4)
+    assert statuses(first) == ["held"] * (5 - tenant_cap) + ["queued"] * tenant_cap
+    assert statuses(second) == ["held"] * 4
+    r = client.post(f"/v1/jobs/{first}/cancel", headers=auth(tenant_key))
+    assert r.json()["status"] == "cancelled", r.text
+    # The cancelled job's queued steps left the tenant's room: the other job's held steps
+    # take it at once, as when a step completes (not at the sweeper's next pass).
+    assert statuses(second) == ["held"] * (4 - tenant_cap) + ["queued"] * tenant_cap
