@@ -1,5 +1,7 @@
-"""Where features meet: promotion and running steps, the tenant's cap and windows, windows
-and max_seconds, a cancelled job's timeline."""
+"""Where features meet: promotion and the runs and sweeps that queue a promoted job's steps,
+the tenant's cap with windows, promotion and cancellation, windows and max_seconds, timelines
+of cancelled and waiting steps, a traced OpenAI batch, and a deciding candidate in a
+continued job."""
 
 from __future__ import annotations
 
