@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -148,6 +149,7 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
     if status != JobStatus.RUNNING:
         maybe_finish_stopping(session, c.job_id)
         return None
+    c = promoted_since(session, c)
     if kind.decides(job_input, key, kind.role(role), output):
         decide(session, c.job_id, c.step_id, key, kind, job_input)
         # The steps it cancelled leave room for the tenant's held steps.
@@ -202,6 +204,7 @@ def suspend(session: Session, c: ClaimedStep, kind: AnyKind | None,
     if status != JobStatus.RUNNING:
         end(session, c, StepStatus.CANCELLED, None, None, kind)
         return None
+    c = promoted_since(session, c)
     cap = get_settings().spawn_max_per_job
     others = steps.count_spawned(session, c.job_id, besides=c.key)
     if children and others + spawned_before + len(children) > cap:
@@ -225,6 +228,16 @@ def suspend(session: Session, c: ClaimedStep, kind: AnyKind | None,
     events.append(session, c.job_id, "step.waiting", {
         "step": c.key, "role": c.role, "waiting_for": list(waiting_for)})
     return kept
+
+
+def promoted_since(session: Session, c: ClaimedStep) -> ClaimedStep:
+    """The run's step as its job is scheduled now: a flex job promoted while the step ran
+    has the steps it queues or adds, and the step itself queued again, at the promoted
+    priority."""
+    if c.service_tier == ServiceTier.FLEX and not c.promoted \
+            and jobs.is_promoted(session, c.job_id):
+        return replace(c, promoted=True)
+    return c
 
 
 def _requeue(session: Session, c: ClaimedStep) -> None:
@@ -270,7 +283,16 @@ def reopen(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel,
     depends only on the step's output, so the steps it names that exist already are left
     as they are), the fan-in of every step that did not complete is counted afresh, and
     those with nothing left to wait for are queued. A job with nothing left to run is
-    finalised. Returns how many steps were queued."""
+    finalised, and so is one whose step that completed while it was stopped decides it (the
+    first candidate to pass): nothing else runs again. Returns how many steps were queued."""
+    completed = StepOutputs(steps.outputs(session, job_id))
+    for key in completed.keys():
+        role = kind.role(completed.role_of(key))
+        output = completed.get(role, key)
+        if output is not None and kind.decides(job_input, key, role, output):
+            step_id = next(st.id for st in steps.list_for_job(session, job_id) if st.key == key)
+            decide(session, job_id, step_id, key, kind, job_input)
+            return 0
     ready = steps.reopen(session, job_id)
     scheduling.dispatch(session, tenant_id, ready, scheduling.priority(tier, False))
     outputs = StepOutputs(steps.outputs(session, job_id))
@@ -313,7 +335,8 @@ def end(session: Session, c: ClaimedStep, status: StepStatus, error: tuple[str, 
         # again (the next attempt, its finished calls replayed from the ledger).
         if steps.requeue_stopped(session, c.step_id):
             outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": c.step_id}],
-                                scheduling.priority(c.scheduled_tier, True))
+                                scheduling.priority(promoted_since(session, c).scheduled_tier,
+                                                    True))
         return
     events.append(session, c.job_id, f"step.{status}", {
         "step": c.key, "role": c.role, **({"error": error[1]} if error else {})})

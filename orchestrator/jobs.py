@@ -118,7 +118,9 @@ def create_job(
         service_tier=service_tier.value, due_at=due_at, optimize=optimize,
     )
     if optimize is not None and due_at is not None:
-        job.planned_start_at = scheduling.plan_start(session, kind_name, due_at, optimize, now)
+        # The job must also finish within its max_seconds, counted from now.
+        ends_by = min(due_at, job.deadline_at) if job.deadline_at is not None else due_at
+        job.planned_start_at = scheduling.plan_start(session, kind_name, ends_by, optimize, now)
     jobs.add(session, job)
     events.append(session, job.id, "job.created", {"kind": kind_name})
     if job.planned_start_at is not None:
@@ -171,6 +173,8 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     if JobStatus(job.status).terminal or job.status == JobStatus.CANCELLING:
         return job
     steps.cancel_unstarted(session, job.id)
+    # Its queued steps leave room under the tenant's cap: held steps of its other jobs take it.
+    scheduling.dispatch(session, job.tenant_id, [], scheduling.priority(job.service_tier, True))
     if steps.count(session, job.id, [StepStatus.RUNNING]) == 0:
         dag.finish(session, job.id, JobStatus.CANCELLED)
     else:

@@ -225,7 +225,8 @@ def _hand_back(c: ClaimedStep, run: Run, carry: Carry) -> None:
             with attempt, transaction() as s:
                 carry.write(s)
                 if steps.requeue_run(s, c.step_id, c.attempt):
+                    tier = dag.promoted_since(s, c).scheduled_tier
                     outbox.enqueue_many(s, dag.RUN_STEP_TASK, [{"step_id": c.step_id}],
-                                        scheduling.priority(c.scheduled_tier, True))
+                                        scheduling.priority(tier, True))
     except TRANSIENT_DB_ERRORS as exc:
         log.warning("could not hand step %s back (%s); its lease will run out", c.step_id, exc)

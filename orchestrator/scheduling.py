@@ -161,7 +161,7 @@ def promote_due(now: datetime | None = None, limit: int = 200) -> int:
         if not due:
             return 0
         rates = jobs.mean_run_s(s, now - timedelta(days=1))
-        for job_id, kind, due_at, done, total, _created in due:
+        for job_id, kind, due_at, done, total, _created, tenant_id in due:
             left = 1.0 - done / total if total else 1.0
             estimate = rates.get(kind, settings.deadline_default_estimate_s) * max(left, 0.05)
             if (due_at - now).total_seconds() > settings.deadline_safety * estimate:
@@ -170,9 +170,11 @@ def promote_due(now: datetime | None = None, limit: int = 200) -> int:
                 continue
             found = steps.reprioritise(s, job_id, {
                 priority("flex", c): priority(PROMOTED, c) for c in (False, True)})
-            # A job still waiting for a cheaper hour starts now.
-            enqueue(s, [(i, p) for i, p, status in found if status == StepStatus.QUEUED]
-                    + steps.undefer(s, job_id))
+            enqueue(s, [(i, p) for i, p, status in found if status == StepStatus.QUEUED])
+            # A job still waiting for a cheaper hour starts now, within the tenant's cap.
+            started = steps.undefer(s, job_id)
+            if started:
+                dispatch(s, tenant_id, [i for i, _ in started], priority(PROMOTED, False))
             events.append(s, job_id, "job.promoted", {
                 "deadline": due_at.isoformat(), "estimate_s": round(estimate, 1)})
             promoted += 1

@@ -111,9 +111,9 @@ def _lane(st: Step, calls: list[TimedCall], origin: datetime, now: datetime) -> 
         lane.segments.append(Segment("run", _ms(st.started_at, origin), _ms(end, origin),
                                      f"{st.key} ({st.role}), attempt {st.attempt}: {st.status}, "
                                      f"{_ms(end, st.started_at):.0f} ms"))
-    elif st.enqueued_at is not None:
-        lane.segments.append(Segment("queue", _ms(st.enqueued_at, origin), _ms(now, origin),
-                                     "queued"))
+    elif st.enqueued_at is not None:  # never ran: queued until now, or until cancelled
+        lane.segments.append(Segment("queue", _ms(st.enqueued_at, origin),
+                                     _ms(st.finished_at or now, origin), "queued"))
     ordered = sorted(calls, key=lambda c: (c.attempt or 0, c.call_index or 0))
     for c in ordered:
         lane.segments.extend(_call_segments(c, origin))

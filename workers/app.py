@@ -5,7 +5,8 @@ one worker process keeps many steps, and so many model calls, in flight for the 
 The worker consumes two queues: `agentq` (steps) and `agentq.webhooks` (deliveries). A delivery's
 task only hands it to the process's webhook threads (`orchestrator.webhook_pool`,
 AGENTQ_WEBHOOK_CONCURRENCY), so one command runs both and a slow receiver never holds a step's
-slot; `-Q agentq` or `-Q agentq.webhooks` splits them over separate workers.
+slot; `-Q agentq` or `-Q agentq.webhooks` splits them over separate workers (on RabbitMQ,
+steps are in `agentq`, `agentq.standard` and `agentq.flex`: a steps-only worker takes all three).
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ from fastapi import APIRouter, Query
 
 from api.deps import CurrentPrincipal, DbSession
 from api.openai.schemas import OPENAI_ERRORS, BatchCreate, BatchList, BatchObject
+from core import tracing
 from core.db import transaction
 from core.db_errors import retry_transient
-from orchestrator import openai_batches
+from orchestrator import openai_batches, traces
 
 router = APIRouter(prefix="/v1/batches", tags=["openai"], responses=OPENAI_ERRORS)
 
@@ -23,15 +24,19 @@ def create_batch(body: BatchCreate, principal: CurrentPrincipal) -> BatchObject:
     malformed line, a line whose `url` is not the batch's `endpoint`, a repeated `custom_id`
     or more lines than AGENTQ_BATCH_MAX_LINES make a batch that is `failed` with `errors`;
     a wrong `endpoint` or `completion_window` is a 400."""
+    # The job's trace, as for any job: the submission under the job's span.
+    trace_context = traces.new_job()
+
     def create() -> BatchObject:
         with transaction() as s:
             job = openai_batches.create_batch(
                 s, principal.tenant_id, input_file_id=body.input_file_id,
                 endpoint=body.endpoint, completion_window=body.completion_window,
-                metadata=body.metadata or {})
+                metadata=body.metadata or {}, trace_context=trace_context)
             return BatchObject.of(openai_batches.view(s, job))
 
-    return retry_transient(create)
+    with tracing.span("submit", parent=trace_context):
+        return retry_transient(create)
 
 
 @router.get("", response_model=BatchList)

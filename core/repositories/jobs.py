@@ -214,12 +214,13 @@ def trace_facts(session: Session, job_id: str) -> TraceFacts | None:
 
 
 def flex_with_deadlines(session: Session, limit: int) -> list[tuple[str, str, datetime, int,
-                                                                    int, datetime]]:
+                                                                    int, datetime, str]]:
     """Active flex jobs with a deadline, not promoted yet: id, kind, deadline, steps done and
-    total, created; rows another sweeper holds are skipped."""
-    return [(str(i), str(k), d, int(done or 0), int(total or 0), c)
-            for i, k, d, done, total, c in session.execute(
-                select(J.id, J.kind, J.due_at, J.steps_done, J.steps_total, J.created_at)
+    total, created, tenant; rows another sweeper holds are skipped."""
+    return [(str(i), str(k), d, int(done or 0), int(total or 0), c, str(t))
+            for i, k, d, done, total, c, t in session.execute(
+                select(J.id, J.kind, J.due_at, J.steps_done, J.steps_total, J.created_at,
+                       J.tenant_id)
                 .where(J.status.in_(list(JOB_ACTIVE)), J.due_at.is_not(None),
                        J.promoted_at.is_(None), J.service_tier == "flex")
                 .order_by(J.due_at).limit(limit).with_for_update(skip_locked=True))]
@@ -234,6 +235,10 @@ def mean_run_s(session: Session, since: datetime) -> dict[str, float]:
             .order_by(J.finished_at.desc()).limit(2000)):
         out.setdefault(str(kind), []).append((finished - created).total_seconds())
     return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+def is_promoted(session: Session, job_id: str) -> bool:
+    return session.scalar(select(J.promoted_at).where(J.id == job_id)) is not None
 
 
 def promote(session: Session, job_id: str) -> bool:

@@ -71,7 +71,7 @@ def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
     claimable = or_(S.status == StepStatus.QUEUED,
                     and_(S.status == StepStatus.RUNNING, S.lease_expires_at < now))
     stmt = update(steps_table).where(S.id == step_id, claimable).values(
-        status=StepStatus.RUNNING, attempt=S.attempt + 1, started_at=now,
+        status=StepStatus.RUNNING, attempt=S.attempt + 1, started_at=now, finished_at=None,
         lease_expires_at=db_now(session, lease_s))
     if is_postgres(session):
         row = session.execute(stmt.where(jobs_table.c.id == S.job_id)
@@ -456,25 +456,28 @@ def count_spawned(session: Session, job_id: str, besides: str | None = None) -> 
 def wait_for(session: Session, step_id: str, attempt: int, depends_on: Sequence[str],
              deps_remaining: int) -> bool:
     """Run `attempt` of the step ends waiting: the step is `pending` on `depends_on` (its
-    children added), with `deps_remaining` of them still to complete, and holds no lease.
+    children added), with `deps_remaining` of them still to complete, and holds no lease
+    (`finished_at` says when the run ended; the next claim clears it).
     False when the run no longer holds the step (the write is refused)."""
     res = session.execute(update(steps_table).where(
         S.id == step_id, S.attempt == attempt, S.status == StepStatus.RUNNING,
     ).values(status=StepStatus.PENDING, depends_on=list(depends_on),
-             deps_remaining=deps_remaining, lease_expires_at=None, enqueued_at=None))
+             deps_remaining=deps_remaining, lease_expires_at=None, enqueued_at=None,
+             finished_at=db_now(session)))
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
 def reprioritise(session: Session, job_id: str, mapping: dict[int, int]
                  ) -> list[tuple[str, int | None, str]]:
-    """Give the job's steps still to run new broker priorities (`{old: new}`); returns them
-    (id, priority, status)."""
+    """Give the job's steps still to run or running new broker priorities (`{old: new}`; a
+    running step is published at it should it be queued again); returns them (id, priority,
+    status)."""
     out: list[tuple[str, int | None, str]] = []
     for old, new in mapping.items():
         out += [(str(i), p, str(st)) for i, p, st in session.execute(
             update(steps_table).where(
                 S.job_id == job_id, S.priority == old,
                 S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD,
-                              StepStatus.DEFERRED)),
+                              StepStatus.DEFERRED, StepStatus.RUNNING)),
             ).values(priority=new).returning(S.id, S.priority, S.status))]
     return out
