@@ -36,10 +36,10 @@ def schedule(agentq_env: dict[str, str]) -> Iterator[datetime]:
     settings = get_settings()
     old = settings.grid_schedule
     settings.grid_schedule = _hours((now.hour + 6) % 24, (now.hour + 9) % 24)
-    grid.schedule.cache_clear()
+    grid.schedules.cache_clear()
     yield now
     settings.grid_schedule = old
-    grid.schedule.cache_clear()
+    grid.schedules.cache_clear()
 
 
 def test_best_start_keeps_to_the_window() -> None:
@@ -122,3 +122,75 @@ def test_the_ledger_records_the_hours_price_and_carbon(
                               "WHERE job_id = %s", (job_id,)).fetchall()
         assert rows
         assert rows == [(0.12, 230.0)] * len(rows)
+
+
+def test_the_schedule_may_differ_per_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core import grid
+    from core.settings import get_settings
+
+    a = [{"price": 0.05, "carbon": 100.0}] * 24
+    b = [{"price": 0.25, "carbon": 500.0}] * 24
+    monkeypatch.setattr(get_settings(), "grid_schedule", {"http://a:8000/v1/": a, "*": b})
+    grid.schedules.cache_clear()
+    try:
+        now = datetime.now(UTC)
+        assert grid.at(now, "http://a:8000/v1") == GridHour(price=0.05, carbon=100.0)
+        assert grid.at(now, "http://other:8000/v1") == GridHour(price=0.25, carbon=500.0)
+        assert grid.at(now) == GridHour(price=0.25, carbon=500.0)  # planning: the default
+        monkeypatch.setattr(get_settings(), "grid_schedule", {"http://a:8000/v1": a,
+                                                              "http://b:8000/v1": b})
+        grid.schedules.cache_clear()
+        assert grid.at(now, "http://c:8000/v1") is None  # neither named nor defaulted
+        assert grid.at(now) == GridHour(price=0.15, carbon=300.0)  # the mean of those named
+        monkeypatch.setattr(get_settings(), "grid_schedule", {"*": a[:23]})
+        grid.schedules.cache_clear()
+        with pytest.raises(ValueError, match="23 hours"):
+            grid.schedules()
+    finally:
+        grid.schedules.cache_clear()
+
+
+@pytest.mark.usefixtures("standin")
+def test_the_ledger_prices_power_at_the_endpoint_that_served_the_call(
+        database_url: str, agentq_env: dict[str, str], tmp_path: Path) -> None:
+    """Two endpoints on grids of their own: each call is recorded with the figures of the
+    endpoint that served it."""
+    import json
+
+    from bench.standin import StandinServer
+
+    second = StandinServer().start()
+    try:
+        first = agentq_env["AGENTQ_POOL_ENDPOINTS"]
+        by_url = {first: [{"price": 0.07, "carbon": 90.0}] * 24,
+                  "*": [{"price": 0.21, "carbon": 480.0}] * 24}
+        env = {"AGENTQ_GRID_SCHEDULE": json.dumps(by_url),
+               "AGENTQ_POOL_ENDPOINTS": f"{first},{second.url}",
+               "AGENTQ_POOL_ROUTING": "round_robin"}
+        with isolated_stack(database_url, {**agentq_env, **env}, tmp_path, "_grid2") as stack:
+            key = stack.key("grids")
+            stack.worker("w1", concurrency=2)
+            ids = []
+            for i in range(6):
+                r = httpx.post(f"{stack.api}/v1/jobs", headers=auth(key), timeout=30, json={
+                    "kind": "completion", "input": {"prompt": f"Where {i}", "max_tokens": 8}})
+                assert r.status_code == 202, r.text
+                ids.append(r.json()["id"])
+
+            def ended() -> bool:
+                return all(httpx.get(f"{stack.api}/v1/jobs/{i}", headers=auth(key),
+                                     timeout=30).json()["status"] in TERMINAL for i in ids)
+
+            wait_until(ended, 60, what="the jobs")
+            url = make_url(stack.env["AGENTQ_DATABASE_URL"]).set(drivername="postgresql")
+            with psycopg.connect(url.render_as_string(hide_password=False)) as db:
+                rows = db.execute("SELECT endpoint, power_price, carbon_intensity FROM "
+                                  "model_calls").fetchall()
+        served = {e.rstrip("/") for e, _, _ in rows}
+        assert served == {first.rstrip("/"), second.url.rstrip("/")}, rows
+        for endpoint, price, carbon in rows:
+            expected = (0.07, 90.0) if endpoint.rstrip("/") == first.rstrip("/") else (0.21,
+                                                                                      480.0)
+            assert (price, carbon) == expected, rows
+    finally:
+        second.stop()
