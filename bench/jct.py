@@ -12,6 +12,9 @@ The same trace (seeded) is replayed under each policy:
 - `fcfs`: one queue in order of arrival (a server's own queue, or admission blind to jobs);
 - `round_robin`: per-job turns, no attained service (agentq's admission before);
 - `las`: least attained service with aging, as deployed (`inference.admission`).
+
+The stand-in's calls are about 17 tokens (a real call is some hundreds): the aging is given
+in the same units (20 tokens per second waited: about one call's worth).
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ def replay(redis_url: str, standin: StandinServer, policy: str, jobs: list[Trace
     """Replay the trace under `policy`; each job's completion time runs from its arrival to
     the end of its last call."""
     redis.Redis.from_url(redis_url).flushdb()
-    pool = _pool(redis_url, standin, aging if policy == "las" else 1e12)
+    # Round robin: every job's service ages to nothing at once, so jobs take turns.
+    pool = _pool(redis_url, standin, 1e12 if policy == "round_robin" else aging)
     done: dict[int, float] = {}
     start = time.monotonic()
 

@@ -13,10 +13,9 @@ in flight).
    (everything `standard`, no cap: first come, first served); and with the interactive tier
    and the per-tenant cap, the flood submitted as `flex`.
 2. Admission (in this process: `inference.pool.Pool` with Redis admission, an endpoint cap of
-   4). Eight jobs of one tenant, of 24 down to 2 parallel calls, all started at once, the
-   longest first: mean job completion time with least attained service (aging 20 tokens/s,
-   on calls of about 20 tokens) against first come first served (every call in one queue)
-   and the per-job round robin admission had before (no attained service: every job ties).
+   4): mean job completion time on a replayed trace of jobs arriving over time, short jobs
+   behind long ones' fan-outs (`bench.jct`), under first come first served, per-job round
+   robin and least attained service (as deployed).
 3. Fairness: three tenants sharing the endpoint, one with 48 calls in flight, two with 8;
    the calls each was served while all three had calls waiting, and Jain's index of them.
 4. Cheap and clean hours (a simulated clock): flex jobs submitted through a sample day with
@@ -42,6 +41,7 @@ from typing import Any
 import httpx
 import redis
 
+from bench import jct
 from bench.common import (
     TERMINAL,
     create_tenant_key,
@@ -141,34 +141,6 @@ def _call(pool: Pool, tenant: str, job: str) -> None:
                                     tenant_id=tenant, job_id=job))
 
 
-def mean_jct(redis_url: str, standin: StandinServer, policy: str) -> float:
-    """Mean completion time of jobs of parallel calls (24 down to 2), started together, the
-    longest first. `fcfs`: admission sees one queue in order of arrival (what a server's own
-    queue does); `round_robin`: per-job turns, no attained service (agentq's admission
-    before); `las`: least attained service, aging 20 tokens/s."""
-    redis.Redis.from_url(redis_url).flushdb()
-    pool = _pool(redis_url, standin, 20.0 if policy == "las" else 1e12)
-    sizes = [24, 16, 8, 8, 4, 4, 2, 2]
-    left = dict(enumerate(sizes))
-    done: dict[int, float] = {}
-    lock = threading.Lock()
-    start = time.monotonic()
-
-    def call(i: int) -> None:
-        _call(pool, "t", "all" if policy == "fcfs" else f"job{i}")
-        with lock:
-            left[i] -= 1
-            if left[i] == 0:
-                done[i] = time.monotonic() - start
-
-    work: list[Callable[[], None]] = []
-    for i, n in enumerate(sizes):
-        work += [_bind(call, i) for _ in range(n)]
-    _threads(work)
-    pool.close()
-    return statistics.mean(done.values())
-
-
 def jain(redis_url: str, standin: StandinServer) -> tuple[float, dict[str, int]]:
     redis.Redis.from_url(redis_url).flushdb()
     pool = _pool(redis_url, standin, 2000.0)
@@ -253,6 +225,10 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=32)
     parser.add_argument("--delay", type=float, default=0.15)
     parser.add_argument("--batch-delay", type=float, default=0.005)
+    parser.add_argument("--trace-s", type=float, default=40.0,
+                        help="seconds of job arrivals in the admission trace")
+    parser.add_argument("--load", type=float, default=0.8,
+                        help="the trace's calls per second over the endpoint's capacity")
     args = parser.parse_args()
     standin = StandinServer(delay_s=args.delay, batch_delay_s=args.batch_delay).start()
     with tempfile.TemporaryDirectory() as tmp_:
@@ -262,9 +238,9 @@ def main() -> None:
         tiered = queue_run(args, standin, tmp, "tiered", flood=True, tiers=True)
         redis_proc, redis_url = _redis_server(tmp)
         try:
-            fcfs = mean_jct(redis_url, standin, "fcfs")
-            rr = mean_jct(redis_url, standin, "round_robin")
-            las = mean_jct(redis_url, standin, "las")
+            jobs = jct.trace(args.trace_s, args.load, args.delay, args.batch_delay)
+            jcts = {p: jct.replay(redis_url, standin, p, jobs)
+                    for p in ("fcfs", "round_robin", "las")}
             index, served = jain(redis_url, standin)
         finally:
             redis_proc.terminate()
@@ -278,11 +254,16 @@ def main() -> None:
     print(f"  flood, today's FIFO     {fifo:8.2f} s   ({fifo / alone:.1f}x alone)")
     print(f"  flood, tiers + cap      {tiered:8.2f} s   ({tiered / alone:.2f}x alone, "
           f"{fifo / tiered:.1f}x better than FIFO)")
-    print("mean job completion time, 8 jobs of 24..2 parallel calls, endpoint cap 4:")
-    print(f"  first come first served {fcfs:8.2f} s")
-    print(f"  per-job round robin     {rr:8.2f} s   ({fcfs / rr:.2f}x better than FCFS)")
-    print(f"  least attained service  {las:8.2f} s   ({fcfs / las:.2f}x better than FCFS, "
-          f"{rr / las:.2f}x than round robin)")
+    n_long = sum(j.long for j in jobs)
+    print(f"mean job completion time, {len(jobs)} jobs arriving over {args.trace_s:.0f} s at "
+          f"{args.load:.0%} of capacity ({len(jobs) - n_long} short of 2 calls in turn, "
+          f"{n_long} long of 24 parallel calls then 1), endpoint cap {jct.CAP}:")
+    fcfs = jcts["fcfs"].mean_s
+    names = {"fcfs": "first come first served", "round_robin": "per-job round robin",
+             "las": "least attained service"}
+    for p, r in jcts.items():
+        print(f"  {names[p]:<24}{r.mean_s:6.2f} s  short {r.short_mean_s:5.2f} s  long "
+              f"{r.long_mean_s:5.2f} s  p95 {r.p95_s:5.2f} s  ({fcfs / r.mean_s:.2f}x FCFS)")
     print(f"Jain's index, 3 tenants (48/8/8 callers): {index:.3f}  served {served}")
     w = windows()
     print("flex jobs with windows, 500 per objective on a sample day (simulated clock; "

@@ -41,7 +41,6 @@ def test_admin_page_shows_scheduling_figures_that_match_the_ledger(
         database_url: str, agentq_env: dict[str, str], tmp_path: Path) -> None:
     now = datetime.now(UTC)
     hours = _schedule(now)
-    endpoint = agentq_env["AGENTQ_POOL_ENDPOINTS"]
     env = {"AGENTQ_GRID_SCHEDULE": json.dumps(hours),
            "AGENTQ_ENDPOINT_WATTS": json.dumps({"*": 400})}
     with isolated_stack(database_url, {**agentq_env, **env}, tmp_path, "_admgrid") as stack:
@@ -96,7 +95,8 @@ def test_admin_page_shows_scheduling_figures_that_match_the_ledger(
         assert shown == pytest.approx(value, rel=1e-9), name
     assert expected["deadline_jobs"] == 3
     assert expected["window_jobs"] == 2
-    assert expected["window_carbon_saving"] > 0 and expected["window_power_saving"] > 0
+    assert expected["window_carbon_saving"] > 0
+    assert expected["window_power_saving"] > 0
     rows = {r["id"]: r["cols"] for r in report["admin"]["tenants"]}
     assert any(c.get("gco2_per_million_tokens") for c in rows.values()), rows
     assert (out / "admin.png").stat().st_size > 0
@@ -125,7 +125,8 @@ def _expected(db: psycopg.Connection[Any], hours: list[dict[str, float]]) -> dic
         "SELECT m.energy_wh, m.power_price, m.carbon_intensity, j.created_at, j.id "
         "FROM model_calls m JOIN jobs j ON j.id = m.job_id "
         "WHERE j.optimize IS NOT NULL AND m.energy_wh IS NOT NULL").fetchall()
-    assert rows and all(p is not None for _, p, _, _, _ in rows)
+    assert rows
+    assert all(p is not None for _, p, _, _, _ in rows)
     usd = sum(w / 1000 * p for w, p, _, _, _ in rows)
     g = sum(w / 1000 * c for w, _, c, _, _ in rows)
     usd0 = sum(w / 1000 * hours[t.astimezone(UTC).hour]["price"] for w, _, _, t, _ in rows)

@@ -194,3 +194,50 @@ def test_the_ledger_prices_power_at_the_endpoint_that_served_the_call(
             assert (price, carbon) == expected, rows
     finally:
         second.stop()
+
+
+@pytest.mark.usefixtures("standin")
+def test_deferral_and_promotion_are_delivered_to_the_jobs_webhook(
+        database_url: str, agentq_env: dict[str, str], tmp_path: Path) -> None:
+    """A flex job that waits for a cleaner hour: its webhook hears `job.deferred`; promoted
+    when its deadline nears (a sweeper pass in a process of its own, on a clock moved to just
+    before the deadline), it hears `job.promoted`, then it starts and completes."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.receivers import serve
+
+    now = datetime.now(UTC)
+    env = {"AGENTQ_GRID_SCHEDULE": json.dumps(_hours((now.hour + 6) % 24,
+                                                     (now.hour + 6) % 24))}
+    due = now + timedelta(hours=20)
+    with serve("ok") as receiver, isolated_stack(
+            database_url, {**agentq_env, **env}, tmp_path, "_hooks") as stack:
+        key = stack.key("hooks")
+        stack.worker("w1", concurrency=2)
+        events = ["job.deferred", "job.promoted", "job.started", "job.completed"]
+        r = httpx.post(f"{stack.api}/v1/jobs", headers=auth(key), timeout=30, json={
+            "kind": "completion", "input": {"prompt": "Tonight", "max_tokens": 8},
+            "service_tier": "flex", "deadline": due.isoformat(), "optimize": "carbon",
+            "webhook": {"url": receiver.url, "events": events}})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        assert r.json()["planned_start"] is not None
+
+        def delivered(n: int) -> Any:
+            with receiver.lock:
+                got = [json.loads(body) for _, body in receiver.received]
+            return got if len(got) >= n else None
+
+        first = wait_until(lambda: delivered(1), 30, what="the deferral's delivery")
+        assert first[0]["type"] == "job.deferred"
+        assert job_id in json.dumps(first[0]), first
+        promote = ("from datetime import datetime; from orchestrator import scheduling; "
+                   f"print(scheduling.promote_due(now=datetime.fromisoformat("
+                   f"{(due - timedelta(seconds=30)).isoformat()!r})))")
+        out = subprocess.run([sys.executable, "-c", promote], env=stack.env,
+                             capture_output=True, text=True, check=True, timeout=60)
+        assert out.stdout.strip() == "1", out
+        got = wait_until(lambda: delivered(4), 60, what="the other deliveries")
+        assert [g["type"] for g in got] == events, got
