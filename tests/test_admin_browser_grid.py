@@ -88,6 +88,11 @@ def test_admin_page_shows_scheduling_figures_that_match_the_ledger(
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-4000:]
         report = json.loads(proc.stdout)
+        api = httpx.get(f"{stack.api}/v1/admin/scheduling", headers=auth(admin), timeout=30)
+        assert api.status_code == 200, api.text
+        for name, value in expected.items():
+            if name in api.json():
+                assert api.json()[name] == pytest.approx(value, rel=1e-9), name
     figures = report["admin"]["figures"]
     for name, value in expected.items():
         shown = figures.get(name)
