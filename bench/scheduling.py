@@ -91,14 +91,14 @@ def _latencies(api: str, key: str, ids: list[str]) -> list[float]:
              ).total_seconds() for j in jobs]
 
 
-def queue_run(args: argparse.Namespace, standin: StandinServer, tmp: Path, name: str,
+def queue_run(args: argparse.Namespace, endpoint: str, tmp: Path, name: str,
               flood: bool, tiers: bool) -> float:
     """p95 latency of the interactive tenant's jobs in one scenario (a fresh deployment)."""
     redis_proc, redis_url = _redis_server(tmp)
     try:
         with fresh_database(args.pg, tmp / name) as db:
             env = {**_base_env(), "AGENTQ_DATABASE_URL": db, "AGENTQ_REDIS_URL": redis_url,
-                   "AGENTQ_POOL_ENDPOINTS": standin.url,
+                   "AGENTQ_POOL_ENDPOINTS": endpoint,
                    "AGENTQ_TENANT_QUEUED_STEPS_MAX": str(args.cap if tiers else 0),
                    "AGENTQ_ENDPOINT_MAX_IN_FLIGHT": str(args.concurrency)}
             api, api_proc = start_api(env, tmp / f"{name}-api.log")
@@ -214,6 +214,28 @@ def _threads(work: list[Callable[[], None]]) -> None:
         t.join()
 
 
+def vllm_run(args: argparse.Namespace) -> None:
+    """The queue's three scenarios against the embedded model on vLLM."""
+    from bench.throughput import start_server
+
+    with tempfile.TemporaryDirectory() as tmp_:
+        tmp = Path(tmp_)
+        url, server = start_server(tmp)
+        try:
+            alone = queue_run(args, url, tmp, "alone", flood=False, tiers=True)
+            fifo = queue_run(args, url, tmp, "fifo", flood=True, tiers=False)
+            tiered = queue_run(args, url, tmp, "tiered", flood=True, tiers=True)
+        finally:
+            server.stop()
+    print(f"embedded vLLM; worker threads {args.concurrency}; cap {args.cap}; interactive p95 "
+          f"({args.interactive} one-call jobs), flood of {args.flood_jobs} batch jobs x "
+          f"{args.flood_prompts} prompts:")
+    print(f"  alone                   {alone:8.2f} s")
+    print(f"  flood, today's FIFO     {fifo:8.2f} s   ({fifo / alone:.1f}x alone)")
+    print(f"  flood, tiers + cap      {tiered:8.2f} s   ({tiered / alone:.2f}x alone, "
+          f"{fifo / tiered:.1f}x better than FIFO)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scheduling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -229,13 +251,19 @@ def main() -> None:
                         help="seconds of job arrivals in the admission trace")
     parser.add_argument("--load", type=float, default=0.8,
                         help="the trace's calls per second over the endpoint's capacity")
+    parser.add_argument("--vllm", action="store_true",
+                        help="only the queue's figures, against the embedded vLLM server "
+                             "(started here); keep the flood small on a CPU")
     args = parser.parse_args()
+    if args.vllm:
+        vllm_run(args)
+        return
     standin = StandinServer(delay_s=args.delay, batch_delay_s=args.batch_delay).start()
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
-        alone = queue_run(args, standin, tmp, "alone", flood=False, tiers=True)
-        fifo = queue_run(args, standin, tmp, "fifo", flood=True, tiers=False)
-        tiered = queue_run(args, standin, tmp, "tiered", flood=True, tiers=True)
+        alone = queue_run(args, standin.url, tmp, "alone", flood=False, tiers=True)
+        fifo = queue_run(args, standin.url, tmp, "fifo", flood=True, tiers=False)
+        tiered = queue_run(args, standin.url, tmp, "tiered", flood=True, tiers=True)
         redis_proc, redis_url = _redis_server(tmp)
         try:
             jobs = jct.trace(args.trace_s, args.load, args.delay, args.batch_delay)
