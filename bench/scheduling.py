@@ -13,10 +13,9 @@ in flight).
    (everything `standard`, no cap: first come, first served); and with the interactive tier
    and the per-tenant cap, the flood submitted as `flex`.
 2. Admission (in this process: `inference.pool.Pool` with Redis admission, an endpoint cap of
-   4). Eight jobs of one tenant, of 24 down to 2 parallel calls, all started at once, the
-   longest first: mean job completion time with least attained service (aging 20 tokens/s,
-   on calls of about 20 tokens) against first come first served (every call in one queue)
-   and the per-job round robin admission had before (no attained service: every job ties).
+   4): mean job completion time on a replayed trace of jobs arriving over time, short jobs
+   behind long ones' fan-outs (`bench.jct`), under first come first served, per-job round
+   robin and least attained service (as deployed).
 3. Fairness: three tenants sharing the endpoint, one with 48 calls in flight, two with 8;
    the calls each was served while all three had calls waiting, and Jain's index of them.
 4. Cheap and clean hours (a simulated clock): flex jobs submitted through a sample day with
@@ -42,6 +41,7 @@ from typing import Any
 import httpx
 import redis
 
+from bench import jct
 from bench.common import (
     TERMINAL,
     create_tenant_key,
@@ -91,14 +91,14 @@ def _latencies(api: str, key: str, ids: list[str]) -> list[float]:
              ).total_seconds() for j in jobs]
 
 
-def queue_run(args: argparse.Namespace, standin: StandinServer, tmp: Path, name: str,
+def queue_run(args: argparse.Namespace, endpoint: str, tmp: Path, name: str,
               flood: bool, tiers: bool) -> float:
     """p95 latency of the interactive tenant's jobs in one scenario (a fresh deployment)."""
     redis_proc, redis_url = _redis_server(tmp)
     try:
         with fresh_database(args.pg, tmp / name) as db:
             env = {**_base_env(), "AGENTQ_DATABASE_URL": db, "AGENTQ_REDIS_URL": redis_url,
-                   "AGENTQ_POOL_ENDPOINTS": standin.url,
+                   "AGENTQ_POOL_ENDPOINTS": endpoint,
                    "AGENTQ_TENANT_QUEUED_STEPS_MAX": str(args.cap if tiers else 0),
                    "AGENTQ_ENDPOINT_MAX_IN_FLIGHT": str(args.concurrency)}
             api, api_proc = start_api(env, tmp / f"{name}-api.log")
@@ -139,34 +139,6 @@ def _call(pool: Pool, tenant: str, job: str) -> None:
     pool.complete(CompletionRequest(call=CallSpec(prompt=f"{job} asks", max_tokens=16),
                                     request_id=f"{job}:{time.monotonic_ns()}",
                                     tenant_id=tenant, job_id=job))
-
-
-def mean_jct(redis_url: str, standin: StandinServer, policy: str) -> float:
-    """Mean completion time of jobs of parallel calls (24 down to 2), started together, the
-    longest first. `fcfs`: admission sees one queue in order of arrival (what a server's own
-    queue does); `round_robin`: per-job turns, no attained service (agentq's admission
-    before); `las`: least attained service, aging 20 tokens/s."""
-    redis.Redis.from_url(redis_url).flushdb()
-    pool = _pool(redis_url, standin, 20.0 if policy == "las" else 1e12)
-    sizes = [24, 16, 8, 8, 4, 4, 2, 2]
-    left = dict(enumerate(sizes))
-    done: dict[int, float] = {}
-    lock = threading.Lock()
-    start = time.monotonic()
-
-    def call(i: int) -> None:
-        _call(pool, "t", "all" if policy == "fcfs" else f"job{i}")
-        with lock:
-            left[i] -= 1
-            if left[i] == 0:
-                done[i] = time.monotonic() - start
-
-    work: list[Callable[[], None]] = []
-    for i, n in enumerate(sizes):
-        work += [_bind(call, i) for _ in range(n)]
-    _threads(work)
-    pool.close()
-    return statistics.mean(done.values())
 
 
 def jain(redis_url: str, standin: StandinServer) -> tuple[float, dict[str, int]]:
@@ -242,6 +214,28 @@ def _threads(work: list[Callable[[], None]]) -> None:
         t.join()
 
 
+def vllm_run(args: argparse.Namespace) -> None:
+    """The queue's three scenarios against the embedded model on vLLM."""
+    from bench.throughput import start_server
+
+    with tempfile.TemporaryDirectory() as tmp_:
+        tmp = Path(tmp_)
+        url, server = start_server(tmp)
+        try:
+            alone = queue_run(args, url, tmp, "alone", flood=False, tiers=True)
+            fifo = queue_run(args, url, tmp, "fifo", flood=True, tiers=False)
+            tiered = queue_run(args, url, tmp, "tiered", flood=True, tiers=True)
+        finally:
+            server.stop()
+    print(f"embedded vLLM; worker threads {args.concurrency}; cap {args.cap}; interactive p95 "
+          f"({args.interactive} one-call jobs), flood of {args.flood_jobs} batch jobs x "
+          f"{args.flood_prompts} prompts:")
+    print(f"  alone                   {alone:8.2f} s")
+    print(f"  flood, today's FIFO     {fifo:8.2f} s   ({fifo / alone:.1f}x alone)")
+    print(f"  flood, tiers + cap      {tiered:8.2f} s   ({tiered / alone:.2f}x alone, "
+          f"{fifo / tiered:.1f}x better than FIFO)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scheduling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -253,18 +247,28 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=32)
     parser.add_argument("--delay", type=float, default=0.15)
     parser.add_argument("--batch-delay", type=float, default=0.005)
+    parser.add_argument("--trace-s", type=float, default=40.0,
+                        help="seconds of job arrivals in the admission trace")
+    parser.add_argument("--load", type=float, default=0.8,
+                        help="the trace's calls per second over the endpoint's capacity")
+    parser.add_argument("--vllm", action="store_true",
+                        help="only the queue's figures, against the embedded vLLM server "
+                             "(started here); keep the flood small on a CPU")
     args = parser.parse_args()
+    if args.vllm:
+        vllm_run(args)
+        return
     standin = StandinServer(delay_s=args.delay, batch_delay_s=args.batch_delay).start()
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
-        alone = queue_run(args, standin, tmp, "alone", flood=False, tiers=True)
-        fifo = queue_run(args, standin, tmp, "fifo", flood=True, tiers=False)
-        tiered = queue_run(args, standin, tmp, "tiered", flood=True, tiers=True)
+        alone = queue_run(args, standin.url, tmp, "alone", flood=False, tiers=True)
+        fifo = queue_run(args, standin.url, tmp, "fifo", flood=True, tiers=False)
+        tiered = queue_run(args, standin.url, tmp, "tiered", flood=True, tiers=True)
         redis_proc, redis_url = _redis_server(tmp)
         try:
-            fcfs = mean_jct(redis_url, standin, "fcfs")
-            rr = mean_jct(redis_url, standin, "round_robin")
-            las = mean_jct(redis_url, standin, "las")
+            jobs = jct.trace(args.trace_s, args.load, args.delay, args.batch_delay)
+            jcts = {p: jct.replay(redis_url, standin, p, jobs)
+                    for p in ("fcfs", "round_robin", "las")}
             index, served = jain(redis_url, standin)
         finally:
             redis_proc.terminate()
@@ -278,11 +282,16 @@ def main() -> None:
     print(f"  flood, today's FIFO     {fifo:8.2f} s   ({fifo / alone:.1f}x alone)")
     print(f"  flood, tiers + cap      {tiered:8.2f} s   ({tiered / alone:.2f}x alone, "
           f"{fifo / tiered:.1f}x better than FIFO)")
-    print("mean job completion time, 8 jobs of 24..2 parallel calls, endpoint cap 4:")
-    print(f"  first come first served {fcfs:8.2f} s")
-    print(f"  per-job round robin     {rr:8.2f} s   ({fcfs / rr:.2f}x better than FCFS)")
-    print(f"  least attained service  {las:8.2f} s   ({fcfs / las:.2f}x better than FCFS, "
-          f"{rr / las:.2f}x than round robin)")
+    n_long = sum(j.long for j in jobs)
+    print(f"mean job completion time, {len(jobs)} jobs arriving over {args.trace_s:.0f} s at "
+          f"{args.load:.0%} of capacity ({len(jobs) - n_long} short of 2 calls in turn, "
+          f"{n_long} long of 24 parallel calls then 1), endpoint cap {jct.CAP}:")
+    fcfs = jcts["fcfs"].mean_s
+    names = {"fcfs": "first come first served", "round_robin": "per-job round robin",
+             "las": "least attained service"}
+    for p, r in jcts.items():
+        print(f"  {names[p]:<24}{r.mean_s:6.2f} s  short {r.short_mean_s:5.2f} s  long "
+              f"{r.long_mean_s:5.2f} s  p95 {r.p95_s:5.2f} s  ({fcfs / r.mean_s:.2f}x FCFS)")
     print(f"Jain's index, 3 tenants (48/8/8 callers): {index:.3f}  served {served}")
     w = windows()
     print("flex jobs with windows, 500 per objective on a sample day (simulated clock; "

@@ -232,8 +232,9 @@ class Settings(BaseSettings):
     deadline_safety: float = Field(default=2.0, ge=1)
     deadline_default_estimate_s: float = Field(default=60.0, gt=0)
     # The grid's hourly price of power and carbon intensity (`core.grid`): a JSON list of 24
-    # {"price": $/kWh, "carbon": gCO2/kWh}, hour 0 UTC first, or a file holding one.
-    grid_schedule: list[dict[str, float]] | None = None
+    # {"price": $/kWh, "carbon": gCO2/kWh}, hour 0 UTC first, or an object mapping endpoint
+    # base URLs to such lists ("*": the others), or a file holding either.
+    grid_schedule: list[dict[str, float]] | dict[str, list[dict[str, float]]] | None = None
     grid_schedule_file: Path | None = None
 
     @field_validator("pool_endpoints", mode="before")

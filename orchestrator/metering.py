@@ -434,7 +434,7 @@ class MeteredContext:
                 escalated_from: str | None, c: Completion,
                 started_at: datetime | None = None) -> dict[str, Any]:
         u = c.usage
-        hour = grid.at(utcnow())
+        hour = grid.at(utcnow(), c.endpoint)
         cost = scheduling.priced(price_for(c.model).cost(u.prompt_tokens, u.completion_tokens,
                                                          u.cached_tokens or 0), self._tier)
         return self._row(

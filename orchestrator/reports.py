@@ -36,6 +36,10 @@ def _figures(s: Sums) -> dict[str, Any]:
         "calls_with_energy": energy_calls,
         "kwh_per_million_tokens": _ratio(energy_wh / 1000.0, total, 1e6) if energy_calls
         else None,
+        "carbon_g": s.carbon_g if s.calls_with_carbon else None,
+        # Over every call's tokens, as kWh per million tokens is.
+        "gco2_per_million_tokens": _ratio(s.carbon_g, total, 1e6) if s.calls_with_carbon
+        else None,
         # Output tokens per second of model-call time: how fast calls generate.
         "output_tokens_per_s": _ratio(s.completion_tokens, s.latency_ms / 1000.0),
         # Prompt tokens served from the prefix cache, over prompt tokens of the calls whose

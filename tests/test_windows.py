@@ -36,10 +36,10 @@ def schedule(agentq_env: dict[str, str]) -> Iterator[datetime]:
     settings = get_settings()
     old = settings.grid_schedule
     settings.grid_schedule = _hours((now.hour + 6) % 24, (now.hour + 9) % 24)
-    grid.schedule.cache_clear()
+    grid.schedules.cache_clear()
     yield now
     settings.grid_schedule = old
-    grid.schedule.cache_clear()
+    grid.schedules.cache_clear()
 
 
 def test_best_start_keeps_to_the_window() -> None:
@@ -122,3 +122,122 @@ def test_the_ledger_records_the_hours_price_and_carbon(
                               "WHERE job_id = %s", (job_id,)).fetchall()
         assert rows
         assert rows == [(0.12, 230.0)] * len(rows)
+
+
+def test_the_schedule_may_differ_per_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core import grid
+    from core.settings import get_settings
+
+    a = [{"price": 0.05, "carbon": 100.0}] * 24
+    b = [{"price": 0.25, "carbon": 500.0}] * 24
+    monkeypatch.setattr(get_settings(), "grid_schedule", {"http://a:8000/v1/": a, "*": b})
+    grid.schedules.cache_clear()
+    try:
+        now = datetime.now(UTC)
+        assert grid.at(now, "http://a:8000/v1") == GridHour(price=0.05, carbon=100.0)
+        assert grid.at(now, "http://other:8000/v1") == GridHour(price=0.25, carbon=500.0)
+        assert grid.at(now) == GridHour(price=0.25, carbon=500.0)  # planning: the default
+        monkeypatch.setattr(get_settings(), "grid_schedule", {"http://a:8000/v1": a,
+                                                              "http://b:8000/v1": b})
+        grid.schedules.cache_clear()
+        assert grid.at(now, "http://c:8000/v1") is None  # neither named nor defaulted
+        assert grid.at(now) == GridHour(price=0.15, carbon=300.0)  # the mean of those named
+        monkeypatch.setattr(get_settings(), "grid_schedule", {"*": a[:23]})
+        grid.schedules.cache_clear()
+        with pytest.raises(ValueError, match="23 hours"):
+            grid.schedules()
+    finally:
+        grid.schedules.cache_clear()
+
+
+@pytest.mark.usefixtures("standin")
+def test_the_ledger_prices_power_at_the_endpoint_that_served_the_call(
+        database_url: str, agentq_env: dict[str, str], tmp_path: Path) -> None:
+    """Two endpoints on grids of their own: each call is recorded with the figures of the
+    endpoint that served it."""
+    import json
+
+    from bench.standin import StandinServer
+
+    second = StandinServer().start()
+    try:
+        first = agentq_env["AGENTQ_POOL_ENDPOINTS"]
+        by_url = {first: [{"price": 0.07, "carbon": 90.0}] * 24,
+                  "*": [{"price": 0.21, "carbon": 480.0}] * 24}
+        env = {"AGENTQ_GRID_SCHEDULE": json.dumps(by_url),
+               "AGENTQ_POOL_ENDPOINTS": f"{first},{second.url}",
+               "AGENTQ_POOL_ROUTING": "round_robin"}
+        with isolated_stack(database_url, {**agentq_env, **env}, tmp_path, "_grid2") as stack:
+            key = stack.key("grids")
+            stack.worker("w1", concurrency=2)
+            ids = []
+            for i in range(6):
+                r = httpx.post(f"{stack.api}/v1/jobs", headers=auth(key), timeout=30, json={
+                    "kind": "completion", "input": {"prompt": f"Where {i}", "max_tokens": 8}})
+                assert r.status_code == 202, r.text
+                ids.append(r.json()["id"])
+
+            def ended() -> bool:
+                return all(httpx.get(f"{stack.api}/v1/jobs/{i}", headers=auth(key),
+                                     timeout=30).json()["status"] in TERMINAL for i in ids)
+
+            wait_until(ended, 60, what="the jobs")
+            url = make_url(stack.env["AGENTQ_DATABASE_URL"]).set(drivername="postgresql")
+            with psycopg.connect(url.render_as_string(hide_password=False)) as db:
+                rows = db.execute("SELECT endpoint, power_price, carbon_intensity FROM "
+                                  "model_calls").fetchall()
+        served = {e.rstrip("/") for e, _, _ in rows}
+        assert served == {first.rstrip("/"), second.url.rstrip("/")}, rows
+        for endpoint, price, carbon in rows:
+            expected = (0.07, 90.0) if endpoint.rstrip("/") == first.rstrip("/") else (0.21,
+                                                                                      480.0)
+            assert (price, carbon) == expected, rows
+    finally:
+        second.stop()
+
+
+@pytest.mark.usefixtures("standin")
+def test_deferral_and_promotion_are_delivered_to_the_jobs_webhook(
+        database_url: str, agentq_env: dict[str, str], tmp_path: Path) -> None:
+    """A flex job that waits for a cleaner hour: its webhook hears `job.deferred`; promoted
+    when its deadline nears (a sweeper pass in a process of its own, on a clock moved to just
+    before the deadline), it hears `job.promoted`, then it starts and completes."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.receivers import serve
+
+    now = datetime.now(UTC)
+    env = {"AGENTQ_GRID_SCHEDULE": json.dumps(_hours((now.hour + 6) % 24,
+                                                     (now.hour + 6) % 24))}
+    due = now + timedelta(hours=20)
+    with serve("ok") as receiver, isolated_stack(
+            database_url, {**agentq_env, **env}, tmp_path, "_hooks") as stack:
+        key = stack.key("hooks")
+        stack.worker("w1", concurrency=2)
+        events = ["job.deferred", "job.promoted", "job.started", "job.completed"]
+        r = httpx.post(f"{stack.api}/v1/jobs", headers=auth(key), timeout=30, json={
+            "kind": "completion", "input": {"prompt": "Tonight", "max_tokens": 8},
+            "service_tier": "flex", "deadline": due.isoformat(), "optimize": "carbon",
+            "webhook": {"url": receiver.url, "events": events}})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        assert r.json()["planned_start"] is not None
+
+        def delivered(n: int) -> Any:
+            with receiver.lock:
+                got = [json.loads(body) for _, body in receiver.received]
+            return got if len(got) >= n else None
+
+        first = wait_until(lambda: delivered(1), 30, what="the deferral's delivery")
+        assert first[0]["type"] == "job.deferred"
+        assert job_id in json.dumps(first[0]), first
+        promote = ("from datetime import datetime; from orchestrator import scheduling; "
+                   f"print(scheduling.promote_due(now=datetime.fromisoformat("
+                   f"{(due - timedelta(seconds=30)).isoformat()!r})))")
+        out = subprocess.run([sys.executable, "-c", promote], env=stack.env,
+                             capture_output=True, text=True, check=True, timeout=60)
+        assert out.stdout.strip() == "1", out
+        got = wait_until(lambda: delivered(4), 60, what="the other deliveries")
+        assert [g["type"] for g in got] == events, got

@@ -24,6 +24,7 @@ from core.errors import InvalidInput, NotFound
 from core.repositories import jobs as job_repo
 from core.repositories.reports import GroupBy, ReportFilter, energy_methods
 from orchestrator import reports
+from orchestrator.grid_report import scheduling
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses={
     **ERRORS, 403: {"model": ErrorResponse, "description": "The key has no admin scope"}})
@@ -38,6 +39,7 @@ FIGURES_EXAMPLE: dict[str, Any] = {
     "model_calls": 12, "prompt_tokens": 900, "cached_tokens": 300, "completion_tokens": 300,
     "total_tokens": 1200, "cost_usd": 0.0001, "usd_per_million_tokens": 0.083,
     "energy_wh": 0.05, "calls_with_energy": 12, "kwh_per_million_tokens": 0.042,
+    "carbon_g": 0.0125, "gco2_per_million_tokens": 10.4,
     "output_tokens_per_s": 21.5, "prefix_cache_hit_rate": 0.33, "budget_truncations": 1,
     "escalations": 0, "call_cache_hits": 0}
 LATENCY_EXAMPLE: dict[str, Any] = {
@@ -60,6 +62,9 @@ class Figures(BaseModel):
     energy_wh: float | None
     calls_with_energy: int
     kwh_per_million_tokens: float | None
+    carbon_g: float | None = Field(default=None, description="Grams of CO2 of the calls with "
+                                   "energy and the grid's carbon intensity recorded")
+    gco2_per_million_tokens: float | None = None
     output_tokens_per_s: float | None
     prefix_cache_hit_rate: float | None
     budget_truncations: int
@@ -280,3 +285,31 @@ def job_drill_down(session: DbSession, _: AdminPrincipal, job_id: str,
     return {"job_id": job.id, "tenant_id": job.tenant_id, "kind": job.kind,
             "status": job.status, "totals": reports.totals(session, f),
             "steps": reports.job_steps(session, job_id), "calls": calls}
+
+
+class SchedulingReport(BaseModel):
+    """Deadlines (jobs submitted in the range) and what flex jobs that waited for a window
+    saved against running each call at its job's submission hour (same calls, same schedule:
+    a counterfactual)."""
+
+    deadline_jobs: int
+    deadline_misses: int
+    jobs_promoted: int
+    window_jobs: int
+    window_calls: int
+    window_energy_wh: float
+    window_power_usd: float
+    window_power_usd_at_submission: float
+    window_carbon_g: float
+    window_carbon_g_at_submission: float
+    window_power_saving: float | None
+    window_carbon_saving: float | None
+
+
+@router.get("/scheduling", response_model=SchedulingReport)
+def scheduling_report(session: DbSession, _: AdminPrincipal, since: Since = None,
+                      until: Until = None, tenant_id: Annotated[str | None, Query(
+                          max_length=40)] = None) -> Any:
+    """Deadline misses and promotions, and the saving of flex jobs' windows."""
+    _check_range(since, until)
+    return scheduling(session, ReportFilter(since=since, until=until, tenant_id=tenant_id))

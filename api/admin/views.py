@@ -31,6 +31,7 @@ from core.repositories import steps as step_repo
 from core.repositories.reports import GroupBy, ReportFilter, day_range, energy_methods
 from core.settings import get_settings
 from orchestrator import reports
+from orchestrator.grid_report import scheduling
 from orchestrator.timeline import job_timeline
 
 DEFAULT_DAYS = 30
@@ -184,7 +185,8 @@ def overview(request: Request, session: DbSession, since: DateQuery = None,
         request, "overview.html", since=since, until=until, q=_query(since, until),
         totals=reports.totals(session, f), tenants=reports.tenants_overview(session, f),
         models=reports.grouped(session, f, "model"), days=days,
-        methods=energy_methods(session, f), **_daily_charts(days))
+        methods=energy_methods(session, f), sched=scheduling(session, f),
+        **_daily_charts(days))
 
 
 @router.get("/tenants/{tenant_id}", response_class=HTMLResponse)

@@ -98,17 +98,22 @@ class Sums:
     truncations: int  # calls cut at their token limit
     escalations: int
     call_cache_hits: int
+    # Grams of CO2 of the calls with both energy and the grid's carbon intensity recorded
+    # (energy × the intensity of the hour and endpoint the call ran at), and their count.
+    carbon_g: float
+    calls_with_carbon: int
 
     @staticmethod
     def of(row: Sequence[Any]) -> Sums:
         (calls, prompt, cached, cached_known, completion, cost, energy, energy_calls, latency,
-         truncations, escalations, call_cache_hits) = row
+         truncations, escalations, call_cache_hits, carbon_g, carbon_calls) = row
         return Sums(int(calls), int(prompt), int(cached), int(cached_known), int(completion),
                     Decimal(cost), float(energy), int(energy_calls), float(latency),
-                    int(truncations), int(escalations), int(call_cache_hits))
+                    int(truncations), int(escalations), int(call_cache_hits),
+                    float(carbon_g), int(carbon_calls))
 
 
-NO_SUMS = Sums.of((0,) * 12)
+NO_SUMS = Sums.of((0,) * 14)
 
 
 def _aggregates(key: Any) -> Any:
@@ -128,6 +133,8 @@ def _aggregates(key: Any) -> Any:
         func.coalesce(func.sum(case((ModelCall.finish_reason == "length", 1), else_=0)), 0),
         func.coalesce(func.sum(case((ModelCall.escalated_from.is_not(None), 1), else_=0)), 0),
         func.count(ModelCall.cached_from),
+        func.coalesce(func.sum(ModelCall.energy_wh * ModelCall.carbon_intensity / 1000.0), 0.0),
+        func.count(ModelCall.energy_wh * ModelCall.carbon_intensity),
     )
 
 
