@@ -93,10 +93,10 @@ def schedule(agentq_env: dict[str, str]) -> Iterator[datetime]:
     old = settings.grid_schedule
     settings.grid_schedule = [{"price": 0.05 if h == cheap else 0.30, "carbon": 100.0}
                               for h in range(24)]
-    grid.schedule.cache_clear()
+    grid.schedules.cache_clear()
     yield now
     settings.grid_schedule = old
-    grid.schedule.cache_clear()
+    grid.schedules.cache_clear()
 
 
 @pytest.fixture
