@@ -66,7 +66,9 @@ def _show_job(job: dict[str, Any]) -> None:
 
 def _watch(aq: AgentqClient, job_id: str, as_json: bool) -> dict[str, Any]:
     job = aq.job(job_id)
-    if job["status"] in TERMINAL_STATUSES:
+    # A job that has ended has nothing to draw; its events (with --json) are still printed,
+    # replayed from the log, however soon after it ended the watch began.
+    if job["status"] in TERMINAL_STATUSES and not as_json:
         return job
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total} steps"),

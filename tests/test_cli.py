@@ -57,6 +57,11 @@ def test_cli_submit_watch_result_list_events_spend(cli_env: dict[str, str],
     events = [json.loads(line) for line in
               agentq(cli_env, "events", job["id"], "--json").stdout.splitlines()]
     assert [e["cursor"] for e in events] == list(range(1, len(events) + 1))
+    # Watching a job that has ended prints its whole event log (however soon after its end
+    # a watch begins, it sees the same events).
+    again = [json.loads(line) for line in
+             agentq(cli_env, "watch", job["id"], "--json").stdout.splitlines()]
+    assert again == events
     spend = json.loads(agentq(cli_env, "spend", "--json").stdout)
     assert spend["total_tokens"] >= status["usage"]["total_tokens"] > 0
     assert spend["jobs"]["completed"] >= 1

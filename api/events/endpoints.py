@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -90,10 +89,9 @@ async def _stream(job_id: str, after: int, slot: streams.Slot,
             batch = await run_in_threadpool(_load, job_id, after)
             for event in batch:
                 after = event.cursor
+                # The same JSON as the event log's page (`GET .../events`).
                 yield {"id": str(event.cursor), "event": event.type,
-                       "data": json.dumps({"cursor": event.cursor, "type": event.type,
-                                           "data": event.data,
-                                           "created_at": event.created_at.isoformat()})}
+                       "data": event.model_dump_json()}
                 if event.type in event_service.TERMINAL_EVENTS:
                     ended = True
                 elif event.type == CONTINUED:
