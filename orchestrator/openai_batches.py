@@ -81,7 +81,8 @@ def batch_status(status: str, error_code: str | None) -> str:
 
 def create_batch(session: Session, tenant_id: str, *, input_file_id: str, endpoint: str,
                  completion_window: str, metadata: Mapping[str, str],
-                 trace_context: str | None = None) -> Job:
+                 trace_context: str | None = None,
+                 service_tier: ServiceTier = ServiceTier.FLEX) -> Job:
     if endpoint not in ENDPOINTS:
         raise BatchRequestError(f"endpoint must be one of {', '.join(ENDPOINTS)}, not "
                                 f"{endpoint[:100]!r}", param="endpoint")
@@ -112,7 +113,7 @@ def create_batch(session: Session, tenant_id: str, *, input_file_id: str, endpoi
     # window come near.
     job = job_service.create_job(session, tenant_id=tenant_id, kind_name=KIND,
                                  raw_input=raw_input, budget=budget, metadata=dict(metadata),
-                                 trace_context=trace_context, service_tier=ServiceTier.FLEX,
+                                 trace_context=trace_context, service_tier=service_tier,
                                  deadline=utcnow() + timedelta(seconds=window))
     if checked.errors:
         outcome = BatchOutcome(request_counts=RequestCounts(total=0, completed=0, failed=0),

@@ -154,6 +154,7 @@ def test_chat_batch_round_trip(sdk: openai.OpenAI, api_server: str, tenant_key: 
     jobs = httpx.get(f"{api_server}/v1/jobs", headers=headers).json()["data"]
     job = next(j for j in jobs if j["id"] == batch.id)
     assert (job["kind"], job["status"]) == ("openai_batch", "completed")
+    assert job["service_tier"] == "flex"  # latency-tolerant work, priced at flex's discount
     steps = httpx.get(f"{api_server}/v1/jobs/{batch.id}/steps", headers=headers).json()["data"]
     assert len(steps) == 8
     types = [e["type"] for e in httpx.get(f"{api_server}/v1/jobs/{batch.id}/events?limit=500",

@@ -13,7 +13,9 @@ from api.openai.schemas import OPENAI_ERRORS, BatchCreate, BatchList, BatchObjec
 from core import tracing
 from core.db import transaction
 from core.db_errors import retry_transient
-from orchestrator import openai_batches, traces
+from core.models import ServiceTier
+from core.settings import get_settings
+from orchestrator import openai_batches, scheduling, traces
 
 router = APIRouter(prefix="/v1/batches", tags=["openai"], responses=OPENAI_ERRORS)
 
@@ -24,6 +26,11 @@ def create_batch(body: BatchCreate, principal: CurrentPrincipal) -> BatchObject:
     malformed line, a line whose `url` is not the batch's `endpoint`, a repeated `custom_id`
     or more lines than AGENTQ_BATCH_MAX_LINES make a batch that is `failed` with `errors`;
     a wrong `endpoint` or `completion_window` is a 400."""
+    # Latency-tolerant: the flex tier, or the standard one for a tenant the operator has not
+    # allowed flex (`AGENTQ_TENANT_TIERS`).
+    allowed = get_settings().tenant_tiers.get(principal.tenant_name)
+    tier = ServiceTier.FLEX if allowed is None or "flex" in allowed else ServiceTier.STANDARD
+    scheduling.check_tier(principal.tenant_name, tier)
     # The job's trace, as for any job: the submission under the job's span.
     trace_context = traces.new_job()
 
@@ -32,7 +39,7 @@ def create_batch(body: BatchCreate, principal: CurrentPrincipal) -> BatchObject:
             job = openai_batches.create_batch(
                 s, principal.tenant_id, input_file_id=body.input_file_id,
                 endpoint=body.endpoint, completion_window=body.completion_window,
-                metadata=body.metadata or {}, trace_context=trace_context)
+                metadata=body.metadata or {}, trace_context=trace_context, service_tier=tier)
             return BatchObject.of(openai_batches.view(s, job))
 
     with tracing.span("submit", parent=trace_context):
