@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, tuple_, update
+from sqlalchemy import and_, exists, func, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from core.db import db_now, is_postgres, one_of
@@ -292,10 +292,14 @@ def take_stale_queued(session: Session, older_than_s: float, limit: int
 # the database lock, which gives the same guarantee.
 
 
-def queued_count(session: Session, tenant_id: str) -> int:
-    """How many of the tenant's steps are queued (in the broker), from the partial index."""
-    return int(session.scalar(select(func.count()).select_from(Step).where(
-        S.tenant_id == tenant_id, S.status == StepStatus.QUEUED)) or 0)
+def queued_count(session: Session, tenant_id: str) -> tuple[int, bool]:
+    """How many of the tenant's steps are queued (in the broker), and whether any is held:
+    one round trip, from the partial index."""
+    queued = select(func.count()).select_from(Step).where(
+        S.tenant_id == tenant_id, S.status == StepStatus.QUEUED).scalar_subquery()
+    any_held = exists().where(S.tenant_id == tenant_id, S.status == StepStatus.HELD)
+    row = session.execute(select(queued, any_held)).one()
+    return int(row[0] or 0), bool(row[1])
 
 
 def hold(session: Session, ids: Sequence[str]) -> None:
