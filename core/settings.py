@@ -34,11 +34,9 @@ class Settings(BaseSettings):
     # Each process's pool of database connections (Postgres; SQLite sizes its own): this many
     # kept open, this many more opened under load and closed when returned, and the longest a
     # unit of work waits for a free one before failing (503 in the API). Every process of a
-    # deployment together must stay below Postgres's max_connections (see the README). The
-    # defaults keep all 20 open: a connection opened and closed per transaction costs a new
-    # server process each time.
-    db_pool_size: int = Field(default=20, ge=1)
-    db_max_overflow: int = Field(default=0, ge=0)
+    # deployment together must stay below Postgres's max_connections (see the README).
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
     db_pool_timeout_s: float = Field(default=30.0, gt=0)
     # A connection idle in the pool for longer than this is checked (one round trip) before
     # use; one used more recently is trusted (a broken one fails its transaction, which is
