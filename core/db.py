@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -23,7 +24,7 @@ from typing import Any
 
 from psycopg.abc import Buffer
 from psycopg.types.string import StrBinaryDumper, StrDumperUnknown
-from sqlalchemy import Engine, any_, bindparam, create_engine, event, func, literal_column
+from sqlalchemy import Engine, any_, bindparam, create_engine, event, exc, func, literal_column
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -104,12 +105,37 @@ def make_engine(url: str) -> Engine:
         connect_args["application_name"] = settings.db_application_name
     engine = create_engine(url, pool_size=settings.db_pool_size,
                            max_overflow=settings.db_max_overflow,
-                           pool_timeout=settings.db_pool_timeout_s, pool_pre_ping=True,
+                           pool_timeout=settings.db_pool_timeout_s,
                            connect_args=connect_args, json_serializer=storable_json)
     if parsed.get_backend_name() == "postgresql":
         event.listen(engine, "connect", _replace_nul_in_text)
+    _ping_when_idle(engine, settings.db_ping_idle_s)
     retry_connect(engine)
     return engine
+
+
+_IDLE_SINCE = "agentq_idle_since"
+
+
+def _ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """Check a pooled connection before use only when it has been idle for `idle_s` (a server
+    restart or an idle timeout may have closed it meanwhile): a connection in steady use is
+    handed out without the extra round trip that `pool_pre_ping` costs every checkout."""
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is None or time.monotonic() - since <= idle_s:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as error:  # noqa: BLE001 - the pool replaces the connection
+            raise exc.DisconnectionError(f"pooled connection failed its check: {error}") \
+                from error
 
 
 def pool_capacity(url: str | None = None) -> int | None:

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     db_pool_timeout_s: float = Field(default=30.0, gt=0)
+    # A connection idle in the pool for longer than this is checked (one round trip) before
+    # use; one used more recently is trusted (a broken one fails its transaction, which is
+    # retried on a fresh connection).
+    db_ping_idle_s: float = Field(default=5.0, ge=0)
     # Shown in Postgres's pg_stat_activity, to tell which processes hold connections.
     db_application_name: str = Field(default="agentq", max_length=63)
     redis_url: str = "redis://127.0.0.1:6379/0"

@@ -53,6 +53,9 @@ from inference.shapes import Shape, StreamReader, build, shape_of
 from inference.tokens import PromptMeter
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO: one line per model call would cost more than the call's
+# bookkeeping. Failures are logged here, with what they mean.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class InferenceError(AgentqError):

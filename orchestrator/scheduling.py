@@ -10,9 +10,10 @@ No tenant can flood the broker: at most `AGENTQ_TENANT_QUEUED_STEPS_MAX` of a te
 are queued there at once. Steps that become runnable beyond it are `held` in the database; the
 transaction that completes one of the tenant's steps queues as many held ones as there is room
 for (highest tier, then oldest, first), and the sweeper does the same for every tenant, taking
-its rows with `FOR UPDATE SKIP LOCKED` so that workers never queue the same steps twice. Each
-dispatch costs two statements: the tenant's count (from a partial index of waiting steps) and
-one update that holds the excess or releases held steps. The count is read without a lock, so
+its rows with `FOR UPDATE SKIP LOCKED` so that workers never queue the same steps twice. A
+dispatch costs one statement when the tenant has nothing held: the tenant's count and whether
+any step is held (from a partial index of waiting steps); more only to hold the excess or to
+release held steps. The count is read without a lock, so
 concurrent transactions of one tenant may overshoot the cap by the number of them: it bounds
 the broker's share of a tenant, not an exact count.
 """
@@ -84,14 +85,15 @@ def dispatch(session: Session, tenant_id: str, ids: Sequence[str], prio: int) ->
     if not cap:
         outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in ids], prio)
         return
-    room = cap - steps.queued_count(session, tenant_id)
+    queued, any_held = steps.queued_count(session, tenant_id)
+    room = cap - queued
     publish = list(ids)
     if room < 0:
         keep_back = min(-room, len(publish))
         steps.hold(session, publish[len(publish) - keep_back:])
         publish = publish[:len(publish) - keep_back]
     outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in publish], prio)
-    if room > 0:
+    if room > 0 and any_held:
         enqueue(session, steps.release(session, tenant_id, room))
 
 

@@ -60,13 +60,21 @@ def _write(session: Session, rows: list[dict[str, Any]]) -> None:
         s[4] += Decimal(r.get("cost_usd") or 0)
         s[5] += float(r.get("energy_wh") or 0.0)
     rows.clear()
-    dialect = postgresql if is_postgres(session) else sqlite
+    upsert = _UPSERT["postgresql" if is_postgres(session) else "sqlite"]
     for (model, shard), values in sorted(sums.items()):  # one lock order for everyone
-        stmt = dialect.insert(ledger_totals_table).values(
-            model=model, shard=shard, **dict(zip(_SUMMED, values, strict=True)))
-        session.execute(stmt.on_conflict_do_update(
-            index_elements=[T.model, T.shard],
-            set_={name: T[name] + stmt.excluded[name] for name in _SUMMED}))
+        session.execute(upsert, {"model": model, "shard": shard,
+                                 **dict(zip(_SUMMED, values, strict=True))})
+
+
+def _upsert(insert: Any) -> Any:
+    """The statement that adds to one row of totals (built once; its values are parameters)."""
+    stmt = insert(ledger_totals_table)
+    return stmt.on_conflict_do_update(
+        index_elements=[T.model, T.shard],
+        set_={name: T[name] + stmt.excluded[name] for name in _SUMMED})
+
+
+_UPSERT = {"postgresql": _upsert(postgresql.insert), "sqlite": _upsert(sqlite.insert)}
 
 
 def by_model(session: Session) -> dict[str, ModelTotals]:

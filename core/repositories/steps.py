@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, tuple_, update
+from sqlalchemy import and_, case, exists, func, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from core.db import db_now, is_postgres, one_of
@@ -186,7 +186,18 @@ def completed_keys(session: Session, job_id: str) -> set[str]:
 
 def fan_in(session: Session, job_id: str, done_key: str) -> list[str]:
     """Count the completion of `done_key` in the steps that wait for it; queue those that
-    wait for nothing more. Returns the ids of the steps it queued."""
+    wait for nothing more. Returns the ids of the steps it queued. On Postgres one statement
+    (each row's count and status are re-read under its lock), elsewhere three."""
+    if is_postgres(session):
+        remaining = S.deps_remaining - 1
+        return [sid for sid, status in session.execute(update(steps_table).where(
+            S.job_id == job_id, S.status == StepStatus.PENDING,
+            S.depends_on.op("@>")(func.jsonb_build_array(done_key)),
+        ).values(
+            deps_remaining=remaining,
+            status=case((remaining <= 0, StepStatus.QUEUED.value), else_=S.status),
+            enqueued_at=case((remaining <= 0, utcnow()), else_=S.enqueued_at),
+        ).returning(S.id, S.status)) if status == StepStatus.QUEUED]
     waiting = [sid for sid, deps in session.execute(
         select(S.id, S.depends_on).where(S.job_id == job_id,
                                                S.status == StepStatus.PENDING))
@@ -292,10 +303,14 @@ def take_stale_queued(session: Session, older_than_s: float, limit: int
 # the database lock, which gives the same guarantee.
 
 
-def queued_count(session: Session, tenant_id: str) -> int:
-    """How many of the tenant's steps are queued (in the broker), from the partial index."""
-    return int(session.scalar(select(func.count()).select_from(Step).where(
-        S.tenant_id == tenant_id, S.status == StepStatus.QUEUED)) or 0)
+def queued_count(session: Session, tenant_id: str) -> tuple[int, bool]:
+    """How many of the tenant's steps are queued (in the broker), and whether any is held:
+    one round trip, from the partial index."""
+    queued = select(func.count()).select_from(Step).where(
+        S.tenant_id == tenant_id, S.status == StepStatus.QUEUED).scalar_subquery()
+    any_held = exists().where(S.tenant_id == tenant_id, S.status == StepStatus.HELD)
+    row = session.execute(select(queued, any_held)).one()
+    return int(row[0] or 0), bool(row[1])
 
 
 def hold(session: Session, ids: Sequence[str]) -> None:
