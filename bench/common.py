@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,15 +87,21 @@ def start_worker(env: dict[str, str], log: Path, concurrency: int | None = None,
     if concurrency is not None:
         args += ["-c", str(concurrency)]
     proc = Proc(args, env, log)
-    proc.wait_for_output("ready.", timeout=60)
-    profile_dir = os.environ.get("AGENTQ_BENCH_PROFILE_DIR")
-    if profile_dir and app == "workers.app":
-        # py-spy samples the worker until it stops; collapsed stacks, one file per worker.
-        out = Path(profile_dir) / f"{log.stem}.txt"
-        proc.profiler = subprocess.Popen(
-            ["py-spy", "record", "--pid", str(proc.popen.pid), "--format", "raw",
-             "--rate", "250", "--gil", "--output", str(out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc.wait_for_output("ready.", timeout=60)
+        profile_dir = os.environ.get("AGENTQ_BENCH_PROFILE_DIR")
+        if profile_dir and app == "workers.app":
+            # py-spy samples the worker until it stops; collapsed stacks, one file per worker.
+            out = Path(profile_dir) / f"{log.stem}.txt"
+            py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            proc.profiler = subprocess.Popen(
+                [py_spy, "record", "--pid", str(proc.popen.pid), "--format", "raw",
+                 "--rate", "250", "--gil", "--output", str(out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except BaseException:
+        # A worker left running would take the next run's messages on the same Redis.
+        proc.stop()
+        raise
     return proc
 
 
