@@ -72,7 +72,10 @@ def finish(session: Session, job_id: str, status: JobStatus, *,
     kind = jobs.finish(session, job_id, status, result=result, error=error)
     if kind is None:
         return
-    steps.cancel_unstarted(session, job_id)
+    if steps.cancel_unstarted(session, job_id):
+        # Its queued steps leave the tenant's room in the broker: held steps take it now.
+        tenant_id, tier = jobs.tenant_and_tier(session, job_id)
+        scheduling.dispatch(session, tenant_id, [], scheduling.priority(tier, True))
     traces.job_ended(session, job_id)
     data: dict[str, Any] = {"status": str(status)}
     if error is not None:

@@ -146,6 +146,13 @@ def set_status(session: Session, job_id: str, status: JobStatus) -> None:
         status=status, phase=status, updated_at=utcnow()))
 
 
+def tenant_and_tier(session: Session, job_id: str) -> tuple[str, str]:
+    """The job's tenant and the tier its work is scheduled at (`promoted` once promoted)."""
+    tenant, tier, promoted = session.execute(select(J.tenant_id, J.service_tier, J.promoted_at)
+                                             .where(J.id == job_id)).one()
+    return str(tenant), "promoted" if promoted is not None and tier == "flex" else str(tier)
+
+
 def kind_of(session: Session, job_id: str) -> str | None:
     return session.scalar(select(J.kind).where(J.id == job_id))
 

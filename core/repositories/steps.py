@@ -233,12 +233,17 @@ def count(session: Session, job_id: str, statuses: Sequence[StepStatus]) -> int:
         S.job_id == job_id, S.status.in_(list(statuses)))) or 0)
 
 
-def cancel_unstarted(session: Session, job_id: str) -> None:
+def cancel_unstarted(session: Session, job_id: str) -> int:
+    """Cancel the job's steps that have not started; returns how many of them were queued
+    (in the broker, counted against the tenant's cap)."""
+    queued = int(session.scalar(select(func.count()).select_from(Step).where(
+        S.job_id == job_id, S.status == StepStatus.QUEUED)) or 0)
     session.execute(update(steps_table).where(
         S.job_id == job_id,
         S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD,
                       StepStatus.DEFERRED)),
     ).values(status=StepStatus.CANCELLED, finished_at=utcnow()))
+    return queued
 
 
 def cancel_others(session: Session, job_id: str, step_id: str) -> list[tuple[str, str]]:
