@@ -32,7 +32,7 @@ from core.db import transaction
 from core.errors import Forbidden
 from core.models import ServiceTier, StepStatus, utcnow
 from core.queue import step_priority
-from core.repositories import events, jobs, outbox, steps
+from core.repositories import events, jobs, outbox, step_queue
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -85,16 +85,16 @@ def dispatch(session: Session, tenant_id: str, ids: Sequence[str], prio: int) ->
     if not cap:
         outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in ids], prio)
         return
-    queued, any_held = steps.queued_count(session, tenant_id)
+    queued, any_held = step_queue.queued_count(session, tenant_id)
     room = cap - queued
     publish = list(ids)
     if room < 0:
         keep_back = min(-room, len(publish))
-        steps.hold(session, publish[len(publish) - keep_back:])
+        step_queue.hold(session, publish[len(publish) - keep_back:])
         publish = publish[:len(publish) - keep_back]
     outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": i} for i in publish], prio)
     if room > 0 and any_held:
-        enqueue(session, steps.release(session, tenant_id, room))
+        enqueue(session, step_queue.release(session, tenant_id, room))
 
 
 def enqueue(session: Session, found: Sequence[tuple[str, int | None]]) -> None:
@@ -137,7 +137,7 @@ def start_deferred(now: datetime | None = None, limit: int = 200) -> int:
     started = 0
     with transaction() as s:
         for job_id, tenant_id, tier, promoted in jobs.due_to_start(s, now or utcnow(), limit):
-            found = steps.undefer(s, job_id)
+            found = step_queue.undefer(s, job_id)
             if found:
                 dispatch(s, tenant_id, [i for i, _ in found],
                          priority(scheduled_tier(tier, promoted), False))
@@ -170,11 +170,11 @@ def promote_due(now: datetime | None = None, limit: int = 200) -> int:
                 continue
             if not jobs.promote(s, job_id):
                 continue
-            found = steps.reprioritise(s, job_id, {
+            found = step_queue.reprioritise(s, job_id, {
                 priority("flex", c): priority(PROMOTED, c) for c in (False, True)})
             enqueue(s, [(i, p) for i, p, status in found if status == StepStatus.QUEUED])
             # A job still waiting for a cheaper hour starts now, within the tenant's cap.
-            started = steps.undefer(s, job_id)
+            started = step_queue.undefer(s, job_id)
             if started:
                 dispatch(s, tenant_id, [i for i, _ in started], priority(PROMOTED, False))
             events.append(s, job_id, "job.promoted", {
@@ -191,13 +191,13 @@ def release_held() -> int:
     cap = get_settings().tenant_queued_steps_max
     released = 0
     with transaction() as s:
-        waiting = steps.waiting_by_tenant(s)
+        waiting = step_queue.waiting_by_tenant(s)
     for tenant_id, (queued, _held) in waiting.items():
         room = cap - queued if cap else _held
         if room <= 0:
             continue
         with transaction() as s:
-            found = steps.release(s, tenant_id, room)
+            found = step_queue.release(s, tenant_id, room)
             enqueue(s, found)
         released += len(found)
     if released:
