@@ -3,6 +3,7 @@ harness through the API against the stand-in model (one question, one effort, on
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -89,6 +90,11 @@ def test_the_harness_runs_end_to_end_through_the_api(api_server: str, tenant_key
         "Use only the documents above.": "Idris Talvane founded Velmora in 1742.",
         "Changed files:": FIX,
     }
+    # The coding loop (the default coder): write the fix, run the tests; they pass.
+    standin.state.scripts = {"Fix add() so that": [
+        json.dumps({"tool": "write_file", "arguments": {
+            "path": "calc.py", "content": "def add(a, b):\n    return a + b\n"}}),
+        json.dumps({"tool": "run_tests", "arguments": {}})]}
     platform = Platform(api_server, tenant_key, job_timeout_s=60)
     try:
         results = run_all(platform, Settings(), Options(

@@ -34,7 +34,7 @@ def test_a_step_running_when_its_job_is_promoted_is_requeued_at_the_promoted_pri
         # A worker runs it ...
         assert steps.claim(s, step_id, 60) is not None
     # ... when the job is promoted to meet its deadline ...
-    wait_until(lambda: scheduling.promote_due(now=due - timedelta(seconds=30)) >= 1, 30,
+    wait_until(lambda: scheduling.promote_due(now=due) >= 1, 30,
                what="the job to be promoted")
     # ... and then dies: the sweeper queues the step again, once its lease has run out.
     with transaction() as s:
@@ -133,7 +133,7 @@ def test_a_deferred_job_promoted_before_its_hour_starts_within_the_tenants_cap(
     assert statuses() == ["deferred"] * 12
     # Its deadline nears before its hour has come: promoted, it starts now, as a job whose
     # hour came starts: no more of its steps in the broker than the tenant's cap.
-    wait_until(lambda: scheduling.promote_due(now=due - timedelta(seconds=30)) >= 1, 30,
+    wait_until(lambda: scheduling.promote_due(now=due) >= 1, 30,
                what="the job to be promoted")
     assert statuses() == ["held"] * (12 - tenant_cap) + ["queued"] * tenant_cap
 
@@ -177,7 +177,7 @@ def test_the_steps_a_run_adds_after_its_job_was_promoted_go_at_the_promoted_prio
     assert claimed is not None
     assert not claimed.promoted
     # ... when the job is promoted ...
-    wait_until(lambda: scheduling.promote_due(now=due - timedelta(seconds=30)) >= 1, 30,
+    wait_until(lambda: scheduling.promote_due(now=due) >= 1, 30,
                what="the job to be promoted")
     # ... and then the plan completes: the investigators it adds are the promoted job's.
     kind = get_kind("research")

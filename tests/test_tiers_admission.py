@@ -67,7 +67,7 @@ def _serve(admission: Admission, job: str, tokens: int) -> None:
 
 
 def test_tiers_are_served_in_order_whoever_queued_first(client: redis.Redis) -> None:
-    admission = Admission(client, lease_s=30, waiter_ttl_s=5, poll_s=0.05)
+    admission = Admission(client, lease_s=30, waiter_ttl_s=60, poll_s=0.05)
     waiters = [("flex", "a", "f1"), ("flex", "b", "f2"), ("standard", "a", "s1"),
                ("interactive", "c", "i1"), ("standard", "b", "s2"), ("interactive", "a", "i2")]
     order = _grant_order(admission, waiters)
@@ -76,7 +76,7 @@ def test_tiers_are_served_in_order_whoever_queued_first(client: redis.Redis) -> 
 
 
 def test_the_job_served_least_goes_first(client: redis.Redis) -> None:
-    admission = Admission(client, lease_s=30, waiter_ttl_s=5, poll_s=0.05,
+    admission = Admission(client, lease_s=30, waiter_ttl_s=60, poll_s=0.05,
                           aging_tokens_per_s=0)
     _serve(admission, "long", 5000)
     _serve(admission, "medium", 800)
@@ -94,7 +94,7 @@ def test_aging_lets_a_long_job_through(client: redis.Redis, aging: float, long_a
     # Without aging the long job (5000 tokens served) waits behind two jobs served 3000. At
     # a million tokens of credit per second waited, every waiting job's lead is forgiven
     # within milliseconds: they tie, and the job served longest ago (the long one) goes first.
-    admission = Admission(client, lease_s=30, waiter_ttl_s=5, poll_s=0.05,
+    admission = Admission(client, lease_s=30, waiter_ttl_s=60, poll_s=0.05,
                           aging_tokens_per_s=aging)
     for job, tokens in (("long", 5000), ("s1", 3000), ("s2", 3000)):
         _serve(admission, job, tokens)
@@ -105,7 +105,7 @@ def test_aging_lets_a_long_job_through(client: redis.Redis, aging: float, long_a
 
 
 def test_tenants_stay_fair_within_a_tier(client: redis.Redis) -> None:
-    admission = Admission(client, lease_s=30, waiter_ttl_s=5, poll_s=0.05)
+    admission = Admission(client, lease_s=30, waiter_ttl_s=60, poll_s=0.05)
     # One tenant queues six calls of new jobs, another one call of a well-served job: the
     # other tenant is still served first or second (fairness across tenants comes first).
     _serve(admission, "served", 10_000)
@@ -123,7 +123,7 @@ def test_through_the_pool_tier_and_attained_service_order_calls(
 
     settings = Settings(pool_endpoints=[standin.url], endpoint_max_in_flight=1,
                         redis_url=REDIS_URL)
-    admission = Admission(client, lease_s=30, waiter_ttl_s=5, poll_s=0.05,
+    admission = Admission(client, lease_s=30, waiter_ttl_s=60, poll_s=0.05,
                           aging_tokens_per_s=0)
     pool = Pool(settings=settings, admission=admission)
     url = standin.url.rstrip("/")

@@ -292,6 +292,13 @@ class SchedulingReport(BaseModel):
     saved against running each call at its job's submission hour (same calls, same schedule:
     a counterfactual)."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "deadline_jobs": 40, "deadline_misses": 0, "jobs_promoted": 3, "window_jobs": 12,
+        "window_calls": 480, "window_energy_wh": 2.4, "window_power_usd": 0.00023,
+        "window_power_usd_at_submission": 0.00036, "window_carbon_g": 0.56,
+        "window_carbon_g_at_submission": 0.84, "window_power_saving": 0.36,
+        "window_carbon_saving": 0.33}]})
+
     deadline_jobs: int
     deadline_misses: int
     jobs_promoted: int
