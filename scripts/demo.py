@@ -118,12 +118,31 @@ def http_ok(url: str) -> bool:
         return False
 
 
+CORPUS_DIR = Path(__file__).resolve().parent / "demo_corpus"
+
+
+def make_corpus(http: httpx.Client) -> str:
+    """A corpus of the documents in `scripts/demo_corpus/`: the job answers from its passages,
+    with citations the verifier checks."""
+    resp = http.post("/v1/corpora", json={"name": "make demo"})
+    resp.raise_for_status()
+    corpus_id = str(resp.json()["id"])
+    for path in sorted(CORPUS_DIR.iterdir()):
+        up = http.post(f"/v1/corpora/{corpus_id}/documents",
+                       files={"file": (path.name, path.read_bytes(), "text/plain")})
+        up.raise_for_status()
+    console.print(f"[green]✓[/green] corpus {corpus_id}: "
+                  f"{', '.join(p.name for p in sorted(CORPUS_DIR.iterdir()))}")
+    return corpus_id
+
+
 def run_job(api: str, key: str) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {key}"}
     with httpx.Client(base_url=api, headers=headers, timeout=30) as http:
-        resp = http.post("/v1/jobs", json={"kind": "research", "input": {"query": QUERY},
-                                           "budget": {"max_total_tokens": 20000},
-                                           "metadata": {"source": "make demo"}})
+        corpus_id = make_corpus(http)
+        resp = http.post("/v1/jobs", json={"kind": "research", "input": {
+            "query": QUERY, "corpus_id": corpus_id, "effort": "medium", "max_subquestions": 2},
+            "budget": {"max_total_tokens": 40000}, "metadata": {"source": "make demo"}})
         resp.raise_for_status()
         job: dict[str, Any] = resp.json()
         console.print(f"submitted [bold]{job['id']}[/bold] ({job['status']}): {QUERY}")
@@ -150,7 +169,12 @@ def show(job: dict[str, Any]) -> None:
     body = f"[bold]{result.get('answer') or '(no answer)'}[/bold]\n"
     for i, section in enumerate(result.get("sections", []), 1):
         body += f"\n{i}. [cyan]{section['question']}[/cyan]\n   {section['answer']}"
-    console.print(Panel(body, title=f"Result of {job['id']}", subtitle=result.get("note", "")))
+    for c in result.get("citations") or []:
+        body += f"\n[dim][{c['n']}] {c.get('document') or ''}: {c.get('snippet') or ''}[/dim]"
+    check = result.get("verification")
+    subtitle = result.get("note") or (
+        f"citations verified: {check['verified']}" if check else "")
+    console.print(Panel(body, title=f"Result of {job['id']}", subtitle=subtitle))
     table = Table(title="Steps")
     for col in ("step", "role", "status", "model", "prompt", "completion", "ms"):
         table.add_column(col)

@@ -28,6 +28,17 @@ def test_a_paragraph_is_read_from_json_or_from_prose_with_markers() -> None:
         ("Bees make honey.", [1]), ("They keep it in wax.", [2])]
 
 
+def test_a_paragraph_cut_short_keeps_its_whole_sentences_never_its_json() -> None:
+    """A structured paragraph whose call ran out of `max_tokens` mid-sentence."""
+    cut = json.dumps({"sentences": [
+        {"text": "Bees make honey from nectar.", "passages": [1]},
+        {"text": 'They seal it "well".', "passages": [1, 2]},
+        {"text": "The bees then make honey from the honey they", "passages": [2]}]})[:-40]
+    assert read_paragraph(cut) == [("Bees make honey from nectar.", [1]),
+                                   ('They seal it "well".', [1, 2])]
+    assert read_paragraph('{"sentences":[{"text":"The be') == []
+
+
 def test_resolve_keeps_supported_numbers_drops_invalid_ones_and_attributes_the_rest() -> None:
     got = resolve([("Honey bees make honey from flower nectar.", [1]),
                    ("Bees keep honey in wax cells.", [9]),  # 9 names no passage

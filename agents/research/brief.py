@@ -65,6 +65,8 @@ def read_paragraph(text: str) -> list[tuple[str, list[int]]]:
     try:
         data = json.loads(text)
     except ValueError:
+        if text.lstrip().startswith("{"):
+            return _cut_short(text)
         return split_cited(text)
     items = data.get("sentences") if isinstance(data, dict) else None
     if not isinstance(items, list):
@@ -75,6 +77,23 @@ def read_paragraph(text: str) -> list[tuple[str, list[int]]]:
             given = item.get("passages")
             numbers: list[Any] = given if isinstance(given, list) else []
             out.append((item["text"], [n for n in numbers if isinstance(n, int)]))
+    return out
+
+
+_ITEM = re.compile(r'\{\s*"text"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"passages"\s*:\s*'
+                   r'\[([\d,\s]*)\]\s*\}')
+
+
+def _cut_short(text: str) -> list[tuple[str, list[int]]]:
+    """The whole sentences of a structured paragraph whose JSON was cut short (the call's
+    `max_tokens` ended it): the sentence it was writing is left out, never the raw JSON."""
+    out: list[tuple[str, list[int]]] = []
+    for found in _ITEM.finditer(text):
+        try:
+            sentence = json.loads(f'"{found.group(1)}"')
+        except ValueError:
+            continue
+        out.append((sentence, [int(n) for n in found.group(2).split(",") if n.strip()]))
     return out
 
 
