@@ -78,7 +78,14 @@ def _overall(ctx: StepContext, query: str, sections: Sequence[Section],
 
 
 def _first_sentences(sections: Sequence[Section]) -> list[CitedSentence]:
-    return [sec.sentences[0] for sec in sections if sec.sentences][:ANSWER_SENTENCES]
+    """Each section's first sentence that no section before it said already."""
+    out: list[CitedSentence] = []
+    for sec in sections:
+        said = {s.text for s in out}
+        first = next((s for s in sec.sentences or [] if s.text not in said), None)
+        if first is not None:
+            out.append(first)
+    return out[:ANSWER_SENTENCES]
 
 
 def _brief(query: str, found: Sequence[InvestigationOutput],
