@@ -327,28 +327,18 @@ def test_a_candidate_that_passed_while_its_job_stopped_decides_the_continued_job
 
 def test_cancelling_a_job_makes_room_for_the_tenants_held_steps(
         client: TestClient, tenant_key: str, tenant_cap: int, quiet_workers: None) -> None:
-    from core.db import transaction
-    from core.models import Step
 
     def submit(n: int) -> str:
-        r = client.post("/v1/jobs", headers=auth(tenant_key), json={
-            "kind": "batch", "input": {"prompts": [f"p{i}" for i in range(n)],
-                                       "max_tokens": 4}})
-        assert r.status_code == 202, r.text
-        return str(r.json()["id"])
-
-    def statuses(job_id: str) -> list[str]:
-        with transaction() as s:
-            return sorted(st.status for st in s.query(Step).filter(Step.job_id == job_id))
+        return _submit_batch(client, tenant_key, n)
 
     first, second = submit(5), submit(4)
-    assert statuses(first) == ["held"] * (5 - tenant_cap) + ["queued"] * tenant_cap
-    assert statuses(second) == ["held"] * 4
+    assert _statuses(first) == ["held"] * (5 - tenant_cap) + ["queued"] * tenant_cap
+    assert _statuses(second) == ["held"] * 4
     r = client.post(f"/v1/jobs/{first}/cancel", headers=auth(tenant_key))
     assert r.json()["status"] == "cancelled", r.text
     # The cancelled job's queued steps left the tenant's room: the other job's held steps
     # take it at once, as when a step completes (not at the sweeper's next pass).
-    assert statuses(second) == ["held"] * (4 - tenant_cap) + ["queued"] * tenant_cap
+    assert _statuses(second) == ["held"] * (4 - tenant_cap) + ["queued"] * tenant_cap
 
 
 def test_a_job_that_ends_otherwise_makes_room_for_the_tenants_held_steps(
@@ -356,23 +346,30 @@ def test_a_job_that_ends_otherwise_makes_room_for_the_tenants_held_steps(
     """A job that fails, runs out of budget or passes its deadline leaves the broker as a
     cancelled one does: the tenant's held steps take its room at once."""
     from core.db import transaction
-    from core.models import JobStatus, Step
+    from core.models import JobStatus
     from orchestrator import dag
 
     def submit(n: int) -> str:
-        r = client.post("/v1/jobs", headers=auth(tenant_key), json={
-            "kind": "batch", "input": {"prompts": [f"p{i}" for i in range(n)],
-                                       "max_tokens": 4}})
-        assert r.status_code == 202, r.text
-        return str(r.json()["id"])
-
-    def statuses(job_id: str) -> list[str]:
-        with transaction() as s:
-            return sorted(st.status for st in s.query(Step).filter(Step.job_id == job_id))
+        return _submit_batch(client, tenant_key, n)
 
     first, second = submit(5), submit(4)
-    assert statuses(second) == ["held"] * 4
+    assert _statuses(second) == ["held"] * 4
     with transaction() as s:
         dag.finish(s, first, JobStatus.FAILED, error=("deadline_exceeded", "too late"))
-    assert statuses(first) == ["cancelled"] * 5
-    assert statuses(second) == ["held"] * (4 - tenant_cap) + ["queued"] * tenant_cap
+    assert _statuses(first) == ["cancelled"] * 5
+    assert _statuses(second) == ["held"] * (4 - tenant_cap) + ["queued"] * tenant_cap
+
+
+def _submit_batch(client: TestClient, tenant_key: str, n: int) -> str:
+    r = client.post("/v1/jobs", headers=auth(tenant_key), json={
+        "kind": "batch", "input": {"prompts": [f"p{i}" for i in range(n)], "max_tokens": 4}})
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def _statuses(job_id: str) -> list[str]:
+    from core.db import transaction
+    from core.models import Step
+
+    with transaction() as s:
+        return sorted(st.status for st in s.query(Step).filter(Step.job_id == job_id))
