@@ -1,8 +1,8 @@
 """`make demo`: run agentq on the embedded set-up and watch one research job end to end.
 
 Starts Redis (when none answers), migrates the SQLite database, prepares the embedded model,
-starts one vLLM server, one Celery worker and the API, creates a tenant and an API key, submits a
-research job, shows its progress, prints the result and the tokens it used, and stops everything
+starts one vLLM server, one Celery worker and the API, creates a tenant and an API key, uploads a
+small corpus, submits a research job over it, shows its progress, prints the result and the tokens it used, and stops everything
 it started. Logs go to var/demo/.
 """
 
