@@ -2,8 +2,8 @@
 
 Starts Redis (when none answers), migrates the SQLite database, prepares the embedded model,
 starts one vLLM server, one Celery worker and the API, creates a tenant and an API key, uploads a
-small corpus, submits a research job over it, shows its progress, prints the result and the tokens it used, and stops everything
-it started. Logs go to var/demo/.
+small corpus, submits a research job over it, shows its progress, prints the result and the
+tokens it used, and stops everything it started. Logs go to var/demo/.
 """
 
 from __future__ import annotations
