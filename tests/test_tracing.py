@@ -115,11 +115,15 @@ def _ledger(url: str, job_id: str) -> tuple[dict[str, dict[str, Any]], dict[str,
 
 def _spans_of(traced: Traced, trace_id: str, model_calls: int, root: str
               ) -> list[ReceivedSpan]:
-    """The trace's spans, once its `root` and all its model calls' spans have arrived."""
+    """The trace's spans, once its `root`, all its model calls' spans and the parent of every
+    span that has arrived have arrived (processes export in batches, a parent after its
+    children)."""
     def arrived() -> list[ReceivedSpan] | None:
         mine = [s for s in traced.receiver.spans() if s.trace_id == trace_id]
+        ids = {s.span_id for s in mine}
         done = root in [s.name for s in mine] and sum(
-            "gen_ai.usage.input_tokens" in s.attributes for s in mine) == model_calls
+            "gen_ai.usage.input_tokens" in s.attributes for s in mine) == model_calls \
+            and all(not s.parent_span_id or s.parent_span_id in ids for s in mine)
         return mine if done else None
 
     found: list[ReceivedSpan] = wait_until(arrived, 30, what="the job's spans at the receiver")
