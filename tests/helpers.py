@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -43,3 +48,18 @@ def metric(base_url: str, name: str) -> float:
         if line.startswith(name + "{") or line.startswith(name + " "):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def install_plugin(name: str, work: Path) -> str:
+    """Install the kind package `tests/plugins/<name>` into a directory of its own (built from
+    a copy, so that the build leaves nothing in the source tree); returns the PYTHONPATH that
+    finds it, and agentq, and what the environment had."""
+    source = work / name
+    shutil.copytree(ROOT / "tests" / "plugins" / name, source)
+    target = work / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--disable-pip-version-check", "--quiet",
+                    "--target", str(target), str(source)],
+                   check=True, capture_output=True, timeout=300)
+    old = os.environ.get("PYTHONPATH")
+    return os.pathsep.join([str(target), str(ROOT), *([old] if old else [])])

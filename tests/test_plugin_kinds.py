@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,24 +22,13 @@ import pytest
 from agents import registry
 from agents.batch import Batch
 from bench.common import start_api
-from tests.helpers import ROOT, auth, start_worker, wait_for_job
-
-PLUGIN = ROOT / "tests" / "plugins" / "agentq-kind-echo"
+from tests.helpers import ROOT, auth, install_plugin, start_worker, wait_for_job
 
 
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A directory with the plugin installed in it, to put on PYTHONPATH."""
-    work = tmp_path_factory.mktemp("plugin")
-    # Built from a copy, so that the build leaves nothing in the source tree.
-    source = work / "agentq-kind-echo"
-    shutil.copytree(PLUGIN, source)
-    target = work / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--disable-pip-version-check", "--quiet",
-                    "--target", str(target), str(source)],
-                   check=True, capture_output=True, timeout=300)
-    return os.pathsep.join([str(target), str(ROOT)])
+    return install_plugin("agentq-kind-echo", tmp_path_factory.mktemp("plugin"))
 
 
 def with_plugin(env: dict[str, str], plugin_path: str) -> dict[str, str]:

@@ -9,10 +9,6 @@ cancelled while its lead waits continues to completed."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,25 +17,14 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from tests.helpers import ROOT, auth, wait_for_job, wait_until
+from tests.helpers import auth, install_plugin, wait_for_job, wait_until
 from tests.stack import Stack, isolated_stack
-
-PLUGIN = ROOT / "tests" / "plugins" / "agentq-kind-delegate"
 
 
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A directory with the plugin installed in it, to put on PYTHONPATH."""
-    work = tmp_path_factory.mktemp("delegate")
-    source = work / "agentq-kind-delegate"
-    shutil.copytree(PLUGIN, source)
-    target = work / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--disable-pip-version-check", "--quiet",
-                    "--target", str(target), str(source)],
-                   check=True, capture_output=True, timeout=300)
-    old = os.environ.get("PYTHONPATH")
-    return os.pathsep.join([str(target), str(ROOT), *([old] if old else [])])
+    return install_plugin("agentq-kind-delegate", tmp_path_factory.mktemp("delegate"))
 
 
 @pytest.fixture(scope="module")
