@@ -253,8 +253,11 @@ def endpoint_key(url: str) -> str:
 
 class Admission:
     def __init__(self, client: redis.Redis, lease_s: float, waiter_ttl_s: float = 5.0,
-                 poll_s: float = 0.5, aging_tokens_per_s: float = 200.0) -> None:
+                 poll_s: float = 0.5, aging_tokens_per_s: float = 200.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        # `clock`: wall-clock seconds, shared by every process (tests pass one they control).
         self._redis = client
+        self._clock = clock
         self._aging = aging_tokens_per_s / 1000.0
         self._lease_ms = int(lease_s * 1000)
         self._waiter_ttl_ms = int(waiter_ttl_s * 1000)
@@ -263,9 +266,8 @@ class Admission:
         self._release = client.register_script(RELEASE)
         self._load = client.register_script(LOAD)
 
-    @staticmethod
-    def _now_ms() -> int:
-        return int(time.time() * 1000)
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
 
     def loads(self, urls: Sequence[str]) -> dict[str, tuple[int, int]]:
         """Calls in flight and waiting at each endpoint, over every process."""

@@ -29,9 +29,10 @@ def _waiting_at_least(admission: Admission, n: int) -> Callable[[], bool]:
     return lambda: admission.loads([URL])[URL][1] >= n
 
 
-def _grant_order(admission: Admission, waiters: list[tuple[str, str, str]]) -> list[int]:
-    """Hold the only slot, queue `waiters` (tier, tenant, job) in order, then let go: the
-    order in which they get the slot."""
+def _grant_order(admission: Admission, waiters: list[tuple[str, str, str]],
+                 before_release: Callable[[], None] = lambda: None) -> list[int]:
+    """Hold the only slot, queue `waiters` (tier, tenant, job) in order, call `before_release`,
+    then let go: the order in which they get the slot."""
     order: list[int] = []
     lock = threading.Lock()
     release = threading.Event()
@@ -54,6 +55,7 @@ def _grant_order(admission: Admission, waiters: list[tuple[str, str, str]]) -> l
         t.start()
         threads.append(t)
         wait_until(_waiting_at_least(admission, i + 1), 5)
+    before_release()
     release.set()
     for t in [h, *threads]:
         t.join()
@@ -88,18 +90,24 @@ def test_the_job_served_least_goes_first(client: redis.Redis) -> None:
     assert jobs == ["short", "medium", "long", "long"], jobs
 
 
-@pytest.mark.parametrize(("aging", "long_at"), [(0, 2), (1_000_000, 0)])
+@pytest.mark.parametrize(("aging", "long_at"), [(0, 2), (1000, 0)])
 def test_aging_lets_a_long_job_through(client: redis.Redis, aging: float, long_at: int
                                        ) -> None:
-    # Without aging the long job (5000 tokens served) waits behind two jobs served 3000. At
-    # a million tokens of credit per second waited, every waiting job's lead is forgiven
-    # within milliseconds: they tie, and the job served longest ago (the long one) goes first.
+    # Without aging the long job (5000 tokens served) waits behind two jobs served 3000. With
+    # a thousand tokens of credit per second waited, ten seconds of waiting forgive every
+    # waiting job's lead: they tie, and the job served longest ago (the long one) goes first.
+    # The admission clock is the test's, so the waits are exact whatever the machine's load.
+    now = [1_000_000.0]
     admission = Admission(client, lease_s=30, waiter_ttl_s=60, poll_s=0.05,
-                          aging_tokens_per_s=aging)
+                          aging_tokens_per_s=aging, clock=lambda: now[0])
     for job, tokens in (("long", 5000), ("s1", 3000), ("s2", 3000)):
         _serve(admission, job, tokens)
     waiters = [("standard", "t", "long"), ("standard", "t", "s1"), ("standard", "t", "s2")]
-    order = _grant_order(admission, waiters)
+
+    def ten_seconds_later() -> None:
+        now[0] += 10.0
+
+    order = _grant_order(admission, waiters, before_release=ten_seconds_later)
     jobs = [waiters[i][2] for i in order]
     assert jobs.index("long") == long_at, jobs
 
