@@ -164,11 +164,9 @@ class AgentqCollector(Collector):
     def _broker(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily("agentq_queue_depth", "Step and delivery messages waiting",
                                   labels=["queue"])
-        unacked = GaugeMetricFamily("agentq_queue_unacked",
-                                    "Messages taken by workers and not yet acknowledged (Redis)")
         up = GaugeMetricFamily("agentq_broker_up", "The Celery broker answered this scrape")
         try:
-            depths, taken = queue_depths()
+            depths = queue_depths()
         except Exception as exc:  # noqa: BLE001 - a scrape reports the outage, not a 500
             log.warning("metrics: the broker is unavailable: %s", exc)
             up.add_metric([], 0)
@@ -178,9 +176,6 @@ class AgentqCollector(Collector):
             depth.add_metric([queue], n)
         up.add_metric([], 1)
         yield from (depth, up)
-        if taken is not None:
-            unacked.add_metric([], taken)
-            yield unacked
 
 
 registry = CollectorRegistry(auto_describe=False)

@@ -2,11 +2,16 @@
 place where agentq's queues are declared.
 
 The broker is `AGENTQ_BROKER_URL` (by default the Redis of `AGENTQ_REDIS_URL`). Either way:
-late acknowledgement, re-delivery when a worker dies, prefetch of one per execution slot.
-On Redis, a visibility timeout longer than any step and priorities as kombu's lists per
-priority step. On RabbitMQ (`amqp://`), durable quorum queues, publisher confirms (a publish
-returns only once the broker has the message; the outbox marks a row sent only then), and one
-queue per priority instead of message priorities (quorum queues have none before RabbitMQ 4.0).
+late acknowledgement and prefetch of one per execution slot. On Redis, priorities as kombu's
+lists per priority step, and the messages a worker holds are tracked in its memory only
+(kombu's `ack_emulation` off): they go back to the queue when it shuts down, and no Redis
+bookkeeping is written per message (half a Celery task's cost). A worker that dies loses
+the messages it held; the database, not the broker, brings their steps back: a step still
+`queued` is published again after `AGENTQ_STEP_REQUEUE_AFTER_S`, a `running` one when its lease
+runs out (Redis's own re-delivery came only after a two-hour visibility timeout). On
+RabbitMQ (`amqp://`), durable quorum queues, publisher confirms (a publish returns only once
+the broker has the message; the outbox marks a row sent only then), and one queue per priority
+instead of message priorities (quorum queues have none before RabbitMQ 4.0).
 Celery's result backend is not used; the database holds all state.
 """
 
@@ -40,8 +45,8 @@ AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 class _RedisChannel(kombu_redis.Channel):
     """Kombu's Redis channel, with one synchronous client kept for the channel's pool.
 
-    Kombu builds a new `redis.Redis` for every acknowledgement and every delivery it records
-    in its unacked index, and building one costs more than the commands it then sends. A
+    Kombu builds a new `redis.Redis` for every command it sends outside the event loop (a
+    publish, a restore), and building one costs more than the command itself. A
     client only borrows a connection from the pool per command, so one is safe to share
     between threads; pipelines are still made one per use."""
 
@@ -83,7 +88,8 @@ def celery_config(queue: str, concurrency: int, broker_url: str = "") -> dict[st
         "worker_concurrency": concurrency,
         "worker_hijack_root_logger": False,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": 7200,
+        # Redis: acknowledgements kept in the worker's memory (see the module).
+        "broker_transport_options": {"ack_emulation": False,
                                      "priority_steps": list(PRIORITY_STEPS)},
     }
     if is_amqp(broker_url):
@@ -159,9 +165,8 @@ def queue_keys(queue: str) -> list[str]:
     return [queue if p == 0 else f"{queue}\x06\x16{p}" for p in PRIORITY_STEPS]
 
 
-def queue_depths() -> tuple[dict[str, int], int | None]:
-    """Messages waiting in each of agentq's queues, and (Redis only) messages taken by workers
-    and not yet acknowledged."""
+def queue_depths() -> dict[str, int]:
+    """Messages waiting in each of agentq's queues."""
     url = get_settings().broker_url
     depths: dict[str, int] = {}
     if not is_amqp(url):
@@ -172,7 +177,7 @@ def queue_depths() -> tuple[dict[str, int], int | None]:
             for queue in declared_queues(url):
                 depths[queue.name] = sum(int(cast(int, client.llen(k)))
                                          for k in queue_keys(queue.name))
-            return depths, int(cast(int, client.hlen("unacked")))
+            return depths
         finally:
             client.close()
     with Connection(url, connect_timeout=2) as conn:
@@ -182,7 +187,7 @@ def queue_depths() -> tuple[dict[str, int], int | None]:
             # Declared as the workers declare it (a no-op when it exists): a passive declare
             # of a queue no worker has made yet would close the channel.
             depths[queue.name] = queue.bind(channel).queue_declare().message_count
-    return depths, None
+    return depths
 
 
 def ping_broker() -> None:

@@ -52,11 +52,12 @@ def test_rabbitmq_gets_quorum_queues_confirms_and_a_queue_per_priority() -> None
     assert tiers == {"interactive": queue.QUEUE, "promoted": queue.QUEUE,
                      "standard": queue.STANDARD_QUEUE, "flex": queue.FLEX_QUEUE}
     assert queue.publish_options("webhooks.deliver", 0, AMQP) == {"queue": queue.WEBHOOK_QUEUE}
-    # Redis keeps message priorities, and its visibility timeout.
+    # Redis keeps message priorities; acknowledgements stay in the worker (the database
+    # brings back a dead worker's steps).
     redis_url = "redis://127.0.0.1:6379/0"
     assert queue.publish_options("steps.run", 6, redis_url) == {"priority": 6}
     assert queue.celery_config(queue.QUEUE, 8, redis_url)["broker_transport_options"] == {
-        "visibility_timeout": 7200, "priority_steps": list(queue.PRIORITY_STEPS)}
+        "ack_emulation": False, "priority_steps": list(queue.PRIORITY_STEPS)}
     assert [q.name for q in queue.declared_queues(redis_url)] == [queue.QUEUE, queue.WEBHOOK_QUEUE]
 
 
