@@ -100,9 +100,10 @@ def add_steps_total(session: Session, job_id: str, n: int) -> None:
         steps_total=J.steps_total + n))
 
 
-def statuses(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
-    return {i: s for i, s in session.execute(select(J.id, J.status)
-                                             .where(J.id.in_(list(job_ids))))}
+def statuses(session: Session, job_ids: Sequence[str]) -> dict[str, tuple[str, bool]]:
+    """Each job's status, and whether it is promoted (a flex job, to meet its deadline)."""
+    return {i: (s, p is not None) for i, s, p in session.execute(
+        select(J.id, J.status, J.promoted_at).where(J.id.in_(list(job_ids))))}
 
 
 def past_deadline(session: Session, now: datetime, limit: int) -> list[str]:
