@@ -166,13 +166,14 @@ def status_of(session: Session, job_id: str, lock: bool = False) -> str | None:
 
 
 def resume(session: Session, job_id: str, budget: dict[str, Any],
-           deadline_at: datetime | None) -> None:
+           deadline_at: datetime | None, unplan: bool = False) -> None:
     """A stopped job runs again under `budget`: its result and error are cleared until it
-    ends again."""
+    ends again. `unplan`: its planned start is cleared too (it starts now instead)."""
     session.execute(update(jobs_table).where(J.id == job_id).values(
         status=JobStatus.RUNNING, phase=JobStatus.RUNNING, budget=budget,
         deadline_at=deadline_at, result=None, error_code=None, error_message=None,
-        finished_at=None, updated_at=utcnow()))
+        finished_at=None, updated_at=utcnow(),
+        **({"planned_start_at": None} if unplan else {})))
 
 
 def recount_steps(session: Session, job_id: str) -> tuple[int, int]:
