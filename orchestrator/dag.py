@@ -39,9 +39,11 @@ def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list
               publish: bool = True, deferred: bool = False) -> tuple[str | None, list[str]]:
     """Insert steps; those whose dependencies are all complete are queued at once, at their
     tier's priority (a new job's first steps after the steps of running jobs of that tier),
-    within the tenant's cap (`orchestrator.scheduling`). With `keep`, the first of them is not
-    published but returned, for the caller to run. Without `publish`, the others are returned
-    too, for the caller to dispatch. `deferred`: the runnable ones wait for the job's planned
+    within the tenant's cap (`orchestrator.scheduling`). The others are stored at a running
+    job's priority (they become runnable once the job runs; a release from `held` publishes
+    them at it). With `keep`, the first runnable one is not published but returned, for the
+    caller to run. Without `publish`, the others are returned too, for the caller to
+    dispatch. `deferred`: the runnable ones wait for the job's planned
     start (`orchestrator.scheduling.start_deferred`). Returns (kept, queued and not
     published)."""
     if not specs:
@@ -56,7 +58,8 @@ def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list
                      "input": dict(spec.input), "spawned_by": spec.spawned_by,
                      "max_tokens": per_role.get(spec.role.name, spec.max_tokens)})
     prio = scheduling.priority(tier, continuing)
-    queued = steps.add(session, job_id, rows, tenant_id, prio, deferred)
+    queued = steps.add(session, job_id, rows, tenant_id, prio, deferred,
+                       pending_priority=scheduling.priority(tier, True))
     jobs.add_steps_total(session, job_id, len(specs))
     kept = queued.pop(0) if keep and queued else None
     if not publish:
