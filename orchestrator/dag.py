@@ -208,6 +208,7 @@ def suspend(session: Session, c: ClaimedStep, kind: AnyKind | None,
         return None  # the run lost its step
     status = jobs.status_of(session, c.job_id, lock=True)
     if status != JobStatus.RUNNING:
+        traces.step_outcome(StepStatus.CANCELLED)
         end(session, c, StepStatus.CANCELLED, None, None, kind)
         return None
     c = promoted_since(session, c)
@@ -248,6 +249,7 @@ def promoted_since(session: Session, c: ClaimedStep) -> ClaimedStep:
 
 def _requeue(session: Session, c: ClaimedStep) -> None:
     """Queue the run's step again, at its tier's priority (fenced on the run)."""
+    traces.step_outcome("requeued")
     if steps.requeue_run(session, c.step_id, c.attempt):
         outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": c.step_id}],
                             scheduling.priority(c.scheduled_tier, True))
