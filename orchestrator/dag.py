@@ -259,13 +259,15 @@ def decide(session: Session, job_id: str, step_id: str, key: str, kind: AnyKind,
            job_input: BaseModel) -> None:
     """Step `key` decided the job: its other steps still to run or running are cancelled
     (a running one's worker notices within a second and aborts its model call) and the job
-    ends with its result."""
+    ends with its result. Its step total is then the steps it completed: neither those the
+    decision cancels nor those a stop ended before (a job continued after a step decided
+    it while it was stopping) are counted."""
     cancelled = steps.cancel_others(session, job_id, step_id)
     if cancelled:
-        jobs.add_steps_total(session, job_id, -len(cancelled))
         events.append_many(session, job_id, [("step.cancelled", {
             "step": k, "role": r, "reason": f"step {key} decided the job"})
             for k, r in cancelled])
+    jobs.recount_steps(session, job_id, decided=True)
     finalise(session, job_id, kind, job_input)
 
 

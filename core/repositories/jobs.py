@@ -176,14 +176,14 @@ def resume(session: Session, job_id: str, budget: dict[str, Any],
         **({"planned_start_at": None} if unplan else {})))
 
 
-def recount_steps(session: Session, job_id: str) -> tuple[int, int]:
-    """Set the job's step counts from its steps; returns (completed, total)."""
+def recount_steps(session: Session, job_id: str, decided: bool = False) -> tuple[int, int]:
+    """Set the job's step counts from its steps; returns (completed, total). `decided`: a
+    step decided the job, so nothing else runs: its total is the steps it completed."""
     S = steps_table.c
+    done = select(func.count()).where(S.job_id == job_id, S.status == StepStatus.COMPLETED)
+    total = done if decided else select(func.count()).where(S.job_id == job_id)
     row = session.execute(update(jobs_table).where(J.id == job_id).values(
-        steps_total=select(func.count()).where(S.job_id == job_id).scalar_subquery(),
-        steps_done=select(func.count()).where(S.job_id == job_id,
-                                              S.status == StepStatus.COMPLETED)
-        .scalar_subquery(),
+        steps_total=total.scalar_subquery(), steps_done=done.scalar_subquery(),
     ).returning(J.steps_done, J.steps_total)).one()
     return int(row[0]), int(row[1])
 
