@@ -186,6 +186,19 @@ def span(name: str, attributes: Attributes | None = None, *, parent: str | None 
         yield current
 
 
+@contextmanager
+def open_span(name: str, *, parent: str | None = None) -> Iterator[Span | None]:
+    """A span under `parent` (a traceparent), current while the block runs and left open:
+    the caller ends it (`Span.end`) to record it, or leaves it, and nothing is recorded (a
+    span never ended is never exported). Yields None when tracing is off."""
+    if not enabled():
+        yield None
+        return
+    made = _get_tracer().start_span(name, context=_context_of(parent) if parent else None)
+    with trace.use_span(made, end_on_exit=False):
+        yield made
+
+
 def start(name: str, attributes: Attributes | None = None, *, parent: str | None = None,
           kind: SpanKind = SpanKind.INTERNAL, start_ns: int | None = None) -> Span | None:
     """A span that the caller ends (`Span.end`); under the current span unless `parent`."""

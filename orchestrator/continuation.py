@@ -8,7 +8,8 @@ job, or a continuation and a submission of the tenant, are one after the other):
   the whole job, what was spent so far included, never an addition), limits not given are
   kept; every limit must be above what the job has spent;
 - the job becomes `running`, its result and error cleared, its deadline counted from now;
-  `job.continued` is appended;
+  `job.continued` is appended; a job that stopped while it waited for its planned start
+  (`optimize`) starts now, and its planned start is cleared;
 - its DAG moves on again (`orchestrator.dag.reopen`): completed steps keep their outputs and
   never run again; the others are queued again (a later attempt, replaying the finished calls
   of their earlier runs from the ledger) or wait for their dependencies.
@@ -117,7 +118,8 @@ def continue_job(session: Session, tenant_id: str, job_id: str,
                                          if job.error_code else {})}
     max_seconds = merged.get("max_seconds")
     deadline = utcnow() + timedelta(seconds=max_seconds) if max_seconds else None
-    jobs.resume(session, job.id, merged, deadline)
+    # One that never started (it waited for its planned hour) starts now, not then.
+    jobs.resume(session, job.id, merged, deadline, unplan=job.started_at is None)
     given_roles = dict(budget.get("step_max_tokens") or {})
     if given_roles:
         steps.set_max_tokens(session, job.id, given_roles)

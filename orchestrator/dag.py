@@ -39,9 +39,11 @@ def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list
               publish: bool = True, deferred: bool = False) -> tuple[str | None, list[str]]:
     """Insert steps; those whose dependencies are all complete are queued at once, at their
     tier's priority (a new job's first steps after the steps of running jobs of that tier),
-    within the tenant's cap (`orchestrator.scheduling`). With `keep`, the first of them is not
-    published but returned, for the caller to run. Without `publish`, the others are returned
-    too, for the caller to dispatch. `deferred`: the runnable ones wait for the job's planned
+    within the tenant's cap (`orchestrator.scheduling`). The others are stored at a running
+    job's priority (they become runnable once the job runs; a release from `held` publishes
+    them at it). With `keep`, the first runnable one is not published but returned, for the
+    caller to run. Without `publish`, the others are returned too, for the caller to
+    dispatch. `deferred`: the runnable ones wait for the job's planned
     start (`orchestrator.scheduling.start_deferred`). Returns (kept, queued and not
     published)."""
     if not specs:
@@ -56,7 +58,8 @@ def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list
                      "input": dict(spec.input), "spawned_by": spec.spawned_by,
                      "max_tokens": per_role.get(spec.role.name, spec.max_tokens)})
     prio = scheduling.priority(tier, continuing)
-    queued = steps.add(session, job_id, rows, tenant_id, prio, deferred)
+    queued = steps.add(session, job_id, rows, tenant_id, prio, deferred,
+                       pending_priority=scheduling.priority(tier, True))
     jobs.add_steps_total(session, job_id, len(specs))
     kept = queued.pop(0) if keep and queued else None
     if not publish:
@@ -205,6 +208,7 @@ def suspend(session: Session, c: ClaimedStep, kind: AnyKind | None,
         return None  # the run lost its step
     status = jobs.status_of(session, c.job_id, lock=True)
     if status != JobStatus.RUNNING:
+        traces.step_outcome(StepStatus.CANCELLED)
         end(session, c, StepStatus.CANCELLED, None, None, kind)
         return None
     c = promoted_since(session, c)
@@ -245,6 +249,7 @@ def promoted_since(session: Session, c: ClaimedStep) -> ClaimedStep:
 
 def _requeue(session: Session, c: ClaimedStep) -> None:
     """Queue the run's step again, at its tier's priority (fenced on the run)."""
+    traces.step_outcome("requeued")
     if steps.requeue_run(session, c.step_id, c.attempt):
         outbox.enqueue_many(session, RUN_STEP_TASK, [{"step_id": c.step_id}],
                             scheduling.priority(c.scheduled_tier, True))
@@ -254,13 +259,15 @@ def decide(session: Session, job_id: str, step_id: str, key: str, kind: AnyKind,
            job_input: BaseModel) -> None:
     """Step `key` decided the job: its other steps still to run or running are cancelled
     (a running one's worker notices within a second and aborts its model call) and the job
-    ends with its result."""
+    ends with its result. Its step total is then the steps it completed: neither those the
+    decision cancels nor those a stop ended before (a job continued after a step decided
+    it while it was stopping) are counted."""
     cancelled = steps.cancel_others(session, job_id, step_id)
     if cancelled:
-        jobs.add_steps_total(session, job_id, -len(cancelled))
         events.append_many(session, job_id, [("step.cancelled", {
             "step": k, "role": r, "reason": f"step {key} decided the job"})
             for k, r in cancelled])
+    jobs.recount_steps(session, job_id, decided=True)
     finalise(session, job_id, kind, job_input)
 
 

@@ -41,7 +41,7 @@ from agents.corpus import retrieve
 from core import grid
 from core.db import transaction
 from core.db_errors import db_retrying
-from core.models import ModelCall, utcnow
+from core.models import ModelCall, ServiceTier, utcnow
 from core.pricing import MILLION, highest_price, price_for
 from core.repositories import files, ledger, steps
 from core.repositories.corpora import SessionCorpusStore
@@ -74,8 +74,8 @@ class MeteredContext:
                  step_budgets: Mapping[str, int] | None = None,
                  service_tier: str = "standard", scheduled_tier: str | None = None) -> None:
         self._run = run
-        # The tier priced (and recorded on the ledger) and the tier admission serves it at
-        # (`standard` for a flex job promoted to meet its deadline).
+        # The tier priced (and recorded on the ledger) and the tier that orders its calls
+        # (`promoted` for a flex job promoted to meet its deadline: `_admitted_tier`).
         self._tier = service_tier
         self._scheduled_tier = scheduled_tier or service_tier
         self._tenant_id = tenant_id
@@ -247,6 +247,13 @@ class MeteredContext:
 
     # -- model calls ----------------------------------------------------------------------
 
+    def _admitted_tier(self) -> str:
+        """A flex job promoted since the claim (the stop watcher reads it each tick) has
+        its next calls admitted as promoted."""
+        if self._scheduled_tier == ServiceTier.FLEX and stopping.is_promoted(self._run.job_id):
+            return scheduling.PROMOTED
+        return self._scheduled_tier
+
     def stopped(self) -> bool:
         run = self._run
         return stopping.is_stopping(run.job_id) or leases.is_lost(run.step_id, run.attempt) \
@@ -401,7 +408,7 @@ class MeteredContext:
             completion = self._pool.complete(CompletionRequest(
                 call=spec, request_id=request_id, tenant_id=self._tenant_id,
                 job_id=self._run.job_id, affinity_key=self._run.job_id,
-                cancelled=self.stopped, service_tier=self._scheduled_tier))
+                cancelled=self.stopped, service_tier=self._admitted_tier()))
         except CallCancelled as exc:
             if exc.usage is not None and exc.model is not None:
                 # What the server generated before the abort was spent: it is billed.

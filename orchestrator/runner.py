@@ -162,6 +162,7 @@ def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry
         # It spawned children: it waits for them, holding no lease and no worker.
         children, waiting_for = waits.children, waits.waiting_for
         before = waits.spawned_before
+        traces.step_outcome("suspended")
         return _in_transaction(run, carry, lambda s: dag.suspend(
             s, c, kind, children, waiting_for, before))
     except StepStopped:

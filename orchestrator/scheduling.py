@@ -16,6 +16,12 @@ any step is held (from a partial index of waiting steps); more only to hold the 
 release held steps. The count is read without a lock, so
 concurrent transactions of one tenant may overshoot the cap by the number of them: it bounds
 the broker's share of a tenant, not an exact count.
+
+A step run again is queued at once, outside the cap: one handed back by its run
+(`runner._hand_back`, `dag._requeue`, a stopped run whose job was continued) or whose lease
+ran out (`sweeps.requeue_expired`). Each held a worker slot, so such steps of a tenant are
+bounded by its runs in flight, not by its backlog; holding them would only delay work already
+started.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 def requeue_expired(limit: int = 200) -> int:
     """Queue again the steps whose run vanished (worker killed, finalisation lost): a step
     still `running` after its lease expired. Its finished model calls are replayed from the
-    ledger, not made again."""
+    ledger, not made again. Outside the tenant's cap: it held a worker slot (see
+    `orchestrator.scheduling`)."""
     with transaction() as s:
         ids = steps.requeue_expired(s, limit)
         scheduling.enqueue(s, ids)

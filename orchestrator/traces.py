@@ -4,10 +4,12 @@
   (`jobs.trace_context`); it is recorded when the job first ends, from its submission to its
   end, by whichever process ends it. A continued job's later runs are `job {kind} continued`
   spans under it, from the continuation to the next end.
-- `submit`: the API's part (validation, the transaction), under the job span.
+- `submit`: the API's part (validation, the transaction), under the job span; recorded only
+  by the request that made the job (an idempotent replay's would hang under no span).
 - `step {role}`: from the step's enqueue to its end, under the job span whichever process
   published it, with a `queued` child up to its claim (`agentq.step.queue_wait_ms`), and a
-  link to the span that made it ready (the traceparent its Celery message carries).
+  link to the span that made it ready (the traceparent its Celery message carries);
+  `agentq.step.status` says how the run ended (`suspended`: waiting for its children).
 - `{gen_ai.operation.name} {model}`: each model call, with the GenAI semantic conventions
   (`gen_ai.request.model`, `gen_ai.request.max_tokens`, `gen_ai.usage.input_tokens`,
   `gen_ai.usage.output_tokens`, `gen_ai.response.finish_reasons`,

@@ -5,7 +5,9 @@
   passed to another run is told so (its calls stop).
 - `StoppingWatcher` tells running steps, within about a second, that their job stopped
   (cancelled, failed, out of budget) or that their step was cancelled (another step decided
-  the job), so their in-flight model calls are closed and the server aborts them.
+  the job), so their in-flight model calls are closed and the server aborts them. The same
+  read tells them that their flex job was promoted to meet its deadline, so a run claimed
+  before the promotion has its later calls admitted at the promoted tier.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class StoppingWatcher(PeriodicThread):
         super().__init__()
         self._jobs: Counter[str] = Counter()
         self._stopping: set[str] = set()
+        self._promoted: set[str] = set()
         self._runs: set[tuple[str, int]] = set()
         self._dropped: set[tuple[str, int]] = set()
 
@@ -126,9 +129,14 @@ class StoppingWatcher(PeriodicThread):
             if self._jobs[job_id] <= 0:
                 del self._jobs[job_id]
                 self._stopping.discard(job_id)
+                self._promoted.discard(job_id)
 
     def is_stopping(self, job_id: str) -> bool:
         return job_id in self._stopping
+
+    def is_promoted(self, job_id: str) -> bool:
+        """Whether the job was promoted to meet its deadline (as of the last tick)."""
+        return job_id in self._promoted
 
     def is_dropped(self, step_id: str, attempt: int) -> bool:
         """Whether the run no longer holds its step (it was cancelled, or passed on)."""
@@ -143,10 +151,11 @@ class StoppingWatcher(PeriodicThread):
         with transaction(read_only=True) as s:
             found = jobs.statuses(s, watched)
             held = steps.held(s, runs)
-        stopped = {j for j, st in found.items()
+        stopped = {j for j, (st, _) in found.items()
                    if st not in (JobStatus.QUEUED, JobStatus.RUNNING)}
         with self._lock:
             self._stopping = {j for j in stopped if j in self._jobs}
+            self._promoted = {j for j, (_, p) in found.items() if p and j in self._jobs}
             self._dropped = {r for r in runs if r not in held and r in self._runs}
 
 

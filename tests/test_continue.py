@@ -337,6 +337,70 @@ def test_a_step_completed_after_its_job_was_cancelled_is_expanded_on_continuing(
     assert_paid_once(standin, job)
 
 
+def test_a_coding_job_decided_while_it_stopped_continues_to_completed_with_its_counts(
+        client: TestClient, tenant_key: str) -> None:
+    """Of two candidates, the first passes while its job is cancelling and the second is
+    cancelled: the job ends `cancelled`, undecided. Continuing it, the pass decides it at
+    once: it completes with the steps it completed as its total, the cancelled candidate
+    not counted (as a decision counts the steps it cancels)."""
+    from agents.coding.agent import AttemptOutput
+    from agents.registry import get_kind
+    from core.db import session_factory
+    from core.keys import authenticate
+    from core.models import StepStatus
+    from core.repositories.ledger import Budget
+    from orchestrator import dag
+    from orchestrator.budget import Carry, Run
+    from orchestrator.jobs import create_job
+    from orchestrator.runner import _claim
+    from orchestrator.watchers import leases
+
+    files = {"calc.py": "def add(a, b):\n    return a + b\n"}
+    # Written without publishing its first steps, which this test claims as workers would.
+    with session_factory()() as s:
+        principal = authenticate(s, tenant_key)
+        assert principal is not None
+        job_id = create_job(s, tenant_id=principal.tenant_id, kind_name="coding",
+                            raw_input={"task": "Fix add", "files": files, "candidates": 2},
+                            budget={}, metadata={}).id
+        s.commit()
+    ids = {k: st.id for k, st in steps_of(job_id).items()}
+    assert sorted(ids) == ["code-1-1", "code-2-1"]
+    claims = [_claim(ids[k]) for k in ("code-1-1", "code-2-1")]
+    first, second = (c for c, _ in (claimed for claimed in claims if claimed is not None))
+    kind = get_kind("coding")
+    assert kind is not None
+    job_input = kind.parse_input(first.job_input)
+    for c in (first, second):
+        leases.add(c.step_id, c.attempt)
+    try:
+        cancelling = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(tenant_key))
+        assert cancelling.json()["status"] == "cancelling"
+        passed = AttemptOutput(
+            passed=True, exit_code=0, timed_out=False, report="1 passed",
+            output_truncated=False, duration_s=0.1, network_isolated=True, candidate=1,
+            round=1, files=files, summary="The tests pass.", turns=1, stopped="done",
+            test_runs=1)
+        run = Run(first.job_id, first.step_id, first.attempt, Budget.of(first.budget))
+        with transaction() as s:
+            dag.complete(s, first, kind, job_input, passed, Carry(run))
+        with transaction() as s:
+            dag.end(s, second, StepStatus.CANCELLED, None, None, kind)
+    finally:
+        for c in (first, second):
+            leases.remove(c.step_id, c.attempt)
+    job = wait_for_job(client, tenant_key, job_id, timeout=10)
+    assert job["status"] == "cancelled", job
+
+    resp = continue_once_stopped(client, tenant_key, job_id)
+    assert resp.status_code == 202, resp.text
+    job = wait_for_job(client, tenant_key, job_id, timeout=30)
+    assert job["status"] == "completed", job
+    assert job["progress"]["steps_done"] == job["progress"]["steps_total"] == 1, job["progress"]
+    after = steps_of(job_id)
+    assert (after["code-1-1"].status, after["code-2-1"].status) == ("completed", "cancelled")
+
+
 def test_a_job_past_its_deadline_continues_on_a_new_clock(
         client: TestClient, tenant_key: str, standin: Any) -> None:
     standin.state.delay_s = 4

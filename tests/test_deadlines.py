@@ -1,9 +1,11 @@
 """Flex jobs with deadlines: checked at submission, promoted on an injected clock when their
 estimated time to finish no longer fits, and met with real workers under another tenant's
-flood (counted in /metrics)."""
+flood (counted in /metrics); a run claimed before its job's promotion has its later calls
+admitted as promoted."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from tests.helpers import TERMINAL, auth, metric, wait_until
 from tests.stack import isolated_stack
+from tests.test_agent_loops import ANSWER, MARKER, Q1, Q2, SEARCH, make_corpus
 
 
 def _flex(deadline: datetime | str, tier: str = "flex") -> dict[str, Any]:
@@ -71,6 +74,63 @@ def test_a_flex_job_is_promoted_when_its_deadline_nears(
     types = [e["type"] for e in client.get(f"/v1/jobs/{job_id}/events",
                                            headers=auth(tenant_key)).json()["data"]]
     assert "job.promoted" in types
+
+
+def test_a_run_claimed_before_its_promotion_has_its_later_calls_admitted_as_promoted(
+        client: TestClient, tenant_key: str, standin: Any, quiet_workers: None) -> None:
+    from sqlalchemy import select
+
+    from core.db import transaction
+    from core.models import Job, Step
+    from inference.pool import Completion, CompletionRequest, Pool
+    from orchestrator import runner, scheduling
+    from orchestrator.watchers import stopping
+
+    standin.state.plan_text = json.dumps([Q1, Q2])
+    standin.state.scripts = {MARKER: [SEARCH, ANSWER]}  # two calls in the investigator's run
+    corpus = make_corpus(client, tenant_key)
+    due = datetime.now(UTC) + timedelta(hours=1)
+    r = client.post("/v1/jobs", headers=auth(tenant_key), json={
+        "kind": "research", "service_tier": "flex", "deadline": due.isoformat(),
+        "input": {"query": "How do bees make and keep honey?", "max_subquestions": 2,
+                  "corpus_id": corpus, "effort": "medium"}})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+
+    def step_id(key: str) -> str:
+        with transaction() as s:
+            return str(s.scalar(select(Step.id).where(Step.job_id == job_id, Step.key == key)))
+
+    def promoted() -> bool:
+        with transaction() as s:
+            return s.scalar(select(Job.promoted_at).where(Job.id == job_id)) is not None
+
+    tiers: list[str] = []
+
+    class Promoting(Pool):
+        """The real pool; after the investigator's first call its job is promoted (by the
+        sweeper's pass, on a clock at the deadline) and the stop watcher has read it."""
+
+        def complete(self, req: CompletionRequest) -> Completion:
+            done = super().complete(req)
+            if req.request_id.startswith(step_id("investigate-1") + ":"):
+                tiers.append(req.service_tier)
+                if len(tiers) == 1:
+                    wait_until(lambda: scheduling.promote_due(now=due) >= 0 and promoted(),
+                               30, what="the job to be promoted")
+                    stopping.tick()
+            return done
+
+    pool = Promoting()
+    try:
+        runner.run_step(step_id("plan"), pool=pool)  # a flex job's next steps go to the broker
+        runner.run_step(step_id("investigate-1"), pool=pool)
+    finally:
+        pool.close()
+        client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(tenant_key))
+    assert len(tiers) >= 2, tiers
+    assert tiers[0] == "flex"
+    assert set(tiers[1:]) == {"promoted"}, tiers
 
 
 @pytest.mark.usefixtures("standin")

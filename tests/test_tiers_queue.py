@@ -12,10 +12,11 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
 from core.pricing import price_for
-from tests.helpers import TERMINAL, auth, wait_until
+from tests.helpers import ROOT, TERMINAL, auth, wait_until
 from tests.stack import Stack, isolated_stack
 
 pytestmark = pytest.mark.usefixtures("standin")
@@ -146,3 +147,68 @@ def test_a_flooding_tenant_cannot_hold_back_another_tenants_first_step(
             assert completed == JOBS * PROMPTS
             # Completions of one tenant may overshoot by the transactions running at once.
             assert peak[0] <= CAP + CONCURRENCY, peak[0]
+
+
+def test_a_held_step_of_a_started_job_is_released_at_a_running_jobs_priority(
+        client: TestClient, tenant_key: str, standin: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step the kind's first steps wait for (the `echo` kind: `echo` after `shout`) becomes
+    runnable when its job is running, and is held past the tenant's cap: released, it goes
+    before new jobs' first steps, as the job's other next steps do. (A flex job's: the
+    worker that completed `shout` does not run it straight on.)"""
+    import importlib
+
+    from sqlalchemy import select
+
+    from agents import registry
+    from core.db import transaction
+    from core.models import OutboxMessage, Step
+    from core.queue import step_priority
+    from core.settings import get_settings
+    from inference.pool import Completion, CompletionRequest, Pool
+    from orchestrator import runner
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "plugins" / "agentq-kind-echo"))
+    echo = importlib.import_module("agentq_kind_echo").Echo()
+    monkeypatch.setattr(registry, "_kinds", {**registry._load(), "echo": echo})
+    monkeypatch.setattr(get_settings(), "tenant_queued_steps_max", 1)
+    standin.state.replies = {"Shout this:": "hello there"}
+    r = client.post("/v1/jobs", json={"kind": "echo", "input": {"text": "hello"},
+                                      "service_tier": "flex"},
+                    headers=auth(tenant_key))
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+
+    def step(key: str) -> tuple[str, str]:
+        with transaction() as s:
+            found = s.scalars(select(Step).where(Step.job_id == job_id, Step.key == key)).one()
+            return found.id, found.status
+
+    others: list[str] = []
+
+    class Crowding(Pool):
+        """The real pool; while `shout` runs, another job of the tenant fills its cap."""
+
+        def complete(self, req: CompletionRequest) -> Completion:
+            if not others:
+                r = client.post("/v1/jobs", json=_completion("standard"),
+                                headers=auth(tenant_key))
+                others.append(r.json()["id"])
+            return super().complete(req)
+
+    pool = Crowding()
+    try:
+        runner.run_step(step("shout")[0], pool=pool)
+    finally:
+        pool.close()
+    echo_id, status = step("echo")
+    assert status == "held"
+    # The other job's step leaves the broker: the held one is released into its room.
+    client.post(f"/v1/jobs/{others[0]}/cancel", headers=auth(tenant_key))
+    wait_until(lambda: step("echo")[1] == "queued", 30, what="the echo step's release")
+    with transaction() as s:
+        sent = [p for p, payload in s.execute(
+            select(OutboxMessage.priority, OutboxMessage.payload)
+            .where(OutboxMessage.task == "steps.run")) if payload.get("step_id") == echo_id]
+    client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(tenant_key))
+    assert sent == [step_priority("flex", True)], sent

@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, text
 from core import tracing
 from core.db import transaction
 from core.models import Job
-from tests.helpers import ROOT, auth, wait_for_job, wait_until
+from tests.helpers import ROOT, auth, install_plugin, wait_for_job, wait_until
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.stack import Stack, isolated_stack
 from tests.test_agent_loops import ANSWER, MARKER, SEARCH, make_corpus
@@ -81,10 +81,12 @@ class Traced:
 @pytest.fixture(scope="module")
 def traced(database_url: str, agentq_env: dict[str, str],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
-    """An API process and two workers that export traces to a receiver in this process."""
+    """An API process and two workers that export traces to a receiver in this process (with
+    the `delegate` kind of `tests/plugins`, whose steps spawn sub-agents)."""
     receiver = OtlpReceiver().start()
+    plugin = install_plugin("agentq-kind-delegate", tmp_path_factory.mktemp("delegate"))
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": SERVICE,
-            "OTEL_BSP_SCHEDULE_DELAY": "100"}
+            "OTEL_BSP_SCHEDULE_DELAY": "100", "PYTHONPATH": plugin}
     try:
         with isolated_stack(database_url, agentq_env, tmp_path_factory.mktemp("otel"), "_otel",
                             **otel) as stack:
@@ -269,3 +271,64 @@ def test_a_continued_job_stays_in_its_trace(traced: Traced) -> None:
     assert [s.attributes["agentq.step.status"] for s in planner_runs] == ["failed", "completed"]
     assert sum(s.attributes["gen_ai.usage.input_tokens"] for s in spans
                if "gen_ai.usage.input_tokens" in s.attributes) == job["prompt_tokens"]
+
+
+def _job_traces(traced: Traced) -> set[str]:
+    engine = create_engine(traced.stack.env["AGENTQ_DATABASE_URL"])
+    with engine.connect() as conn:
+        found = {str(t).split("-")[1] for (t,) in conn.execute(text(
+            "SELECT trace_context FROM jobs WHERE trace_context IS NOT NULL"))}
+    engine.dispose()
+    return found
+
+
+def test_an_idempotent_replay_records_no_orphan_span(traced: Traced) -> None:
+    key = traced.key
+    body = {"kind": "completion", "input": {"prompt": "Replay me", "max_tokens": 8}}
+    once = {**auth(key), "Idempotency-Key": "traced-replay"}
+    with httpx.Client(base_url=traced.stack.api, timeout=30) as http:
+        first = http.post("/v1/jobs", headers=once, json=body)
+        assert first.status_code == 202, first.text
+        again = http.post("/v1/jobs", headers=once, json=body)
+        assert again.status_code == 202, again.text
+        assert again.headers.get("Idempotent-Replayed") == "true"
+        job_id = str(first.json()["id"])
+        assert again.json()["id"] == job_id
+        # A later submission: once its span has arrived, so has every span the API ended
+        # before it (a process exports its spans in the order they end).
+        later = http.post("/v1/jobs", headers=auth(key), json=body)
+        assert later.status_code == 202, later.text
+        later_id = str(later.json()["id"])
+        wait_until(lambda: any(s.name == "submit" and s.attributes.get("agentq.job.id")
+                               == later_id for s in traced.receiver.spans()), 30,
+                   what="the later submission's span")
+    submits = [s for s in traced.receiver.spans() if s.name == "submit"]
+    # Each submission's span is in its job's trace; the replay's would be alone in its own.
+    assert [s.trace_id for s in submits if s.trace_id not in _job_traces(traced)] == []
+    assert [s.attributes.get("agentq.job.id") for s in submits].count(job_id) == 1
+
+
+def test_a_step_that_spawns_ends_its_run_suspended(traced: Traced, standin: Any) -> None:
+    question = "How do traced bees keep honey?"
+    standin.state.scripts = {f"Round 1 of 1. Question: {question}": [
+        json.dumps({"tool": "spawn", "arguments": {"tasks": [{"topic": "bees"}]}}),
+        json.dumps({"final": {"answer": "In wax."}})]}
+    standin.state.replies = {"Note on topic: bees": "Bees make honey from nectar."}
+    key = traced.key
+    with httpx.Client(base_url=traced.stack.api, timeout=30) as http:
+        resp = http.post("/v1/jobs", headers=auth(key), json={
+            "kind": "delegate", "input": {"question": question, "rounds": 1}})
+        assert resp.status_code == 202, resp.text
+        job_id = str(resp.json()["id"])
+        assert wait_for_job(http, key, job_id, timeout=90)["status"] == "completed"
+    calls, job, _ = _ledger(traced.stack.env["AGENTQ_DATABASE_URL"], job_id)
+    trace_id, job_span_id = job["trace_context"].split("-")[1:3]
+    spans = _spans_of(traced, trace_id, len(calls), "job delegate")
+    _one_tree(spans, job_span_id)
+    runs = sorted((s.start_ns, s.name, s.attributes.get("agentq.step.attempt"),
+                    s.attributes.get("agentq.step.status")) for s in spans
+                   if s.name.startswith("step "))
+    # The lead's first run spawned its helper and ended waiting for it; its second answered.
+    assert [(n, a, st) for _, n, a, st in runs if n == "step lead"] == [
+        ("step lead", 1, "suspended"), ("step lead", 2, "completed")]
+    assert [st for _, n, _, st in runs if n == "step helper"] == ["completed"]

@@ -93,6 +93,34 @@ def test_a_deferred_job_starts_in_its_window(client: TestClient, tenant_key: str
     assert "deadline" in r.json()["error"]["message"]
 
 
+def test_a_job_stopped_before_its_window_continues_at_once(
+        client: TestClient, tenant_key: str, schedule: datetime, quiet_workers: None) -> None:
+    """Continuing is running again at once (see the README): a job cancelled while it waited
+    for its planned start is queued now, and no longer shows that start."""
+    from core.db import transaction
+    from core.models import Step
+
+    r = client.post("/v1/jobs", headers=auth(tenant_key), json={
+        "kind": "completion", "input": {"prompt": "Overnight", "max_tokens": 8},
+        "service_tier": "flex", "deadline": (schedule + timedelta(hours=20)).isoformat(),
+        "optimize": "cost"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert r.json()["planned_start"] is not None
+    r = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(tenant_key))
+    assert r.status_code == 202, r.text
+    wait_until(lambda: client.get(f"/v1/jobs/{job_id}", headers=auth(tenant_key))
+               .json()["status"] == "cancelled", 30, what="the job to be cancelled")
+    r = client.post(f"/v1/jobs/{job_id}/continue", headers=auth(tenant_key))
+    assert r.status_code == 202, r.text
+    job = client.get(f"/v1/jobs/{job_id}", headers=auth(tenant_key)).json()
+    assert job["status"] == "running", job
+    assert job["planned_start"] is None, job
+    with transaction() as s:
+        assert {st.status for st in s.query(Step).filter(Step.job_id == job_id)} == {"queued"}
+    client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(tenant_key))
+
+
 @pytest.mark.usefixtures("standin")
 def test_the_ledger_records_the_hours_price_and_carbon(
         database_url: str, agentq_env: dict[str, str], tmp_path: Path) -> None:

@@ -83,9 +83,13 @@ def submit_job(
         out: dict[str, Any] = jsonable_encoder(job_out(job, show_secret=True))
         return out
 
-    with tracing.span("submit", parent=trace_context) as submitting:
+    with tracing.open_span("submit", parent=trace_context) as submitting:
         outcome = idempotency.once(principal.tenant_id, key, body.model_dump(mode="json"),
                                    create)
+    if submitting is not None and not outcome.replayed:
+        # Recorded only when it made the job: a replay (or a refusal) made no job of this
+        # trace, whose span would never be recorded.
+        submitting.end()
     return _answer(outcome)
 
 

@@ -42,8 +42,11 @@ def create_batch(body: BatchCreate, principal: CurrentPrincipal) -> BatchObject:
                 metadata=body.metadata or {}, trace_context=trace_context, service_tier=tier)
             return BatchObject.of(openai_batches.view(s, job))
 
-    with tracing.span("submit", parent=trace_context):
-        return retry_transient(create)
+    with tracing.open_span("submit", parent=trace_context) as submitting:
+        made = retry_transient(create)
+    if submitting is not None:
+        submitting.end()  # only when it made the job: the job's span is recorded too
+    return made
 
 
 @router.get("", response_model=BatchList)

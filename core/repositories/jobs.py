@@ -100,9 +100,10 @@ def add_steps_total(session: Session, job_id: str, n: int) -> None:
         steps_total=J.steps_total + n))
 
 
-def statuses(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
-    return {i: s for i, s in session.execute(select(J.id, J.status)
-                                             .where(J.id.in_(list(job_ids))))}
+def statuses(session: Session, job_ids: Sequence[str]) -> dict[str, tuple[str, bool]]:
+    """Each job's status, and whether it is promoted (a flex job, to meet its deadline)."""
+    return {i: (s, p is not None) for i, s, p in session.execute(
+        select(J.id, J.status, J.promoted_at).where(J.id.in_(list(job_ids))))}
 
 
 def past_deadline(session: Session, now: datetime, limit: int) -> list[str]:
@@ -165,23 +166,24 @@ def status_of(session: Session, job_id: str, lock: bool = False) -> str | None:
 
 
 def resume(session: Session, job_id: str, budget: dict[str, Any],
-           deadline_at: datetime | None) -> None:
+           deadline_at: datetime | None, unplan: bool = False) -> None:
     """A stopped job runs again under `budget`: its result and error are cleared until it
-    ends again."""
+    ends again. `unplan`: its planned start is cleared too (it starts now instead)."""
     session.execute(update(jobs_table).where(J.id == job_id).values(
         status=JobStatus.RUNNING, phase=JobStatus.RUNNING, budget=budget,
         deadline_at=deadline_at, result=None, error_code=None, error_message=None,
-        finished_at=None, updated_at=utcnow()))
+        finished_at=None, updated_at=utcnow(),
+        **({"planned_start_at": None} if unplan else {})))
 
 
-def recount_steps(session: Session, job_id: str) -> tuple[int, int]:
-    """Set the job's step counts from its steps; returns (completed, total)."""
+def recount_steps(session: Session, job_id: str, decided: bool = False) -> tuple[int, int]:
+    """Set the job's step counts from its steps; returns (completed, total). `decided`: a
+    step decided the job, so nothing else runs: its total is the steps it completed."""
     S = steps_table.c
+    done = select(func.count()).where(S.job_id == job_id, S.status == StepStatus.COMPLETED)
+    total = done if decided else select(func.count()).where(S.job_id == job_id)
     row = session.execute(update(jobs_table).where(J.id == job_id).values(
-        steps_total=select(func.count()).where(S.job_id == job_id).scalar_subquery(),
-        steps_done=select(func.count()).where(S.job_id == job_id,
-                                              S.status == StepStatus.COMPLETED)
-        .scalar_subquery(),
+        steps_total=total.scalar_subquery(), steps_done=done.scalar_subquery(),
     ).returning(J.steps_done, J.steps_total)).one()
     return int(row[0]), int(row[1])
 

@@ -150,11 +150,13 @@ def renew_leases(session: Session, runs: Sequence[tuple[str, int]], until: Any
 
 
 def add(session: Session, job_id: str, rows: Sequence[dict[str, Any]], tenant_id: str,
-        priority: int, deferred: bool = False) -> list[str]:
+        priority: int, deferred: bool = False, pending_priority: int | None = None
+        ) -> list[str]:
     """Insert steps (`key`, `role`, `depends_on`, `deps_remaining`, `input`, `max_tokens`)
     of the tenant's job, to be published at `priority`; those with nothing to wait for are
-    queued (`deferred`: they wait for their job's planned start). Returns the ids of the
-    queued ones."""
+    queued (`deferred`: they wait for their job's planned start). Those that wait for other
+    steps are published at `pending_priority` (when given) once those complete: their job
+    has started by then. Returns the ids of the queued ones."""
     runnable = StepStatus.DEFERRED if deferred else StepStatus.QUEUED
     now = utcnow()
     values = []
@@ -162,7 +164,8 @@ def add(session: Session, job_id: str, rows: Sequence[dict[str, Any]], tenant_id
         ready = r["deps_remaining"] == 0
         # Distinct creation times keep the order the kind gave its steps.
         values.append({**r, "id": new_id("stp"), "job_id": job_id, "tenant_id": tenant_id,
-                       "priority": priority,
+                       "priority": priority if ready or pending_priority is None
+                       else pending_priority,
                        "created_at": now + timedelta(microseconds=i),
                        "status": runnable if ready else StepStatus.PENDING,
                        "enqueued_at": now if ready and not deferred else None, "attempt": 0,
