@@ -20,11 +20,22 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from psycopg.abc import Buffer
 from psycopg.types.string import StrBinaryDumper, StrDumperUnknown
-from sqlalchemy import Engine, any_, bindparam, create_engine, event, exc, func, literal_column
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    Float,
+    any_,
+    bindparam,
+    create_engine,
+    event,
+    exc,
+    func,
+    literal_column,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -264,6 +275,53 @@ def db_now(session: Session, plus_s: float = 0.0) -> Any:
     from core.models import utcnow
 
     return utcnow() + timedelta(seconds=plus_s)
+
+
+E = TypeVar("E")
+
+
+class Prebuilt(Generic[E]):
+    """A statement of the step path, built once per kind of database (`build(postgres)`) and
+    run with bound parameters: `session.execute(STMT(session), {...})`. Building a SQLAlchemy
+    statement costs more than running it from the compiled cache (a fan-in's update: 1.3 ms
+    of CPU built each time, 0.4 ms prebuilt), and a step runs a dozen of them. Parameters are
+    named `p_...` (an update's own column names are reserved); extra ones are ignored."""
+
+    def __init__(self, build: Callable[[bool], E]) -> None:
+        self._build = build
+        self._built: dict[bool, E] = {}
+
+    def __call__(self, session: Session) -> E:
+        postgres = is_postgres(session)
+        found = self._built.get(postgres)
+        if found is None:
+            found = self._built[postgres] = self._build(postgres)
+        return found
+
+
+def now_param(postgres: bool, plus: str | None = None) -> Any:
+    """Now, in a prebuilt statement, on the database's clock (see `db_now`): `now()` on
+    Postgres, the bound `p_now` elsewhere. With `plus`, the bound parameter of seconds to add
+    (on SQLite the caller passes `p_now` + those seconds as `p_<plus>_at`)."""
+    if postgres:
+        now = func.now()
+        if plus is None:
+            return now
+        return now + func.make_interval(0, 0, 0, 0, 0, 0, bindparam(f"p_{plus}", type_=Float))
+    return bindparam(f"p_{plus}_at" if plus else "p_now", type_=DateTime(timezone=True))
+
+
+def now_params(**plus_s: float) -> dict[str, Any]:
+    """The parameters `now_param` needs: `p_now`, and for each `name=seconds`, `p_name`
+    (seconds) and `p_name_at` (now plus them)."""
+    from core.models import utcnow
+
+    now = utcnow()
+    out: dict[str, Any] = {"p_now": now}
+    for name, seconds in plus_s.items():
+        out[f"p_{name}"] = float(seconds)
+        out[f"p_{name}_at"] = now + timedelta(seconds=seconds)
+    return out
 
 
 def dispose_engines() -> None:

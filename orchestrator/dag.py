@@ -142,7 +142,7 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
     key, role, prompt_tokens, completion_tokens, model_calls = done
     usage = ledger.Usage.of(on_time, held)
     counted = jobs.step_completed(session, c.job_id, events=len(on_time) + 1,
-                                  usage=usage.job_values() if on_time else None)
+                                  usage=usage.deltas() if on_time else None)
     new = usage_events(run, on_time, counted.totals) if on_time else []
     if len(new) > len(on_time):  # thresholds crossed: their own cursors
         events.append_many(session, c.job_id, new[len(on_time):])

@@ -12,10 +12,12 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
 from core.pricing import price_for
+from tests.conftest import REDIS_URL
 from tests.helpers import ROOT, TERMINAL, auth, wait_until
 from tests.stack import Stack, isolated_stack
 
@@ -172,6 +174,14 @@ def test_a_held_step_of_a_started_job_is_released_at_a_running_jobs_priority(
     echo = importlib.import_module("agentq_kind_echo").Echo()
     monkeypatch.setattr(registry, "_kinds", {**registry._load(), "echo": echo})
     monkeypatch.setattr(get_settings(), "tenant_queued_steps_max", 1)
+    # Messages go to a broker no worker consumes: a worker another test started (they live
+    # for the session) would otherwise run the crowding job's step and leave room under the cap.
+    from core import queue
+
+    idle = redis.Redis.from_url(REDIS_URL.rsplit("/", 1)[0] + "/11")
+    idle.flushdb()
+    monkeypatch.setattr(get_settings(), "broker_url", REDIS_URL.rsplit("/", 1)[0] + "/11")
+    monkeypatch.setattr(queue, "_app", None)
     standin.state.replies = {"Shout this:": "hello there"}
     r = client.post("/v1/jobs", json={"kind": "echo", "input": {"text": "hello"},
                                       "service_tier": "flex"},
@@ -211,4 +221,5 @@ def test_a_held_step_of_a_started_job_is_released_at_a_running_jobs_priority(
             select(OutboxMessage.priority, OutboxMessage.payload)
             .where(OutboxMessage.task == "steps.run")) if payload.get("step_id") == echo_id]
     client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(tenant_key))
+    idle.flushdb()
     assert sent == [step_priority("flex", True)], sent

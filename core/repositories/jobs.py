@@ -8,9 +8,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Numeric, String, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from core.db import Prebuilt, now_param
 from core.models import (
     JOB_ACTIVE,
     JOB_TERMINAL,
@@ -49,21 +50,28 @@ def add(session: Session, job: Job) -> None:
     session.flush()
 
 
+_FIRST_STEP = Prebuilt(lambda postgres: update(jobs_table).where(
+    J.id == bindparam("p_job"), J.status == JobStatus.QUEUED,
+).values(status=JobStatus.RUNNING, started_at=now_param(False),
+         phase=bindparam("p_phase", type_=String), event_seq=J.event_seq + 2,
+         ).returning(J.event_seq, *HOOK_COLUMNS))
+_NEXT_STEP = Prebuilt(lambda postgres: update(jobs_table).where(J.id == bindparam("p_job")).values(
+    phase=bindparam("p_phase", type_=String), event_seq=J.event_seq + 1,
+).returning(J.event_seq, *HOOK_COLUMNS))
+
+
 def started_step(session: Session, job_id: str, phase: str, maybe_first: bool
                  ) -> tuple[int, Hooks, bool]:
     """A step of the job started: its phase, one event cursor (`step.started`), and, when the
     job was still `queued` (`maybe_first`), the job `running` and a cursor before it
     (`job.started`). Returns the first cursor, who hears the events, and whether this step
     started the job (one of several first steps claimed at once does)."""
+    params = {"p_job": job_id, "p_phase": phase, "p_now": utcnow()}
     if maybe_first:
-        row = session.execute(update(jobs_table).where(
-            J.id == job_id, J.status == JobStatus.QUEUED,
-        ).values(status=JobStatus.RUNNING, started_at=utcnow(), phase=phase,
-                 event_seq=J.event_seq + 2).returning(J.event_seq, *HOOK_COLUMNS)).first()
+        row = session.execute(_FIRST_STEP(session), params).first()
         if row is not None:
             return int(row[0]) - 1, hooks_of(row), True
-    row = session.execute(update(jobs_table).where(J.id == job_id).values(
-        phase=phase, event_seq=J.event_seq + 1).returning(J.event_seq, *HOOK_COLUMNS)).one()
+    row = session.execute(_NEXT_STEP(session), params).one()
     return int(row[0]), hooks_of(row), False
 
 
@@ -80,17 +88,34 @@ class Completed:
     totals: tuple[int, int, int, Decimal]
 
 
+_STEP_COMPLETED = Prebuilt(lambda postgres: update(jobs_table).where(
+    J.id == bindparam("p_job"),
+).values(
+    steps_done=J.steps_done + 1, event_seq=J.event_seq + bindparam("p_events"),
+    updated_at=now_param(False),
+    prompt_tokens=J.prompt_tokens + bindparam("p_prompt"),
+    completion_tokens=J.completion_tokens + bindparam("p_completion"),
+    model_calls=J.model_calls + bindparam("p_calls"),
+    cost_usd=J.cost_usd + bindparam("p_cost", type_=Numeric()),
+    reserved_tokens=J.reserved_tokens - bindparam("p_held"),
+    reserved_cost_usd=J.reserved_cost_usd - bindparam("p_held_cost", type_=Numeric()),
+).returning(J.status, J.steps_done, J.steps_total, J.event_seq,
+            J.prompt_tokens, J.completion_tokens, J.model_calls, J.cost_usd, *HOOK_COLUMNS))
+
+
 def step_completed(session: Session, job_id: str, events: int,
-                   usage: dict[str, Any] | None = None) -> Completed:
-    """Count a completed step, add the usage of calls settled with it (`usage`: values of
-    the update) and take `events` cursors. Locks the job row: the completions of a job are
-    counted one at a time."""
-    row = session.execute(update(jobs_table).where(J.id == job_id).values(
-        steps_done=J.steps_done + 1, event_seq=J.event_seq + events, updated_at=utcnow(),
-        **(usage or {}),
-    ).returning(J.status, J.steps_done, J.steps_total, J.event_seq,
-                J.prompt_tokens, J.completion_tokens, J.model_calls, J.cost_usd,
-                *HOOK_COLUMNS)).one()
+                   usage: tuple[int, int, int, Decimal, int, Decimal] | None = None
+                   ) -> Completed:
+    """Count a completed step, add the usage of calls settled with it (`usage`: prompt and
+    completion tokens, calls and dollars, and the tokens and dollars their reservations held)
+    and take `events` cursors. Locks the job row: the completions of a job are counted one at
+    a time."""
+    prompt, completion, calls, cost, held, held_cost = usage or (0, 0, 0, Decimal(0), 0,
+                                                                 Decimal(0))
+    row = session.execute(_STEP_COMPLETED(session), {
+        "p_job": job_id, "p_events": events, "p_now": utcnow(), "p_prompt": prompt,
+        "p_completion": completion, "p_calls": calls, "p_cost": cost, "p_held": held,
+        "p_held_cost": held_cost}).one()
     return Completed(str(row[0]), int(row[1]), int(row[2]), int(row[3]) - events + 1,
                      hooks_of(row), (int(row[4]), int(row[5]), int(row[6]), Decimal(row[7])))
 

@@ -18,12 +18,15 @@ from typing import Any
 
 from sqlalchemy import (
     DateTime,
+    Integer,
     Numeric,
+    String,
+    bindparam,
+    cast,
     delete,
     exists,
     func,
     insert,
-    literal,
     or_,
     select,
     tuple_,
@@ -31,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from core.db import db_now, is_postgres
+from core.db import Prebuilt, db_now, is_postgres
 from core.models import (
     JobStatus,
     ModelCall,
@@ -80,6 +83,39 @@ class Reserved(StrEnum):
     STOPPED = "stopped"  # the job is not running
 
 
+def _reserve(_: bool) -> Any:
+    """Postgres, one statement: lock the run's lease (shared), take from the job's budget
+    (`p_max_tokens` and `p_max_cost`, either None for no limit), insert the reservation."""
+    request, job, step = (bindparam(n, type_=String) for n in ("p_request", "p_job", "p_step"))
+    attempt, tokens = bindparam("p_attempt", type_=Integer), bindparam("p_tokens", type_=Integer)
+    cost = bindparam("p_cost", type_=Numeric())
+    max_tokens = bindparam("p_max_tokens", type_=Integer)
+    max_cost = cast(bindparam("p_max_cost", type_=Numeric()), Numeric())  # typed when None
+    held = select(S.lease_expires_at.label("until")).where(
+        S.id == step, S.attempt == attempt, S.status == StepStatus.RUNNING,
+    ).with_for_update(read=True).cte("lease")
+    took = update(jobs_table).where(
+        J.id == job, J.status == JobStatus.RUNNING,
+        or_(max_tokens.is_(None),
+            J.prompt_tokens + J.completion_tokens + J.reserved_tokens + tokens <= max_tokens),
+        or_(max_cost.is_(None), J.cost_usd + J.reserved_cost_usd + cost <= max_cost),
+        exists(select(held.c.until)),
+    ).values(reserved_tokens=J.reserved_tokens + tokens,
+             reserved_cost_usd=J.reserved_cost_usd + cost).returning(
+        (J.prompt_tokens + J.completion_tokens + J.reserved_tokens).label("committed"),
+    ).cte("took")
+    row = select(request, job, step, attempt, tokens, cost,
+                 bindparam("p_now", type_=DateTime(timezone=True)),
+                 select(held.c.until).scalar_subquery(),
+                 ).where(exists(select(took.c.committed)))
+    return insert(reservations_table).from_select(
+        ["request_id", "job_id", "step_id", "attempt", "tokens", "cost_usd",
+         "created_at", "expires_at"], row).returning(select(took.c.committed).scalar_subquery())
+
+
+_RESERVE = Prebuilt(_reserve)
+
+
 def reserve(session: Session, *, request_id: str, job_id: str, step_id: str, attempt: int,
             tokens: int, cost: Decimal, budget: Budget, again: bool = False
             ) -> tuple[Reserved, int | None]:
@@ -91,27 +127,10 @@ def reserve(session: Session, *, request_id: str, job_id: str, step_id: str, att
     if again and session.scalar(select(R.request_id).where(R.request_id == request_id)):
         return Reserved.OK, None
     if is_postgres(session):
-        # One statement: lock the run's lease (shared), take from the job's budget, insert
-        # the reservation; only when nothing was taken is the reason looked up.
-        held = select(S.lease_expires_at.label("until")).where(
-            S.id == step_id, S.attempt == attempt, S.status == StepStatus.RUNNING,
-        ).with_for_update(read=True).cte("lease")
-        took = update(jobs_table).where(
-            J.id == job_id, J.status == JobStatus.RUNNING, *budget.fits(tokens, cost),
-            exists(select(held.c.until)),
-        ).values(reserved_tokens=J.reserved_tokens + tokens,
-                 reserved_cost_usd=J.reserved_cost_usd + cost).returning(
-            (J.prompt_tokens + J.completion_tokens + J.reserved_tokens).label("committed"),
-        ).cte("took")
-        row = select(literal(request_id), literal(job_id), literal(step_id), literal(attempt),
-                     literal(tokens), literal(cost, Numeric()),
-                     literal(utcnow(), DateTime(timezone=True)),
-                     select(held.c.until).scalar_subquery(),
-                     ).where(exists(select(took.c.committed)))
-        committed = session.scalar(insert(reservations_table).from_select(
-            ["request_id", "job_id", "step_id", "attempt", "tokens", "cost_usd",
-             "created_at", "expires_at"], row).returning(
-            select(took.c.committed).scalar_subquery()))
+        committed = session.scalar(_RESERVE(session), {
+            "p_request": request_id, "p_job": job_id, "p_step": step_id, "p_attempt": attempt,
+            "p_tokens": tokens, "p_cost": cost, "p_now": utcnow(),
+            "p_max_tokens": budget.max_total_tokens, "p_max_cost": budget.max_cost_usd})
         if committed is not None:
             return Reserved.OK, int(committed)
         if steps.lease_of(session, step_id, attempt) is None:
@@ -135,10 +154,13 @@ def reserve(session: Session, *, request_id: str, job_id: str, step_id: str, att
     return Reserved.OK, int(committed)
 
 
+_TAKE = Prebuilt(lambda _: delete(reservations_table).where(
+    R.request_id == bindparam("p_request")).returning(R.tokens, R.cost_usd))
+
+
 def take(session: Session, request_id: str) -> tuple[int, Decimal] | None:
     """Delete a reservation; its tokens and cost, or None when it was released already."""
-    row = session.execute(delete(reservations_table).where(R.request_id == request_id)
-                          .returning(R.tokens, R.cost_usd)).first()
+    row = session.execute(_TAKE(session), {"p_request": request_id}).first()
     return None if row is None else (int(row[0]), Decimal(row[1]))
 
 
@@ -216,16 +238,11 @@ class Usage:
                      sum(h[0] for h in held or []),
                      sum((h[1] for h in held or []), Decimal(0)))
 
-    def job_values(self) -> dict[str, Any]:
-        """The job row's update that adds this usage and releases what was held."""
-        return {"prompt_tokens": J.prompt_tokens + self.prompt_tokens,
-                "completion_tokens": J.completion_tokens + self.completion_tokens,
-                "model_calls": J.model_calls + self.calls,
-                "cost_usd": J.cost_usd + self.cost_usd,
-                "reserved_tokens": J.reserved_tokens - self.held_tokens,
-                "reserved_cost_usd": J.reserved_cost_usd - self.held_cost_usd}
-
-
+    def deltas(self) -> tuple[int, int, int, Decimal, int, Decimal]:
+        """What the job row gains (prompt and completion tokens, calls, dollars) and releases
+        (the tokens and dollars held), for `jobs.step_completed`."""
+        return (self.prompt_tokens, self.completion_tokens, self.calls, self.cost_usd,
+                self.held_tokens, self.held_cost_usd)
 
 
 def insert_calls(session: Session, rows: list[dict[str, Any]]) -> None:

@@ -36,6 +36,7 @@ Message = tuple[int, str, dict[str, Any], int | None, dict[str, str] | None]
 # order; RabbitMQ: a queue per band of priorities (`core.queue.publish_options`).
 CONTINUE = 0
 _KEY = "outbox"
+_INSERT = insert(OutboxMessage).returning(OutboxMessage.id, sort_by_parameter_order=True)
 
 
 def enqueue(session: Session, task: str, **payload: Any) -> None:
@@ -50,8 +51,7 @@ def enqueue_many(session: Session, task: str, payloads: Iterable[Mapping[str, An
              "priority": priority} for p in payloads_]
     if not rows:
         return
-    ids = session.scalars(insert(OutboxMessage).returning(
-        OutboxMessage.id, sort_by_parameter_order=True), rows).all()
+    ids = session.scalars(_INSERT, rows).all()
     messages: list[Message] = pending(session, _KEY)
     headers = tracing.message_headers()
     messages.extend((row_id, task, dict(p), priority, headers)

@@ -10,11 +10,12 @@ serialised by the database lock, which gives the same guarantee.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import bindparam, exists, func, select, update
 from sqlalchemy.orm import Session
 
-from core.db import one_of
+from core.db import Prebuilt, one_of
 from core.models import Step, StepStatus, steps_table, utcnow
 
 S = steps_table.c
@@ -27,13 +28,21 @@ def undefer(session: Session, job_id: str) -> list[tuple[str, int | None]]:
     ).values(status=StepStatus.QUEUED, enqueued_at=utcnow()).returning(S.id, S.priority))]
 
 
+def _queued_count(_: bool) -> Any:
+    tenant = bindparam("p_tenant", type_=S.tenant_id.type)
+    queued = select(func.count()).select_from(Step).where(
+        S.tenant_id == tenant, S.status == StepStatus.QUEUED).scalar_subquery()
+    any_held = exists().where(S.tenant_id == tenant, S.status == StepStatus.HELD)
+    return select(queued, any_held)
+
+
+_QUEUED_COUNT = Prebuilt(_queued_count)
+
+
 def queued_count(session: Session, tenant_id: str) -> tuple[int, bool]:
     """How many of the tenant's steps are queued (in the broker), and whether any is held:
     one round trip, from the partial index."""
-    queued = select(func.count()).select_from(Step).where(
-        S.tenant_id == tenant_id, S.status == StepStatus.QUEUED).scalar_subquery()
-    any_held = exists().where(S.tenant_id == tenant_id, S.status == StepStatus.HELD)
-    row = session.execute(select(queued, any_held)).one()
+    row = session.execute(_QUEUED_COUNT(session), {"p_tenant": tenant_id}).one()
     return int(row[0] or 0), bool(row[1])
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, insert, or_, select, tuple_, update
+from sqlalchemy import String, and_, bindparam, case, func, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from core.db import db_now, is_postgres, one_of
+from core.db import Prebuilt, db_now, is_postgres, now_param, now_params, one_of
 from core.ids import new_id
 from core.models import Step, StepStatus, jobs_table, steps_table, utcnow
 
@@ -64,27 +64,34 @@ _JOB_COLS = (jobs_table.c.tenant_id, jobs_table.c.kind, jobs_table.c.status, job
 _N_STEP = len(_STEP_COLS)
 
 
+def _claim(postgres: bool) -> Any:
+    now = now_param(postgres)
+    claimable = or_(S.status == StepStatus.QUEUED,
+                    and_(S.status == StepStatus.RUNNING, S.lease_expires_at < now))
+    stmt = update(steps_table).where(S.id == bindparam("p_id"), claimable).values(
+        status=StepStatus.RUNNING, attempt=S.attempt + 1, started_at=now, finished_at=None,
+        lease_expires_at=now_param(postgres, "lease"))
+    if postgres:
+        return stmt.where(jobs_table.c.id == S.job_id).returning(*_STEP_COLS, *_JOB_COLS)
+    return stmt.returning(*_STEP_COLS)  # SQLite's RETURNING sees only the updated table
+
+
+_CLAIM = Prebuilt(_claim)
+_JOB_OF_CLAIM = Prebuilt(lambda _: select(*_JOB_COLS).where(jobs_table.c.id == bindparam("p_job")))
+
+
 def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
     """Take the step for a run: one guarded update (`queued`, or `running` with an expired
     lease) that returns what the run needs. None: someone else has it, or it is done."""
-    now = db_now(session)
-    claimable = or_(S.status == StepStatus.QUEUED,
-                    and_(S.status == StepStatus.RUNNING, S.lease_expires_at < now))
-    stmt = update(steps_table).where(S.id == step_id, claimable).values(
-        status=StepStatus.RUNNING, attempt=S.attempt + 1, started_at=now, finished_at=None,
-        lease_expires_at=db_now(session, lease_s))
+    row = session.execute(_CLAIM(session), {"p_id": step_id, **now_params(lease=lease_s)}
+                          ).first()
+    if row is None:
+        return None
     if is_postgres(session):
-        row = session.execute(stmt.where(jobs_table.c.id == S.job_id)
-                              .returning(*_STEP_COLS, *_JOB_COLS)).first()
-        if row is None:
-            return None
         step, job = row[:_N_STEP], row[_N_STEP:]
-    else:  # SQLite's RETURNING sees only the updated table
-        found = session.execute(stmt.returning(*_STEP_COLS)).first()
-        if found is None:
-            return None
-        step = tuple(found)
-        job = tuple(session.execute(select(*_JOB_COLS).where(jobs_table.c.id == step[0])).one())
+    else:
+        step = tuple(row)
+        job = tuple(session.execute(_JOB_OF_CLAIM(session), {"p_job": step[0]}).one())
     return ClaimedStep(step_id, step[0], step[1], step[2], int(step[3]), int(step[4]),
                        dict(step[5] or {}), list(step[6] or []), job[0], job[1], job[2],
                        dict(job[3] or {}), dict(job[4] or {}), int(job[5] or 0),
@@ -103,6 +110,20 @@ def lease_of(session: Session, step_id: str, attempt: int, lock: bool = False
     return session.scalar(q)
 
 
+_FINISH = Prebuilt(lambda postgres: update(steps_table).where(
+    S.id == bindparam("p_id"), S.attempt == bindparam("p_attempt"),
+    S.status == StepStatus.RUNNING,
+).values(status=bindparam("p_status", type_=String),
+         output=bindparam("p_output", type_=S.output.type),
+         error=bindparam("p_error", type_=String), finished_at=now_param(postgres),
+         lease_expires_at=None,
+         prompt_tokens=S.prompt_tokens + bindparam("p_prompt"),
+         completion_tokens=S.completion_tokens + bindparam("p_completion"),
+         model_calls=S.model_calls + bindparam("p_calls"),
+         model=func.coalesce(bindparam("p_model", type_=String), S.model),
+         ).returning(S.key, S.role, S.prompt_tokens, S.completion_tokens, S.model_calls))
+
+
 def finish(session: Session, step_id: str, attempt: int, status: StepStatus, *,
            output: dict[str, Any] | None = None, error: str | None = None,
            usage: tuple[int, int, int, str | None] = (0, 0, 0, None)
@@ -111,19 +132,10 @@ def finish(session: Session, step_id: str, attempt: int, status: StepStatus, *,
     calls, last model) of calls settled with it; None when the run no longer holds the step
     (the write is refused). Returns the step's key, role and usage."""
     prompt, completion, calls, model = usage
-    extra: dict[str, Any] = {}
-    if calls:
-        extra = {"prompt_tokens": S.prompt_tokens + prompt,
-                 "completion_tokens": S.completion_tokens + completion,
-                 "model_calls": S.model_calls + calls}
-        if model:
-            extra["model"] = model
-    row = session.execute(update(steps_table).where(
-        S.id == step_id, S.attempt == attempt, S.status == StepStatus.RUNNING,
-    ).values(status=status, output=output, error=error, finished_at=db_now(session),
-             lease_expires_at=None, **extra).returning(
-        S.key, S.role, S.prompt_tokens, S.completion_tokens, S.model_calls)
-        ).first()
+    row = session.execute(_FINISH(session), {
+        "p_id": step_id, "p_attempt": attempt, "p_status": status.value, "p_output": output,
+        "p_error": error, "p_prompt": prompt, "p_completion": completion, "p_calls": calls,
+        "p_model": model if calls else None, **now_params()}).first()
     if row is None:
         return None
     return str(row[0]), str(row[1]), int(row[2]), int(row[3]), int(row[4])
@@ -180,20 +192,29 @@ def completed_keys(session: Session, job_id: str) -> set[str]:
                                                       S.status == StepStatus.COMPLETED)))
 
 
+def _fan_in(_: bool) -> Any:
+    remaining = S.deps_remaining - 1
+    return update(steps_table).where(
+        S.job_id == bindparam("p_job"), S.status == StepStatus.PENDING,
+        S.depends_on.op("@>")(func.jsonb_build_array(bindparam("p_key", type_=String))),
+    ).values(
+        deps_remaining=remaining,
+        status=case((remaining <= 0, StepStatus.QUEUED.value), else_=S.status),
+        enqueued_at=case((remaining <= 0, now_param(False)), else_=S.enqueued_at),
+    ).returning(S.id, S.status)
+
+
+_FAN_IN = Prebuilt(_fan_in)  # Postgres only
+
+
 def fan_in(session: Session, job_id: str, done_key: str) -> list[str]:
     """Count the completion of `done_key` in the steps that wait for it; queue those that
     wait for nothing more. Returns the ids of the steps it queued. On Postgres one statement
     (each row's count and status are re-read under its lock), elsewhere three."""
     if is_postgres(session):
-        remaining = S.deps_remaining - 1
-        return [sid for sid, status in session.execute(update(steps_table).where(
-            S.job_id == job_id, S.status == StepStatus.PENDING,
-            S.depends_on.op("@>")(func.jsonb_build_array(done_key)),
-        ).values(
-            deps_remaining=remaining,
-            status=case((remaining <= 0, StepStatus.QUEUED.value), else_=S.status),
-            enqueued_at=case((remaining <= 0, utcnow()), else_=S.enqueued_at),
-        ).returning(S.id, S.status)) if status == StepStatus.QUEUED]
+        return [sid for sid, status in session.execute(_FAN_IN(session), {
+            "p_job": job_id, "p_key": done_key, "p_now": utcnow()})
+            if status == StepStatus.QUEUED]
     waiting = [sid for sid, deps in session.execute(
         select(S.id, S.depends_on).where(S.job_id == job_id,
                                                S.status == StepStatus.PENDING))
@@ -212,15 +233,21 @@ def fan_in(session: Session, job_id: str, done_key: str) -> list[str]:
         ))
 
 
+_OUTPUTS = Prebuilt(lambda _: select(S.key, S.role, S.output).where(
+    S.job_id == bindparam("p_job"), S.status == StepStatus.COMPLETED,
+    S.key.in_(bindparam("p_keys", expanding=True))).order_by(S.created_at, S.key))
+
+
 def outputs(session: Session, job_id: str, keys: Sequence[str] | None = None
             ) -> dict[str, tuple[str, dict[str, Any] | None]]:
     """Completed steps' outputs (`{key: (role, output)}`) in step order; only `keys` if given."""
-    q = select(S.key, S.role, S.output).where(S.job_id == job_id,
-                                                       S.status == StepStatus.COMPLETED)
     if keys is not None:
         if not keys:
             return {}
-        q = q.where(one_of(session, S.key, keys))
+        found = session.execute(_OUTPUTS(session), {"p_job": job_id, "p_keys": list(keys)})
+        return {k: (r, o) for k, r, o in found}
+    q = select(S.key, S.role, S.output).where(S.job_id == job_id,
+                                                       S.status == StepStatus.COMPLETED)
     return {k: (r, o) for k, r, o in session.execute(q.order_by(S.created_at, S.key))}
 
 
