@@ -9,9 +9,12 @@ A pointer read from Redis is used only when it names a finished call of the same
 
 from __future__ import annotations
 
+import functools
 import logging
 from enum import StrEnum
 from typing import Any, cast
+
+from redis.commands.core import Script
 
 from core.redis import get_redis
 from core.settings import get_settings
@@ -41,6 +44,12 @@ return 0
 """
 
 
+@functools.cache
+def _script(text: str) -> Script:
+    """A script run by its digest (EVALSHA; the text is sent again only when Redis lacks it)."""
+    return get_redis().register_script(text)
+
+
 class Lead(StrEnum):
     LEAD = "lead"  # make the call
     WAIT = "wait"  # another step of the job is making it
@@ -64,9 +73,9 @@ def lead(job_id: str, key: str, request_id: str, replace_done: str | None = None
          ) -> tuple[Lead, str | None]:
     """Who makes the call, and the request id of the leader or of the done answer."""
     try:
-        answer = cast(list[Any], get_redis().eval(
-            _LEAD, 1, _key(job_id, key), request_id, _ttl(),
-            f"done:{replace_done}" if replace_done else ""))
+        answer = cast(list[Any], _script(_LEAD)(
+            keys=[_key(job_id, key)], client=get_redis(),
+            args=[request_id, _ttl(), f"done:{replace_done}" if replace_done else ""]))
     except Exception as exc:  # noqa: BLE001 - the cache only saves money; never fail a call
         log.debug("call cache key unavailable: %s", exc)
         return Lead.UNKNOWN, None
@@ -76,7 +85,8 @@ def lead(job_id: str, key: str, request_id: str, replace_done: str | None = None
 def take_over(job_id: str, key: str, holder: str, request_id: str) -> bool:
     """Lead in place of `holder` (whose step stopped running)."""
     try:
-        return bool(get_redis().eval(_SWAP, 1, _key(job_id, key), holder, request_id, _ttl()))
+        return bool(_script(_SWAP)(keys=[_key(job_id, key)], args=[holder, request_id, _ttl()],
+                                 client=get_redis()))
     except Exception:  # noqa: BLE001
         return False
 
@@ -84,7 +94,7 @@ def take_over(job_id: str, key: str, holder: str, request_id: str) -> bool:
 def unlead(job_id: str, key: str, request_id: str, answered: bool) -> None:
     """Mark the call answered (later twins read its row), or let another step lead."""
     try:
-        get_redis().eval(_SWAP, 1, _key(job_id, key), request_id,
-                         f"done:{request_id}" if answered else "", DONE_TTL_S)
+        _script(_SWAP)(keys=[_key(job_id, key)], client=get_redis(), args=[
+            request_id, f"done:{request_id}" if answered else "", DONE_TTL_S])
     except Exception as exc:  # noqa: BLE001 - the key expires on its own
         log.debug("could not update a call cache key: %s", exc)
