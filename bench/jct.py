@@ -124,6 +124,12 @@ def replay(redis_url: str, standin: StandinServer, policy: str, jobs: list[Trace
                      ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], wall)
 
 
+def median(results: list[JctResult]) -> JctResult:
+    """Each figure's median over replays."""
+    return JctResult(*(statistics.median(getattr(r, f) for r in results)
+                       for f in ("mean_s", "short_mean_s", "long_mean_s", "p95_s", "wall_s")))
+
+
 def _bind(fn: Callable[..., None], *args: object) -> Callable[[], None]:
     return lambda: fn(*args)
 
