@@ -10,11 +10,17 @@ started all at once, as a single wave, least attained service gains little over 
 The same trace (seeded) is replayed under each policy:
 
 - `fcfs`: one queue in order of arrival (a server's own queue, or admission blind to jobs);
-- `round_robin`: per-job turns, no attained service (agentq's admission before);
-- `las`: least attained service with aging, as deployed (`inference.admission`).
+- `round_robin`: per-job turns, no attained service;
+- `las`: least attained service with aging, no levels (quantum 0: each token counts);
+- `levels_x2`: attained service in levels (a multi-level feedback queue, Autellix's
+  discretised least attained service) whose bounds double: 1, 2, 4... quanta;
+- `levels`: as deployed (`inference.admission`): levels whose bounds grow sixteenfold.
 
-The stand-in's calls are about 17 tokens (a real call is some hundreds): the aging is given
-in the same units (20 tokens per second waited: about one call's worth).
+In every policy but FCFS jobs of one level take turns (the fewest calls in flight first),
+then the oldest job. The stand-in's calls are about 17 tokens (a real call is some hundreds):
+the aging and the quantum are scaled from their defaults (200 tokens per second waited, 500
+tokens) by a tenth: 20 tokens per second waited (about one call's worth), a quantum of 50
+tokens (about three calls).
 """
 
 from __future__ import annotations
@@ -67,21 +73,28 @@ def trace(seconds: float, load: float, delay_s: float, batch_delay_s: float,
     return jobs
 
 
-def _pool(redis_url: str, standin: StandinServer, aging: float) -> Pool:
+POLICIES = ("fcfs", "round_robin", "las", "levels_x2", "levels")
+
+
+def _pool(redis_url: str, standin: StandinServer, aging: float, quantum: int,
+          growth: float) -> Pool:
     settings = Settings(pool_endpoints=[standin.url], endpoint_max_in_flight=CAP,
-                        redis_url=redis_url, admission_aging_tokens_per_s=aging)
+                        redis_url=redis_url, admission_aging_tokens_per_s=aging,
+                        admission_quantum_tokens=quantum, admission_level_growth=growth)
     admission = Admission(redis.Redis.from_url(redis_url), lease_s=120, poll_s=0.05,
-                          aging_tokens_per_s=aging)
+                          aging_tokens_per_s=aging, quantum_tokens=quantum,
+                          level_growth=growth)
     return Pool(settings=settings, admission=admission)
 
 
 def replay(redis_url: str, standin: StandinServer, policy: str, jobs: list[TraceJob],
-           aging: float = 20.0) -> JctResult:
+           aging: float = 20.0, quantum: int = 50, growth: float = 16.0) -> JctResult:
     """Replay the trace under `policy`; each job's completion time runs from its arrival to
     the end of its last call."""
     redis.Redis.from_url(redis_url).flushdb()
     # Round robin: every job's service ages to nothing at once, so jobs take turns.
-    pool = _pool(redis_url, standin, 1e12 if policy == "round_robin" else aging)
+    pool = _pool(redis_url, standin, 1e12 if policy == "round_robin" else aging,
+                 0 if policy == "las" else quantum, 2.0 if policy == "levels_x2" else growth)
     done: dict[int, float] = {}
     start = time.monotonic()
 
@@ -109,6 +122,12 @@ def replay(redis_url: str, standin: StandinServer, policy: str, jobs: list[Trace
     return JctResult(statistics.mean(times), statistics.mean(short) if short else 0.0,
                      statistics.mean(long) if long else 0.0,
                      ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], wall)
+
+
+def median(results: list[JctResult]) -> JctResult:
+    """Each figure's median over replays."""
+    return JctResult(*(statistics.median(getattr(r, f) for r in results)
+                       for f in ("mean_s", "short_mean_s", "long_mean_s", "p95_s", "wall_s")))
 
 
 def _bind(fn: Callable[..., None], *args: object) -> Callable[[], None]:

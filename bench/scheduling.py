@@ -5,7 +5,7 @@ in flight).
 
     python -m bench.scheduling [--pg postgresql://postgres@127.0.0.1:5432/postgres]
                                [--flood-jobs 10] [--flood-prompts 40] [--interactive 5]
-                               [--concurrency 16] [--cap 32]
+                               [--concurrency 16] [--cap 32] [--only admission]
 
 1. The queue (a real API process and a Celery worker, a Redis server and a database of the
    run's own). Five one-call jobs of one tenant, their latency from submission to end (p95):
@@ -15,7 +15,8 @@ in flight).
 2. Admission (in this process: `inference.pool.Pool` with Redis admission, an endpoint cap of
    4): mean job completion time on a replayed trace of jobs arriving over time, short jobs
    behind long ones' fan-outs (`bench.jct`), under first come first served, per-job round
-   robin and least attained service (as deployed).
+   robin, least attained service (no levels), and attained service in levels whose bounds
+   double or grow sixteenfold (as deployed).
 3. Fairness: three tenants sharing the endpoint, one with 48 calls in flight, two with 8;
    the calls each was served while all three had calls waiting, and Jain's index of them.
 4. Cheap and clean hours (a simulated clock): flex jobs submitted through a sample day with
@@ -127,11 +128,13 @@ def _base_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("AGENTQ_")}
 
 
-def _pool(redis_url: str, standin: StandinServer, aging: float) -> Pool:
+def _pool(redis_url: str, standin: StandinServer, aging: float, quantum: int) -> Pool:
+    # Admission as deployed (levels growing sixteenfold), the aging and quantum given.
     settings = Settings(pool_endpoints=[standin.url], endpoint_max_in_flight=4,
-                        redis_url=redis_url, admission_aging_tokens_per_s=aging)
+                        redis_url=redis_url, admission_aging_tokens_per_s=aging,
+                        admission_quantum_tokens=quantum)
     admission = Admission(redis.Redis.from_url(redis_url), lease_s=120, poll_s=0.05,
-                          aging_tokens_per_s=aging)
+                          aging_tokens_per_s=aging, quantum_tokens=quantum)
     return Pool(settings=settings, admission=admission)
 
 
@@ -141,9 +144,10 @@ def _call(pool: Pool, tenant: str, job: str) -> None:
                                     tenant_id=tenant, job_id=job))
 
 
-def jain(redis_url: str, standin: StandinServer) -> tuple[float, dict[str, int]]:
+def jain(redis_url: str, standin: StandinServer, quantum: int = 50
+         ) -> tuple[float, dict[str, int]]:
     redis.Redis.from_url(redis_url).flushdb()
-    pool = _pool(redis_url, standin, 2000.0)
+    pool = _pool(redis_url, standin, 2000.0, quantum)  # levels as deployed
     served: Counter[str] = Counter()
     stop = threading.Event()
     lock = threading.Lock()
@@ -251,6 +255,13 @@ def main() -> None:
                         help="seconds of job arrivals in the admission trace")
     parser.add_argument("--load", type=float, default=0.8,
                         help="the trace's calls per second over the endpoint's capacity")
+    parser.add_argument("--quantum", type=int, default=50,
+                        help="admission's quantum in the stand-in's tokens (its calls are ~17)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="replays of the trace under each policy, interleaved (medians)")
+    parser.add_argument("--only", choices=("queue", "admission", "windows"), default=None,
+                        help="only part 1, parts 2 and 3 (admission: the trace and Jain's "
+                             "index), or part 4")
     parser.add_argument("--vllm", action="store_true",
                         help="only the queue's figures, against the embedded vLLM server "
                              "(started here); keep the flood small on a CPU")
@@ -258,41 +269,66 @@ def main() -> None:
     if args.vllm:
         vllm_run(args)
         return
-    standin = StandinServer(delay_s=args.delay, batch_delay_s=args.batch_delay).start()
-    with tempfile.TemporaryDirectory() as tmp_:
-        tmp = Path(tmp_)
-        alone = queue_run(args, standin.url, tmp, "alone", flood=False, tiers=True)
-        fifo = queue_run(args, standin.url, tmp, "fifo", flood=True, tiers=False)
-        tiered = queue_run(args, standin.url, tmp, "tiered", flood=True, tiers=True)
-        redis_proc, redis_url = _redis_server(tmp)
-        try:
-            jobs = jct.trace(args.trace_s, args.load, args.delay, args.batch_delay)
-            jcts = {p: jct.replay(redis_url, standin, p, jobs)
-                    for p in ("fcfs", "round_robin", "las")}
-            index, served = jain(redis_url, standin)
-        finally:
-            redis_proc.terminate()
-            redis_proc.wait(timeout=10)
-    standin.stop()
+    if args.only in (None, "queue", "admission"):
+        standin = StandinServer(delay_s=args.delay, batch_delay_s=args.batch_delay).start()
+        print(f"stand-in: {args.delay * 1000:.0f} ms + {args.batch_delay * 1000:.0f} ms per "
+              f"call in flight")
+        with tempfile.TemporaryDirectory() as tmp_:
+            if args.only in (None, "queue"):
+                queue_part(args, standin, Path(tmp_))
+            if args.only in (None, "admission"):
+                admission_part(args, standin, Path(tmp_))
+        standin.stop()
+    if args.only in (None, "windows"):
+        windows_part()
+
+
+def queue_part(args: argparse.Namespace, standin: StandinServer, tmp: Path) -> None:
+    alone = queue_run(args, standin.url, tmp, "alone", flood=False, tiers=True)
+    fifo = queue_run(args, standin.url, tmp, "fifo", flood=True, tiers=False)
+    tiered = queue_run(args, standin.url, tmp, "tiered", flood=True, tiers=True)
+    if math.isnan(alone):
+        raise SystemExit("no figures")
     flood = f"{args.flood_jobs} batch jobs x {args.flood_prompts} prompts"
-    print(f"stand-in: {args.delay * 1000:.0f} ms + {args.batch_delay * 1000:.0f} ms per call "
-          f"in flight; worker threads {args.concurrency}; cap {args.cap}")
-    print(f"interactive p95 ({args.interactive} one-call jobs), flood of {flood}:")
+    print(f"interactive p95 ({args.interactive} one-call jobs), flood of {flood}; worker "
+          f"threads {args.concurrency}; cap {args.cap}:")
     print(f"  alone                   {alone:8.2f} s")
     print(f"  flood, today's FIFO     {fifo:8.2f} s   ({fifo / alone:.1f}x alone)")
     print(f"  flood, tiers + cap      {tiered:8.2f} s   ({tiered / alone:.2f}x alone, "
           f"{fifo / tiered:.1f}x better than FIFO)")
+
+
+def admission_part(args: argparse.Namespace, standin: StandinServer, tmp: Path) -> None:
+    redis_proc, redis_url = _redis_server(tmp)
+    try:
+        jobs = jct.trace(args.trace_s, args.load, args.delay, args.batch_delay)
+        runs: dict[str, list[jct.JctResult]] = {p: [] for p in jct.POLICIES}
+        for _ in range(args.rounds):  # interleaved, so a busy machine weighs on every policy
+            for p in jct.POLICIES:
+                runs[p].append(jct.replay(redis_url, standin, p, jobs, quantum=args.quantum))
+        jcts = {p: jct.median(rs) for p, rs in runs.items()}
+        index, served = jain(redis_url, standin, args.quantum)
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait(timeout=10)
     n_long = sum(j.long for j in jobs)
     print(f"mean job completion time, {len(jobs)} jobs arriving over {args.trace_s:.0f} s at "
           f"{args.load:.0%} of capacity ({len(jobs) - n_long} short of 2 calls in turn, "
-          f"{n_long} long of 24 parallel calls then 1), endpoint cap {jct.CAP}:")
-    fcfs = jcts["fcfs"].mean_s
+          f"{n_long} long of 24 parallel calls then 1), endpoint cap {jct.CAP}, quantum "
+          f"{args.quantum} tokens; median of {args.rounds} round(s):")
+    fcfs, rr = jcts["fcfs"], jcts["round_robin"]
     names = {"fcfs": "first come first served", "round_robin": "per-job round robin",
-             "las": "least attained service"}
+             "las": "least attained service", "levels_x2": "levels, bounds x2",
+             "levels": "levels x16 (deployed)"}
     for p, r in jcts.items():
         print(f"  {names[p]:<24}{r.mean_s:6.2f} s  short {r.short_mean_s:5.2f} s  long "
-              f"{r.long_mean_s:5.2f} s  p95 {r.p95_s:5.2f} s  ({fcfs / r.mean_s:.2f}x FCFS)")
+              f"{r.long_mean_s:5.2f} s  p95 {r.p95_s:5.2f} s  ({fcfs.mean_s / r.mean_s:.2f}x "
+              f"FCFS, {rr.mean_s / r.mean_s:.2f}x round robin; short "
+              f"{rr.short_mean_s / r.short_mean_s:.2f}x)")
     print(f"Jain's index, 3 tenants (48/8/8 callers): {index:.3f}  served {served}")
+
+
+def windows_part() -> None:
     w = windows()
     print("flex jobs with windows, 500 per objective on a sample day (simulated clock; "
           "counterfactual: started at submission, same schedule):")
@@ -301,8 +337,6 @@ def main() -> None:
           f"({(1 - c1 / c0) * 100:.0f}% less)")
     print(f"  optimize=carbon  {g0:.0f} gCO2/kWh at submission, {g1:.0f} gCO2/kWh windowed "
           f"({(1 - g1 / g0) * 100:.0f}% less); deadline misses 0 of 1000 by construction")
-    if math.isnan(alone):
-        raise SystemExit("no figures")
 
 
 if __name__ == "__main__":

@@ -225,9 +225,13 @@ class Settings(BaseSettings):
     # The most of one tenant's steps queued in the broker at once; its runnable steps beyond
     # it wait in the database (`held`) and are queued as its count falls. 0: no cap.
     tenant_queued_steps_max: int = Field(default=128, ge=0)
-    # Admission within a tier serves the job with the fewest tokens served so far first; a
-    # job's waiting call earns this many tokens of credit per second it waits (aging), so a
-    # long job always progresses.
+    # Admission within a tier serves jobs by the tokens served so far, in levels: below the
+    # quantum first, then below `growth` times that, and so on (0: no levels, plain least
+    # attained service); within a level, the fewest calls in flight, then turns (level 0) or
+    # the oldest job (above). A job's waiting call earns this many tokens of credit per second
+    # it waits (aging), so a long job always progresses.
+    admission_quantum_tokens: int = Field(default=500, ge=0)
+    admission_level_growth: float = Field(default=16.0, gt=1)
     admission_aging_tokens_per_s: float = Field(default=200.0, ge=0)
     # A flex job with a deadline is promoted (scheduled as standard, still priced as flex)
     # once the time left is under this factor times its estimated time to finish: the mean

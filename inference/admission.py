@@ -5,11 +5,17 @@ is sent and gives it back when it ends; beyond the cap, calls wait in Redis inst
 inside the server. When a slot frees, it goes to a waiting call of the first service tier that
 has one (`interactive`, then `standard`, then `flex`: flex calls wait while others wait); within
 the tier, to the call whose tenant has the fewest calls in flight at that endpoint (ties broken
-round-robin), then whose job has been served the fewest tokens so far over every endpoint (least
-attained service: short jobs finish first), less a credit for the time its oldest call has
-waited (aging, so a long job always progresses), then whose job has the fewest in flight;
-oldest first within a job. One job with 500 parallel steps cannot starve a tenant with one small
-job, and a tenant's short jobs are not stuck behind its long ones.
+round-robin); then by the tenant's jobs' attained service in levels, a multi-level feedback
+queue (Autellix's discretised least attained service): a job's level is set by the tokens it
+was served so far over every endpoint, level 0 below a quantum, then below `growth` times that
+and so on, less a credit for the time its oldest call has waited (aging, so a long job always
+progresses). The lowest level goes first: short jobs finish first. Within a level the job with
+the fewest calls in flight goes first; then, at level 0, the job granted a slot longest ago
+(jobs take turns, and a short job's follow-up is not stuck behind a newly arrived job's
+fan-out), above it the job that arrived first (long jobs finish one after another rather than
+all late); oldest call first within a job. One job with
+500 parallel steps cannot starve a tenant with one small job, and a tenant's short jobs are not
+stuck behind its long ones.
 
 Crash safety: a slot is a lease (it expires if its holder dies without giving it back) and a
 waiting call must keep polling or it is dropped. All state changes run as Lua scripts, so they
@@ -113,35 +119,60 @@ local function pick(candidates, inflight, last)
   return best
 end
 
--- Least attained service: the job served the fewest tokens so far (over every endpoint),
--- less `aging` tokens per ms its oldest waiting call has waited (down to zero: waiting earns
--- no more than a fresh job's place); then the fewest in flight, then the one served longest ago.
-local function pick_job(candidates, aging)
-  local best, best_a, best_n, best_last = nil, nil, nil, nil
+-- The admission policy, set by each script from its arguments: `aging` (tokens per ms),
+-- `quantum` (tokens) and `growth` (each level's bound over the one before).
+local aging, quantum, growth = 0, 0, 2
+
+-- Discretised least attained service (a multi-level feedback queue). A job's level is set by
+-- the tokens it was served so far (over every endpoint), less `aging` tokens per ms its oldest
+-- waiting call has waited (down to zero): level 0 below `quantum` tokens, then level k below
+-- quantum * growth^k. The lowest waiting level goes first; within it, the job with the fewest
+-- calls in flight. Then, at level 0, the job granted a slot here longest ago (one never granted
+-- counts from its arrival: its first call's time), so short jobs take turns and a job's
+-- follow-up goes before a job arrived since; above level 0, the job that arrived first, so
+-- long jobs finish one after another rather than all late. Quantum 0: no levels.
+local ARR, JT = 'agentq:adm:arr:', base .. 'jt'
+
+local function level(a)
+  if quantum <= 0 then return a end
+  local k, bound = 0, quantum
+  while a >= bound do k, bound = k + 1, bound * growth end
+  return k
+end
+
+local function less(x, y)
+  for i = 1, #x do
+    if x[i] ~= y[i] then return x[i] < y[i] end
+  end
+  return false
+end
+
+local function pick_job(candidates)
+  local best, best_key = nil, nil
   for _, c in ipairs(candidates) do
     local a = tonumber(redis.call('GET', ATT .. c) or '0')
     local head = redis.call('ZRANGE', base .. 'wq:' .. c, 0, 0)[1]
     if head and aging > 0 then
       a = math.max(0, a - aging * math.max(0, now - tonumber(redis.call('HGET', WS, head) or now)))
     end
-    local n = tonumber(redis.call('HGET', JIN, c) or '0')
-    local l = tonumber(redis.call('HGET', JLAST, c) or '0')
-    if best == nil or a < best_a or (a == best_a and (n < best_n
-        or (n == best_n and l < best_last))) then
-      best, best_a, best_n, best_last = c, a, n, l
-    end
+    local lv = level(a)
+    local t = tonumber(redis.call('GET', ARR .. c) or now)
+    if lv == 0 then t = tonumber(redis.call('HGET', JT, c) or t) end
+    local key = {lv, tonumber(redis.call('HGET', JIN, c) or '0'), t,
+                 tonumber(redis.call('HGET', JLAST, c) or '0')}
+    if best == nil or less(key, best_key) then best, best_key = c, key end
   end
   return best
 end
 
-local function grant_next(lease, aging)
+local function grant_next(lease)
   local tier, tenant = nil, nil
   for t = 0, 2 do
     tenant = pick(redis.call('HKEYS', WT .. t), TIN, TLAST)
     if tenant then tier = t break end
   end
   if not tenant then return nil end
-  local job = pick_job(redis.call('HKEYS', base .. 'wj:' .. tier .. ':' .. tenant), aging)
+  local job = pick_job(redis.call('HKEYS', base .. 'wj:' .. tier .. ':' .. tenant))
   if not job then return nil end
   local head = redis.call('ZRANGE', base .. 'wq:' .. job, 0, 0)[1]
   if not head then return nil end
@@ -154,25 +185,27 @@ local function grant_next(lease, aging)
   redis.call('HINCRBY', JIN, job, 1)
   redis.call('HSET', TLAST, tenant, seq)
   redis.call('HSET', JLAST, job, seq)
+  redis.call('HSET', JT, job, ARGV[1])
   local g = 'agentq:adm:grant:' .. head
   redis.call('RPUSH', g, '1')
   redis.call('EXPIRE', g, 120)
   return head
 end
 
-local function fill(cap, lease, aging)
+local function fill(cap, lease)
   while redis.call('ZCARD', H) < cap do
-    if not grant_next(lease, aging) then break end
+    if not grant_next(lease) then break end
   end
 end
 """
 
 # KEYS[1] base; ARGV: now_ms, ticket, tenant, job, cap, lease_ms, waiter_ttl_ms, tier rank
-# (0 first), aging (tokens per ms)
+# (0 first), aging (tokens per ms), quantum (tokens), growth
 ACQUIRE = _COMMON + """
 local ticket, tenant, job = ARGV[2], ARGV[3], ARGV[4]
 local cap, lease, wttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local tier, aging = ARGV[8], tonumber(ARGV[9])
+local tier = ARGV[8]
+aging, quantum, growth = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 advance()
 cleanup()
 if redis.call('ZSCORE', H, ticket) then return 1 end
@@ -183,19 +216,22 @@ if redis.call('HEXISTS', WO, ticket) == 0 then
   redis.call('ZADD', base .. 'wq:' .. job, seq, ticket)
   redis.call('HINCRBY', base .. 'wj:' .. tier .. ':' .. tenant, job, 1)
   redis.call('HINCRBY', WT .. tier, tenant, 1)
+  redis.call('SET', ARR .. job, ARGV[1], 'NX', 'EX', 86400)
 end
 redis.call('ZADD', WD, now + wttl, ticket)
-fill(cap, lease, aging)
+fill(cap, lease)
 if redis.call('ZSCORE', H, ticket) then return 1 end
 return 0
 """
 
-# KEYS[1] base; ARGV: now_ms, ticket, cap, lease_ms, tokens served, aging (tokens per ms).
+# KEYS[1] base; ARGV: now_ms, ticket, cap, lease_ms, tokens served, aging (tokens per ms),
+# quantum (tokens), growth.
 # Returns the holder's share of the endpoint's busy time in ms (a string), or nil when it
 # held no slot. The tokens count to the job's attained service (kept a day).
 RELEASE = _COMMON + """
 local ticket, cap, lease = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local tokens, aging = tonumber(ARGV[5]), tonumber(ARGV[6])
+local tokens = tonumber(ARGV[5])
+aging, quantum, growth = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 advance()
 cleanup()
 local since = redis.call('HGET', HS, ticket)
@@ -208,7 +244,7 @@ end
 remove_holder(ticket)
 remove_waiter(ticket)
 redis.call('DEL', 'agentq:adm:grant:' .. ticket)
-fill(cap, lease, aging)
+fill(cap, lease)
 if since then return string.format('%.17g', S - tonumber(since)) end
 return false
 """
@@ -254,11 +290,16 @@ def endpoint_key(url: str) -> str:
 class Admission:
     def __init__(self, client: redis.Redis, lease_s: float, waiter_ttl_s: float = 5.0,
                  poll_s: float = 0.5, aging_tokens_per_s: float = 200.0,
+                 quantum_tokens: int = 500, level_growth: float = 16.0,
                  clock: Callable[[], float] = time.time) -> None:
         # `clock`: wall-clock seconds, shared by every process (tests pass one they control).
+        if level_growth <= 1:
+            raise ValueError("level_growth must be over 1")
         self._redis = client
         self._clock = clock
         self._aging = aging_tokens_per_s / 1000.0
+        self._quantum = quantum_tokens
+        self._growth = level_growth
         self._lease_ms = int(lease_s * 1000)
         self._waiter_ttl_ms = int(waiter_ttl_s * 1000)
         self._poll_s = poll_s
@@ -308,7 +349,8 @@ class Admission:
         while True:
             got = self._acquire(keys=[base], args=[self._now_ms(), ticket, tenant, job, cap,
                                                    self._lease_ms, self._waiter_ttl_ms, tier,
-                                                   self._aging])
+                                                   self._aging, self._quantum,
+                                                   self._growth])
             if int(cast(int, got)) == 1:
                 return True
             if cancelled is not None and cancelled():
@@ -323,7 +365,8 @@ class Admission:
         share of the endpoint's busy time in seconds."""
         try:
             share_ms = self._release(keys=[base], args=[self._now_ms(), ticket, cap,
-                                                        self._lease_ms, tokens, self._aging])
+                                                        self._lease_ms, tokens, self._aging,
+                                                        self._quantum, self._growth])
         except redis.RedisError as exc:
             log.warning("could not give back an admission slot (its lease will expire): %s",
                         exc)

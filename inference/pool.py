@@ -251,7 +251,9 @@ class Pool:
 
             self._admission = Admission(
                 get_redis(), lease_s=self.settings.request_timeout_s + 60,
-                aging_tokens_per_s=self.settings.admission_aging_tokens_per_s)
+                aging_tokens_per_s=self.settings.admission_aging_tokens_per_s,
+                quantum_tokens=self.settings.admission_quantum_tokens,
+                level_growth=self.settings.admission_level_growth)
         self._lock = threading.Lock()
         self._affinity: OrderedDict[str, str] = OrderedDict()
         self._turn = 0

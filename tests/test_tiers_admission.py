@@ -1,5 +1,5 @@
-"""Admission by service tier and by least attained service (Redis, the real Lua scripts), and
-the same order through the pool against the stand-in."""
+"""Admission by service tier and by attained service in levels (Redis, the real Lua scripts),
+and the same order through the pool against the stand-in."""
 
 from __future__ import annotations
 
@@ -80,8 +80,10 @@ def test_tiers_are_served_in_order_whoever_queued_first(client: redis.Redis) -> 
 def test_the_job_served_least_goes_first(client: redis.Redis) -> None:
     admission = Admission(client, lease_s=30, waiter_ttl_s=60, poll_s=0.05,
                           aging_tokens_per_s=0)
-    _serve(admission, "long", 5000)
-    _serve(admission, "medium", 800)
+    # Levels (a quantum of 500 tokens, bounds growing sixteenfold): the short job (never
+    # served) at level 0, the medium one at 1 (below 8000), the long one at 2.
+    _serve(admission, "long", 100_000)
+    _serve(admission, "medium", 5000)
     # The long job's calls queue first; the short (never served) and medium ones after.
     waiters = [("standard", "t", "long")] * 2 + [("standard", "t", "medium"),
                                                  ("standard", "t", "short")]
@@ -90,17 +92,18 @@ def test_the_job_served_least_goes_first(client: redis.Redis) -> None:
     assert jobs == ["short", "medium", "long", "long"], jobs
 
 
-@pytest.mark.parametrize(("aging", "long_at"), [(0, 2), (1000, 0)])
+@pytest.mark.parametrize(("aging", "long_at"), [(0, 2), (100_000, 0)])
 def test_aging_lets_a_long_job_through(client: redis.Redis, aging: float, long_at: int
                                        ) -> None:
-    # Without aging the long job (5000 tokens served) waits behind two jobs served 3000. With
-    # a thousand tokens of credit per second waited, ten seconds of waiting forgive every
-    # waiting job's lead: they tie, and the job served longest ago (the long one) goes first.
+    # Without aging the long job (200000 tokens served: level 3) waits behind two jobs served
+    # 10000 (level 2). With 100000 tokens of credit per second waited, ten seconds of waiting
+    # forgive every waiting job's lead: they tie at level 0, and the job served longest ago
+    # (the long one) goes first.
     # The admission clock is the test's, so the waits are exact whatever the machine's load.
     now = [1_000_000.0]
     admission = Admission(client, lease_s=30, waiter_ttl_s=60, poll_s=0.05,
                           aging_tokens_per_s=aging, clock=lambda: now[0])
-    for job, tokens in (("long", 5000), ("s1", 3000), ("s2", 3000)):
+    for job, tokens in (("long", 200_000), ("s1", 10_000), ("s2", 10_000)):
         _serve(admission, job, tokens)
     waiters = [("standard", "t", "long"), ("standard", "t", "s1"), ("standard", "t", "s2")]
 
@@ -110,6 +113,43 @@ def test_aging_lets_a_long_job_through(client: redis.Redis, aging: float, long_a
     order = _grant_order(admission, waiters, before_release=ten_seconds_later)
     jobs = [waiters[i][2] for i in order]
     assert jobs.index("long") == long_at, jobs
+
+
+@pytest.mark.parametrize(("quantum", "expected"), [
+    (0, ["fan", "fan", "fan", "short"]), (500, ["short", "fan", "fan", "fan"])])
+def test_a_short_jobs_follow_up_goes_before_a_new_fan_out(client: redis.Redis, quantum: int,
+                                                          expected: list[str]) -> None:
+    # A short job was served one call (300 tokens); a second later a new job fans out three
+    # calls, queued before the short job's follow-up. Without levels (quantum 0) the new job,
+    # served nothing, goes first with its whole fan-out; with levels both are at level 0 and
+    # the job granted a slot longest ago (the short one, before the new job arrived) goes
+    # first.
+    now = [1_000_000.0]
+    admission = Admission(client, lease_s=30, waiter_ttl_s=60, poll_s=0.05,
+                          aging_tokens_per_s=0, quantum_tokens=quantum, clock=lambda: now[0])
+    _serve(admission, "short", 300)
+    now[0] += 1.0
+    waiters = [("standard", "t", "fan")] * 3 + [("standard", "t", "short")]
+    jobs = [waiters[i][2] for i in _grant_order(admission, waiters)]
+    assert jobs == expected, jobs
+
+
+@pytest.mark.parametrize(("big", "first"), [(600, "small"), (450, "big")])
+def test_a_job_past_the_quantum_yields_to_one_under_it(client: redis.Redis, big: int,
+                                                       first: str) -> None:
+    # Two jobs served one call each, the older one `big` tokens, the newer 400. Past the
+    # quantum (500) the older job is a level up and yields; under it, both at level 0, they
+    # take turns: the one granted longest ago (the older) goes first (levels are coarse:
+    # within one, fewer tokens served earn nothing).
+    now = [1_000_000.0]
+    admission = Admission(client, lease_s=30, waiter_ttl_s=60, poll_s=0.05,
+                          aging_tokens_per_s=0, clock=lambda: now[0])
+    _serve(admission, "big", big)
+    now[0] += 1.0
+    _serve(admission, "small", 400)
+    waiters = [("standard", "t", "big"), ("standard", "t", "small")]
+    jobs = [waiters[i][2] for i in _grant_order(admission, waiters)]
+    assert jobs[0] == first, jobs
 
 
 def test_tenants_stay_fair_within_a_tier(client: redis.Redis) -> None:
@@ -131,8 +171,9 @@ def test_through_the_pool_tier_and_attained_service_order_calls(
 
     settings = Settings(pool_endpoints=[standin.url], endpoint_max_in_flight=1,
                         redis_url=REDIS_URL)
+    # A quantum of one token: a job served anything is a level above one served nothing.
     admission = Admission(client, lease_s=30, waiter_ttl_s=60, poll_s=0.05,
-                          aging_tokens_per_s=0)
+                          aging_tokens_per_s=0, quantum_tokens=1)
     pool = Pool(settings=settings, admission=admission)
     url = standin.url.rstrip("/")
     order: list[str] = []
