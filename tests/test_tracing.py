@@ -132,6 +132,24 @@ def _spans_of(traced: Traced, trace_id: str, model_calls: int, root: str
     return found
 
 
+@dataclass(frozen=True)
+class JobTrace:
+    calls: dict[str, dict[str, Any]]
+    job: dict[str, Any]
+    steps: list[dict[str, Any]]
+    trace_id: str
+    job_span_id: str
+    spans: list[ReceivedSpan]
+
+
+def _job_trace(traced: Traced, job_id: str, root: str) -> JobTrace:
+    """The job's ledger rows and, once they have all arrived (`_spans_of`), its trace's spans."""
+    calls, job, steps = _ledger(traced.stack.env["AGENTQ_DATABASE_URL"], job_id)
+    trace_id, job_span_id = job["trace_context"].split("-")[1:3]
+    return JobTrace(calls, job, steps, trace_id, job_span_id,
+                    _spans_of(traced, trace_id, len(calls), root))
+
+
 def _one_tree(spans: list[ReceivedSpan], root_id: str) -> dict[str, ReceivedSpan]:
     """The spans by id, checked to be one tree: one root, `root_id`, and every other span's
     parent there."""
@@ -156,9 +174,9 @@ def test_a_research_job_is_one_connected_trace(traced: Traced, standin: Any) -> 
         assert resp.status_code == 202, resp.text
         job_id = str(resp.json()["id"])
         assert wait_for_job(http, key, job_id, timeout=90)["status"] == "completed"
-    calls, job, steps = _ledger(traced.stack.env["AGENTQ_DATABASE_URL"], job_id)
-    trace_id, job_span_id = job["trace_context"].split("-")[1:3]
-    spans = _spans_of(traced, trace_id, len(calls), "job research")
+    t = _job_trace(traced, job_id, "job research")
+    calls, job, steps, trace_id, job_span_id, spans = (
+        t.calls, t.job, t.steps, t.trace_id, t.job_span_id, t.spans)
 
     # One tree under the job's span; nothing of the job went to another trace.
     by_id = _one_tree(spans, job_span_id)
@@ -252,9 +270,8 @@ def test_a_continued_job_stays_in_its_trace(traced: Traced) -> None:
                          json={"budget": {"max_total_tokens": 50_000}})
         assert resp.status_code == 202, resp.text
         assert wait_for_job(http, key, job_id, timeout=90)["status"] == "completed"
-    calls, job, _ = _ledger(traced.stack.env["AGENTQ_DATABASE_URL"], job_id)
-    trace_id, job_span_id = job["trace_context"].split("-")[1:3]
-    spans = _spans_of(traced, trace_id, len(calls), "job research continued")
+    t = _job_trace(traced, job_id, "job research continued")
+    job, job_span_id, spans = t.job, t.job_span_id, t.spans
     by_id = _one_tree(spans, job_span_id)
     root = by_id[job_span_id]
     assert root.name == "job research"
@@ -321,9 +338,8 @@ def test_a_step_that_spawns_ends_its_run_suspended(traced: Traced, standin: Any)
         assert resp.status_code == 202, resp.text
         job_id = str(resp.json()["id"])
         assert wait_for_job(http, key, job_id, timeout=90)["status"] == "completed"
-    calls, job, _ = _ledger(traced.stack.env["AGENTQ_DATABASE_URL"], job_id)
-    trace_id, job_span_id = job["trace_context"].split("-")[1:3]
-    spans = _spans_of(traced, trace_id, len(calls), "job delegate")
+    t = _job_trace(traced, job_id, "job delegate")
+    job_span_id, spans = t.job_span_id, t.spans
     _one_tree(spans, job_span_id)
     runs = sorted((s.start_ns, s.name, s.attributes.get("agentq.step.attempt"),
                     s.attributes.get("agentq.step.status")) for s in spans
