@@ -152,7 +152,7 @@ def test_a_flooding_tenant_cannot_hold_back_another_tenants_first_step(
 
 
 def test_a_held_step_of_a_started_job_is_released_at_a_running_jobs_priority(
-        client: TestClient, tenant_key: str, standin: Any,
+        client: TestClient, tenant_key: str, standin: Any, quiet_workers: None,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A step the kind's first steps wait for (the `echo` kind: `echo` after `shout`) becomes
     runnable when its job is running, and is held past the tenant's cap: released, it goes
@@ -174,8 +174,10 @@ def test_a_held_step_of_a_started_job_is_released_at_a_running_jobs_priority(
     echo = importlib.import_module("agentq_kind_echo").Echo()
     monkeypatch.setattr(registry, "_kinds", {**registry._load(), "echo": echo})
     monkeypatch.setattr(get_settings(), "tenant_queued_steps_max", 1)
-    # Messages go to a broker no worker consumes: a worker another test started (they live
-    # for the session) would otherwise run the crowding job's step and leave room under the cap.
+    # The session's worker (if an earlier test started one) is paused: its sweeper, under the
+    # default cap, would release the held step itself, and it would run the crowding job's step
+    # and leave room under the cap. Messages go to a broker no worker consumes, so that it
+    # finds none of this test's when it resumes.
     from core import queue
 
     idle = redis.Redis.from_url(REDIS_URL.rsplit("/", 1)[0] + "/11")
