@@ -32,7 +32,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,8 +90,8 @@ class RawResult:
 
 
 def _env(db_url: str | None, redis_url: str, endpoint: str | None,
-         concurrency: int) -> dict[str, str]:
-    env = {**os.environ, "AGENTQ_REDIS_URL": redis_url,
+         concurrency: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {}), "AGENTQ_REDIS_URL": redis_url,
            "AGENTQ_WORKER_CONCURRENCY": str(concurrency),
            # Submissions come as fast as the client can send them.
            "AGENTQ_RATE_LIMIT": "1000000/minute"}
@@ -114,11 +114,13 @@ def _ms(a: datetime, b: datetime) -> float:
 
 def run_platform(db_url: str, redis_url: str, endpoint: str, jobs: int, subquestions: int,
                  workers: int, concurrency: int, submit_concurrency: int,
-                 workdir: Path, batch_prompts: int = 200, lone_jobs: int = 5) -> PlatformResult:
+                 workdir: Path, batch_prompts: int = 200, lone_jobs: int = 5,
+                 extra_env: Mapping[str, str] | None = None) -> PlatformResult:
+    """One run of the platform; `extra_env` goes to its processes (e.g. `OTEL_*`)."""
     from core.models import Job, Step
 
     redis.Redis.from_url(redis_url).flushdb()
-    env = _env(db_url, redis_url, endpoint, concurrency)
+    env = _env(db_url, redis_url, endpoint, concurrency, extra_env)
     key = create_tenant_key(db_url, "bench-overhead")
     worker_procs: list[Proc] = []
     api: Proc | None = None

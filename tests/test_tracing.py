@@ -17,11 +17,11 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
+from bench.otlp_receiver import OtlpReceiver, ReceivedSpan
 from core import tracing
 from core.db import transaction
 from core.models import Job
 from tests.helpers import ROOT, auth, install_plugin, wait_for_job, wait_until
-from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.stack import Stack, isolated_stack
 from tests.test_agent_loops import ANSWER, MARKER, SEARCH, make_corpus
 

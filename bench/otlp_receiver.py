@@ -1,6 +1,6 @@
 """An OTLP/HTTP trace receiver for tests and benchmarks: accepts `POST /v1/traces` with a
 protobuf `ExportTraceServiceRequest` (gzip or not), decodes it with `opentelemetry-proto` and
-keeps the spans. `python -m tests.otlp_receiver --port 4318` runs one on its own (it counts
+keeps the spans. `python -m bench.otlp_receiver --port 4318` runs one on its own (it counts
 what it received)."""
 
 from __future__ import annotations
