@@ -119,7 +119,7 @@ def continue_job(session: Session, tenant_id: str, job_id: str,
     max_seconds = merged.get("max_seconds")
     deadline = utcnow() + timedelta(seconds=max_seconds) if max_seconds else None
     # One that never started (it waited for its planned hour) starts now, not then.
-    jobs.resume(session, job.id, merged, deadline, unplan=job.started_at is None)
+    jobs.resume(session, job.id, merged, deadline, started=job.started_at is not None)
     given_roles = dict(budget.get("step_max_tokens") or {})
     if given_roles:
         steps.set_max_tokens(session, job.id, given_roles)

@@ -94,7 +94,8 @@ def test_a_deferred_job_starts_in_its_window(client: TestClient, tenant_key: str
 
 
 def test_a_job_stopped_before_its_window_continues_at_once(
-        client: TestClient, tenant_key: str, schedule: datetime, quiet_workers: None) -> None:
+        client: TestClient, tenant_key: str, schedule: datetime, quiet_workers: None,
+        standin: Any) -> None:
     """Continuing is running again at once (see the README): a job cancelled while it waited
     for its planned start is queued now, and no longer shows that start."""
     from core.db import transaction
@@ -114,11 +115,25 @@ def test_a_job_stopped_before_its_window_continues_at_once(
     r = client.post(f"/v1/jobs/{job_id}/continue", headers=auth(tenant_key))
     assert r.status_code == 202, r.text
     job = client.get(f"/v1/jobs/{job_id}", headers=auth(tenant_key)).json()
-    assert job["status"] == "running", job
+    # It never started: it is queued again, and its first step's claim starts it.
+    assert job["status"] == "queued", job
     assert job["planned_start"] is None, job
+    assert job["started_at"] is None, job
     with transaction() as s:
-        assert {st.status for st in s.query(Step).filter(Step.job_id == job_id)} == {"queued"}
-    client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(tenant_key))
+        steps = s.query(Step).filter(Step.job_id == job_id).all()
+        assert {st.status for st in steps} == {"queued"}
+        step_ids = [st.id for st in steps]
+    from orchestrator import runner
+
+    for step_id in step_ids:
+        runner.run_step(step_id)
+    job = client.get(f"/v1/jobs/{job_id}", headers=auth(tenant_key)).json()
+    assert job["status"] == "completed", job
+    assert job["started_at"] is not None, job
+    types = [e["type"] for e in client.get(f"/v1/jobs/{job_id}/events",
+                                           headers=auth(tenant_key)).json()["data"]]
+    assert types.count("job.started") == 1, types
+    assert types.index("job.continued") < types.index("job.started"), types
 
 
 @pytest.mark.usefixtures("standin")

@@ -191,14 +191,17 @@ def status_of(session: Session, job_id: str, lock: bool = False) -> str | None:
 
 
 def resume(session: Session, job_id: str, budget: dict[str, Any],
-           deadline_at: datetime | None, unplan: bool = False) -> None:
+           deadline_at: datetime | None, started: bool = True) -> None:
     """A stopped job runs again under `budget`: its result and error are cleared until it
-    ends again. `unplan`: its planned start is cleared too (it starts now instead)."""
+    ends again. One that never `started` (stopped while it waited for its planned hour, or
+    in the queue) is `queued` again with no planned start: its first step's claim starts it
+    (`started_at`, `job.started`), as a new job's does."""
+    status = JobStatus.RUNNING if started else JobStatus.QUEUED
     session.execute(update(jobs_table).where(J.id == job_id).values(
-        status=JobStatus.RUNNING, phase=JobStatus.RUNNING, budget=budget,
+        status=status, phase=status, budget=budget,
         deadline_at=deadline_at, result=None, error_code=None, error_message=None,
         finished_at=None, updated_at=utcnow(),
-        **({"planned_start_at": None} if unplan else {})))
+        **({} if started else {"planned_start_at": None})))
 
 
 def recount_steps(session: Session, job_id: str, decided: bool = False) -> tuple[int, int]:
