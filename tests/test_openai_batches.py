@@ -2,12 +2,14 @@
 uvicorn, a real Celery worker process and the stand-in model server: upload, create, poll to
 `completed`, download the output and match it by `custom_id`; per-line failures in the error
 file; a batch cancelled half-way keeps its finished lines; bad files and requests get the
-errors OpenAI's API gives; every line's call is in the ledger."""
+errors OpenAI's API gives; every line's call is in the ledger; the request counts grow as
+chunks finish; the operator's job view shows a batch's figures."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,6 +94,15 @@ def first_error(batch: Any) -> Any:
     return batch.errors.data[0]
 
 
+def admin_key() -> str:
+    from core.db import transaction
+    from core.keys import create_key
+
+    with transaction() as s:
+        raw, _ = create_key(s, f"ops-{secrets.token_hex(3)}", admin=True)
+    return raw
+
+
 def ledger_rows(job_id: str) -> int:
     """The job's finished calls in the ledger, made by runs that held their steps (a run
     that lost its step under load has its calls recorded late, and they are made again)."""
@@ -166,6 +177,21 @@ def test_chat_batch_round_trip(sdk: openai.OpenAI, api_server: str, tenant_key: 
     assert job["usage"]["model_calls"] >= n  # more only if a run lost its step under load
     assert done.usage is not None
     assert done.usage.total_tokens == job["usage"]["total_tokens"]
+    # The operator sees it as any job: its kind, status and the ledger's figures.
+    admin = auth(admin_key())
+    view = httpx.get(f"{api_server}/v1/admin/jobs/{batch.id}", headers=admin)
+    assert view.status_code == 200, view.text
+    figures = view.json()
+    assert (figures["kind"], figures["status"]) == ("openai_batch", "completed")
+    totals = figures["totals"]
+    for name in ("total_tokens", "prompt_tokens", "completion_tokens", "model_calls"):
+        assert totals[name] == job["usage"][name], name
+    assert totals["cost_usd"] == pytest.approx(job["usage"]["cost_usd"])
+    assert len(figures["steps"]) == 8
+    page = httpx.get(f"{api_server}/admin/jobs/{batch.id}", headers=admin)
+    assert page.status_code == 200
+    assert 'openai_batch · <span class="status-completed">completed</span>' in page.text
+    assert f'data-figure="total_tokens" data-value="{totals["total_tokens"]}"' in page.text
 
     assert batch.id in [b.id for b in sdk.batches.list(limit=100).data]
     listed = {f.id for f in sdk.files.list()}
@@ -205,10 +231,22 @@ def test_cancel_half_way_keeps_finished_lines(sdk: openai.OpenAI, standin: Any,
     file_id = upload(sdk, lines)
     with standin.state.lock:
         standin.state.delay_s = 0.25
-    with settings(AGENTQ_BATCH_TARGET_STEPS="3"):  # 3 chunks of 12 lines, one after another
+        # The last chunk's lines stream slowly: the first two chunks end well before it.
+        standin.state.token_delay_by_marker = {f"Slow question {i}\n": 0.2
+                                               for i in range(24, n)}
+    with settings(AGENTQ_BATCH_TARGET_STEPS="3"):  # 3 chunks of 12 lines
         batch = sdk.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
                                    completion_window="24h")
     wait_until(lambda: ledger_rows(batch.id) >= 4, 60, what="a few lines to finish")
+
+    def some_completed() -> Any:  # the counts grow as chunks end, before the batch ends
+        running = sdk.batches.retrieve(batch.id)
+        assert running.request_counts is not None
+        return running if running.request_counts.completed > 0 else None
+
+    running = wait_until(some_completed, 60, interval=0.1, what="a chunk's lines counted")
+    assert running.status == "in_progress"
+    assert 0 < running.request_counts.completed < running.request_counts.total == n
     cancelling = sdk.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled")
     done = wait_batch(sdk, batch.id, {"cancelled"})

@@ -1,7 +1,8 @@
 """OpenTelemetry traces: off (nothing set up) unless an `OTEL_*` exporter is configured; on, a
 research job over a corpus reaches a real OTLP/HTTP receiver (in this process, decoding the
 protobuf with opentelemetry-proto) as one connected tree, from the API process and the worker
-processes, with the GenAI attributes and the ledger's token counts."""
+processes, with the GenAI attributes, the span kinds and the ledger's token counts; so do an
+OpenAI batch (at its tier) and a coding job, whose sandbox run is a span of its test step."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from sqlalchemy import create_engine, text
 
+from agents.sandbox.model import MODES
 from bench.otlp_receiver import OtlpReceiver, ReceivedSpan
 from core import tracing
 from core.db import transaction
@@ -24,8 +27,11 @@ from core.models import Job
 from tests.helpers import ROOT, auth, install_plugin, wait_for_job, wait_until
 from tests.stack import Stack, isolated_stack
 from tests.test_agent_loops import ANSWER, MARKER, SEARCH, make_corpus
+from tests.test_coding import BUGGY, FIX
 
 SERVICE = "agentq-under-test"
+INTERNAL, CLIENT, CONSUMER = (ProtoSpan.SPAN_KIND_INTERNAL, ProtoSpan.SPAN_KIND_CLIENT,
+                              ProtoSpan.SPAN_KIND_CONSUMER)
 
 
 def test_the_otel_variables_choose_the_exporters() -> None:
@@ -245,6 +251,13 @@ def test_a_research_job_is_one_connected_trace(traced: Traced, standin: Any) -> 
     assert sum(s.attributes["gen_ai.usage.output_tokens"] for s in model_spans.values()) \
         == job["completion_tokens"]
 
+    # Kinds: a step consumes its message from the queue, a model call is a client of the
+    # model server; the rest (job, submission, queue wait, tools) are internal.
+    assert {s.kind for s in step_spans.values()} == {CONSUMER}
+    assert {s.kind for s in model_spans.values()} == {CLIENT}
+    outer = {s.span_id for s in [*step_spans.values(), *model_spans.values()]}
+    assert {s.kind for s in spans if s.span_id not in outer} == {INTERNAL}
+
     # The investigator's search, under its step.
     tools = [s for s in spans if s.name == "execute_tool search"]
     assert tools, "no execute_tool span"
@@ -348,3 +361,101 @@ def test_a_step_that_spawns_ends_its_run_suspended(traced: Traced, standin: Any)
     assert [(n, a, st) for _, n, a, st in runs if n == "step lead"] == [
         ("step lead", 1, "suspended"), ("step lead", 2, "completed")]
     assert [st for _, n, _, st in runs if n == "step helper"] == ["completed"]
+
+
+def _batch_line(i: int) -> str:
+    return json.dumps({"custom_id": f"t{i}", "method": "POST", "url": "/v1/completions",
+                       "body": {"model": "standin-model", "prompt": f"Traced line {i}",
+                                "max_tokens": 8}})
+
+
+def test_an_openai_batch_is_one_connected_trace(traced: Traced) -> None:
+    key = traced.key
+    data = ("\n".join(_batch_line(i) for i in range(6)) + "\n").encode()
+    with httpx.Client(base_url=traced.stack.api, timeout=30) as http:
+        up = http.post("/v1/files", headers=auth(key), data={"purpose": "batch"},
+                       files={"file": ("traced.jsonl", data)})
+        assert up.status_code == 200, up.text
+        made = http.post("/v1/batches", headers=auth(key), json={
+            "input_file_id": up.json()["id"], "endpoint": "/v1/completions",
+            "completion_window": "24h"})
+        assert made.status_code == 200, made.text
+        batch_id = str(made.json()["id"])
+
+        def ended() -> dict[str, Any] | None:
+            got: dict[str, Any] = http.get(f"/v1/batches/{batch_id}", headers=auth(key)).json()
+            return got if got["status"] in ("completed", "failed", "cancelled") else None
+
+        batch = wait_until(ended, 90, interval=0.2, what="the batch to end")
+        assert batch["status"] == "completed", batch
+        tier = http.get(f"/v1/jobs/{batch_id}", headers=auth(key)).json()["service_tier"]
+    assert tier == "flex"
+    t = _job_trace(traced, batch_id, "job openai_batch")
+    calls, job, spans = t.calls, t.job, t.spans
+    assert len(calls) >= 6
+
+    by_id = _one_tree(spans, t.job_span_id)
+    root = by_id[t.job_span_id]
+    assert (root.name, root.kind) == ("job openai_batch", INTERNAL)
+    assert root.attributes["agentq.job.status"] == "completed"
+    assert root.attributes["agentq.service_tier"] == tier
+    assert root.attributes["agentq.usage.prompt_tokens"] == job["prompt_tokens"]
+    assert root.attributes["agentq.usage.completion_tokens"] == job["completion_tokens"]
+    assert root.attributes["agentq.usage.model_calls"] == job["model_calls"] == len(calls)
+    assert [s.parent_span_id for s in spans if s.name == "submit"] == [t.job_span_id]
+    # Its steps (each one's runs) under the job's span; each step ran to completion.
+    step_spans = {s.span_id: s for s in spans if s.name.startswith("step ")}
+    assert {s.attributes["agentq.step.id"] for s in step_spans.values()
+            if s.attributes["agentq.step.status"] == "completed"} == {st["id"] for st in t.steps}
+    for span in step_spans.values():
+        assert (span.parent_span_id, span.kind) == (t.job_span_id, CONSUMER)
+        assert span.attributes["agentq.service_tier"] == tier
+    # Each line's model call under the step that ran it, with its ledger row's figures.
+    model_spans = {s.attributes["agentq.request_id"]: s for s in spans
+                   if "gen_ai.usage.input_tokens" in s.attributes}
+    assert set(model_spans) == set(calls)
+    for request_id, row in calls.items():
+        span = model_spans[request_id]
+        assert span.kind == CLIENT
+        assert span.parent_span_id in step_spans
+        assert by_id[span.parent_span_id].attributes["agentq.step.id"] == row["step_id"]
+        assert span.attributes["agentq.service_tier"] == tier
+        assert span.attributes["gen_ai.usage.input_tokens"] == row["prompt_tokens"]
+        assert span.attributes["gen_ai.usage.output_tokens"] == row["completion_tokens"]
+    assert sum(s.attributes["gen_ai.usage.input_tokens"] for s in model_spans.values()) \
+        == job["prompt_tokens"] > 0
+    assert sum(s.attributes["gen_ai.usage.output_tokens"] for s in model_spans.values()) \
+        == job["completion_tokens"] > 0
+
+
+def test_a_coding_jobs_sandbox_run_is_a_span_of_its_test_step(traced: Traced,
+                                                              standin: Any) -> None:
+    standin.state.replies = {"Changed files:": FIX}
+    key = traced.key
+    with httpx.Client(base_url=traced.stack.api, timeout=30) as http:
+        resp = http.post("/v1/jobs", headers=auth(key), json={
+            "kind": "coding", "input": {"task": "Make add() return the sum.", "files": BUGGY,
+                                        "test_command": "python -m pytest -q",
+                                        "coder": "fixed"}})
+        assert resp.status_code == 202, resp.text
+        job_id = str(resp.json()["id"])
+        job = wait_for_job(http, key, job_id, timeout=120)
+    assert job["status"] == "completed", job
+    assert job["result"]["passed"] is True
+    t = _job_trace(traced, job_id, "job coding")
+    by_id = _one_tree(t.spans, t.job_span_id)
+    runs = [s for s in t.spans if s.name == "sandbox run"]
+    assert len(runs) == 1
+    run = runs[0]
+    step = by_id[run.parent_span_id]
+    assert step.name == "step tester"
+    assert step.attributes["agentq.step.key"] == "test-1"
+    assert step.parent_span_id == t.job_span_id
+    assert step.start_ns <= run.start_ns <= run.end_ns <= step.end_ns
+    assert run.kind == INTERNAL
+    a = run.attributes
+    assert a["agentq.sandbox.mode"] in MODES
+    assert a["agentq.sandbox.exit_code"] == 0  # the fixed add() passes its test
+    assert (a["agentq.sandbox.timed_out"], a["agentq.sandbox.cancelled"]) == (False, False)
+    assert a["agentq.sandbox.limit"] == ""
+    assert 0 < a["agentq.sandbox.duration_s"] <= (run.end_ns - run.start_ns) / 1e9
