@@ -77,7 +77,10 @@ class Settings(BaseSettings):
     connect_timeout_s: float = 5.0
     retry_max_attempts: int = 4
     retry_max_seconds: float = 60.0
-    # Step budgets (max_tokens per model call) by role.
+    # Step budgets by role, for the steps that are one model call: that call's `max_tokens`.
+    # An agent loop's step budget is the tokens, prompt and completion, of all its calls
+    # together (research investigators over a corpus: by `effort`; coder loops:
+    # `coder_step_tokens`). A job's `budget.step_max_tokens` overrides either, by role.
     planner_max_tokens: int = 160
     investigator_max_tokens: int = 128
     synthesiser_max_tokens: int = 256

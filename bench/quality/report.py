@@ -90,14 +90,46 @@ def economics_table(naive: NaiveSummary, medium: EffortSummary | None) -> str:
         tokens = naive_ratio(medium.total_tokens, naive.total_tokens)
         out.append(f"  medium / naive: tokens {tokens}, cost "
                    f"{naive_ratio(medium.total_cost, naive.total_cost)}")
-    if naive.models_in_catalogue == 1 or len(naive.sizes_in_catalogue) == 1:
+    one_size = naive.models_in_catalogue == 1 or len(naive.sizes_in_catalogue) == 1
+    if one_size:
         out.append(f"  The catalogue has one size class ({', '.join(naive.sizes_in_catalogue)}; "
                    f"{naive.models_in_catalogue} model(s)): there is no larger model to save on "
                    "and no cascade to route, so compare tokens, not the 40 % cost target.")
+    if medium is None:
+        out.append("  Economics target: not judged (the platform's medium was not run).")
     else:
-        out.append("  Target with two size classes or more: medium's recall >= naive's at no "
-                   "more than 40 % of naive's cost.")
+        out.append("  " + economics_verdict(
+            one_size=one_size, naive_recall=naive.recall, medium_recall=medium.recall,
+            naive_tokens=naive.total_tokens, medium_tokens=medium.total_tokens,
+            naive_cost=naive.total_cost, medium_cost=medium.total_cost))
     return "\n".join(out)
+
+
+COST_TARGET = 0.40  # medium's cost at most this share of naive's, at naive's recall or more
+
+
+def economics_verdict(*, one_size: bool, naive_recall: float | None,
+                      medium_recall: float | None, naive_tokens: int, medium_tokens: int,
+                      naive_cost: float, medium_cost: float) -> str:
+    """Whether the platform's `medium` met the economics target: at least the naive recall
+    at no more than 40 % of its cost, where the catalogue has two size classes or more; with
+    one, the token ratio and the recall comparison."""
+    reached = naive_recall is not None and medium_recall is not None \
+        and medium_recall >= naive_recall
+    recall = (f"recall {pct(medium_recall)} vs naive {pct(naive_recall)} "
+              f"({'reached' if reached else 'not reached'})")
+    if one_size:
+        ratio = naive_ratio(medium_tokens, naive_tokens)
+        fewer = "fewer" if medium_tokens < naive_tokens else "no fewer"
+        return (f"Economics (one size class, no cost target): medium used {ratio} naive's "
+                f"tokens ({fewer} tokens); {recall}.")
+    share = medium_cost / naive_cost if naive_cost > 0 else None
+    cheap = share is not None and share <= COST_TARGET
+    met = "MET" if reached and cheap else "NOT MET"
+    cost = "n/a" if share is None else f"{share:.2f}"
+    return (f"Economics target (medium's recall >= naive's at <= {COST_TARGET:.2f} of its "
+            f"cost): {met}: {recall}; cost ratio {cost} "
+            f"({'within' if cheap else 'over'} {COST_TARGET:.2f}).")
 
 
 def naive_ratio(part: float, whole: float) -> str:
