@@ -256,6 +256,26 @@ cleanup()
 return {redis.call('ZCARD', H), redis.call('HLEN', WO)}
 """
 
+# KEYS[1] base; ARGV: cutoff_ms, cursor, count. Drops the last-grant fields (`jt`, `jlast`) of
+# jobs granted nothing since the cutoff, one HSCAN page at a time; returns the next cursor and
+# how many jobs it dropped. (A job idle that long has lost its arrival and attained service
+# too: they expire after a day.)
+PRUNE = """
+local JT, JLAST = KEYS[1] .. 'jt', KEYS[1] .. 'jlast'
+local cutoff = tonumber(ARGV[1])
+local page = redis.call('HSCAN', JT, ARGV[2], 'COUNT', ARGV[3])
+local fields, dropped = page[2], 0
+for i = 1, #fields, 2 do
+  if tonumber(fields[i + 1]) < cutoff then
+    redis.call('HDEL', JT, fields[i])
+    redis.call('HDEL', JLAST, fields[i])
+    dropped = dropped + 1
+  end
+end
+return {page[1], dropped}
+"""
+PRUNE_LOCK = PREFIX + "prune"
+
 
 @dataclass
 class Slot:
@@ -306,6 +326,7 @@ class Admission:
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
         self._load = client.register_script(LOAD)
+        self._prune = client.register_script(PRUNE)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -317,6 +338,28 @@ class Admission:
             self._load(keys=[endpoint_key(url)], args=[self._now_ms()], client=pipe)
         return {url: (int(r[0]), int(r[1]))
                 for url, r in zip(urls, cast(list[Any], pipe.execute()), strict=True)}
+
+    def prune_due(self, every_s: float = 3600.0, key: str = PRUNE_LOCK) -> bool:
+        """Whether this process should prune now: true at most once per `every_s` over every
+        process sharing the Redis."""
+        return bool(self._redis.set(key, "1", nx=True, ex=max(1, int(every_s))))
+
+    def prune(self, urls: Sequence[str], idle_s: float = 86400.0) -> int:
+        """Forget the last grant of jobs granted nothing at these endpoints for `idle_s` (the
+        hashes that order level 0 would otherwise keep a field per job for ever). Returns how
+        many jobs' fields were dropped."""
+        cutoff = self._now_ms() - int(idle_s * 1000)
+        dropped = 0
+        for url in urls:
+            cursor = "0"
+            while True:
+                page = cast(list[Any], self._prune(keys=[endpoint_key(url)],
+                                                   args=[cutoff, cursor, 500]))
+                cursor = page[0].decode() if isinstance(page[0], bytes) else str(page[0])
+                dropped += int(page[1])
+                if cursor == "0":
+                    break
+        return dropped
 
     @contextmanager
     def slot(self, url: str, cap: int, tenant: str, job: str, timeout_s: float,

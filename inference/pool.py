@@ -356,6 +356,13 @@ class Pool:
     def _model_names(self, url: str) -> list[str]:
         return self._models_of(self._by_url[url])
 
+    def prune_admission(self) -> int | None:
+        """The sweepers' pass over admission's per-job state (`Admission.prune`), once an
+        hour over every process; None when it was not this one's turn."""
+        if self._admission is None or not self._admission.prune_due():
+            return None
+        return self._admission.prune([e.base_url for e in self.endpoints])
+
     def _loads(self, urls: list[str]) -> dict[str, int]:
         """Calls running and waiting at each endpoint: over every process when admission is
         shared through Redis, else this process's own count."""

@@ -10,6 +10,7 @@ from core.db import transaction
 from core.models import JobStatus, utcnow
 from core.repositories import jobs, ledger, outbox, steps
 from core.settings import get_settings
+from inference.pool import get_pool
 from orchestrator import dag, scheduling
 
 log = logging.getLogger(__name__)
@@ -73,3 +74,4 @@ def all_sweeps() -> None:
     expire_deadlines()
     outbox.sweep(settings.outbox_sweep_after_s)
     outbox.purge_sent(3600.0)
+    get_pool().prune_admission()

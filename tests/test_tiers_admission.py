@@ -152,6 +152,36 @@ def test_a_job_past_the_quantum_yields_to_one_under_it(client: redis.Redis, big:
     assert jobs[0] == first, jobs
 
 
+def test_the_last_grants_of_long_idle_jobs_are_pruned_once_an_interval(
+        client: redis.Redis) -> None:
+    # Level 0 orders jobs by their last grant, kept per job at each endpoint: the sweepers'
+    # prune drops the fields of jobs granted nothing for a day, and keeps the others'.
+    from inference.admission import PRUNE_LOCK, endpoint_key
+
+    now = [1_000_000.0]
+    admission = Admission(client, lease_s=30, waiter_ttl_s=60, poll_s=0.05,
+                          clock=lambda: now[0])
+    base = endpoint_key(URL)
+    for i in range(1200):  # more than one HSCAN page
+        _serve(admission, f"old{i}", 10)
+    now[0] += 86_400 - 60
+    _serve(admission, "recent", 10)
+    now[0] += 120  # the old jobs are a day and a minute idle, `recent` two minutes
+    assert client.hlen(base + "jt") == client.hlen(base + "jlast") == 1201
+    assert admission.prune([URL]) == 1200
+    assert client.hkeys(base + "jt") == client.hkeys(base + "jlast") == [b"recent"]
+    _serve(admission, "later", 10)
+    now[0] += 2 * 86_400
+    assert admission.prune([URL]) == 2
+    assert client.hlen(base + "jt") == client.hlen(base + "jlast") == 0
+    # The sweepers prune once an interval over every process (a key of the test's own: the
+    # session's workers may be sweeping this Redis).
+    key = f"{PRUNE_LOCK}:test"
+    assert admission.prune_due(3600, key=key)
+    assert not admission.prune_due(3600, key=key)
+    assert 3500 < cast(int, client.ttl(key)) <= 3600
+
+
 def test_tenants_stay_fair_within_a_tier(client: redis.Redis) -> None:
     admission = Admission(client, lease_s=30, waiter_ttl_s=60, poll_s=0.05)
     # One tenant queues six calls of new jobs, another one call of a well-served job: the
