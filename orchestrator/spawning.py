@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from agents.base import AgentError, Child, SpawnRefused, StepSpec, StepSuspended
 from core.db import transaction
-from core.repositories import steps
+from core.repositories import step_deps
 from core.settings import get_settings
 from orchestrator.budget import Run
 
@@ -45,11 +45,11 @@ class Spawner:
             raise SpawnRefused("give at least one task")
         inputs = [{**child.step_input(t), "spawn_call": call} for t in tasks]
         with transaction(read_only=True) as s:
-            found = steps.spawned(s, self.run.job_id)
+            found = step_deps.spawned(s, self.run.job_id)
         mine = [f for f in found if f.spawned_by == self.step_key]
         # Each task is matched to a child that the same spawn of an earlier run of this step
         # made for the same task.
-        matched: list[steps.SpawnedStep | None] = []
+        matched: list[step_deps.SpawnedStep | None] = []
         for wanted in inputs:
             hit = next((f for f in mine if f.input == wanted and f.role == child.role.name
                         and all(f is not m for m in matched)), None)
