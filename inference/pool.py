@@ -11,8 +11,8 @@ model it lands on (`/v1/completions` or `/v1/chat/completions`) is `inference.sh
   exponential backoff and jitter, bounded in attempts and time, on another endpoint if any.
 - The endpoint is the least loaded one by this process's own in-flight counters, with the job's
   previous endpoint preferred while it is not busier than the idlest (prefix-cache affinity).
-- Responses are streamed, so time to first token is measured, and a call given up on (a
-  cancelled job, a timeout) closes its connection, which makes vLLM abort the request.
+- Responses are streamed (`inference.stream`), so time to first token is measured, and a call
+  given up on (a cancelled job, a timeout) closes its connection, which makes vLLM abort it.
 - Energy: a call's share of its endpoint's busy time (each in-flight second divided among the
   calls in flight, over every worker process through admission's Redis scripts, or over this
   process's calls when admission is off or Redis is away) times the endpoint's power, declared
@@ -22,16 +22,14 @@ model it lands on (`/v1/completions` or `/v1/chat/completions`) is `inference.sh
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -45,156 +43,34 @@ from tenacity import (
 )
 
 from core.catalogue import Catalogue, ModelSpec, load_catalogue
-from core.errors import AgentqError
 from core.settings import Settings, get_settings
 from inference.admission import Admission, AdmissionCancelled, AdmissionTimeout, Slot
-from inference.calls import CallSpec, PromptSize, ToolCall
-from inference.shapes import Shape, StreamReader, build, shape_of
+from inference.calls import CallSpec, PromptSize
+from inference.endpoints import Endpoint, NvmlPower, endpoint_watts, is_local
+from inference.shapes import shape_of
+from inference.stream import (
+    CallCancelled,
+    Completion,
+    CompletionRequest,
+    InferenceError,
+    PoolUnavailable,
+    TransientInferenceError,
+    Usage,
+    send,
+)
 from inference.tokens import PromptMeter
+
+# What callers import from here: the call's types live with the stream that produces them.
+__all__ = [
+    "CallCancelled", "Completion", "CompletionRequest", "Endpoint", "InferenceError",
+    "INFLIGHT_KEY_PREFIX", "Pool", "PoolUnavailable", "TransientInferenceError", "Usage",
+    "get_pool",
+]
 
 log = logging.getLogger(__name__)
 # httpx logs every request at INFO: one line per model call would cost more than the call's
 # bookkeeping. Failures are logged here, with what they mean.
 logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
-class InferenceError(AgentqError):
-    status_code = 502
-    code = "inference_error"
-
-
-class TransientInferenceError(InferenceError):
-    """A failure worth retrying: the server may answer next time."""
-
-    code = "inference_unavailable"
-
-
-class PoolUnavailable(InferenceError):
-    code = "pool_unavailable"
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int | None = None
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass(frozen=True)
-class CompletionRequest:
-    """A call as the pool receives it: the agent's `CallSpec` (with `max_tokens` settled) and
-    what the platform adds."""
-
-    call: CallSpec
-    request_id: str
-    # Accounting ids: admission shares slots fairly across tenants and jobs; calls with the
-    # same affinity key prefer the same endpoint (prefix cache).
-    tenant_id: str | None = None
-    job_id: str | None = None
-    affinity_key: str | None = None
-    # Polled while the call waits and while it streams; True aborts it.
-    cancelled: Callable[[], bool] | None = None
-    # The job's service tier: admission serves `interactive` first and `flex` last.
-    service_tier: str = "standard"
-
-    @property
-    def max_tokens(self) -> int:
-        return self.call.max_tokens or 0
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    usage: Usage
-    finish_reason: str | None
-    model: str
-    endpoint: str
-    latency_ms: float
-    attempts: int
-    ttft_ms: float | None = None
-    energy_wh: float | None = None
-    energy_method: str | None = None
-    queued_ms: float = 0.0
-    tool_calls: tuple[ToolCall, ...] = ()
-    # Sent as a chat completion (`/v1/chat/completions`), not a plain completion.
-    chat: bool = False
-
-
-class CallCancelled(InferenceError):
-    """The caller gave up (its job was cancelled): the request was closed, and vLLM aborts a
-    request whose connection closes. `usage` is what the server had counted until then."""
-
-    status_code = 409
-    code = "cancelled"
-
-    def __init__(self, message: str, usage: Usage | None = None, model: str | None = None,
-                 endpoint: str | None = None, latency_ms: float = 0.0) -> None:
-        super().__init__(message)
-        self.usage, self.model, self.endpoint, self.latency_ms = usage, model, endpoint, latency_ms
-
-
-@dataclass
-class Endpoint:
-    base_url: str
-    cap: int = 64
-    models: list[str] = field(default_factory=list)
-    # Calls of this process routed here (waiting for a slot or running), and those running.
-    in_flight: int = 0
-    running: int = 0
-    # Circuit breaker: consecutive transient failures; "closed", "open" or "half_open" (one
-    # probe call in flight); until when it stays open, and the current pause.
-    failures: int = 0
-    state: str = "closed"
-    open_until: float = 0.0
-    pause_s: float = 0.0
-    # Declared power draw; None when unknown.
-    watts: float | None = None
-    # Busy time shared out among the calls running: the integral of 1/running over time.
-    busy_share_s: float = 0.0
-    share_clock: float = field(default_factory=time.monotonic)
-
-    def available(self, now: float) -> bool:
-        if self.state == "closed":
-            return True
-        return self.state == "open" and now >= self.open_until
-
-    def advance(self, now: float) -> float:
-        """Bring the busy-share integral up to `now` (call before `running` changes)."""
-        if self.running > 0:
-            self.busy_share_s += (now - self.share_clock) / self.running
-        self.share_clock = now
-        return self.busy_share_s
-
-
-class NvmlPower:
-    """Board power of this machine's NVIDIA GPUs, summed, through NVML (nvidia-ml-py)."""
-
-    def __init__(self) -> None:
-        import pynvml  # type: ignore[import-not-found, unused-ignore]
-
-        pynvml.nvmlInit()
-        self._nvml = pynvml
-        self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i)
-                         for i in range(pynvml.nvmlDeviceGetCount())]
-        if not self._handles:
-            raise RuntimeError("NVML found no GPU")
-
-    def watts(self) -> float:
-        return sum(self._nvml.nvmlDeviceGetPowerUsage(h) for h in self._handles) / 1000.0
-
-
-def _local(url: str) -> bool:
-    host = httpx.URL(url).host
-    return host in {"127.0.0.1", "localhost", "::1"}
-
-
-def endpoint_watts(url: str, declared: dict[str, float]) -> float | None:
-    return declared.get(url.rstrip("/"), declared.get("*"))
-
 
 # Each process publishes its in-flight calls per endpoint to Redis, so `/metrics` can show the
 # whole pool: one hash per process, refreshed every second and expiring if the process dies.
@@ -202,7 +78,6 @@ INFLIGHT_KEY_PREFIX = "agentq:pool:inflight:"
 INFLIGHT_REPORT_S = 1.0
 INFLIGHT_TTL_S = 5
 
-BREAKER_MAX_PAUSE_S = 60.0
 AFFINITY_MAX = 10_000
 # A job's calls stay on their endpoint while it has at most this many more calls (running and
 # waiting, over all processes) than the idlest endpoint, or half as many again, whichever is
@@ -237,7 +112,7 @@ class Pool:
                           for u in urls]
         self._by_url = {e.base_url: e for e in self.endpoints}
         self._nvml: NvmlPower | None = None
-        if self.settings.energy_nvml and any(_local(e.base_url) and e.watts is None
+        if self.settings.energy_nvml and any(is_local(e.base_url) and e.watts is None
                                              for e in self.endpoints):
             try:
                 self._nvml = NvmlPower()
@@ -434,7 +309,7 @@ class Pool:
     def _energy(self, ep: Endpoint, share_s: float) -> tuple[float | None, str | None]:
         if ep.watts is not None:
             return ep.watts * share_s / 3600.0, "declared_watts"
-        if self._nvml is not None and _local(ep.base_url):
+        if self._nvml is not None and is_local(ep.base_url):
             try:
                 return self._nvml.watts() * share_s / 3600.0, "nvml"
             except Exception as exc:  # noqa: BLE001 - a failed reading leaves energy unknown
@@ -447,24 +322,13 @@ class Pool:
         or "neutral" (the caller gave up)."""
         with self._lock:
             ep.in_flight -= 1
-            if outcome in ("failed", "down"):
-                ep.failures += 1
-                if ep.state == "half_open" or outcome == "down" \
-                        or ep.failures >= self.settings.breaker_fail_max:
-                    was_probe = ep.state == "half_open"
-                    base = self.settings.breaker_reset_s
-                    ep.pause_s = min(ep.pause_s * 2, BREAKER_MAX_PAUSE_S) if was_probe \
-                        and ep.pause_s else base
-                    ep.state = "open"
-                    ep.open_until = time.monotonic() + ep.pause_s
-                    log.warning("endpoint %s: circuit open for %.0f s after %d failure(s)",
-                                ep.base_url, ep.pause_s, ep.failures)
-            elif outcome == "ok":
-                if ep.state != "closed":
-                    log.info("endpoint %s: circuit closed", ep.base_url)
-                ep.failures, ep.state, ep.pause_s = 0, "closed", 0.0
-            elif ep.state == "half_open":
-                ep.state = "open"  # the probe told nothing; probe again at once
+            change = ep.settle(outcome, self.settings.breaker_fail_max,
+                               self.settings.breaker_reset_s)
+            if change == "open":
+                log.warning("endpoint %s: circuit open for %.0f s after %d failure(s)",
+                            ep.base_url, ep.pause_s, ep.failures)
+            elif change == "closed":
+                log.info("endpoint %s: circuit closed", ep.base_url)
 
     @contextmanager
     def _admitted(self, ep: Endpoint, req: CompletionRequest) -> Iterator[Slot | None]:
@@ -512,7 +376,8 @@ class Pool:
             with self._admitted(ep, req) as slot:
                 share_start, started = self._start(ep)
                 try:
-                    result = self._send(req, ep, model, shape_of(req.call, spec), started)
+                    result = send(self._http, req, ep.base_url, model,
+                                  shape_of(req.call, spec), started)
                     if slot is not None:
                         slot.served_tokens = result.usage.total_tokens
                 finally:
@@ -538,97 +403,6 @@ class Pool:
         finally:
             avoid.add(ep.base_url)
             self._release(ep, outcome)
-
-    def _send(self, req: CompletionRequest, ep: Endpoint, model: str, shape: Shape,
-              started: float) -> Completion:
-        try:
-            path, body = build(req.call, model, req.max_tokens, shape)
-        except ValueError as exc:
-            raise InferenceError(f"cannot shape the call for {model}: {exc}") from exc
-        try:
-            with self._http.stream(
-                "POST",
-                f"{ep.base_url}{path}",
-                json=body,
-                headers={"X-Request-Id": req.request_id},
-            ) as resp:
-                if resp.status_code == 429 or resp.status_code >= 500:
-                    raise TransientInferenceError(
-                        f"{ep.base_url} answered {resp.status_code}: {resp.read()[:300]!r}")
-                if resp.status_code >= 400:
-                    raise InferenceError(f"{ep.base_url} refused the request "
-                                         f"({resp.status_code}): {resp.read()[:300]!r}")
-                # Leaving this block closes the connection: a cancelled call is aborted.
-                return self._read_stream(resp, ep.base_url, model, started, req.cancelled,
-                                         req.call, shape)
-        except httpx.TimeoutException as exc:
-            raise TransientInferenceError(f"{ep.base_url} timed out: {exc}") from exc
-        except httpx.HTTPError as exc:
-            raise TransientInferenceError(f"{ep.base_url} unreachable: {exc}") from exc
-
-    @staticmethod
-    def _usage(raw: Any) -> Usage | None:
-        if not isinstance(raw, dict) or "prompt_tokens" not in raw \
-                or "completion_tokens" not in raw:
-            return None
-        details = raw.get("prompt_tokens_details") or {}
-        cached = details.get("cached_tokens") if isinstance(details, dict) else None
-        return Usage(int(raw["prompt_tokens"]), int(raw["completion_tokens"]),
-                     int(cached) if cached is not None else None)
-
-    @classmethod
-    def _read_stream(cls, resp: httpx.Response, endpoint: str, model: str, started: float,
-                     cancelled: Callable[[], bool] | None = None, call: CallSpec | None = None,
-                     shape: Shape = Shape.COMPLETION) -> Completion:
-        """Read an OpenAI-style completion or chat completion stream: text or tool-call
-        chunks (each with the usage so far), then a usage chunk."""
-        reader = StreamReader()
-        usage: Usage | None = None
-        served_model = model
-        ttft_ms: float | None = None
-        done = False
-        for line in resp.iter_lines():
-            if cancelled is not None and cancelled():
-                raise CallCancelled("the call was cancelled while generating", usage=usage,
-                                    model=served_model, endpoint=endpoint,
-                                    latency_ms=(time.monotonic() - started) * 1000)
-            if not line.startswith("data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == "[DONE]":
-                done = True
-                break
-            try:
-                chunk = json.loads(payload)
-            except ValueError as exc:
-                raise InferenceError(f"{endpoint} sent a malformed stream chunk: {exc}") from exc
-            if not isinstance(chunk, dict):
-                raise InferenceError(f"{endpoint} sent a malformed stream chunk")
-            if "error" in chunk:
-                raise TransientInferenceError(f"{endpoint} failed mid-stream: "
-                                              f"{str(chunk['error'])[:300]}")
-            served_model = str(chunk.get("model") or served_model)
-            if reader.feed(chunk) and ttft_ms is None:
-                ttft_ms = (time.monotonic() - started) * 1000
-            usage = cls._usage(chunk.get("usage")) or usage
-        latency_ms = (time.monotonic() - started) * 1000
-        if not done:
-            raise TransientInferenceError(f"{endpoint} closed the stream before its end")
-        if usage is None:
-            raise InferenceError(f"{endpoint} sent a completion without usage; refusing to "
-                                 "count it as zero", code="usage_missing")
-        return Completion(
-            text=reader.text,
-            usage=usage,
-            finish_reason=reader.finish_reason,
-            model=served_model,
-            endpoint=endpoint,
-            latency_ms=latency_ms,
-            attempts=1,
-            ttft_ms=ttft_ms if ttft_ms is not None else latency_ms,
-            tool_calls=reader.tool_calls(call, shape) if call is not None else (),
-            chat=shape is not Shape.COMPLETION,
-        )
 
     def complete(self, req: CompletionRequest) -> Completion:
         if req.max_tokens < 1:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from agents.base import AnyKind, StepOutputs, StepSpec
 from core.errors import Conflict
 from core.models import JobStatus, ServiceTier, StepStatus
-from core.repositories import events, jobs, ledger, outbox, steps
+from core.repositories import events, jobs, ledger, outbox, step_deps, steps
 from core.repositories.steps import ClaimedStep
 from core.settings import get_settings
 from orchestrator import scheduling, traces
@@ -48,7 +48,7 @@ def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list
     published)."""
     if not specs:
         return None, []
-    done = steps.completed_keys(session, job_id) if any(s.depends_on for s in specs) else set()
+    done = step_deps.completed_keys(session, job_id) if any(s.depends_on for s in specs) else set()
     per_role: dict[str, int] = dict(budget.get("step_max_tokens") or {})
     rows = []
     for spec in specs:
@@ -164,7 +164,7 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
     # Fan-in first: the steps this completion adds count it as done already. A flex job's
     # next step goes through the broker, behind the work of the tiers above it.
     keep = keep and c.scheduled_tier != ServiceTier.FLEX
-    ready = steps.fan_in(session, c.job_id, key)
+    ready = step_deps.fan_in(session, c.job_id, key)
     kept = ready.pop(0) if keep and ready else None
     try:
         added = kind.expand(job_input, key, kind.role(role), output)
@@ -213,19 +213,19 @@ def suspend(session: Session, c: ClaimedStep, kind: AnyKind | None,
         return None
     c = promoted_since(session, c)
     cap = get_settings().spawn_max_per_job
-    others = steps.count_spawned(session, c.job_id, besides=c.key)
+    others = step_deps.count_spawned(session, c.job_id, besides=c.key)
     if children and others + spawned_before + len(children) > cap:
         log.info("step %s: the job's %d spawned steps are taken meanwhile; running it again",
                  c.step_id, cap)
         _requeue(session, c)
         return None
-    done = steps.completed_keys(session, c.job_id)
+    done = step_deps.completed_keys(session, c.job_id)
     depends_on = list(dict.fromkeys([*c.depends_on, *waiting_for]))
     remaining = len([k for k in depends_on if k not in done])
     if remaining == 0 and not children:  # nothing to wait for after all: run again
         _requeue(session, c)
         return None
-    steps.wait_for(session, c.step_id, c.attempt, depends_on, remaining)
+    step_deps.wait_for(session, c.step_id, c.attempt, depends_on, remaining)
     kept, _ = add_steps(session, c.job_id, c.budget, list(children), tenant_id=c.tenant_id,
                         tier=c.scheduled_tier, keep=c.scheduled_tier != ServiceTier.FLEX)
     if children:
@@ -303,7 +303,7 @@ def reopen(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel,
             step_id = next(st.id for st in steps.list_for_job(session, job_id) if st.key == key)
             decide(session, job_id, step_id, key, kind, job_input)
             return 0
-    ready = steps.reopen(session, job_id)
+    ready = step_deps.reopen(session, job_id)
     scheduling.dispatch(session, tenant_id, ready, scheduling.priority(tier, False))
     outputs = StepOutputs(steps.outputs(session, job_id))
     known = steps.keys(session, job_id)

@@ -236,7 +236,7 @@ def test_a_step_waiting_for_its_children_is_not_shown_running(
         client: TestClient, tenant_key: str, quiet_workers: None) -> None:
     from core.db import transaction
     from core.models import Job, Step, utcnow
-    from core.repositories import steps
+    from core.repositories import step_deps, steps
     from orchestrator.timeline import job_timeline
 
     r = client.post("/v1/jobs", headers=auth(tenant_key), json={
@@ -249,7 +249,7 @@ def test_a_step_waiting_for_its_children_is_not_shown_running(
         assert c is not None
     # The run spawns a child and ends waiting for it: it holds no worker meanwhile.
     with transaction() as s:
-        assert steps.wait_for(s, step_id, c.attempt, ["lead.1"], 1)
+        assert step_deps.wait_for(s, step_id, c.attempt, ["lead.1"], 1)
     suspended = utcnow()
     wait_until(lambda: utcnow() > suspended + timedelta(milliseconds=300), 5,
                what="time to pass")
