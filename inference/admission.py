@@ -267,14 +267,13 @@ local page = redis.call('HSCAN', JT, ARGV[2], 'COUNT', ARGV[3])
 local fields, dropped = page[2], 0
 for i = 1, #fields, 2 do
   if tonumber(fields[i + 1]) < cutoff then
-    redis.call('HDEL', JT, fields[i])
+    -- HSCAN may return a field twice: count only what is deleted.
+    dropped = dropped + redis.call('HDEL', JT, fields[i])
     redis.call('HDEL', JLAST, fields[i])
-    dropped = dropped + 1
   end
 end
 return {page[1], dropped}
 """
-PRUNE_LOCK = PREFIX + "prune"
 
 
 @dataclass
@@ -339,22 +338,22 @@ class Admission:
         return {url: (int(r[0]), int(r[1]))
                 for url, r in zip(urls, cast(list[Any], pipe.execute()), strict=True)}
 
-    def prune_due(self, every_s: float = 3600.0, key: str = PRUNE_LOCK) -> bool:
-        """Whether this process should prune now: true at most once per `every_s` over every
-        process sharing the Redis."""
-        return bool(self._redis.set(key, "1", nx=True, ex=max(1, int(every_s))))
-
-    def prune(self, urls: Sequence[str], idle_s: float = 86400.0) -> int:
+    def prune(self, urls: Sequence[str], idle_s: float = 86400.0,
+              every_s: float | None = None) -> int:
         """Forget the last grant of jobs granted nothing at these endpoints for `idle_s` (the
-        hashes that order level 0 would otherwise keep a field per job for ever). Returns how
-        many jobs' fields were dropped."""
+        hashes that order level 0 would otherwise keep a field per job for ever). `every_s`:
+        an endpoint is pruned at most once per that many seconds over every process (the
+        sweepers'); None: now. Returns how many jobs' fields were dropped."""
         cutoff = self._now_ms() - int(idle_s * 1000)
         dropped = 0
         for url in urls:
+            base = endpoint_key(url)
+            if every_s is not None and not self._redis.set(
+                    base + "pruned", "1", nx=True, ex=max(1, int(every_s))):
+                continue
             cursor = "0"
             while True:
-                page = cast(list[Any], self._prune(keys=[endpoint_key(url)],
-                                                   args=[cutoff, cursor, 500]))
+                page = cast(list[Any], self._prune(keys=[base], args=[cutoff, cursor, 500]))
                 cursor = page[0].decode() if isinstance(page[0], bytes) else str(page[0])
                 dropped += int(page[1])
                 if cursor == "0":

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import redis
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -232,11 +233,16 @@ class Pool:
         return self._models_of(self._by_url[url])
 
     def prune_admission(self) -> int | None:
-        """The sweepers' pass over admission's per-job state (`Admission.prune`), once an
-        hour over every process; None when it was not this one's turn."""
-        if self._admission is None or not self._admission.prune_due():
+        """The sweepers' pass over admission's per-job state (`Admission.prune`): each
+        endpoint once an hour over every process. None when admission is off or Redis did not
+        answer (the other sweeps go on; the next pass tries again)."""
+        if self._admission is None:
             return None
-        return self._admission.prune([e.base_url for e in self.endpoints])
+        try:
+            return self._admission.prune([e.base_url for e in self.endpoints], every_s=3600.0)
+        except redis.RedisError as exc:
+            log.debug("could not prune admission's state: %s", exc)
+            return None
 
     def _loads(self, urls: list[str]) -> dict[str, int]:
         """Calls running and waiting at each endpoint: over every process when admission is

@@ -8,8 +8,9 @@ job, or a continuation and a submission of the tenant, are one after the other):
   the whole job, what was spent so far included, never an addition), limits not given are
   kept; every limit must be above what the job has spent;
 - the job becomes `running`, its result and error cleared, its deadline counted from now;
-  `job.continued` is appended; a job that stopped while it waited for its planned start
-  (`optimize`) starts now, and its planned start is cleared;
+  `job.continued` is appended; a job that had never started (cancelled in the queue, or while
+  it waited for its planned start) is `queued` instead, its planned start cleared: its first
+  step's claim starts it (`started_at`, `job.started`) as a new job's does;
 - its DAG moves on again (`orchestrator.dag.reopen`): completed steps keep their outputs and
   never run again; the others are queued again (a later attempt, replaying the finished calls
   of their earlier runs from the ledger) or wait for their dependencies.
@@ -118,7 +119,7 @@ def continue_job(session: Session, tenant_id: str, job_id: str,
                                          if job.error_code else {})}
     max_seconds = merged.get("max_seconds")
     deadline = utcnow() + timedelta(seconds=max_seconds) if max_seconds else None
-    # One that never started (it waited for its planned hour) starts now, not then.
+    # One that never started is queued again (and no longer waits for its planned hour).
     jobs.resume(session, job.id, merged, deadline, started=job.started_at is not None)
     given_roles = dict(budget.get("step_max_tokens") or {})
     if given_roles:

@@ -156,7 +156,7 @@ def test_the_last_grants_of_long_idle_jobs_are_pruned_once_an_interval(
         client: redis.Redis) -> None:
     # Level 0 orders jobs by their last grant, kept per job at each endpoint: the sweepers'
     # prune drops the fields of jobs granted nothing for a day, and keeps the others'.
-    from inference.admission import PRUNE_LOCK, endpoint_key
+    from inference.admission import endpoint_key
 
     now = [1_000_000.0]
     admission = Admission(client, lease_s=30, waiter_ttl_s=60, poll_s=0.05,
@@ -168,18 +168,17 @@ def test_the_last_grants_of_long_idle_jobs_are_pruned_once_an_interval(
     _serve(admission, "recent", 10)
     now[0] += 120  # the old jobs are a day and a minute idle, `recent` two minutes
     assert client.hlen(base + "jt") == client.hlen(base + "jlast") == 1201
-    assert admission.prune([URL]) == 1200
+    assert admission.prune([URL], every_s=3600) == 1200
     assert client.hkeys(base + "jt") == client.hkeys(base + "jlast") == [b"recent"]
+    # Each endpoint once an interval over every process: a second pass within it does
+    # nothing, one asked for now does.
     _serve(admission, "later", 10)
     now[0] += 2 * 86_400
+    assert admission.prune([URL], every_s=3600) == 0
+    assert client.hlen(base + "jt") == 2
+    assert 3500 < cast(int, client.ttl(base + "pruned")) <= 3600
     assert admission.prune([URL]) == 2
     assert client.hlen(base + "jt") == client.hlen(base + "jlast") == 0
-    # The sweepers prune once an interval over every process (a key of the test's own: the
-    # session's workers may be sweeping this Redis).
-    key = f"{PRUNE_LOCK}:test"
-    assert admission.prune_due(3600, key=key)
-    assert not admission.prune_due(3600, key=key)
-    assert 3500 < cast(int, client.ttl(key)) <= 3600
 
 
 def test_tenants_stay_fair_within_a_tier(client: redis.Redis) -> None:

@@ -96,8 +96,9 @@ def test_a_deferred_job_starts_in_its_window(client: TestClient, tenant_key: str
 def test_a_job_stopped_before_its_window_continues_at_once(
         client: TestClient, tenant_key: str, schedule: datetime, quiet_workers: None,
         standin: Any) -> None:
-    """Continuing is running again at once (see the README): a job cancelled while it waited
-    for its planned start is queued now, and no longer shows that start."""
+    """Continuing runs a job again at once (see the README): a job cancelled while it waited
+    for its planned start is queued now, no longer shows that start, and is started by its
+    first step's claim (`started_at`, `job.started`)."""
     from core.db import transaction
     from core.models import Step
 

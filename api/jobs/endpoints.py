@@ -180,8 +180,9 @@ def continue_job(
     """Continue a job that stopped: `budget_exhausted`, `failed` with `deadline_exceeded`, or
     `cancelled`. The limits given in `budget` are the job's new totals (what it has spent so
     far counts against them), not amounts added; limits left out are kept. The job is
-    `running` again at once (its `result` and `error` are cleared until it ends again) and a
-    `job.continued` event is appended. Completed steps are never run again; failed,
+    `running` again at once (`queued`, if it had never started: its first step starts it),
+    its `result` and `error` cleared until it ends again, and a `job.continued` event is
+    appended. Completed steps are never run again; failed,
     cancelled and unstarted steps are queued again, replaying the model calls they had
     finished from the ledger instead of paying for them again. The deadline
     (`max_seconds`, given or kept) counts from now. The result it ends with is built from the
