@@ -287,14 +287,13 @@ def finalise(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel)
 
 def reopen(session: Session, job_id: str, kind: AnyKind, job_input: BaseModel,
            budget: dict[str, Any], *, tenant_id: str, tier: str) -> int:
-    """Move the DAG of a stopped job on again, once the job (its row locked) is `running`
-    again (or `queued`, if it had never started). A step that completed while its job was
-    stopped was neither counted in its dependants' fan-in nor expanded: each completed step is
-    expanded now (a kind's expansion
-    depends only on the step's output, so the steps it names that exist already are left
-    as they are), the fan-in of every step that did not complete is counted afresh, and
-    those with nothing left to wait for are queued. A job with nothing left to run is
-    finalised, and so is one whose step that completed while it was stopped decides it (the
+    """Move the DAG of a stopped job on again, once the job (its row locked) is `running` again (or
+    `queued`, if it had never started). A step that completed while its job was stopped was
+    neither counted in its dependants' fan-in nor expanded: each completed step is expanded now
+    (a kind's expansion depends only on the step's output, so the steps it names that exist
+    already are left as they are), the fan-in of every step that did not complete is counted
+    afresh, and those with nothing left to wait for are queued. A job with nothing left to run
+    is finalised, and so is one whose step that completed while it was stopped decides it (the
     first candidate to pass): nothing else runs again. Returns how many steps were queued."""
     completed = StepOutputs(steps.outputs(session, job_id))
     for key in completed.keys():
