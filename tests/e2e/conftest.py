@@ -21,6 +21,18 @@ from tests.helpers import TERMINAL, Proc, start_worker, wait_until
 
 E2E_REDIS_URL = os.environ.get("AGENTQ_TEST_E2E_REDIS_URL",
                                REDIS_URL.rsplit("/", 1)[0] + "/10")
+# The vLLM servers are waited for up to SERVER_START_S (a fresh install compiles the model
+# first: minutes on a CPU); the test that starts them holds that wait in its own time, so the
+# e2e tests get it on top of the suite's per-test timeout.
+SERVER_START_S = 1200
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("e2e") is not None \
+                and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(
+                SERVER_START_S + float(item.config.getini("timeout") or 600)))
 
 
 class VllmServer:
@@ -55,7 +67,8 @@ def vllm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Vllm
 
     try:
         for server in servers:
-            wait_until(lambda s=server: up(s), timeout=1200, interval=1,  # type: ignore[misc]
+            wait_until(lambda s=server: up(s), timeout=SERVER_START_S,  # type: ignore[misc]
+                       interval=1,
                        what="a vLLM server")
         yield servers
     finally:
