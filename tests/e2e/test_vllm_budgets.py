@@ -76,16 +76,16 @@ def test_a_budget_binding_under_fifty_parallel_calls_is_never_exceeded(
     # Every call the servers finished is on the ledger once, with the tokens they counted. Calls
     # still streaming when the budget bound are aborted (`cancelled`): billed for what they
     # streamed, while a server may have generated a few tokens more before the abort reached
-    # it, and counts an aborted request as finished or not by its version. With no call
-    # aborted, these are equalities.
+    # it. A call aborted before its first token has no ledger row, though a server may have
+    # read its prompt: at most one such call per step that did not complete.
     finished = [r for r in rows if r[2] != "cancelled"]
-    aborted = len(rows) - len(finished)
+    unbilled = PROMPTS - len(rows)
+    longest = max(r[0] for r in rows)
     after = {name: _counted(vllm_servers, name) for name in before}
     served = after["vllm:request_success_total"] - before["vllm:request_success_total"]
-    assert len(finished) <= served <= len(rows)
+    assert len(finished) <= served <= PROMPTS
     prompted = after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"]
-    assert sum(r[0] for r in finished) <= prompted <= prompt
+    assert sum(r[0] for r in finished) <= prompted <= prompt + unbilled * (longest + 2)
     generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
-    assert sum(r[1] for r in finished) <= generated <= completion + aborted * MAX_TOKENS
-    if not aborted:
-        assert (served, prompted, generated) == (len(rows), prompt, completion)
+    assert sum(r[1] for r in finished) <= generated \
+        <= completion + (len(rows) - len(finished) + unbilled) * MAX_TOKENS
