@@ -162,8 +162,8 @@ def main() -> None:
         _child(args.child, args.steps, args.database_url, args.redis_url, args.endpoint)
         return
 
-    from bench.standin import free_port
     from bench.common import wait_until
+    from bench.standin import free_port
 
     here = Path(__file__).resolve().parent.parent
     port = free_port()
