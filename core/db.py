@@ -16,11 +16,11 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
 from psycopg.abc import Buffer
 from psycopg.types.string import StrBinaryDumper, StrDumperUnknown
@@ -37,8 +37,9 @@ from sqlalchemy import (
     literal_column,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import CursorResult, make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.base import Executable
 
 from core.db_errors import commit, retry_connect
 from core.settings import get_settings
@@ -278,6 +279,7 @@ def db_now(session: Session, plus_s: float = 0.0) -> Any:
 
 
 E = TypeVar("E")
+AnyResult: TypeAlias = "CursorResult[*tuple[Any, ...]]"
 
 
 class Prebuilt(Generic[E]):
@@ -297,6 +299,18 @@ class Prebuilt(Generic[E]):
         if found is None:
             found = self._built[postgres] = self._build(postgres)
         return found
+
+    def execute(self, session: Session, params: Mapping[str, Any]) -> AnyResult:
+        """Run the statement in the transaction of `session` (see `core_execute`)."""
+        return core_execute(session, self(session), params)  # type: ignore[arg-type]
+
+
+def core_execute(session: Session, statement: Executable,
+                 params: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> AnyResult:
+    """Run a Core statement (of tables, not mapped classes) on the connection of the session's
+    transaction. The session's own `execute` would find no ORM entity in it and do the same,
+    after work of its own that costs about a tenth of a step's CPU on the step path."""
+    return session.connection().execute(statement, params)
 
 
 def now_param(postgres: bool, plus: str | None = None) -> Any:

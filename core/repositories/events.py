@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from core.db import after_commit, pending
+from core.db import after_commit, core_execute, pending
 from core.models import JobEvent, job_events_table, jobs_table, utcnow
 from core.redis import EVENTS_CHANNEL_PREFIX, get_redis
 from core.repositories import webhooks
@@ -52,7 +52,7 @@ def write(session: Session, job_id: str, hooks: webhooks.Hooks, first_seq: int,
     if not events:
         return
     now = utcnow()
-    session.execute(_INSERT, [
+    core_execute(session, _INSERT, [
         {"job_id": job_id, "seq": first_seq + i, "type": t, "data": d, "created_at": now}
         for i, (t, d) in enumerate(events)])
     for i, (type_, data) in enumerate(events):

@@ -68,10 +68,10 @@ def started_step(session: Session, job_id: str, phase: str, maybe_first: bool
     started the job (one of several first steps claimed at once does)."""
     params = {"p_job": job_id, "p_phase": phase, "p_now": utcnow()}
     if maybe_first:
-        row = session.execute(_FIRST_STEP(session), params).first()
+        row = _FIRST_STEP.execute(session, params).first()
         if row is not None:
             return int(row[0]) - 1, hooks_of(row), True
-    row = session.execute(_NEXT_STEP(session), params).one()
+    row = _NEXT_STEP.execute(session, params).one()
     return int(row[0]), hooks_of(row), False
 
 
@@ -112,7 +112,7 @@ def step_completed(session: Session, job_id: str, events: int,
     a time."""
     prompt, completion, calls, cost, held, held_cost = usage or (0, 0, 0, Decimal(0), 0,
                                                                  Decimal(0))
-    row = session.execute(_STEP_COMPLETED(session), {
+    row = _STEP_COMPLETED.execute(session, {
         "p_job": job_id, "p_events": events, "p_now": utcnow(), "p_prompt": prompt,
         "p_completion": completion, "p_calls": calls, "p_cost": cost, "p_held": held,
         "p_held_cost": held_cost}).one()

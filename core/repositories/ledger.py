@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from core.db import Prebuilt, db_now, is_postgres
+from core.db import Prebuilt, core_execute, db_now, is_postgres
 from core.models import (
     JobStatus,
     ModelCall,
@@ -127,10 +127,11 @@ def reserve(session: Session, *, request_id: str, job_id: str, step_id: str, att
     if again and session.scalar(select(R.request_id).where(R.request_id == request_id)):
         return Reserved.OK, None
     if is_postgres(session):
-        committed = session.scalar(_RESERVE(session), {
+        committed = _RESERVE.execute(session, {
             "p_request": request_id, "p_job": job_id, "p_step": step_id, "p_attempt": attempt,
             "p_tokens": tokens, "p_cost": cost, "p_now": utcnow(),
-            "p_max_tokens": budget.max_total_tokens, "p_max_cost": budget.max_cost_usd})
+            "p_max_tokens": budget.max_total_tokens, "p_max_cost": budget.max_cost_usd}
+        ).scalar()
         if committed is not None:
             return Reserved.OK, int(committed)
         if steps.lease_of(session, step_id, attempt) is None:
@@ -160,7 +161,7 @@ _TAKE = Prebuilt(lambda _: delete(reservations_table).where(
 
 def take(session: Session, request_id: str) -> tuple[int, Decimal] | None:
     """Delete a reservation; its tokens and cost, or None when it was released already."""
-    row = session.execute(_TAKE(session), {"p_request": request_id}).first()
+    row = _TAKE.execute(session, {"p_request": request_id}).first()
     return None if row is None else (int(row[0]), Decimal(row[1]))
 
 
@@ -247,7 +248,7 @@ class Usage:
 
 def insert_calls(session: Session, rows: list[dict[str, Any]]) -> None:
     if rows:
-        session.execute(_INSERT_CALL, rows)
+        core_execute(session, _INSERT_CALL, rows)
         ledger_totals.add(session, rows)
 
 
@@ -281,7 +282,7 @@ def settle(session: Session, row: dict[str, Any], events: int, budget: Budget,
         ).first()
     if released is None:
         row = {**row, "settled_late": "billed" if totals is not None else "unbilled"}
-    session.execute(_INSERT_CALL, [row])
+    core_execute(session, _INSERT_CALL, [row])
     ledger_totals.add(session, [row])
     if totals is None:
         return None
@@ -295,7 +296,7 @@ def record_cached(session: Session, row: dict[str, Any], again: bool = False) ->
     if again and session.get(ModelCall, row["request_id"]) is not None:
         return
     steps.add_usage(session, row["step_id"], 0, 0, row["model"])
-    session.execute(_INSERT_CALL, [row])
+    core_execute(session, _INSERT_CALL, [row])
     ledger_totals.add(session, [row])
     session.execute(update(jobs_table).where(J.id == row["job_id"]).values(
         model_calls=J.model_calls + 1, updated_at=utcnow()))

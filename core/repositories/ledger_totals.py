@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from core.db import before_commit, is_postgres, pending
+from core.db import before_commit, core_execute, is_postgres, pending
 from core.models import ledger_totals_table
 
 SHARDS = 16
@@ -62,7 +62,7 @@ def _write(session: Session, rows: list[dict[str, Any]]) -> None:
     rows.clear()
     upsert = _UPSERT["postgresql" if is_postgres(session) else "sqlite"]
     for (model, shard), values in sorted(sums.items()):  # one lock order for everyone
-        session.execute(upsert, {"model": model, "shard": shard,
+        core_execute(session, upsert, {"model": model, "shard": shard,
                                  **dict(zip(_SUMMED, values, strict=True))})
 
 

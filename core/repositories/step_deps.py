@@ -42,7 +42,7 @@ def fan_in(session: Session, job_id: str, done_key: str) -> list[str]:
     wait for nothing more. Returns the ids of the steps it queued. On Postgres one statement
     (each row's count and status are re-read under its lock), elsewhere three."""
     if is_postgres(session):
-        return [sid for sid, status in session.execute(_FAN_IN(session), {
+        return [sid for sid, status in _FAN_IN.execute(session, {
             "p_job": job_id, "p_key": done_key, "p_now": utcnow()})
             if status == StepStatus.QUEUED]
     waiting = [sid for sid, deps in session.execute(

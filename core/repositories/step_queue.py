@@ -42,7 +42,7 @@ _QUEUED_COUNT = Prebuilt(_queued_count)
 def queued_count(session: Session, tenant_id: str) -> tuple[int, bool]:
     """How many of the tenant's steps are queued (in the broker), and whether any is held:
     one round trip, from the partial index."""
-    row = session.execute(_QUEUED_COUNT(session), {"p_tenant": tenant_id}).one()
+    row = _QUEUED_COUNT.execute(session, {"p_tenant": tenant_id}).one()
     return int(row[0] or 0), bool(row[1])
 
 

@@ -84,7 +84,7 @@ _JOB_OF_CLAIM = Prebuilt(lambda _: select(*_JOB_COLS).where(jobs_table.c.id == b
 def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
     """Take the step for a run: one guarded update (`queued`, or `running` with an expired
     lease) that returns what the run needs. None: someone else has it, or it is done."""
-    row = session.execute(_CLAIM(session), {"p_id": step_id, **now_params(lease=lease_s)}
+    row = _CLAIM.execute(session, {"p_id": step_id, **now_params(lease=lease_s)}
                           ).first()
     if row is None:
         return None
@@ -92,7 +92,7 @@ def claim(session: Session, step_id: str, lease_s: float) -> ClaimedStep | None:
         step, job = row[:_N_STEP], row[_N_STEP:]
     else:
         step = tuple(row)
-        job = tuple(session.execute(_JOB_OF_CLAIM(session), {"p_job": step[0]}).one())
+        job = tuple(_JOB_OF_CLAIM.execute(session, {"p_job": step[0]}).one())
     return ClaimedStep(step_id, step[0], step[1], step[2], int(step[3]), int(step[4]),
                        dict(step[5] or {}), list(step[6] or []), job[0], job[1], job[2],
                        dict(job[3] or {}), dict(job[4] or {}), int(job[5] or 0),
@@ -133,7 +133,7 @@ def finish(session: Session, step_id: str, attempt: int, status: StepStatus, *,
     calls, last model) of calls settled with it; None when the run no longer holds the step
     (the write is refused). Returns the step's key, role and usage."""
     prompt, completion, calls, model = usage
-    row = session.execute(_FINISH(session), {
+    row = _FINISH.execute(session, {
         "p_id": step_id, "p_attempt": attempt, "p_status": status.value, "p_output": output,
         "p_error": error, "p_prompt": prompt, "p_completion": completion, "p_calls": calls,
         "p_model": model if calls else None, **now_params()}).first()
@@ -199,7 +199,7 @@ def outputs(session: Session, job_id: str, keys: Sequence[str] | None = None
     if keys is not None:
         if not keys:
             return {}
-        found = session.execute(_OUTPUTS(session), {"p_job": job_id, "p_keys": list(keys)})
+        found = _OUTPUTS.execute(session, {"p_job": job_id, "p_keys": list(keys)})
         return {k: (r, o) for k, r, o in found}
     q = select(S.key, S.role, S.output).where(S.job_id == job_id,
                                                        S.status == StepStatus.COMPLETED)
