@@ -13,6 +13,9 @@ model it lands on (`/v1/completions` or `/v1/chat/completions`) is `inference.sh
   previous endpoint preferred while it is not busier than the idlest (prefix-cache affinity).
 - Responses are streamed (`inference.stream`), so time to first token is measured, and a call
   given up on (a cancelled job, a timeout) closes its connection, which makes vLLM abort it.
+  A call cancelled after the server took it, before any usage came, carries its prompt's
+  tokens as the server counts the request (`/tokenize`), for the ledger to bill; one
+  cancelled before it was sent (waiting for a slot) carries none.
 - Energy: a call's share of its endpoint's busy time (each in-flight second divided among the
   calls in flight, over every worker process through admission's Redis scripts, or over this
   process's calls when admission is off or Redis is away) times the endpoint's power, declared
@@ -48,7 +51,7 @@ from core.settings import Settings, get_settings
 from inference.admission import Admission, AdmissionCancelled, AdmissionTimeout, Slot
 from inference.calls import CallSpec, PromptSize
 from inference.endpoints import Endpoint, NvmlPower, endpoint_watts, is_local
-from inference.shapes import shape_of
+from inference.shapes import build, shape_of
 from inference.stream import (
     CallCancelled,
     Completion,
@@ -378,12 +381,14 @@ class Pool:
             model = req.call.model or spec_model or (models[0] if models else None)
             if model is None:
                 raise InferenceError(f"endpoint {ep.base_url} serves no model")
+            shape = shape_of(req.call, spec)
             queued = time.monotonic()
             with self._admitted(ep, req) as slot:
+                if req.cancelled is not None and req.cancelled():
+                    raise CallCancelled("cancelled before it was sent", endpoint=ep.base_url)
                 share_start, started = self._start(ep)
                 try:
-                    result = send(self._http, req, ep.base_url, model,
-                                  shape_of(req.call, spec), started)
+                    result = send(self._http, req, ep.base_url, model, shape, started)
                     if slot is not None:
                         slot.served_tokens = result.usage.total_tokens
                 finally:
@@ -399,8 +404,13 @@ class Pool:
             return Completion(**{**result.__dict__, "latency_ms": (ended - started) * 1000,
                                  "energy_wh": energy_wh, "energy_method": method,
                                  "queued_ms": (started - queued) * 1000})
-        except CallCancelled:
+        except CallCancelled as exc:
             outcome = "neutral"
+            if exc.sent and exc.usage is None and model is not None:
+                # The server took the request and may have read its prompt: count it as
+                # sent, for the ledger (`orchestrator.metering`).
+                exc.prompt_tokens = self._meter.count_sent(
+                    ep.base_url, *build(req.call, model, req.max_tokens, shape))
             raise
         except TransientInferenceError as exc:
             if outcome == "ok":

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from core.errors import AgentqError
+from inference.aborts import watching
 from inference.calls import CallSpec, ToolCall
 from inference.shapes import Shape, StreamReader, build
 
@@ -89,15 +90,22 @@ class Completion:
 
 class CallCancelled(InferenceError):
     """The caller gave up (its job was cancelled): the request was closed, and vLLM aborts a
-    request whose connection closes. `usage` is what the server had counted until then."""
+    request whose connection closes. `usage` is what the server had counted until then.
+    `sent`: the server had taken the request (it answered, and may have read the prompt)
+    before the abort; a call cancelled before (waiting for a slot) never reached it.
+    `prompt_tokens`: for a call sent but cancelled before any usage came, its prompt's tokens
+    as the server's tokenizer counts the request it was sent, when that could be asked."""
 
     status_code = 409
     code = "cancelled"
 
     def __init__(self, message: str, usage: Usage | None = None, model: str | None = None,
-                 endpoint: str | None = None, latency_ms: float = 0.0) -> None:
+                 endpoint: str | None = None, latency_ms: float = 0.0,
+                 sent: bool = False) -> None:
         super().__init__(message)
         self.usage, self.model, self.endpoint, self.latency_ms = usage, model, endpoint, latency_ms
+        self.sent = sent
+        self.prompt_tokens: int | None = None
 
 
 def send(http: httpx.Client, req: CompletionRequest, base_url: str, model: str, shape: Shape,
@@ -119,8 +127,11 @@ def send(http: httpx.Client, req: CompletionRequest, base_url: str, model: str, 
             if resp.status_code >= 400:
                 raise InferenceError(f"{base_url} refused the request "
                                      f"({resp.status_code}): {resp.read()[:300]!r}")
-            # Leaving this block closes the connection: a cancelled call is aborted.
-            return read_stream(resp, base_url, model, started, req.cancelled, req.call, shape)
+            # Leaving this block closes the connection: a cancelled call is aborted. While it
+            # waits for a chunk, its connection is shut down as soon as it is cancelled.
+            with watching(resp, req.cancelled):
+                return read_stream(resp, base_url, model, started, req.cancelled, req.call,
+                                   shape)
     except httpx.TimeoutException as exc:
         raise TransientInferenceError(f"{base_url} timed out: {exc}") from exc
     except httpx.HTTPError as exc:
@@ -141,18 +152,32 @@ def read_stream(resp: httpx.Response, endpoint: str, model: str, started: float,
                 cancelled: Callable[[], bool] | None = None, call: CallSpec | None = None,
                 shape: Shape = Shape.COMPLETION) -> Completion:
     """Read an OpenAI-style completion or chat completion stream: text or tool-call
-    chunks (each with the usage so far), then a usage chunk."""
+    chunks (each with the usage so far), then a usage chunk. `cancelled()` is asked after
+    each line (a chunk that came is counted first) and when the stream breaks off (the
+    aborter shut its connection down: `inference.aborts`)."""
     reader = StreamReader()
     usage: Usage | None = None
     served_model = model
     ttft_ms: float | None = None
     done = False
-    for line in resp.iter_lines():
+
+    def stop_if_cancelled() -> None:
         if cancelled is not None and cancelled():
             raise CallCancelled("the call was cancelled while generating", usage=usage,
                                 model=served_model, endpoint=endpoint,
-                                latency_ms=(time.monotonic() - started) * 1000)
+                                latency_ms=(time.monotonic() - started) * 1000, sent=True)
+
+    lines = resp.iter_lines()
+    while True:
+        try:
+            line = next(lines, None)
+        except httpx.HTTPError:
+            stop_if_cancelled()
+            raise
+        if line is None:
+            break
         if not line.startswith("data:"):
+            stop_if_cancelled()
             continue
         payload = line[5:].strip()
         if payload == "[DONE]":
@@ -171,8 +196,10 @@ def read_stream(resp: httpx.Response, endpoint: str, model: str, started: float,
         if reader.feed(chunk) and ttft_ms is None:
             ttft_ms = (time.monotonic() - started) * 1000
         usage = parse_usage(chunk.get("usage")) or usage
+        stop_if_cancelled()
     latency_ms = (time.monotonic() - started) * 1000
     if not done:
+        stop_if_cancelled()
         raise TransientInferenceError(f"{endpoint} closed the stream before its end")
     if usage is None:
         raise InferenceError(f"{endpoint} sent a completion without usage; refusing to "

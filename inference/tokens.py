@@ -6,6 +6,9 @@ byte).
 Only conversations are counted (an agent loop's calls); one count is kept per prompt for a
 while, so the loop's look before a call and the reservation that follows ask the server once.
 A server without `/tokenize` is asked once per process.
+
+`count_sent` counts a request as it was sent (any call, plain prompts too): the prompt a call
+cancelled after it was sent, before any usage came, is billed by it (`inference.pool`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -89,8 +92,31 @@ class PromptMeter:
                                    for t in [*call.tools, *([call.answer] if call.answer
                                                             else [])]],
                             add_generation_prompt=True)
-            resp = self._http.post(f"{url}/tokenize", json=body, timeout=self._timeout_s)
         except (httpx.HTTPError, ValueError) as exc:
+            log.debug("could not count a prompt's tokens at %s: %s", url, exc)
+            return None
+        return self._ask(url, body)
+
+    def count_sent(self, url: str, path: str, request: Mapping[str, Any]) -> int | None:
+        """The prompt tokens of a request as it was sent to `url` (the path and body of
+        `inference.shapes.build`), counted by that server's tokenizer; None where it has
+        none or did not answer."""
+        if url in self._without:
+            return None
+        body: dict[str, Any] = {"model": request.get("model")}
+        if path.endswith("/chat/completions"):
+            body.update(messages=request.get("messages") or [], add_generation_prompt=True)
+            if request.get("tools"):
+                body["tools"] = request["tools"]
+        else:
+            body.update(prompt=request.get("prompt", ""), add_special_tokens=True)
+        counted = self._ask(url, body)
+        return None if counted is None else counted[0]
+
+    def _ask(self, url: str, body: dict[str, Any]) -> tuple[int, int | None] | None:
+        try:
+            resp = self._http.post(f"{url}/tokenize", json=body, timeout=self._timeout_s)
+        except httpx.HTTPError as exc:
             log.debug("could not count a prompt's tokens at %s: %s", url, exc)
             return None
         if resp.status_code in (404, 405, 501):

@@ -42,7 +42,7 @@ from core.pricing import MILLION, highest_price, price_for
 from core.repositories import files, ledger, steps
 from core.repositories.corpora import SessionCorpusStore
 from core.settings import get_settings
-from inference.pool import CallCancelled, Completion, CompletionRequest, Pool
+from inference.pool import CallCancelled, Completion, CompletionRequest, Pool, Usage
 from inference.shapes import decode_tool_calls, encode_tool_calls
 from orchestrator import budget, callcache, scheduling, traces
 from orchestrator.budget import Carry, Hold, Run, StepStopped
@@ -335,7 +335,8 @@ class MeteredContext:
 
     def _make_call(self, spec: CallSpec, request_id: str, index: int, key: str | None,
                    escalated_from: str | None) -> ModelReply:
-        hold = Hold.for_spec(request_id, spec, self.prompt_size(spec).tokens)
+        size = self.prompt_size(spec)
+        hold = Hold.for_spec(request_id, spec, size.tokens)
         committed = budget.reserve(self._run, hold, self.carry)
         if committed is not None:
             self._committed = committed - hold.tokens
@@ -346,11 +347,12 @@ class MeteredContext:
                 job_id=self._run.job_id, affinity_key=self._run.job_id,
                 cancelled=self.stopped, service_tier=self._admitted_tier()))
         except CallCancelled as exc:
-            if exc.usage is not None and exc.model is not None:
-                # What the server generated before the abort was spent: it is billed.
+            usage = exc.usage if exc.usage is not None else self._prompt_read(exc, size)
+            if usage is not None and exc.model is not None:
+                # What the server read and generated before the abort was spent: it is billed.
                 row = self._row_of(
                     request_id, index, spec, key, escalated_from, Completion(
-                        text="", usage=exc.usage, finish_reason="cancelled", model=exc.model,
+                        text="", usage=usage, finish_reason="cancelled", model=exc.model,
                         endpoint=exc.endpoint or "", latency_ms=exc.latency_ms, attempts=1),
                     started_at)
                 traces.call_ended(span, spec, row, error="cancelled")
@@ -372,6 +374,25 @@ class MeteredContext:
                           completion.usage.prompt_tokens, completion.usage.completion_tokens,
                           model=completion.model, escalated_from=escalated_from,
                           tool_calls=completion.tool_calls)
+
+    @staticmethod
+    def _prompt_read(exc: CallCancelled, size: PromptSize) -> Usage | None:
+        """What a call cancelled before any usage came is billed: nothing if it was never
+        sent; if the server took it, its prompt (which the server may have read), counted
+        exactly: by that server's tokenizer for the request it was sent, or as sized before
+        the reservation when that count was exact. A prompt known only by its bound from
+        bytes (a server without `/tokenize`) is not billed: the bound can be several times
+        the real count. Never more than the prompt's part of the call's hold (`size`), so
+        the reservation covers the row."""
+        if not exc.sent:
+            return None
+        counted = exc.prompt_tokens if exc.prompt_tokens is not None \
+            else size.tokens if size.exact else None
+        if counted is None:
+            log.info("a call cancelled after it was sent is not billed for its prompt: its "
+                     "server could not count it")
+            return None
+        return Usage(min(counted, size.tokens), 0)
 
     def _row_of(self, request_id: str, index: int, spec: CallSpec, key: str | None,
                 escalated_from: str | None, c: Completion,

@@ -15,6 +15,8 @@ DEFAULT_PLAN = ["What is the first part of it?", "What is the second part of it?
 @dataclass
 class StandinState:
     model: str = "standin-model"
+    # Pause before the first token of every answer (streamed: after the response's headers,
+    # so the request was taken and its prompt counted, as a server that queues or prefills).
     delay_s: float = 0.0
     # More seconds per request running at once when a request starts: a latency that grows
     # with the batch, as a real server's does.
