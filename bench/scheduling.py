@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -42,42 +40,24 @@ from typing import Any
 import httpx
 import redis
 
-from bench import jct
+from bench import deadlines, jct
 from bench.common import (
     TERMINAL,
+    base_env,
     create_tenant_key,
     fresh_database,
     percentile,
+    redis_server,
     start_api,
     start_worker,
     submit_jobs,
     wait_until,
 )
-from bench.standin import StandinServer, free_port
+from bench.standin import StandinServer
 from core.settings import Settings
 from inference.admission import Admission
 from inference.calls import CallSpec
 from inference.pool import CompletionRequest, Pool
-
-
-def _redis_server(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=(tmp / "redis.log").open("ab"),
-                            stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
-    wait_until(lambda: _pings(url), 10, what="redis-server")
-    return proc, url
-
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url).ping())
-    except redis.RedisError:
-        return False
 
 
 def _latencies(api: str, key: str, ids: list[str]) -> list[float]:
@@ -95,10 +75,10 @@ def _latencies(api: str, key: str, ids: list[str]) -> list[float]:
 def queue_run(args: argparse.Namespace, endpoint: str, tmp: Path, name: str,
               flood: bool, tiers: bool) -> float:
     """p95 latency of the interactive tenant's jobs in one scenario (a fresh deployment)."""
-    redis_proc, redis_url = _redis_server(tmp)
+    redis_proc, redis_url = redis_server(tmp)
     try:
         with fresh_database(args.pg, tmp / name) as db:
-            env = {**_base_env(), "AGENTQ_DATABASE_URL": db, "AGENTQ_REDIS_URL": redis_url,
+            env = {**base_env(), "AGENTQ_DATABASE_URL": db, "AGENTQ_REDIS_URL": redis_url,
                    "AGENTQ_POOL_ENDPOINTS": endpoint,
                    "AGENTQ_TENANT_QUEUED_STEPS_MAX": str(args.cap if tiers else 0),
                    "AGENTQ_ENDPOINT_MAX_IN_FLIGHT": str(args.concurrency)}
@@ -121,11 +101,6 @@ def queue_run(args: argparse.Namespace, endpoint: str, tmp: Path, name: str,
     finally:
         redis_proc.terminate()
         redis_proc.wait(timeout=10)
-
-
-def _base_env() -> dict[str, str]:
-    import os
-    return {k: v for k, v in os.environ.items() if not k.startswith("AGENTQ_")}
 
 
 def _pool(redis_url: str, standin: StandinServer, aging: float, quantum: int) -> Pool:
@@ -259,12 +234,13 @@ def main() -> None:
                         help="admission's quantum in the stand-in's tokens (its calls are ~17)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="replays of the trace under each policy, interleaved (medians)")
-    parser.add_argument("--only", choices=("queue", "admission", "windows"), default=None,
-                        help="only part 1, parts 2 and 3 (admission: the trace and Jain's "
-                             "index), or part 4")
+    parser.add_argument("--only", choices=("queue", "admission", "windows", "deadlines"),
+                        default=None, help="only part 1, parts 2 and 3 (admission: the trace "
+                                           "and Jain's index), part 4 or part 5")
     parser.add_argument("--vllm", action="store_true",
                         help="only the queue's figures, against the embedded vLLM server "
                              "(started here); keep the flood small on a CPU")
+    deadlines.add_arguments(parser)
     args = parser.parse_args()
     if args.vllm:
         vllm_run(args)
@@ -281,6 +257,11 @@ def main() -> None:
         standin.stop()
     if args.only in (None, "windows"):
         windows_part()
+    if args.only in (None, "deadlines"):
+        standin = StandinServer(delay_s=args.delay, batch_delay_s=args.batch_delay).start()
+        with tempfile.TemporaryDirectory() as tmp_:
+            deadlines.deadline_part(args, standin, Path(tmp_))
+        standin.stop()
 
 
 def queue_part(args: argparse.Namespace, standin: StandinServer, tmp: Path) -> None:
@@ -299,7 +280,7 @@ def queue_part(args: argparse.Namespace, standin: StandinServer, tmp: Path) -> N
 
 
 def admission_part(args: argparse.Namespace, standin: StandinServer, tmp: Path) -> None:
-    redis_proc, redis_url = _redis_server(tmp)
+    redis_proc, redis_url = redis_server(tmp)
     try:
         jobs = jct.trace(args.trace_s, args.load, args.delay, args.batch_delay)
         runs: dict[str, list[jct.JctResult]] = {p: [] for p in jct.POLICIES}
