@@ -1,8 +1,9 @@
 """Flex jobs with deadlines: checked at submission, promoted on an injected clock when their
-estimated time to finish no longer fits (by the pass before the one that would be too late),
-or at submission when it already does not, and met with real workers under another tenant's
-flood (counted in /metrics); a run claimed before its job's promotion has its later calls
-admitted as promoted."""
+estimated time to finish no longer fits (by the pass before the one that would be too late,
+the sweeper's passes starting an interval apart), or at submission when it already does not,
+the estimate leaving out the time flex jobs waited by design, and met with real workers under
+another tenant's flood (counted in /metrics); a run claimed before its job's promotion has
+its later calls admitted as promoted."""
 
 from __future__ import annotations
 
@@ -104,6 +105,28 @@ def test_the_sweeper_promotes_a_job_its_next_pass_would_find_too_late(
     at = due - timedelta(seconds=margin + 0.5 * interval)
     wait_until(lambda: scheduling.promote_due(now=at) >= 0 and promoted(), 30,
                what="the job to be promoted")
+
+
+def test_the_sweeper_starts_its_passes_an_interval_apart() -> None:
+    import statistics
+    import threading
+    import time
+
+    from workers.tasks import every
+
+    starts: list[float] = []
+    stop = threading.Event()
+
+    def a_pass() -> None:
+        starts.append(time.monotonic())
+        if len(starts) == 5:
+            stop.set()
+        stop.wait(0.3)  # a pass that takes a while
+
+    every(0.5, a_pass, stop)
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    # From start to start; an interval after each pass's end would make them 0.8 s apart.
+    assert 0.45 < statistics.mean(gaps) < 0.65, gaps
 
 
 def test_a_job_due_within_its_lead_is_promoted_at_submission(
