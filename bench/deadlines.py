@@ -15,9 +15,10 @@ grows with the calls in flight.
    deadlines spread evenly (in a seeded order) from `tight` to `loose` times the probes' p95.
    Each has a twin from a third tenant, flex without a deadline (so never promoted), submitted
    right after it: the same work without promotion, judged against the same deadline.
-4. Once every deadline job has ended or passed its deadline, the flood is cancelled and the
-   twins run. A miss: a job that ended after its deadline, or was still running at it; read
-   from the API's jobs and from its `/metrics` (`agentq_deadline_misses`), which must agree.
+4. Once every deadline job has ended or passed its deadline, and the last deadline has
+   passed, the flood is cancelled and the twins run. A miss: a job that ended after its
+   deadline, or was still running at it; read from the API's jobs and from its `/metrics`
+   (`agentq_deadline_misses`), which must agree.
 
 Every setting the run depends on is passed to its processes: the sweeper's interval (the
 promotion pass runs in it), the safety factor, the default estimate, the tenant cap and the
@@ -78,6 +79,7 @@ class Outcome:
     """One deadline job's (or its twin's) end against the deadline."""
 
     deadline: datetime
+    created: datetime
     finished: datetime | None
     status: str
     promoted: datetime | None
@@ -246,19 +248,25 @@ def _scenario(args: argparse.Namespace, api: str, db: str, tight: float, loose: 
                                                "deadline": due.isoformat()}], 1)
             twin_ids += submit_jobs(api, twin, [{**one_call, "service_tier": "flex"}], 1)
         _wait_ended(db, ids, args.deadline_window + max(offsets) + 300, or_past_deadline=True)
+        # The flood lasts past the last deadline, so that the twins could meet none by it.
+        wait_until(lambda: datetime.now(UTC) > max(deadlines), max(offsets) + 60,
+                   what="the last deadline")
     finally:
         flood.cancel()
     _wait_ended(db, ids + twin_ids, 300)
     jobs, twins = _read(api, patient, ids), _read(api, twin, twin_ids)
     return DeadlineRun(
         busy_p95_s=busy_p95, offsets_s=offsets,
-        jobs=[Outcome(d, _when(j["finished_at"]), j["status"], _when(j["promoted_at"]))
-              for d, j in zip(deadlines, jobs, strict=True)],
-        twins=[Outcome(d, _when(j["finished_at"]), j["status"], None)
-               for d, j in zip(deadlines, twins, strict=True)],
+        jobs=[_outcome(d, j) for d, j in zip(deadlines, jobs, strict=True)],
+        twins=[_outcome(d, j) for d, j in zip(deadlines, twins, strict=True)],
         metric_misses=_metric(api, "agentq_deadline_misses_total"),
         metric_promoted=_metric(api, "agentq_jobs_promoted_total"),
         flood_jobs=len(flood.ids), estimate_s=_estimate(db))
+
+
+def _outcome(deadline: datetime, job: dict[str, Any]) -> Outcome:
+    return Outcome(deadline, datetime.fromisoformat(job["created_at"]), _when(job["finished_at"]),
+                   job["status"], _when(job["promoted_at"]))
 
 
 def _misses(outcomes: list[Outcome]) -> str:
@@ -277,8 +285,8 @@ def deadline_part(args: argparse.Namespace, standin: StandinServer, tmp: Path) -
     r = deadline_run(args, standin.url, tmp)
     tight, loose = (float(x) for x in args.deadline_spread.split(","))
     promoted = [o for o in r.jobs if o.promoted is not None]
-    lead = [(o.deadline - o.promoted).total_seconds() for o in promoted  # type: ignore[operator]
-            ]
+    at_once = sum(o.promoted == o.created for o in promoted)
+    lead = [(o.deadline - p).total_seconds() for o in r.jobs if (p := o.promoted) is not None]
     statuses = sorted({o.status for o in r.jobs + r.twins})
     print(f"deadlines: {len(r.jobs)} one-call flex jobs over {args.deadline_window:.0f} s "
           f"behind a standard flood ({r.flood_jobs} batch jobs x {FLOOD_PROMPTS}, topped up "
@@ -287,11 +295,22 @@ def deadline_part(args: argparse.Namespace, standin: StandinServer, tmp: Path) -
     print(f"  busy queue: interactive one-call p95 {r.busy_p95_s:.2f} s ({args.probes} "
           f"probes); deadlines {tight:g}x to {loose:g}x that: {min(r.offsets_s):.1f} s to "
           f"{max(r.offsets_s):.1f} s after submission, evenly spread")
-    print(f"  promoted {len(promoted)} of {len(r.jobs)} (metric {r.metric_promoted:.0f}), "
-          f"at p50 {percentile(lead, 50):.2f} s before the deadline (min "
+    print(f"  promoted {len(promoted)} of {len(r.jobs)} (metric {r.metric_promoted:.0f}; "
+          f"{at_once} at submission, {len(promoted) - at_once} by the sweeper), at p50 "
+          f"{percentile(lead, 50):.2f} s before the deadline (min "
           f"{min(lead, default=float('nan')):.2f} s); the kind's estimate at the end "
           f"{r.estimate_s or float('nan'):.2f} s; statuses {', '.join(statuses)}")
+    missed = sum(o.missed(datetime.now(UTC)) for o in r.jobs)
+    agree = "agrees" if missed == r.metric_misses else "DISAGREES"
     print(f"  deadline misses {_misses(r.jobs)}, target < 1 %; agentq_deadline_misses "
-          f"{r.metric_misses:.0f}; {_slack(r.jobs)}")
+          f"{r.metric_misses:.0f} ({agree}); {_slack(r.jobs)}")
+    for o in [o for o in r.jobs if o.missed(datetime.now(UTC))][:5]:
+        ahead = (o.deadline - o.created).total_seconds()
+        if o.promoted is None or o.finished is None:
+            print(f"    missed: deadline {ahead:.1f} s ahead, never promoted or never ended")
+            continue
+        print(f"    missed: deadline {ahead:.1f} s ahead, promoted "
+              f"{(o.deadline - o.promoted).total_seconds():.2f} s before it, ended "
+              f"{(o.finished - o.promoted).total_seconds():.2f} s after its promotion")
     print(f"  without promotion (twins, flex without a deadline): misses {_misses(r.twins)}; "
           f"{_slack(r.twins)}")

@@ -219,6 +219,8 @@ class Settings(BaseSettings):
     step_requeue_after_s: float = 120.0
     # The outbox sweeper republishes rows left unsent for this long.
     outbox_sweep_after_s: float = 10.0
+    # Each worker's sweeper starts a pass (these sweeps, held steps, promotions, planned
+    # starts, expired leases and deadlines) this often, from one start to the next.
     outbox_sweep_interval_s: float = 5.0
     # Service tiers. The discount on the ledger's cost per tier, as a fraction
     # ({"flex": 0.5} prices flex calls at half); the tiers each tenant (by name) may use
