@@ -104,12 +104,13 @@ class DeadlineRun:
 
 
 class Flood:
-    """Another tenant's `standard` batch jobs, topped up while `running` is set."""
+    """Another tenant's `standard` batch jobs, topped up (looked at every second) until
+    cancelled."""
 
     def __init__(self, api: str, key: str, db: str) -> None:
         self.api, self.key, self.db = api, key, db
         self.ids: list[str] = []
-        self.running = threading.Event()
+        self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._top_up, daemon=True)
 
     def _submit(self, n: int) -> None:
@@ -130,17 +131,15 @@ class Flood:
 
     def start(self) -> None:
         self._submit(3)
-        self.running.set()
         self._thread.start()
 
     def _top_up(self) -> None:
-        while self.running.is_set():
+        while not self._cancelled.wait(1.0):
             if self.steps_left() < 2 * FLOOD_PROMPTS:
                 self._submit(1)
-            time.sleep(1.0)
 
     def cancel(self) -> None:
-        self.running.clear()
+        self._cancelled.set()
         self._thread.join(timeout=30)
         with httpx.Client(headers={"Authorization": f"Bearer {self.key}"}, timeout=30) as c:
             for i in self.ids:
