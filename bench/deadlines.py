@@ -100,7 +100,7 @@ class DeadlineRun:
     metric_misses: float
     metric_promoted: float
     flood_jobs: int
-    estimate_s: float | None  # the kind's measured mean at the end
+    estimate_s: float | None  # the kind's measured mean after the last deadline
 
 
 class Flood:
@@ -250,6 +250,7 @@ def _scenario(args: argparse.Namespace, api: str, db: str, tight: float, loose: 
         # The flood lasts past the last deadline, so that the twins could meet none by it.
         wait_until(lambda: datetime.now(UTC) > max(deadlines), max(offsets) + 60,
                    what="the last deadline")
+        estimate = _estimate(db)  # before the twins run
     finally:
         flood.cancel()
     _wait_ended(db, ids + twin_ids, 300)
@@ -260,7 +261,7 @@ def _scenario(args: argparse.Namespace, api: str, db: str, tight: float, loose: 
         twins=[_outcome(d, j) for d, j in zip(deadlines, twins, strict=True)],
         metric_misses=_metric(api, "agentq_deadline_misses_total"),
         metric_promoted=_metric(api, "agentq_jobs_promoted_total"),
-        flood_jobs=len(flood.ids), estimate_s=_estimate(db))
+        flood_jobs=len(flood.ids), estimate_s=estimate)
 
 
 def _outcome(deadline: datetime, job: dict[str, Any]) -> Outcome:
@@ -297,7 +298,8 @@ def deadline_part(args: argparse.Namespace, standin: StandinServer, tmp: Path) -
     print(f"  promoted {len(promoted)} of {len(r.jobs)} (metric {r.metric_promoted:.0f}; "
           f"{at_once} at submission, {len(promoted) - at_once} by the sweeper), at p50 "
           f"{percentile(lead, 50):.2f} s before the deadline (min "
-          f"{min(lead, default=float('nan')):.2f} s); the kind's estimate at the end "
+          f"{min(lead, default=float('nan')):.2f} s); the kind's estimate after the last "
+          f"deadline "
           f"{r.estimate_s or float('nan'):.2f} s; statuses {', '.join(statuses)}")
     missed = sum(o.missed(datetime.now(UTC)) for o in r.jobs)
     agree = "agrees" if missed == r.metric_misses else "DISAGREES"
