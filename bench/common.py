@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks and the test suite: child processes, a fresh migrated
-database, the API under uvicorn, Celery workers, a tenant key and percentiles."""
+database, a Redis server of a run's own, the API under uvicorn, Celery workers, a tenant key
+and percentiles."""
 
 from __future__ import annotations
 
@@ -143,6 +144,37 @@ def submit_jobs(base: str, key: str, bodies: Sequence[dict[str, Any]],
             return list(await asyncio.gather(*(one(b) for b in bodies)))
 
     return asyncio.run(run())
+
+
+def base_env() -> dict[str, str]:
+    """This process's environment without agentq's settings (each run sets its own)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("AGENTQ_")}
+
+
+def redis_server(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server of the run's own on a free port (no persistence), its log in `tmp`;
+    returns the process and its URL."""
+    from bench.standin import free_port
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=(tmp / "redis.log").open("ab"),
+                            stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_until(lambda: _pings(url), 10, what="redis-server")
+    return proc, url
+
+
+def _pings(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url).ping())
+    except redis.RedisError:
+        return False
 
 
 def http_ok(url: str) -> bool:

@@ -219,6 +219,8 @@ class Settings(BaseSettings):
     step_requeue_after_s: float = 120.0
     # The outbox sweeper republishes rows left unsent for this long.
     outbox_sweep_after_s: float = 10.0
+    # Each worker's sweeper starts a pass (these sweeps, held steps, promotions, planned
+    # starts, expired leases and deadlines) this often, from one start to the next.
     outbox_sweep_interval_s: float = 5.0
     # Service tiers. The discount on the ledger's cost per tier, as a fraction
     # ({"flex": 0.5} prices flex calls at half); the tiers each tenant (by name) may use
@@ -237,9 +239,11 @@ class Settings(BaseSettings):
     admission_level_growth: float = Field(default=16.0, gt=1)
     admission_aging_tokens_per_s: float = Field(default=200.0, ge=0)
     # A flex job with a deadline is promoted (scheduled as standard, still priced as flex)
-    # once the time left is under this factor times its estimated time to finish: the mean
-    # run time of the kind's jobs completed in the last day (this many seconds when there
-    # are none), scaled by the share of its steps still to run.
+    # once the time left is under this factor times its estimated time to finish, plus the
+    # sweeper's interval (`outbox_sweep_interval_s`: its passes are that far apart), or at
+    # submission if it already is. The estimate: the mean run time of the kind's jobs
+    # completed in the last day (not counting the time a flex job waited by design; this
+    # many seconds when there are none), scaled by the share of its steps still to run.
     deadline_safety: float = Field(default=2.0, ge=1)
     deadline_default_estimate_s: float = Field(default=60.0, gt=0)
     # The grid's hourly price of power and carbon intensity (`core.grid`): a JSON list of 24

@@ -121,13 +121,23 @@ def create_job(
         # The job must also finish within its max_seconds, counted from now.
         ends_by = min(due_at, job.deadline_at) if job.deadline_at is not None else due_at
         job.planned_start_at = scheduling.plan_start(session, kind_name, ends_by, optimize, now)
+    # A deadline already within the job's lead: promoted now, not at the next sweep.
+    promotion: dict[str, Any] | None = None
+    if due_at is not None and job.planned_start_at is None:
+        estimate = scheduling.estimate_s(session, kind_name, now=now)
+        if (due_at - now).total_seconds() <= scheduling.lead_s(estimate):
+            job.promoted_at = now
+            promotion = {"deadline": due_at.isoformat(), "estimate_s": round(estimate, 1)}
     jobs.add(session, job)
     events.append(session, job.id, "job.created", {"kind": kind_name})
     if job.planned_start_at is not None:
         events.append(session, job.id, "job.deferred", {
             "planned_start": job.planned_start_at.isoformat(), "optimize": optimize})
+    if promotion is not None:
+        events.append(session, job.id, "job.promoted", promotion)
     dag.add_steps(session, job.id, budget, kind.initial_steps(job_input),
-                  tenant_id=tenant_id, tier=service_tier.value, continuing=False,
+                  tenant_id=tenant_id, continuing=False,
+                  tier=scheduling.scheduled_tier(service_tier.value, job.promoted_at is not None),
                   deferred=job.planned_start_at is not None)
     session.refresh(job)
     return job

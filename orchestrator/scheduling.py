@@ -122,17 +122,25 @@ def estimate_s(session: Session, kind: str, left: float = 1.0,
     return rates.get(kind, get_settings().deadline_default_estimate_s) * max(left, 0.05)
 
 
+def lead_s(estimate: float) -> float:
+    """How long before its deadline a flex job estimated to take `estimate` seconds must be
+    promoted (or started): `AGENTQ_DEADLINE_SAFETY` times the estimate, plus the sweeper's
+    interval, since its passes are that far apart (a job just short of the margin at one
+    pass would otherwise be promoted up to an interval late, or only past its deadline)."""
+    settings = get_settings()
+    return settings.deadline_safety * estimate + settings.outbox_sweep_interval_s
+
+
 def plan_start(session: Session, kind: str, due_at: datetime, optimize: grid.Optimize,
                now: datetime | None = None) -> datetime | None:
     """When a flex job with `optimize` should start: the cheapest (or cleanest) hour of the
-    grid's schedule that still leaves `AGENTQ_DEADLINE_SAFETY` times its estimated run time
-    before its deadline. None: start now (no better hour, or no schedule)."""
+    grid's schedule that still leaves its lead (`lead_s`) before its deadline. None: start
+    now (no better hour, or no schedule)."""
     hours = grid.schedule()
     if hours is None:
         return None
     now = now or utcnow()
-    latest = due_at - timedelta(seconds=get_settings().deadline_safety
-                                * estimate_s(session, kind, now=now))
+    latest = due_at - timedelta(seconds=lead_s(estimate_s(session, kind, now=now)))
     start = grid.best_start(hours, now, latest, optimize)
     return start if start > now else None
 
@@ -154,13 +162,14 @@ def start_deferred(now: datetime | None = None, limit: int = 200) -> int:
 
 
 def promote_due(now: datetime | None = None, limit: int = 200) -> int:
-    """The sweeper's pass over flex jobs with a deadline: each whose time left is under
-    `AGENTQ_DEADLINE_SAFETY` times its estimated time to finish is promoted: its steps still
-    to run move to the promoted priority, after interactive work and before standard (queued
-    ones are published again at it; the earlier message finds the step taken), and its calls
-    are admitted as standard. Estimated
+    """The sweeper's pass over flex jobs with a deadline: each whose time left is under its
+    lead (`lead_s`: `AGENTQ_DEADLINE_SAFETY` times its estimated time to finish, plus the
+    sweeper's interval) is promoted: its steps still to run move to the promoted priority,
+    after interactive work and before standard (queued ones are published again at it; the
+    earlier message finds the step taken), and its calls are admitted as standard. Estimated
     from the measured mean run time of its kind's completed jobs (the last day), scaled by
-    the share of its steps still to run. `now` may be injected (tests)."""
+    the share of its steps still to run. A job already within its lead when submitted is
+    promoted then (`orchestrator.jobs.create_job`). `now` may be injected (tests)."""
     settings = get_settings()
     now = now or utcnow()
     promoted = 0
@@ -172,7 +181,7 @@ def promote_due(now: datetime | None = None, limit: int = 200) -> int:
         for job_id, kind, due_at, done, total, _created, tenant_id in due:
             left = 1.0 - done / total if total else 1.0
             estimate = rates.get(kind, settings.deadline_default_estimate_s) * max(left, 0.05)
-            if (due_at - now).total_seconds() > settings.deadline_safety * estimate:
+            if (due_at - now).total_seconds() > lead_s(estimate):
                 continue
             if not jobs.promote(s, job_id):
                 continue

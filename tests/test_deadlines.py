@@ -1,7 +1,9 @@
 """Flex jobs with deadlines: checked at submission, promoted on an injected clock when their
-estimated time to finish no longer fits, and met with real workers under another tenant's
-flood (counted in /metrics); a run claimed before its job's promotion has its later calls
-admitted as promoted."""
+estimated time to finish no longer fits (by the pass before the one that would be too late,
+the sweeper's passes starting an interval apart), or at submission when it already does not,
+the estimate leaving out the time flex jobs waited by design, and met with real workers under
+another tenant's flood (counted in /metrics); a run claimed before its job's promotion has
+its later calls admitted as promoted."""
 
 from __future__ import annotations
 
@@ -74,6 +76,111 @@ def test_a_flex_job_is_promoted_when_its_deadline_nears(
     types = [e["type"] for e in client.get(f"/v1/jobs/{job_id}/events",
                                            headers=auth(tenant_key)).json()["data"]]
     assert "job.promoted" in types
+
+
+def test_the_sweeper_promotes_a_job_its_next_pass_would_find_too_late(
+        client: TestClient, tenant_key: str, quiet_workers: None) -> None:
+    from core.db import transaction
+    from core.settings import get_settings
+    from orchestrator import scheduling
+
+    due = datetime.now(UTC) + timedelta(hours=1)
+    r = client.post("/v1/jobs", json=_flex(due), headers=auth(tenant_key))
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+
+    def promoted() -> bool:
+        return client.get(f"/v1/jobs/{job_id}", headers=auth(tenant_key)).json()[
+            "promoted_at"] is not None
+
+    settings = get_settings()
+    interval = settings.outbox_sweep_interval_s
+    with transaction() as s:
+        estimate = scheduling.estimate_s(s, "completion", now=due)
+    margin = settings.deadline_safety * estimate
+    # Time left over the safety margin by more than an interval: the next pass is soon enough.
+    scheduling.promote_due(now=due - timedelta(seconds=margin + 1.5 * interval))
+    assert not promoted()
+    # Over the margin by less than an interval: the next pass would come past it, so now.
+    at = due - timedelta(seconds=margin + 0.5 * interval)
+    wait_until(lambda: scheduling.promote_due(now=at) >= 0 and promoted(), 30,
+               what="the job to be promoted")
+
+
+def test_the_sweeper_starts_its_passes_an_interval_apart() -> None:
+    import statistics
+    import threading
+    import time
+
+    from workers.tasks import every
+
+    starts: list[float] = []
+    stop = threading.Event()
+
+    def a_pass() -> None:
+        starts.append(time.monotonic())
+        if len(starts) == 5:
+            stop.set()
+        stop.wait(0.3)  # a pass that takes a while
+
+    every(0.5, a_pass, stop)
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    # From start to start; an interval after each pass's end would make them 0.8 s apart.
+    assert 0.45 < statistics.mean(gaps) < 0.65, gaps
+
+
+def test_a_job_due_within_its_lead_is_promoted_at_submission(
+        client: TestClient, tenant_key: str, quiet_workers: None) -> None:
+    from core.db import transaction
+    from core.models import Step
+    from core.queue import step_priority
+
+    # Due within the sweeper's interval (1 s here) plus twice any estimate: the next pass
+    # could come too late, so the job is promoted as it is created.
+    r = client.post("/v1/jobs", json=_flex(datetime.now(UTC) + timedelta(seconds=1.5)),
+                    headers=auth(tenant_key))
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert r.json()["promoted_at"] is not None
+    assert r.json()["service_tier"] == "flex"
+    with transaction() as s:
+        assert {st.priority for st in s.query(Step).filter(Step.job_id == job_id)} == {
+            step_priority("promoted", False)}
+    events = client.get(f"/v1/jobs/{job_id}/events", headers=auth(tenant_key)).json()["data"]
+    assert "job.promoted" in [e["type"] for e in events]
+
+
+def test_the_estimate_leaves_out_the_time_a_flex_job_waited_by_design(
+        client: TestClient, tenant_key: str, quiet_workers: None) -> None:
+    from sqlalchemy import update
+
+    from core.db import transaction
+    from core.models import Job, JobStatus
+    from core.repositories import jobs
+
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    bodies = [_flex(soon), _flex(soon), _flex(soon, "standard") | {"deadline": None}]
+    ids = [client.post("/v1/jobs", json=b, headers=auth(tenant_key)).json()["id"]
+           for b in bodies]
+    # Finished in the future, so that only these jobs count from there on: a flex job promoted
+    # while it waited (10 s from its promotion), one that started as flex (4 s from its
+    # start), and a standard one (6 s from its submission).
+    end = datetime.now(UTC) + timedelta(days=30)
+    times = [(100, 9, 10), (100, 4, None), (6, 1, None)]  # seconds before the end
+    try:
+        with transaction() as s:
+            for job_id, (created, started, promoted) in zip(ids, times, strict=True):
+                s.execute(update(Job).where(Job.id == job_id).values(
+                    status=JobStatus.COMPLETED, created_at=end - timedelta(seconds=created),
+                    started_at=end - timedelta(seconds=started), finished_at=end,
+                    promoted_at=None if promoted is None else end - timedelta(seconds=promoted)))
+        with transaction() as s:
+            rates = jobs.mean_run_s(s, end - timedelta(seconds=1))
+        assert rates["completion"] == pytest.approx((10 + 4 + 6) / 3)
+    finally:
+        with transaction() as s:
+            s.execute(update(Job).where(Job.id.in_(ids)).values(
+                status=JobStatus.CANCELLED, finished_at=datetime.now(UTC)))
 
 
 def test_a_run_claimed_before_its_promotion_has_its_later_calls_admitted_as_promoted(

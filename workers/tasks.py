@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -54,15 +55,28 @@ def deliver_webhook(delivery_id: str) -> None:
 _stop = threading.Event()
 
 
+def _sweep() -> None:
+    try:
+        sweeps.all_sweeps()
+        webhooks.sweep_due()
+        idempotency.sweep_expired()
+    except Exception as exc:  # the database or broker may be briefly away
+        log.warning("sweep failed: %s", exc)
+
+
+def every(interval: float, work: Callable[[], None], stop: threading.Event) -> None:
+    """Run `work` every `interval` seconds, from one start to the next (a run longer than the
+    interval is followed at once by the next), until `stop` is set. From start to start, not
+    an interval after each run ends: the promotion of flex jobs counts on passes that far
+    apart (`orchestrator.scheduling.lead_s`)."""
+    next_at = time.monotonic() + interval
+    while not stop.wait(max(0.0, next_at - time.monotonic())):
+        next_at = max(next_at, time.monotonic()) + interval
+        work()
+
+
 def _sweeper() -> None:
-    settings = get_settings()
-    while not _stop.wait(settings.outbox_sweep_interval_s):
-        try:
-            sweeps.all_sweeps()
-            webhooks.sweep_due()
-            idempotency.sweep_expired()
-        except Exception as exc:  # the database or broker may be briefly away
-            log.warning("sweep failed: %s", exc)
+    every(get_settings().outbox_sweep_interval_s, _sweep, _stop)
 
 
 # A consumer that has not been running this long (its broker connection lost and never
