@@ -17,7 +17,9 @@ from sqlalchemy import select
 from bench.standin import count_tokens
 from core.db import transaction
 from core.models import Job, ModelCall, Step
+from core.queue import is_amqp
 from inference.admission import Admission
+from tests.broker import own_broker
 from tests.conftest import REDIS_URL
 from tests.helpers import auth, start_worker, wait_for_job, wait_until
 
@@ -73,23 +75,45 @@ def test_a_call_cancelled_before_its_first_token_is_billed_its_prompt(
 
 
 @pytest.fixture
-def one_slot_worker(agentq_env: dict[str, str], tmp_path: Path, quiet_workers: None
-                    ) -> Iterator[Any]:
-    """A worker whose pool admits one call at a time at the endpoint."""
-    proc = start_worker({**agentq_env, "AGENTQ_ENDPOINT_MAX_IN_FLIGHT": "1"},
+def one_slot(agentq_env: dict[str, str], tmp_path: Path, quiet_workers: None,
+             monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A worker whose pool admits one call at a time at an endpoint of its own (a stand-in
+    server no other process calls: the session's worker, paused, may hold admission slots at
+    the session's stand-in), on a broker of its own (this process publishes there too: the
+    paused worker may be blocked on the session's broker in a pop that would still take this
+    test's first message). Yields that stand-in."""
+    from bench.standin import StandinServer
+    from core import queue
+    from core.settings import get_settings
+
+    broker = own_broker("one-slot").get("AGENTQ_BROKER_URL") \
+        or REDIS_URL.rsplit("/", 1)[0] + "/11"
+    if not is_amqp(broker):
+        redis.Redis.from_url(broker).flushdb()
+    monkeypatch.setattr(get_settings(), "broker_url", broker)
+    monkeypatch.setattr(queue, "_app", None)
+    server = StandinServer().start()
+    proc = start_worker({**agentq_env, "AGENTQ_ENDPOINT_MAX_IN_FLIGHT": "1",
+                         "AGENTQ_BROKER_URL": broker, "AGENTQ_POOL_ENDPOINTS": server.url},
                         tmp_path / "one-slot.log")
-    yield proc
-    proc.stop()
+    try:
+        yield server
+    finally:
+        proc.stop()
+        server.stop()
 
 
 def test_a_call_cancelled_waiting_for_a_slot_is_billed_nothing(
-        client: TestClient, tenant_key: str, standin: Any, one_slot_worker: Any) -> None:
+        client: TestClient, tenant_key: str, one_slot: Any) -> None:
+    standin = one_slot
     standin.state.token_delay_by_marker = {"Hold the slot": 0.5}
     admission = Admission(redis.Redis.from_url(REDIS_URL), lease_s=60)
     holder = client.post("/v1/jobs", headers=auth(tenant_key), json={
         "kind": "completion", "input": {"prompt": "Hold the slot for a while",
                                         "max_tokens": 100}}).json()["id"]
-    wait_until(lambda: standin.state.running >= 1, 30, what="the first call to hold the slot")
+    # Other tests' steps left in the shared database may run here too (the worker's sweeper
+    # queues them): the holder's own call must be the one at the server, holding the slot.
+    wait_until(lambda: _reached(standin, holder), 30, what="the first call to hold the slot")
     waiter = client.post("/v1/jobs", headers=auth(tenant_key), json={
         "kind": "completion", "input": {"prompt": "Wait for the slot", "max_tokens": 20}}
                          ).json()["id"]
@@ -98,11 +122,7 @@ def test_a_call_cancelled_waiting_for_a_slot_is_billed_nothing(
     assert client.post(f"/v1/jobs/{waiter}/cancel", headers=auth(tenant_key)).status_code == 202
     assert wait_for_job(client, tenant_key, waiter, timeout=15)["status"] == "cancelled"
     wait_until(lambda: _job(waiter).reserved_tokens == 0, 10, what="the hold to be released")
-    with transaction() as s:
-        steps = {str(i) for i in s.scalars(select(Step.id).where(Step.job_id == waiter))}
-    with standin.state.lock:
-        reached = [r for r in standin.state.request_ids if r.split(":")[0] in steps]
-    assert reached == []
+    assert not _reached(standin, waiter)
     assert _rows(waiter) == []
     charged = _job(waiter)
     assert charged.prompt_tokens == charged.completion_tokens == charged.model_calls == 0
@@ -113,3 +133,11 @@ def test_a_call_cancelled_waiting_for_a_slot_is_billed_nothing(
     [row] = _rows(holder)
     assert row.finish_reason == "cancelled"
     assert 0 < row.completion_tokens < 100
+
+
+def _reached(standin: Any, job_id: str) -> bool:
+    """Whether a call of the job reached the stand-in."""
+    with transaction() as s:
+        steps = {str(i) for i in s.scalars(select(Step.id).where(Step.job_id == job_id))}
+    with standin.state.lock:
+        return any(r.split(":")[0] in steps for r in standin.state.request_ids)
