@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.base import Executable
 
 from core.db_errors import commit, retry_connect
+from core.direct import Direct, Rows
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,9 @@ E = TypeVar("E")
 AnyResult: TypeAlias = "CursorResult[*tuple[Any, ...]]"
 
 
+_UNPLANNED: Any = object()
+
+
 class Prebuilt(Generic[E]):
     """A statement of the step path, built once per kind of database (`build(postgres)`) and
     run with bound parameters: `session.execute(STMT(session), {...})`. Building a SQLAlchemy
@@ -292,6 +296,7 @@ class Prebuilt(Generic[E]):
     def __init__(self, build: Callable[[bool], E]) -> None:
         self._build = build
         self._built: dict[bool, E] = {}
+        self._direct: dict[bool, Direct | None] = {}
 
     def __call__(self, session: Session) -> E:
         postgres = is_postgres(session)
@@ -300,9 +305,17 @@ class Prebuilt(Generic[E]):
             found = self._built[postgres] = self._build(postgres)
         return found
 
-    def execute(self, session: Session, params: Mapping[str, Any]) -> AnyResult:
-        """Run the statement in the transaction of `session` (see `core_execute`)."""
-        return core_execute(session, self(session), params)  # type: ignore[arg-type]
+    def execute(self, session: Session, params: Mapping[str, Any]) -> AnyResult | Rows:
+        """Run the statement in the transaction of `session`: on Postgres straight on the
+        driver (`core.direct`), elsewhere through SQLAlchemy (`core_execute`)."""
+        conn = session.connection()
+        postgres = conn.dialect.name == "postgresql"
+        direct = self._direct.get(postgres, _UNPLANNED)
+        if direct is _UNPLANNED:
+            direct = self._direct[postgres] = Direct.plan(self(session), conn)  # type: ignore[arg-type]
+        if direct is None:
+            return core_execute(session, self(session), params)  # type: ignore[arg-type]
+        return direct.execute(conn, params)
 
 
 def core_execute(session: Session, statement: Executable,
