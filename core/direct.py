@@ -99,7 +99,7 @@ class Direct:
             elif default.is_scalar:
                 values[key] = default.arg
         for name, process in self._processors.items():
-            if values.get(name) is not None:
+            if name in values:  # None too, as SQLAlchemy does (JSON's None is JSON null)
                 values[name] = process(values[name])
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
