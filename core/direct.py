@@ -81,7 +81,7 @@ class Direct:
     @staticmethod
     def plan(statement: Executable, conn: Connection) -> Direct | None:
         """The plan for `statement` on `conn`'s dialect; None where it must run through
-        SQLAlchemy (not Postgres with psycopg, expanded parameters, or result processing)."""
+        SQLAlchemy (not Postgres with psycopg, or parameters expanded at execution)."""
         if conn.dialect.name != "postgresql" or conn.dialect.driver != "psycopg":
             return None
         compiled = statement.compile(dialect=conn.dialect)  # type: ignore[attr-defined]
