@@ -338,6 +338,15 @@ def now_param(postgres: bool, plus: str | None = None) -> Any:
     return bindparam(f"p_{plus}_at" if plus else "p_now", type_=DateTime(timezone=True))
 
 
+def clock_param(postgres: bool) -> Any:
+    """The moment the statement runs, in a prebuilt statement: `clock_timestamp()` on
+    Postgres (`now()` is the transaction's start, the same for all its statements), the bound
+    `p_now` elsewhere. For a step's start and finish: a transaction that finishes one step and
+    claims the next may have begun before another run's finish it waited for (fan-in)."""
+    return func.clock_timestamp() if postgres else bindparam(
+        "p_now", type_=DateTime(timezone=True))
+
+
 def now_params(**plus_s: float) -> dict[str, Any]:
     """The parameters `now_param` needs: `p_now`, and for each `name=seconds`, `p_name`
     (seconds) and `p_name_at` (now plus them)."""

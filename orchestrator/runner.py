@@ -8,9 +8,11 @@
    (`orchestrator.dag.complete`), fenced on the attempt. A step that spawned sub-agents
    instead ends waiting for them (`orchestrator.dag.suspend`): it is `pending` on its
    children, and their fan-in queues it again.
-4. One step that became ready runs next in the same thread, straight after the commit; the
-   others are published to the broker for other slots. A job's chain of steps thus moves on
-   without a trip through the broker, as a warm worker would take it.
+4. One step that became ready is claimed in that same transaction and runs next in the same
+   thread, straight after the commit; the others are published to the broker for other slots.
+   A job's chain of steps thus moves on without a trip through the broker and without a
+   transaction of its own for the claim: the dependant starts in the transaction that finishes
+   its last dependency.
 
 A transient database error never fails the job: the step is handed back (or its lease left to
 expire) and run again, replaying the calls it had finished.
@@ -49,32 +51,42 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _claim(step_id: str) -> tuple[ClaimedStep, StepOutputs] | None:
+Claimed = tuple[ClaimedStep, StepOutputs]
+
+
+def _claim(step_id: str) -> Claimed | None:
     """Claim the step; None when there is nothing to run (taken, done, or its job stopped)."""
     with transaction() as s:
-        c = steps.claim(s, step_id, get_settings().step_lease_seconds)
-        if c is None:
+        return _claim_in(s, step_id)
+
+
+def _claim_in(s: Session, step_id: str | None) -> Claimed | None:
+    """`_claim` in the caller's transaction (None for no step)."""
+    if step_id is None:
+        return None
+    c = steps.claim(s, step_id, get_settings().step_lease_seconds)
+    if c is None:
+        return None
+    if c.attempt > 1:
+        # An earlier run died: its reservations that expired are released now.
+        ledger.release_expired(s, 1000, step_id=step_id)
+    if c.job_status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+        # Read again under the job row's lock: a claim that waited for a continuation
+        # of the job to commit saw the job as it was before.
+        found = jobs.get(s, c.job_id, lock=True)
+        if found is None or found.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+            steps.mark_cancelled(s, step_id, c.attempt)
+            dag.maybe_finish_stopping(s, c.job_id)
             return None
-        if c.attempt > 1:
-            # An earlier run died: its reservations that expired are released now.
-            ledger.release_expired(s, 1000, step_id=step_id)
-        if c.job_status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-            # Read again under the job row's lock: a claim that waited for a continuation
-            # of the job to commit saw the job as it was before.
-            found = jobs.get(s, c.job_id, lock=True)
-            if found is None or found.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-                steps.mark_cancelled(s, step_id, c.attempt)
-                dag.maybe_finish_stopping(s, c.job_id)
-                return None
-            c = replace(c, job_status=found.status, budget=dict(found.budget or {}))
-        kind = get_kind(c.kind)
-        phase = kind.phases.get(c.role, c.role) if kind is not None else c.role
-        seq, hooks, started = jobs.started_step(s, c.job_id, phase,
-                                                c.job_status == JobStatus.QUEUED)
-        new: list[events.Event] = [("job.started", {})] if started else []
-        new.append(("step.started", {"step": c.key, "role": c.role}))
-        events.write(s, c.job_id, hooks, seq, new)
-        parents = steps.outputs(s, c.job_id, c.depends_on) if c.depends_on else {}
+        c = replace(c, job_status=found.status, budget=dict(found.budget or {}))
+    kind = get_kind(c.kind)
+    phase = kind.phases.get(c.role, c.role) if kind is not None else c.role
+    seq, hooks, started = jobs.started_step(s, c.job_id, phase,
+                                            c.job_status == JobStatus.QUEUED)
+    new: list[events.Event] = [("job.started", {})] if started else []
+    new.append(("step.started", {"step": c.key, "role": c.role}))
+    events.write(s, c.job_id, hooks, seq, new)
+    parents = steps.outputs(s, c.job_id, c.depends_on) if c.depends_on else {}
     return c, StepOutputs(parents)
 
 
@@ -99,32 +111,32 @@ def _job_input(kind: AnyKind, c: ClaimedStep) -> BaseModel:
 
 
 def run_step(step_id: str, pool: Pool | None = None, link: str | None = None) -> None:
-    """Run the step, then, in the same thread, the step its completion made ready (one of
-    them, when several: the others go through the broker to other slots), and so on.
+    """Run the step, then, in the same thread, the step its completion made ready and claimed
+    (one of them, when several: the others go through the broker to other slots), and so on.
     `link`: the traceparent of the span that published the step, if its message had one."""
-    next_id: str | None = step_id
-    while next_id is not None:
-        next_id, link = _run_one(next_id, pool or get_pool(), link)
-
-
-def _run_one(step_id: str, pool: Pool, link: str | None) -> tuple[str | None, str | None]:
     claiming = tracing.now_ns()
     claimed = _claim(step_id)
-    if claimed is None:
-        return None, None
+    while claimed is not None:
+        claimed, claiming, link = _run_one(claimed, claiming, pool or get_pool(), link)
+
+
+def _run_one(claimed: Claimed, claiming: int, pool: Pool, link: str | None
+             ) -> tuple[Claimed | None, int, str | None]:
+    """Run a claimed step; the next one its completion claimed, when it did."""
     c, parents = claimed
     leases.add(c.step_id, c.attempt)
     stopping.add(c.job_id, (c.step_id, c.attempt))
     try:
         with traces.step(c, claiming, link):
+            following = _run(c, parents, pool)
             # The step made ready here (if any) is linked to this one.
-            return _run(c, parents, pool), tracing.current_traceparent()
+            return following, tracing.now_ns(), tracing.current_traceparent()
     finally:
         stopping.remove(c.job_id, (c.step_id, c.attempt))
         leases.remove(c.step_id, c.attempt)
 
 
-def _run(c: ClaimedStep, parents: StepOutputs, pool: Pool) -> str | None:
+def _run(c: ClaimedStep, parents: StepOutputs, pool: Pool) -> Claimed | None:
     kind = get_kind(c.kind)
     run = Run(c.job_id, c.step_id, c.attempt, Budget.of(c.budget))
     carry = Carry(run)
@@ -139,8 +151,8 @@ def _run(c: ClaimedStep, parents: StepOutputs, pool: Pool) -> str | None:
 
 
 def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry: Carry,
-               kind: AnyKind | None) -> str | None:
-    """Run the agent and record how the run ended; the id of the step to run next here."""
+               kind: AnyKind | None) -> Claimed | None:
+    """Run the agent and record how the run ended; the step claimed to run next here."""
     try:
         if kind is None:
             raise AgentError(f"this worker does not know job kind {c.kind!r}")
@@ -163,8 +175,8 @@ def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry
         children, waiting_for = waits.children, waits.waiting_for
         before = waits.spawned_before
         traces.step_outcome("suspended")
-        return _in_transaction(run, carry, lambda s: dag.suspend(
-            s, c, kind, children, waiting_for, before))
+        return _in_transaction(run, carry, lambda s: _claim_in(s, dag.suspend(
+            s, c, kind, children, waiting_for, before)))
     except StepStopped:
         _end(c, run, carry, StepStatus.CANCELLED, None, None, kind)
     except BudgetExhausted as exc:
@@ -193,8 +205,8 @@ def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry
     else:
         assert kind is not None
         traces.step_outcome(StepStatus.COMPLETED)
-        return _in_transaction(
-            run, carry, lambda s: dag.complete(s, c, kind, job_input, output, carry, keep=True),
+        return _in_transaction(run, carry, lambda s: _claim_in(
+            s, dag.complete(s, c, kind, job_input, output, carry, keep=True)),
             write_carry=False)
     return None
 

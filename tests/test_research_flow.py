@@ -82,6 +82,46 @@ def test_research_job_runs_to_completed(client: TestClient, tenant_key: str,
     assert seqs == list(range(1, len(seqs) + 1))
 
 
+def test_a_dependant_starts_in_the_transaction_that_finishes_its_last_dependency(
+        client: TestClient, tenant_key: str, standin: Any) -> None:
+    """The completion that makes steps ready claims one of them in the same transaction, and
+    the worker runs it next; the others go through the broker. The fan-in step is claimed by
+    the completion that counted it ready. On Postgres an event row's `xmin` names the
+    transaction that wrote it: a dependant's `step.started` and its last dependency's
+    `step.completed` share one."""
+    from sqlalchemy import literal_column
+
+    from core.db import is_postgres
+
+    job_id = submit(client, tenant_key)
+    job = wait_for_job(client, tenant_key, job_id, timeout=60)
+    assert job["status"] == "completed", job.get("error")
+    with transaction() as s:
+        if not is_postgres(s):
+            pytest.skip("xmin is Postgres's")
+        rows = {r.key: r for r in s.execute(
+            select(Step.key, Step.role, Step.depends_on, Step.started_at, Step.finished_at,
+                   Step.attempt).where(Step.job_id == job_id))}
+        written = s.execute(select(literal_column("xmin::text"), JobEvent.type, JobEvent.data)
+                            .where(JobEvent.job_id == job_id).order_by(JobEvent.seq)).all()
+    txn = {(t, (d or {}).get("step")): x for x, t, d in written}
+    same_txn = {k for k, r in rows.items() if r.depends_on and txn[("step.started", k)] in {
+        txn[("step.completed", d)] for d in r.depends_on}}
+    investigators = {k for k, r in rows.items() if r.role == "investigator"}
+    synthesis = {k for k, r in rows.items() if r.role == "synthesiser"}
+    assert len(investigators) == 3
+    assert len(synthesis) == 1
+    # One investigator taken with the plan's completion, two through the broker; the
+    # synthesis with the last investigator's completion.
+    assert len(same_txn & investigators) == 1, written
+    assert same_txn >= synthesis, written
+    assert all(r.attempt == 1 for r in rows.values())
+    # Each step started once, and after every dependency had finished.
+    assert [t for _, t, _ in written].count("step.started") == 5
+    for r in rows.values():
+        assert all(r.started_at >= rows[d].finished_at for d in r.depends_on), rows
+
+
 def test_invalid_plan_falls_back_to_a_deterministic_one(
         client: TestClient, tenant_key: str, standin: Any) -> None:
     standin.state.plan_text = '["Only one question?"]'

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import String, and_, bindparam, func, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from core.db import Prebuilt, db_now, is_postgres, now_param, now_params
+from core.db import Prebuilt, clock_param, db_now, is_postgres, now_param, now_params
 from core.ids import new_id
 from core.models import Step, StepStatus, jobs_table, steps_table, utcnow
 
@@ -70,7 +70,8 @@ def _claim(postgres: bool) -> Any:
     claimable = or_(S.status == StepStatus.QUEUED,
                     and_(S.status == StepStatus.RUNNING, S.lease_expires_at < now))
     stmt = update(steps_table).where(S.id == bindparam("p_id"), claimable).values(
-        status=StepStatus.RUNNING, attempt=S.attempt + 1, started_at=now, finished_at=None,
+        status=StepStatus.RUNNING, attempt=S.attempt + 1, started_at=clock_param(postgres),
+        finished_at=None,
         lease_expires_at=now_param(postgres, "lease"))
     if postgres:
         return stmt.where(jobs_table.c.id == S.job_id).returning(*_STEP_COLS, *_JOB_COLS)
@@ -116,7 +117,7 @@ _FINISH = Prebuilt(lambda postgres: update(steps_table).where(
     S.status == StepStatus.RUNNING,
 ).values(status=bindparam("p_status", type_=String),
          output=bindparam("p_output", type_=S.output.type),
-         error=bindparam("p_error", type_=String), finished_at=now_param(postgres),
+         error=bindparam("p_error", type_=String), finished_at=clock_param(postgres),
          lease_expires_at=None,
          prompt_tokens=S.prompt_tokens + bindparam("p_prompt"),
          completion_tokens=S.completion_tokens + bindparam("p_completion"),
