@@ -72,6 +72,10 @@ class Settings(BaseSettings):
 
     # Worker concurrency: steps (and so model calls) one worker process keeps in flight.
     worker_concurrency: int = 64
+    # Of the steps a completion makes ready, how many more than the one it runs next it may
+    # claim to run on the process's free slots (`orchestrator.slots`); 0: the rest all go
+    # through the broker.
+    worker_local_fanout: int = Field(default=16, ge=0)
     # Model calls.
     request_timeout_s: float = 120.0
     connect_timeout_s: float = 5.0

@@ -35,19 +35,18 @@ OPENAI_BATCH = "openai_batch"
 
 
 def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list[StepSpec],
-              *, tenant_id: str, tier: str, continuing: bool = True, keep: bool = False,
-              publish: bool = True, deferred: bool = False) -> tuple[str | None, list[str]]:
+              *, tenant_id: str, tier: str, continuing: bool = True, keep: int = 0,
+              publish: bool = True, deferred: bool = False) -> tuple[list[str], list[str]]:
     """Insert steps; those whose dependencies are all complete are queued at once, at their
     tier's priority (a new job's first steps after the steps of running jobs of that tier),
     within the tenant's cap (`orchestrator.scheduling`). The others are stored at a running
     job's priority (they become runnable once the job runs; a release from `held` publishes
-    them at it). With `keep`, the first runnable one is not published but returned, for the
-    caller to run. Without `publish`, the others are returned too, for the caller to
-    dispatch. `deferred`: the runnable ones wait for the job's planned
-    start (`orchestrator.scheduling.start_deferred`). Returns (kept, queued and not
-    published)."""
+    them at it). With `keep`, up to that many of the first runnable ones are not published but
+    returned, for the caller to run. Without `publish`, the others are returned too, for the
+    caller to dispatch. `deferred`: the runnable ones wait for the job's planned start
+    (`orchestrator.scheduling.start_deferred`). Returns (kept, queued and not published)."""
     if not specs:
-        return None, []
+        return [], []
     done = step_deps.completed_keys(session, job_id) if any(s.depends_on for s in specs) else set()
     per_role: dict[str, int] = dict(budget.get("step_max_tokens") or {})
     rows = []
@@ -61,7 +60,7 @@ def add_steps(session: Session, job_id: str, budget: dict[str, Any], specs: list
     queued = steps.add(session, job_id, rows, tenant_id, prio, deferred,
                        pending_priority=scheduling.priority(tier, True))
     jobs.add_steps_total(session, job_id, len(specs))
-    kept = queued.pop(0) if keep and queued else None
+    kept, queued = queued[:keep], queued[keep:]
     if not publish:
         return kept, queued
     scheduling.dispatch(session, tenant_id, queued, prio)
@@ -106,14 +105,14 @@ def maybe_finish_stopping(session: Session, job_id: str) -> None:
 
 
 def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseModel,
-             output: BaseModel, carry: Carry, keep: bool = False) -> str | None:
+             output: BaseModel, carry: Carry, keep: int = 0) -> list[str]:
     """Save a run's output, settle the calls it carries, and move the job on. A run that no
     longer holds its step has its calls settled (they were made) but its output refused.
 
-    With `keep`, one step this completion makes ready is left queued but not published, and
-    its id returned: the caller runs it next, in the same thread, right after commit (no trip
-    through the broker). Should the caller die first, the step is still `queued` in the
-    database and the sweeper publishes it (`step_requeue_after_s`)."""
+    With `keep`, up to that many steps this completion makes ready are left queued but not
+    published, and their ids returned: the caller claims them in this transaction and runs
+    them (`orchestrator.runner`; no trip through the broker). A flex job's are all
+    published."""
     run = carry.run
     rows = carry.take(session)
     done = steps.finish(session, c.step_id, c.attempt, StepStatus.COMPLETED,
@@ -126,7 +125,7 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
                     c.attempt)
         for row in rows:
             settle_in(session, run, row)
-        return None
+        return []
     # The calls settle with the completion: their reservations released, their rows written,
     # their usage added in the same update of the job row that counts the step.
     held: list[tuple[int, Decimal]] = []
@@ -154,38 +153,38 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
     status, steps_done, total = counted.status, counted.steps_done, counted.steps_total
     if status != JobStatus.RUNNING:
         maybe_finish_stopping(session, c.job_id)
-        return None
+        return []
     c = promoted_since(session, c)
     if kind.decides(job_input, key, kind.role(role), output):
         decide(session, c.job_id, c.step_id, key, kind, job_input)
         # The steps it cancelled leave room for the tenant's held steps.
         scheduling.dispatch(session, c.tenant_id, [], scheduling.priority(c.scheduled_tier, True))
-        return None
+        return []
     # Fan-in first: the steps this completion adds count it as done already. A flex job's
-    # next step goes through the broker, behind the work of the tiers above it.
-    keep = keep and c.scheduled_tier != ServiceTier.FLEX
+    # next steps go through the broker, behind the work of the tiers above it.
+    keep = keep if c.scheduled_tier != ServiceTier.FLEX else 0
     ready = step_deps.fan_in(session, c.job_id, key)
-    kept = ready.pop(0) if keep and ready else None
+    kept, ready = ready[:keep], ready[keep:]
     try:
         added = kind.expand(job_input, key, kind.role(role), output)
     except Exception as exc:  # noqa: BLE001 - a kind's bug fails its job, not the worker
         log.exception("job %s: expanding after %s failed", c.job_id, key)
         finish(session, c.job_id, JobStatus.FAILED, error=(
             "internal_error", f"planning after step {key} failed: {exc!r}"))
-        return None
+        return []
     if added:
         kept_added, queued = add_steps(session, c.job_id, c.budget, added,
                                        tenant_id=c.tenant_id, tier=c.scheduled_tier,
-                                       keep=keep and kept is None, publish=False)
+                                       keep=keep - len(kept), publish=False)
         ready += queued
-        kept = kept or kept_added
+        kept += kept_added
         total += len(added)
         events.append(session, c.job_id, "plan.ready", {"after": key, "steps": [
             {"key": a.key, "role": a.role.name, "depends_on": list(a.depends_on)}
             for a in added]})
     if steps_done >= total:
         finalise(session, c.job_id, kind, job_input)
-        return None
+        return []
     # One dispatch for all: within the tenant's cap, and releasing held steps into the room
     # this completion made.
     scheduling.dispatch(session, c.tenant_id, ready,
@@ -195,22 +194,22 @@ def complete(session: Session, c: ClaimedStep, kind: AnyKind, job_input: BaseMod
 
 def suspend(session: Session, c: ClaimedStep, kind: AnyKind | None,
             children: Sequence[StepSpec], waiting_for: Sequence[str],
-            spawned_before: int) -> str | None:
+            spawned_before: int, keep: int = 1) -> list[str]:
     """A run ends waiting for the children it spawned: they are added (queued at once), the
     step depends on them as well and is `pending` until the fan-in of their completions
     queues it again; it holds no lease and no worker meanwhile. The job's cap on spawned
     steps is checked again under the job row's lock, counting the other steps' spawned steps
     and the `spawned_before` this step's transcript holds (as the spawn counted them). Of two
     steps spawning at once, one may find the cap full, and is queued again (its next run,
-    replaying its calls, is refused the spawn and tells its model). Returns a child to run
-    next in this thread (`keep`)."""
+    replaying its calls, is refused the spawn and tells its model). Returns up to `keep`
+    children for the caller to claim and run (none of a flex job's)."""
     if steps.lease_of(session, c.step_id, c.attempt, lock=True) is None:
-        return None  # the run lost its step
+        return []  # the run lost its step
     status = jobs.status_of(session, c.job_id, lock=True)
     if status != JobStatus.RUNNING:
         traces.step_outcome(StepStatus.CANCELLED)
         end(session, c, StepStatus.CANCELLED, None, None, kind)
-        return None
+        return []
     c = promoted_since(session, c)
     cap = get_settings().spawn_max_per_job
     others = step_deps.count_spawned(session, c.job_id, besides=c.key)
@@ -218,16 +217,17 @@ def suspend(session: Session, c: ClaimedStep, kind: AnyKind | None,
         log.info("step %s: the job's %d spawned steps are taken meanwhile; running it again",
                  c.step_id, cap)
         _requeue(session, c)
-        return None
+        return []
     done = step_deps.completed_keys(session, c.job_id)
     depends_on = list(dict.fromkeys([*c.depends_on, *waiting_for]))
     remaining = len([k for k in depends_on if k not in done])
     if remaining == 0 and not children:  # nothing to wait for after all: run again
         _requeue(session, c)
-        return None
+        return []
     step_deps.wait_for(session, c.step_id, c.attempt, depends_on, remaining)
     kept, _ = add_steps(session, c.job_id, c.budget, list(children), tenant_id=c.tenant_id,
-                        tier=c.scheduled_tier, keep=c.scheduled_tier != ServiceTier.FLEX)
+                        tier=c.scheduled_tier,
+                        keep=keep if c.scheduled_tier != ServiceTier.FLEX else 0)
     if children:
         events.append(session, c.job_id, "plan.ready", {"after": c.key, "steps": [
             {"key": a.key, "role": a.role.name, "depends_on": list(a.depends_on),

@@ -8,11 +8,12 @@
    (`orchestrator.dag.complete`), fenced on the attempt. A step that spawned sub-agents
    instead ends waiting for them (`orchestrator.dag.suspend`): it is `pending` on its
    children, and their fan-in queues it again.
-4. One step that became ready is claimed in that same transaction and runs next in the same
-   thread, straight after the commit; the others are published to the broker for other slots.
-   A job's chain of steps thus moves on without a trip through the broker and without a
-   transaction of its own for the claim: the dependant starts in the transaction that finishes
-   its last dependency.
+4. Steps that became ready are claimed in that same transaction: one runs next in the same
+   thread, straight after the commit, and as many more as the process has free slots run in
+   threads of its own (`orchestrator.slots`); the rest are published to the broker for other
+   workers. A job's chain of steps, and its fan-out, thus move on without a trip through the
+   broker and without a transaction of their own for the claim: a dependant starts in the
+   transaction that finishes its last dependency.
 
 A transient database error never fails the job: the step is handed back (or its lease left to
 expire) and run again, replaying the calls it had finished.
@@ -24,6 +25,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from threading import Lock
 from typing import TypeVar
 
@@ -43,6 +45,7 @@ from core.repositories.steps import ClaimedStep
 from core.settings import get_settings
 from inference.pool import Pool, get_pool
 from orchestrator import dag, scheduling, traces
+from orchestrator import slots as local_slots
 from orchestrator.budget import BudgetExhausted, Carry, Run, StepStopped
 from orchestrator.metering import MeteredContext
 from orchestrator.watchers import carries, leases, stopping
@@ -60,10 +63,8 @@ def _claim(step_id: str) -> Claimed | None:
         return _claim_in(s, step_id)
 
 
-def _claim_in(s: Session, step_id: str | None) -> Claimed | None:
-    """`_claim` in the caller's transaction (None for no step)."""
-    if step_id is None:
-        return None
+def _claim_in(s: Session, step_id: str) -> Claimed | None:
+    """`_claim` in the caller's transaction."""
     c = steps.claim(s, step_id, get_settings().step_lease_seconds)
     if c is None:
         return None
@@ -111,13 +112,17 @@ def _job_input(kind: AnyKind, c: ClaimedStep) -> BaseModel:
 
 
 def run_step(step_id: str, pool: Pool | None = None, link: str | None = None) -> None:
-    """Run the step, then, in the same thread, the step its completion made ready and claimed
-    (one of them, when several: the others go through the broker to other slots), and so on.
-    `link`: the traceparent of the span that published the step, if its message had one."""
+    """Run the step, then, in the same thread, a step its completion made ready and claimed,
+    and so on (the others it claimed run on this process's free slots, the rest go through
+    the broker). `link`: the traceparent of the span that published the step, if its message
+    had one."""
     claiming = tracing.now_ns()
-    claimed = _claim(step_id)
+    _run_chain(_claim(step_id), claiming, pool or get_pool(), link)
+
+
+def _run_chain(claimed: Claimed | None, claiming: int, pool: Pool, link: str | None) -> None:
     while claimed is not None:
-        claimed, claiming, link = _run_one(claimed, claiming, pool or get_pool(), link)
+        claimed, claiming, link = _run_one(claimed, claiming, pool, link)
 
 
 def _run_one(claimed: Claimed, claiming: int, pool: Pool, link: str | None
@@ -175,8 +180,8 @@ def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry
         children, waiting_for = waits.children, waits.waiting_for
         before = waits.spawned_before
         traces.step_outcome("suspended")
-        return _in_transaction(run, carry, lambda s: _claim_in(s, dag.suspend(
-            s, c, kind, children, waiting_for, before)))
+        return _move_on(run, carry, pool, lambda s, keep: dag.suspend(
+            s, c, kind, children, waiting_for, before, keep=keep))
     except StepStopped:
         _end(c, run, carry, StepStatus.CANCELLED, None, None, kind)
     except BudgetExhausted as exc:
@@ -205,10 +210,34 @@ def _run_agent(c: ClaimedStep, parents: StepOutputs, pool: Pool, run: Run, carry
     else:
         assert kind is not None
         traces.step_outcome(StepStatus.COMPLETED)
-        return _in_transaction(run, carry, lambda s: _claim_in(
-            s, dag.complete(s, c, kind, job_input, output, carry, keep=True)),
-            write_carry=False)
+        return _move_on(run, carry, pool, lambda s, keep: dag.complete(
+            s, c, kind, job_input, output, carry, keep=keep), write_carry=False)
     return None
+
+
+def _move_on(run: Run, carry: Carry, pool: Pool, moves: Callable[[Session, int], list[str]],
+             write_carry: bool = True) -> Claimed | None:
+    """A run's last transaction (`moves`, given how many of the steps it makes ready to keep),
+    claiming in it the steps it kept: the first is returned, to run next in this thread; the
+    others run on free slots of this process (`orchestrator.slots`), taken before."""
+    slots = local_slots.current()
+    extra = slots.try_take(get_settings().worker_local_fanout) if slots is not None else 0
+    try:
+        claimed = _in_transaction(run, carry, lambda s: [
+            found for step_id in moves(s, 1 + extra)
+            if (found := _claim_in(s, step_id)) is not None], write_carry)
+    except BaseException:
+        if slots is not None:
+            slots.give(extra)
+        raise
+    if slots is None:
+        return claimed[0] if claimed else None
+    others = claimed[1:]
+    slots.give(extra - len(others))
+    link = tracing.current_traceparent()
+    for other in others:
+        slots.run(partial(_run_chain, other, tracing.now_ns(), pool, link))
+    return claimed[0] if claimed else None
 
 
 def _end(c: ClaimedStep, run: Run, carry: Carry, status: StepStatus,

@@ -84,11 +84,11 @@ def test_research_job_runs_to_completed(client: TestClient, tenant_key: str,
 
 def test_a_dependant_starts_in_the_transaction_that_finishes_its_last_dependency(
         client: TestClient, tenant_key: str, standin: Any) -> None:
-    """The completion that makes steps ready claims one of them in the same transaction, and
-    the worker runs it next; the others go through the broker. The fan-in step is claimed by
-    the completion that counted it ready. On Postgres an event row's `xmin` names the
-    transaction that wrote it: a dependant's `step.started` and its last dependency's
-    `step.completed` share one."""
+    """The completion that makes steps ready claims them in the same transaction (one to run
+    next in the same thread, the others on the worker's free slots: `tests/test_slots.py`
+    bounds them). The fan-in step is claimed by the completion that counted it ready. On
+    Postgres an event row's `xmin` names the transaction that wrote it: a dependant's
+    `step.started` and its last dependency's `step.completed` share one."""
     from sqlalchemy import literal_column
 
     from core.db import is_postgres
@@ -111,9 +111,9 @@ def test_a_dependant_starts_in_the_transaction_that_finishes_its_last_dependency
     synthesis = {k for k, r in rows.items() if r.role == "synthesiser"}
     assert len(investigators) == 3
     assert len(synthesis) == 1
-    # One investigator taken with the plan's completion, two through the broker; the
+    # The investigators taken with the plan's completion (the worker has 64 slots); the
     # synthesis with the last investigator's completion.
-    assert len(same_txn & investigators) == 1, written
+    assert same_txn & investigators == investigators, written
     assert same_txn >= synthesis, written
     assert all(r.attempt == 1 for r in rows.values())
     # Each step started once, and after every dependency had finished.

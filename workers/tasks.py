@@ -18,7 +18,7 @@ from agents.registry import kind_names
 from core.queue import get_celery
 from core.settings import get_settings
 from core.tracing import TRACEPARENT
-from orchestrator import idempotency, runner, sandboxes, sweeps, webhook_pool, webhooks
+from orchestrator import idempotency, runner, sandboxes, slots, sweeps, webhook_pool, webhooks
 
 log = logging.getLogger(__name__)
 app = get_celery()
@@ -39,7 +39,16 @@ kind_names()
           retry_jitter=True, max_retries=12)
 def run_step(self: Task, step_id: str) -> None:
     link = self.request.get(TRACEPARENT)
-    runner.run_step(step_id, link=link if isinstance(link, str) else None)
+    # A delivery waits for one of the process's slots: the steps its own completions claimed
+    # (`orchestrator.slots`) may hold some.
+    mine = slots.current()
+    if mine is not None:
+        mine.take()
+    try:
+        runner.run_step(step_id, link=link if isinstance(link, str) else None)
+    finally:
+        if mine is not None:
+            mine.give()
 
 
 # Deliveries come on their own queue (`agentq.webhooks`). The task only hands the delivery to
@@ -114,6 +123,10 @@ def _announcer(mine: sandboxes.WorkerSandbox) -> None:
 
 @worker_ready.connect
 def _start_sweeper(sender: Any = None, **_: Any) -> None:
+    # The process's step slots, as many as Celery's (`-c` or AGENTQ_WORKER_CONCURRENCY).
+    controller = getattr(sender, "controller", None)
+    slots.configure(int(getattr(controller, "concurrency", None)
+                        or get_settings().worker_concurrency))
     mine = sandboxes.log_mode()
     _announced.append(mine)
     threading.Thread(target=_announcer, args=(mine,), name="agentq-sandbox-announcer",
@@ -127,6 +140,10 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
 @worker_shutdown.connect
 def _stop_sweeper(**_: Any) -> None:
     _stop.set()
+    # Steps this process claimed for itself finish (as Celery's own do in a warm shutdown).
+    running = slots.current()
+    if running is not None:
+        running.close(wait=True)
     # Attempts under way end by their deadline; deliveries not yet started are left to the
     # sweeper (their rows say so).
     webhook_pool.shutdown(wait=True)
