@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from threading import Lock
@@ -60,35 +60,48 @@ Claimed = tuple[ClaimedStep, StepOutputs]
 def _claim(step_id: str) -> Claimed | None:
     """Claim the step; None when there is nothing to run (taken, done, or its job stopped)."""
     with transaction() as s:
-        return _claim_in(s, step_id)
+        found = _claim_in(s, [step_id])
+    return found[0] if found else None
 
 
-def _claim_in(s: Session, step_id: str) -> Claimed | None:
-    """`_claim` in the caller's transaction."""
-    c = steps.claim(s, step_id, get_settings().step_lease_seconds)
-    if c is None:
-        return None
-    if c.attempt > 1:
-        # An earlier run died: its reservations that expired are released now.
-        ledger.release_expired(s, 1000, step_id=step_id)
-    if c.job_status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-        # Read again under the job row's lock: a claim that waited for a continuation
-        # of the job to commit saw the job as it was before.
-        found = jobs.get(s, c.job_id, lock=True)
-        if found is None or found.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-            steps.mark_cancelled(s, step_id, c.attempt)
-            dag.maybe_finish_stopping(s, c.job_id)
-            return None
-        c = replace(c, job_status=found.status, budget=dict(found.budget or {}))
-    kind = get_kind(c.kind)
-    phase = kind.phases.get(c.role, c.role) if kind is not None else c.role
-    seq, hooks, started = jobs.started_step(s, c.job_id, phase,
-                                            c.job_status == JobStatus.QUEUED)
-    new: list[events.Event] = [("job.started", {})] if started else []
-    new.append(("step.started", {"step": c.key, "role": c.role}))
-    events.write(s, c.job_id, hooks, seq, new)
-    parents = steps.outputs(s, c.job_id, c.depends_on) if c.depends_on else {}
-    return c, StepOutputs(parents)
+def _claim_in(s: Session, step_ids: Sequence[str]) -> list[Claimed]:
+    """Claim these steps in the caller's transaction: those there is something to run for.
+    The steps of one job have their `step.started` events in one insert (one update of the job
+    row for their cursors) and their parents' outputs read in one query."""
+    taken: dict[str, list[ClaimedStep]] = {}
+    for step_id in step_ids:
+        c = steps.claim(s, step_id, get_settings().step_lease_seconds)
+        if c is None:
+            continue
+        if c.attempt > 1:
+            # An earlier run died: its reservations that expired are released now.
+            ledger.release_expired(s, 1000, step_id=step_id)
+        if c.job_status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+            # Read again under the job row's lock: a claim that waited for a continuation
+            # of the job to commit saw the job as it was before.
+            found = jobs.get(s, c.job_id, lock=True)
+            if found is None or found.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+                steps.mark_cancelled(s, step_id, c.attempt)
+                dag.maybe_finish_stopping(s, c.job_id)
+                continue
+            c = replace(c, job_status=found.status, budget=dict(found.budget or {}))
+        taken.setdefault(c.job_id, []).append(c)
+    claimed: list[Claimed] = []
+    for job_id, group in taken.items():
+        kind = get_kind(group[-1].kind)
+        role = group[-1].role
+        phase = kind.phases.get(role, role) if kind is not None else role
+        seq, hooks, started = jobs.started_step(
+            s, job_id, phase, any(c.job_status == JobStatus.QUEUED for c in group), len(group))
+        new: list[events.Event] = [("job.started", {})] if started else []
+        new += [("step.started", {"step": c.key, "role": c.role}) for c in group]
+        events.write(s, job_id, hooks, seq, new)
+        wanted = list(dict.fromkeys(k for c in group for k in c.depends_on))
+        outputs = steps.outputs(s, job_id, wanted) if wanted else {}
+        for c in group:
+            mine = set(c.depends_on)
+            claimed.append((c, StepOutputs({k: v for k, v in outputs.items() if k in mine})))
+    return claimed
 
 
 _inputs: OrderedDict[tuple[str, str], BaseModel] = OrderedDict()
@@ -223,9 +236,8 @@ def _move_on(run: Run, carry: Carry, pool: Pool, moves: Callable[[Session, int],
     slots = local_slots.current()
     extra = slots.try_take(get_settings().worker_local_fanout) if slots is not None else 0
     try:
-        claimed = _in_transaction(run, carry, lambda s: [
-            found for step_id in moves(s, 1 + extra)
-            if (found := _claim_in(s, step_id)) is not None], write_carry)
+        claimed = _in_transaction(run, carry, lambda s: _claim_in(s, moves(s, 1 + extra)),
+                                  write_carry)
     except BaseException:
         if slots is not None:
             slots.give(extra)

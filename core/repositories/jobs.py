@@ -53,26 +53,28 @@ def add(session: Session, job: Job) -> None:
 _FIRST_STEP = Prebuilt(lambda postgres: update(jobs_table).where(
     J.id == bindparam("p_job"), J.status == JobStatus.QUEUED,
 ).values(status=JobStatus.RUNNING, started_at=now_param(False),
-         phase=bindparam("p_phase", type_=String), event_seq=J.event_seq + 2,
+         phase=bindparam("p_phase", type_=String),
+         event_seq=J.event_seq + bindparam("p_events") + 1,
          ).returning(J.event_seq, *HOOK_COLUMNS))
 _NEXT_STEP = Prebuilt(lambda postgres: update(jobs_table).where(J.id == bindparam("p_job")).values(
-    phase=bindparam("p_phase", type_=String), event_seq=J.event_seq + 1,
+    phase=bindparam("p_phase", type_=String), event_seq=J.event_seq + bindparam("p_events"),
 ).returning(J.event_seq, *HOOK_COLUMNS))
 
 
-def started_step(session: Session, job_id: str, phase: str, maybe_first: bool
+def started_step(session: Session, job_id: str, phase: str, maybe_first: bool, steps: int = 1
                  ) -> tuple[int, Hooks, bool]:
-    """A step of the job started: its phase, one event cursor (`step.started`), and, when the
-    job was still `queued` (`maybe_first`), the job `running` and a cursor before it
-    (`job.started`). Returns the first cursor, who hears the events, and whether this step
-    started the job (one of several first steps claimed at once does)."""
-    params = {"p_job": job_id, "p_phase": phase, "p_now": utcnow()}
+    """`steps` steps of the job started: its phase (the last one's), their event cursors
+    (`step.started`), and, when the job was still `queued` (`maybe_first`), the job `running`
+    and a cursor before them (`job.started`). Returns the first cursor, who hears the events,
+    and whether these steps started the job (one of several first steps claimed at once
+    does)."""
+    params = {"p_job": job_id, "p_phase": phase, "p_now": utcnow(), "p_events": steps}
     if maybe_first:
         row = _FIRST_STEP.execute(session, params).first()
         if row is not None:
-            return int(row[0]) - 1, hooks_of(row), True
+            return int(row[0]) - steps, hooks_of(row), True
     row = _NEXT_STEP.execute(session, params).one()
-    return int(row[0]), hooks_of(row), False
+    return int(row[0]) - steps + 1, hooks_of(row), False
 
 
 @dataclass(frozen=True)
