@@ -318,6 +318,41 @@ class Prebuilt(Generic[E]):
         return direct.execute(conn, params)
 
 
+class PrebuiltInsert:
+    """An insert (or upsert) into one table whose columns are the rows' keys, built once per
+    kind of database (`build(postgres)`): `STMT.execute(session, rows)`. On Postgres the rows
+    go straight to the driver in one pipelined `executemany` (one plan per set of keys, see
+    `core.direct`); elsewhere through SQLAlchemy (`core_execute`)."""
+
+    def __init__(self, build: Callable[[bool], Executable]) -> None:
+        self._build = build
+        self._built: dict[bool, Executable] = {}
+        self._direct: dict[tuple[str, ...], Direct | None] = {}
+
+    def execute(self, session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        conn = session.connection()
+        postgres = conn.dialect.name == "postgresql"
+        statement = self._built.get(postgres)
+        if statement is None:
+            statement = self._built[postgres] = self._build(postgres)
+        if not postgres:
+            core_execute(session, statement, list(rows))
+            return
+        by_keys: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+        for row in rows:
+            by_keys.setdefault(tuple(row), []).append(row)
+        for keys, group in by_keys.items():
+            direct = self._direct.get(keys, _UNPLANNED)
+            if direct is _UNPLANNED:
+                direct = self._direct[keys] = Direct.plan(statement, conn, keys)
+            if direct is None:
+                core_execute(session, statement, group)
+            else:
+                direct.execute_many(conn, group)
+
+
 def core_execute(session: Session, statement: Executable,
                  params: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> AnyResult:
     """Run a Core statement (of tables, not mapped classes) on the connection of the session's

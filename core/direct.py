@@ -14,6 +14,8 @@ Kept as SQLAlchemy does it:
   exception types, a lost connection invalidated), so retries see what they always saw;
 - `before_cursor_execute` listeners still hear each statement (tests and benchmarks count
   them);
+- inserts of rows given as dictionaries (`core.db.PrebuiltInsert`) are compiled for the rows'
+  keys, as SQLAlchemy compiles them, and sent in one `executemany` (psycopg pipelines it);
 - rows are the driver's tuples, read by position (every caller does), with the columns' result
   processors applied where a type has one (timestamps made UTC). A statement with parameters
   expanded at execution (`IN` lists) is not planned: it runs through SQLAlchemy.
@@ -21,7 +23,7 @@ Kept as SQLAlchemy does it:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -79,18 +81,22 @@ class Direct:
         self._defaults = defaults
 
     @staticmethod
-    def plan(statement: Executable, conn: Connection) -> Direct | None:
+    def plan(statement: Executable, conn: Connection,
+             column_keys: Sequence[str] | None = None) -> Direct | None:
         """The plan for `statement` on `conn`'s dialect; None where it must run through
-        SQLAlchemy (not Postgres with psycopg, or parameters expanded at execution)."""
+        SQLAlchemy (not Postgres with psycopg, or parameters expanded at execution).
+        `column_keys`: an insert's columns given by the rows (compiled for those keys, as
+        SQLAlchemy compiles an insert for its parameters)."""
         if conn.dialect.name != "postgresql" or conn.dialect.driver != "psycopg":
             return None
-        compiled = statement.compile(dialect=conn.dialect)  # type: ignore[attr-defined]
+        compiled = statement.compile(  # type: ignore[attr-defined]
+            dialect=conn.dialect, column_keys=list(column_keys) if column_keys else None)
         if not isinstance(compiled, SQLCompiler) or compiled.post_compile_params \
                 or compiled.literal_execute_params:
             return None
         return Direct(compiled)
 
-    def execute(self, conn: Connection, params: Mapping[str, Any]) -> Rows:
+    def _values(self, params: Mapping[str, Any]) -> dict[str, Any]:
         values: dict[str, Any] = self._compiled.construct_params(
             dict(params), _check=False)  # type: ignore[assignment]
         for key, default in self._defaults:
@@ -101,6 +107,25 @@ class Direct:
         for name, process in self._processors.items():
             if name in values:  # None too, as SQLAlchemy does (JSON's None is JSON null)
                 values[name] = process(values[name])
+        return values
+
+    def execute_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Run the statement (one returning nothing) once per row, in one `executemany`: the
+        driver pipelines them, one round trip for all."""
+        values = [self._values(row) for row in rows]
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            if conn._has_events or conn.engine._has_events:
+                conn.dispatch.before_cursor_execute(conn, cursor, self._sql, values, None,
+                                                    True)
+            cursor.executemany(self._sql, values)
+        except psycopg.Error as exc:
+            conn._handle_dbapi_exception(exc, self._sql, values, cursor, None)
+        finally:
+            cursor.close()
+
+    def execute(self, conn: Connection, params: Mapping[str, Any]) -> Rows:
+        values = self._values(params)
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
             if conn._has_events or conn.engine._has_events:

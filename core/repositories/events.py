@@ -14,13 +14,13 @@ from redis.exceptions import RedisError
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from core.db import after_commit, core_execute, pending
+from core.db import PrebuiltInsert, after_commit, pending
 from core.models import JobEvent, job_events_table, jobs_table, utcnow
 from core.redis import EVENTS_CHANNEL_PREFIX, get_redis
 from core.repositories import webhooks
 
 log = logging.getLogger(__name__)
-_INSERT = insert(job_events_table)
+_INSERT = PrebuiltInsert(lambda _: insert(job_events_table))
 J = jobs_table.c
 
 TERMINAL_EVENTS = webhooks.TERMINAL_EVENTS
@@ -52,7 +52,7 @@ def write(session: Session, job_id: str, hooks: webhooks.Hooks, first_seq: int,
     if not events:
         return
     now = utcnow()
-    core_execute(session, _INSERT, [
+    _INSERT.execute(session, [
         {"job_id": job_id, "seq": first_seq + i, "type": t, "data": d, "created_at": now}
         for i, (t, d) in enumerate(events)])
     for i, (type_, data) in enumerate(events):

@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from core.db import Prebuilt, core_execute, db_now, is_postgres
+from core.db import Prebuilt, PrebuiltInsert, db_now, is_postgres
 from core.models import (
     JobStatus,
     ModelCall,
@@ -51,7 +51,7 @@ from core.repositories.webhooks import HOOK_COLUMNS, Hooks, hooks_of
 J = jobs_table.c
 R = reservations_table.c
 S = steps_table.c
-_INSERT_CALL = insert(model_calls_table)
+_INSERT_CALL = PrebuiltInsert(lambda _: insert(model_calls_table))
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ class Usage:
 
 def insert_calls(session: Session, rows: list[dict[str, Any]]) -> None:
     if rows:
-        core_execute(session, _INSERT_CALL, rows)
+        _INSERT_CALL.execute(session, rows)
         ledger_totals.add(session, rows)
 
 
@@ -282,7 +282,7 @@ def settle(session: Session, row: dict[str, Any], events: int, budget: Budget,
         ).first()
     if released is None:
         row = {**row, "settled_late": "billed" if totals is not None else "unbilled"}
-    core_execute(session, _INSERT_CALL, [row])
+    _INSERT_CALL.execute(session, [row])
     ledger_totals.add(session, [row])
     if totals is None:
         return None
@@ -296,7 +296,7 @@ def record_cached(session: Session, row: dict[str, Any], again: bool = False) ->
     if again and session.get(ModelCall, row["request_id"]) is not None:
         return
     steps.add_usage(session, row["step_id"], 0, 0, row["model"])
-    core_execute(session, _INSERT_CALL, [row])
+    _INSERT_CALL.execute(session, [row])
     ledger_totals.add(session, [row])
     session.execute(update(jobs_table).where(J.id == row["job_id"]).values(
         model_calls=J.model_calls + 1, updated_at=utcnow()))

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from core.db import before_commit, core_execute, is_postgres, pending
+from core.db import PrebuiltInsert, before_commit, pending
 from core.models import ledger_totals_table
 
 SHARDS = 16
@@ -60,10 +60,11 @@ def _write(session: Session, rows: list[dict[str, Any]]) -> None:
         s[4] += Decimal(r.get("cost_usd") or 0)
         s[5] += float(r.get("energy_wh") or 0.0)
     rows.clear()
-    upsert = _UPSERT["postgresql" if is_postgres(session) else "sqlite"]
-    for (model, shard), values in sorted(sums.items()):  # one lock order for everyone
-        core_execute(session, upsert, {"model": model, "shard": shard,
-                                 **dict(zip(_SUMMED, values, strict=True))})
+    # One statement per row, in one lock order for everyone (an executemany's rows are run in
+    # the order given).
+    _UPSERT.execute(session, [{"model": model, "shard": shard,
+                               **dict(zip(_SUMMED, values, strict=True))}
+                              for (model, shard), values in sorted(sums.items())])
 
 
 def _upsert(insert: Any) -> Any:
@@ -74,7 +75,8 @@ def _upsert(insert: Any) -> Any:
         set_={name: T[name] + stmt.excluded[name] for name in _SUMMED})
 
 
-_UPSERT = {"postgresql": _upsert(postgresql.insert), "sqlite": _upsert(sqlite.insert)}
+_UPSERT = PrebuiltInsert(lambda postgres: _upsert(postgresql.insert if postgres
+                                                   else sqlite.insert))
 
 
 def by_model(session: Session) -> dict[str, ModelTotals]:
