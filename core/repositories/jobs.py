@@ -152,20 +152,35 @@ def list_for_tenant(session: Session, tenant_id: str, *, limit: int,
     return list(session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
 
 
+def _finish(with_result: bool, with_error: bool) -> Prebuilt[Any]:
+    def build(postgres: bool) -> Any:
+        values: dict[str, Any] = {
+            "status": bindparam("p_status", type_=String),
+            "phase": bindparam("p_status", type_=String),
+            "finished_at": now_param(False), "updated_at": now_param(False)}
+        if with_result:
+            values["result"] = bindparam("p_result", type_=J.result.type)
+        if with_error:
+            values["error_code"] = bindparam("p_code", type_=String)
+            values["error_message"] = bindparam("p_message", type_=String)
+        return update(jobs_table).where(
+            J.id == bindparam("p_job"), *(J.status != str(s) for s in JOB_TERMINAL),
+        ).values(**values).returning(J.kind)
+    return Prebuilt(build)
+
+
+_FINISH = {(r, e): _finish(r, e) for r in (False, True) for e in (False, True)}
+
+
 def finish(session: Session, job_id: str, status: JobStatus, *,
            result: dict[str, Any] | None = None, error: tuple[str, str] | None = None
            ) -> str | None:
     """Move a job to a terminal state, once; its kind, or None when it was terminal
     already."""
-    values: dict[str, Any] = {"status": status, "phase": status, "finished_at": utcnow(),
-                              "updated_at": utcnow()}
-    if result is not None:
-        values["result"] = result
-    if error is not None:
-        values["error_code"], values["error_message"] = error
-    kind = session.scalar(update(jobs_table).where(
-        J.id == job_id, J.status.not_in([str(s) for s in JOB_TERMINAL]),
-    ).values(**values).returning(J.kind))
+    code, message = error or (None, None)
+    kind = _FINISH[(result is not None, error is not None)].execute(session, {
+        "p_job": job_id, "p_status": str(status), "p_result": result, "p_code": code,
+        "p_message": message, "p_now": utcnow()}).scalar()
     return None if kind is None else str(kind)
 
 

@@ -212,16 +212,21 @@ def count(session: Session, job_id: str, statuses: Sequence[StepStatus]) -> int:
         S.job_id == job_id, S.status.in_(list(statuses)))) or 0)
 
 
+_COUNT_QUEUED = Prebuilt(lambda _: select(func.count()).select_from(steps_table).where(
+    S.job_id == bindparam("p_job"), S.status == StepStatus.QUEUED))
+_CANCEL_UNSTARTED = Prebuilt(lambda postgres: update(steps_table).where(
+    S.job_id == bindparam("p_job"),
+    or_(*(S.status == s for s in (StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD,
+                                  StepStatus.DEFERRED))),
+).values(status=StepStatus.CANCELLED, finished_at=clock_param(postgres)))
+
+
 def cancel_unstarted(session: Session, job_id: str) -> int:
     """Cancel the job's steps that have not started; returns how many of them were queued
     (in the broker, counted against the tenant's cap)."""
-    queued = int(session.scalar(select(func.count()).select_from(Step).where(
-        S.job_id == job_id, S.status == StepStatus.QUEUED)) or 0)
-    session.execute(update(steps_table).where(
-        S.job_id == job_id,
-        S.status.in_((StepStatus.PENDING, StepStatus.QUEUED, StepStatus.HELD,
-                      StepStatus.DEFERRED)),
-    ).values(status=StepStatus.CANCELLED, finished_at=utcnow()))
+    params = {"p_job": job_id, "p_now": utcnow()}
+    queued = int(_COUNT_QUEUED.execute(session, params).scalar() or 0)
+    _CANCEL_UNSTARTED.execute(session, params)
     return queued
 
 
