@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import String, and_, bindparam, func, insert, or_, select, tuple_, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from core.db import Prebuilt, clock_param, db_now, is_postgres, now_param, now_params
@@ -189,9 +190,16 @@ def add(session: Session, job_id: str, rows: Sequence[dict[str, Any]], tenant_id
     return [v["id"] for v in values if v["status"] == StepStatus.QUEUED]
 
 
-_OUTPUTS = Prebuilt(lambda _: select(S.key, S.role, S.output).where(
-    S.job_id == bindparam("p_job"), S.status == StepStatus.COMPLETED,
-    S.key.in_(bindparam("p_keys", expanding=True))).order_by(S.created_at, S.key))
+def _outputs(postgres: bool) -> Any:
+    # On Postgres `= ANY(array)`: one plan whatever the number of keys (`core.direct`).
+    keys = S.key == func.any(bindparam("p_keys", type_=ARRAY(String))) if postgres \
+        else S.key.in_(bindparam("p_keys", expanding=True))
+    return select(S.key, S.role, S.output).where(
+        S.job_id == bindparam("p_job"), S.status == StepStatus.COMPLETED, keys,
+    ).order_by(S.created_at, S.key)
+
+
+_OUTPUTS = Prebuilt(_outputs)
 
 
 def outputs(session: Session, job_id: str, keys: Sequence[str] | None = None
