@@ -96,6 +96,27 @@ class Direct:
             return None
         return Direct(compiled)
 
+    def _send(self, conn: Connection, values: Any, many: bool
+              ) -> tuple[list[tuple[Any, ...]], Any]:
+        """Send the statement on the connection of the session's transaction (listeners told,
+        driver errors handled by the connection); its rows and their description."""
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            if conn._has_events or conn.engine._has_events:
+                conn.dispatch.before_cursor_execute(conn, cursor, self._sql, values, None,
+                                                    many)
+            if many:
+                cursor.executemany(self._sql, values)
+                return [], None
+            cursor.execute(self._sql, values)
+            description = cursor.description
+            return (cursor.fetchall() if description is not None else []), description
+        except psycopg.Error as exc:
+            conn._handle_dbapi_exception(exc, self._sql, values, cursor, None)
+            raise  # not reached: the connection raises its own error
+        finally:
+            cursor.close()
+
     def _values(self, params: Mapping[str, Any]) -> dict[str, Any]:
         values: dict[str, Any] = self._compiled.construct_params(
             dict(params), _check=False)  # type: ignore[assignment]
@@ -112,32 +133,10 @@ class Direct:
     def execute_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Run the statement (one returning nothing) once per row, in one `executemany`: the
         driver pipelines them, one round trip for all."""
-        values = [self._values(row) for row in rows]
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
-            if conn._has_events or conn.engine._has_events:
-                conn.dispatch.before_cursor_execute(conn, cursor, self._sql, values, None,
-                                                    True)
-            cursor.executemany(self._sql, values)
-        except psycopg.Error as exc:
-            conn._handle_dbapi_exception(exc, self._sql, values, cursor, None)
-        finally:
-            cursor.close()
+        self._send(conn, [self._values(row) for row in rows], many=True)
 
     def execute(self, conn: Connection, params: Mapping[str, Any]) -> Rows:
-        values = self._values(params)
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
-            if conn._has_events or conn.engine._has_events:
-                conn.dispatch.before_cursor_execute(conn, cursor, self._sql, values, None,
-                                                    False)
-            cursor.execute(self._sql, values)
-            description = cursor.description
-            rows = cursor.fetchall() if description is not None else []
-        except psycopg.Error as exc:
-            conn._handle_dbapi_exception(exc, self._sql, values, cursor, None)
-        finally:
-            cursor.close()
+        rows, description = self._send(conn, self._values(params), many=False)
         if not self._results_known and description is not None:
             found = [c.type._cached_result_processor(conn.dialect, d.type_code)
                      for c, d in zip(self._compiled._result_columns, description, strict=True)]
